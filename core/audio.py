@@ -1,0 +1,351 @@
+"""Audio I/O with ffmpeg: probe, decode to float32, encode stems, and the shared clip gain.
+
+ffmpeg and ffprobe always run as separate processes with stdin closed, only the
+`file` and `pipe` protocols, and an allowlist of demuxers, so that a user's file can
+neither read other files (playlists, concat lists) nor reach the network.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Mapping
+
+import ffmpeg
+import numpy as np
+
+from .errors import (
+    CorruptMediaError,
+    EncodeError,
+    NotAudioError,
+    TooLargeError,
+    TooLongError,
+    TooShortError,
+    UnsupportedMediaError,
+)
+
+# Demuxers for audio and for video containers that carry audio. Playlist and list
+# demuxers (hls, concat, image2, ...) are deliberately absent: they open other files.
+ALLOWED_DEMUXERS = (
+    "mp3,wav,w64,flac,ogg,matroska,webm,mov,mp4,m4a,3gp,3g2,mj2,aac,aiff,caf,"
+    "wv,ape,asf,au,amr,ac3,eac3,dts,truehd,mlp,tta,avi,flv,mpeg,mpegts,oma,dsf,wsaud,voc,mpc,mpc8"
+)
+PROTOCOLS = "file,pipe"
+PROBE_TIMEOUT_S = 30.0
+# Decoding is bounded by the audio's length; this is a last resort against a stuck process.
+DECODE_TIMEOUT_S = 600.0
+ENCODE_TIMEOUT_S = 600.0
+
+WavDepth = Literal["16", "24", "float"]
+OutputFormatName = Literal["wav", "flac", "mp3", "opus"]
+OUTPUT_FORMATS: tuple[str, ...] = ("wav", "flac", "mp3", "opus")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a user may send. Checked after probing, before decoding."""
+
+    min_duration_s: float = 1.0
+    max_duration_s: float = 20 * 60
+    max_input_bytes: int = 250 * 1000 * 1000
+
+
+@dataclass(frozen=True)
+class MediaInfo:
+    """What ffprobe says about a file's first audio stream."""
+
+    size_bytes: int
+    container: str
+    codec: str
+    sample_rate: int
+    channels: int
+    duration_s: float | None
+
+
+@dataclass(frozen=True)
+class OutputFormat:
+    """How stems are written."""
+
+    name: OutputFormatName = "mp3"
+    mp3_bitrate_kbps: int = 320
+    opus_bitrate_kbps: int = 160
+    wav_depth: WavDepth = "16"
+
+    @property
+    def extension(self) -> str:
+        return self.name
+
+    @property
+    def is_lossless(self) -> bool:
+        return self.name in ("wav", "flac")
+
+
+def _input_url(path: Path) -> str:
+    # The explicit `file:` prefix stops a name like `concat:a|b` or `-i` from being
+    # read as a protocol or an option.
+    return "file:" + str(Path(path).resolve())
+
+
+def _size_or_refuse(path: Path, limits: Limits) -> int:
+    try:
+        stat = os.stat(path)
+    except FileNotFoundError:
+        raise NotAudioError("file not found") from None
+    if not Path(path).is_file():
+        raise NotAudioError("not a regular file")
+    if stat.st_size == 0:
+        raise CorruptMediaError("the file is empty")
+    if stat.st_size > limits.max_input_bytes:
+        raise TooLargeError(
+            f"the file is {_megabytes(stat.st_size)}, over the {_megabytes(limits.max_input_bytes)} limit"
+        )
+    return stat.st_size
+
+
+def _megabytes(n: int) -> str:
+    return f"{n / 1e6:.0f} MB" if n >= 1e6 else f"{n / 1e3:.0f} kB"
+
+
+def format_duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    return f"{seconds // 60}:{seconds % 60:02d}"
+
+
+def probe(path: Path, limits: Limits = Limits()) -> MediaInfo:
+    """Probe `path` and refuse it early when it is not usable audio within `limits`."""
+    size = _size_or_refuse(path, limits)
+    args = [
+        "ffprobe", "-v", "error", "-protocol_whitelist", PROTOCOLS,
+        "-format_whitelist", ALLOWED_DEMUXERS,
+        "-show_format", "-show_streams", "-of", "json", _input_url(path),
+    ]
+    try:
+        done = subprocess.run(
+            args, stdin=subprocess.DEVNULL, capture_output=True, timeout=PROBE_TIMEOUT_S
+        )
+    except subprocess.TimeoutExpired:
+        raise CorruptMediaError("the file took too long to read; it may be damaged") from None
+    if done.returncode != 0:
+        raise _probe_failure(done.stderr.decode("utf-8", "replace"))
+    try:
+        data = json.loads(done.stdout)
+    except json.JSONDecodeError:
+        raise CorruptMediaError("the file could not be read as audio") from None
+
+    fmt = data.get("format") or {}
+    streams = data.get("streams") or []
+    audio = [s for s in streams if s.get("codec_type") == "audio"]
+    if not audio:
+        if any(s.get("codec_type") == "video" for s in streams):
+            raise NotAudioError("the file has no audio track (video only)")
+        raise NotAudioError("the file has no audio track")
+    stream = audio[0]
+    sample_rate = int(stream.get("sample_rate") or 0)
+    channels = int(stream.get("channels") or 0)
+    if sample_rate <= 0 or channels <= 0:
+        raise CorruptMediaError("the audio track is damaged (no sample rate or channels)")
+
+    duration = _first_float(fmt.get("duration"), stream.get("duration"))
+    if duration is not None:
+        if duration > limits.max_duration_s:
+            raise TooLongError(
+                f"the track is {format_duration(duration)} long, over the "
+                f"{format_duration(limits.max_duration_s)} limit"
+            )
+        if duration < limits.min_duration_s:
+            raise TooShortError(
+                f"the track is {duration:.1f} s long; it must be at least {limits.min_duration_s:g} s"
+            )
+    return MediaInfo(
+        size_bytes=size,
+        container=str(fmt.get("format_name") or "unknown"),
+        codec=str(stream.get("codec_name") or "unknown"),
+        sample_rate=sample_rate,
+        channels=channels,
+        duration_s=duration,
+    )
+
+
+def _first_float(*values) -> float | None:
+    for value in values:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            continue
+        if math.isfinite(number) and number > 0:
+            return number
+    return None
+
+
+def _probe_failure(stderr: str) -> Exception:
+    text = stderr.lower()
+    if "not on whitelist" in text or "format_whitelist" in text:
+        return UnsupportedMediaError("this kind of file is not supported (not an audio or video file)")
+    if "invalid data found" in text or "could not find codec" in text:
+        return CorruptMediaError("the file is not audio, or it is damaged")
+    return CorruptMediaError("the file could not be read as audio")
+
+
+def decode(
+    path: Path,
+    sample_rate: int,
+    channels: int,
+    limits: Limits = Limits(),
+    info: MediaInfo | None = None,
+) -> np.ndarray:
+    """Decode the first audio stream of `path` to float32 of shape (channels, samples).
+
+    Resamples to `sample_rate`, upmixes mono and downmixes multichannel to `channels`.
+    Decoding stops just past the duration limit even if the container lies about its
+    length, and a file whose decodable audio is far shorter than its header claims
+    (a truncated download) is refused rather than separated in part.
+    """
+    info = info or probe(path, limits)
+    # Reading one second past the limit tells "exactly at the limit" from "over it".
+    cap_s = limits.max_duration_s + 1.0
+    stream = (
+        ffmpeg.input(
+            _input_url(path),
+            protocol_whitelist=PROTOCOLS,
+            format_whitelist=ALLOWED_DEMUXERS,
+        )
+        .output(
+            "pipe:",
+            map="0:a:0",
+            t=f"{cap_s:.3f}",
+            format="f32le",
+            acodec="pcm_f32le",
+            ac=channels,
+            ar=sample_rate,
+        )
+        .global_args("-nostdin", "-v", "error")
+    )
+    args = stream.compile()
+    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    max_bytes = int(cap_s * sample_rate) * channels * 4
+    stderr_chunks: list[bytes] = []
+    stderr_reader = threading.Thread(target=lambda: stderr_chunks.append(proc.stderr.read()), daemon=True)
+    stderr_reader.start()
+    buffer = bytearray()
+    timer = threading.Timer(DECODE_TIMEOUT_S, proc.kill)
+    timer.start()
+    try:
+        while True:
+            chunk = proc.stdout.read(1 << 20)
+            if not chunk:
+                break
+            buffer += chunk
+            if len(buffer) > max_bytes:
+                proc.kill()
+                break
+        proc.wait()
+    finally:
+        timer.cancel()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        stderr_reader.join(timeout=5)
+    frame_bytes = channels * 4
+    usable = len(buffer) - len(buffer) % frame_bytes
+    decoded_s = usable / frame_bytes / sample_rate
+    if decoded_s > limits.max_duration_s:
+        raise TooLongError(
+            f"the track is longer than the {format_duration(limits.max_duration_s)} limit"
+        )
+    if proc.returncode != 0 and usable == 0:
+        raise CorruptMediaError("the audio could not be decoded; the file is damaged")
+    if usable == 0:
+        raise CorruptMediaError("the file contains no decodable audio")
+    if decoded_s < limits.min_duration_s:
+        raise TooShortError(f"the track is {decoded_s:.1f} s long; it must be at least {limits.min_duration_s:g} s")
+    claimed = info.duration_s
+    if claimed is not None and decoded_s < 0.75 * claimed and claimed - decoded_s > 2.0:
+        raise CorruptMediaError(
+            f"the file is truncated or damaged: only {format_duration(decoded_s)} of "
+            f"{format_duration(claimed)} could be decoded"
+        )
+    if proc.returncode != 0 and (claimed is None or decoded_s < 0.98 * claimed - 1.0):
+        # ffmpeg gave up part-way and we cannot tell how much is missing.
+        raise CorruptMediaError("the audio could not be decoded completely; the file is damaged")
+    samples = np.frombuffer(memoryview(buffer)[:usable], dtype="<f4")
+    return samples.reshape(-1, channels).T.copy()
+
+
+def clip_gain(stems: Mapping[str, np.ndarray] | list[np.ndarray], headroom: float = 1.01) -> float:
+    """One gain for all stems of a track, so that none clips and they still sum to the mix.
+
+    demucs rescales each stem on its own, which breaks `sum(stems) == mix`; one shared
+    factor keeps the stems consistent with each other.
+    """
+    arrays = list(stems.values()) if isinstance(stems, Mapping) else list(stems)
+    peak = max((float(np.max(np.abs(a))) if a.size else 0.0) for a in arrays) if arrays else 0.0
+    if peak * headroom <= 1.0:
+        return 1.0
+    return 1.0 / (peak * headroom)
+
+
+def _encoder_args(fmt: OutputFormat) -> dict:
+    if fmt.name == "wav":
+        codec = {"16": "pcm_s16le", "24": "pcm_s24le", "float": "pcm_f32le"}[fmt.wav_depth]
+        return {"acodec": codec, "format": "wav"}
+    if fmt.name == "flac":
+        # flac stores integers; "float" falls back to 24-bit, the most it keeps.
+        if fmt.wav_depth == "16":
+            return {"acodec": "flac", "sample_fmt": "s16", "format": "flac"}
+        return {"acodec": "flac", "sample_fmt": "s32", "bits_per_raw_sample": 24, "format": "flac"}
+    if fmt.name == "mp3":
+        return {"acodec": "libmp3lame", "audio_bitrate": f"{fmt.mp3_bitrate_kbps}k", "format": "mp3"}
+    if fmt.name == "opus":
+        # libopus runs at 48 kHz; ffmpeg resamples on the way in.
+        return {"acodec": "libopus", "audio_bitrate": f"{fmt.opus_bitrate_kbps}k", "ar": 48000, "format": "opus"}
+    raise ValueError(f"unknown output format {fmt.name!r}")
+
+
+def _encode_one(audio: np.ndarray, sample_rate: int, path: Path, fmt: OutputFormat) -> None:
+    channels = audio.shape[0]
+    args = (
+        ffmpeg.input("pipe:", format="f32le", ac=channels, ar=sample_rate)
+        .output(str(path), **_encoder_args(fmt))
+        .global_args("-v", "error", "-y")
+        .compile()
+    )
+    proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    stderr_chunks: list[bytes] = []
+    reader = threading.Thread(target=lambda: stderr_chunks.append(proc.stderr.read()), daemon=True)
+    reader.start()
+    block = sample_rate * 10
+    try:
+        for start in range(0, audio.shape[1], block):
+            proc.stdin.write(np.ascontiguousarray(audio[:, start:start + block].T, dtype="<f4").tobytes())
+        proc.stdin.close()
+        proc.wait(timeout=ENCODE_TIMEOUT_S)
+    except (BrokenPipeError, subprocess.TimeoutExpired):
+        proc.kill()
+        proc.wait()
+    finally:
+        reader.join(timeout=5)
+    if proc.returncode != 0:
+        detail = b"".join(stderr_chunks).decode("utf-8", "replace").strip().splitlines()[-1:] or ["?"]
+        raise EncodeError(f"encoding {path.name} failed: {detail[0]}")
+
+
+def encode_stems(
+    stems: Mapping[str, np.ndarray],
+    sample_rate: int,
+    folder: Path,
+    fmt: OutputFormat = OutputFormat(),
+) -> dict[str, Path]:
+    """Write each stem to `folder/<stem>.<ext>`, one ffmpeg process per stem, all at once."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {name: folder / f"{name}.{fmt.extension}" for name in stems}
+    with ThreadPoolExecutor(max_workers=max(1, len(stems)), thread_name_prefix="encode") as pool:
+        futures = [pool.submit(_encode_one, audio, sample_rate, paths[name], fmt) for name, audio in stems.items()]
+        for future in futures:
+            future.result()
+    return paths

@@ -1,0 +1,77 @@
+"""Errors that carry a short message fit to show a user (Discord reply, CLI `error:` line).
+
+Anything that is not a `StembotError` is a bug: callers log it in full and show a
+generic message instead.
+"""
+
+from __future__ import annotations
+
+
+class StembotError(Exception):
+    """Base class. `reason` is short, specific, and safe to show to the user."""
+
+    #: a stable machine-readable kind, used for metrics and tests
+    kind = "error"
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class InputError(StembotError):
+    """The user's input was refused. Nobody is charged for it."""
+
+    kind = "bad_input"
+
+
+class NotAudioError(InputError):
+    kind = "not_audio"
+
+
+class CorruptMediaError(InputError):
+    kind = "corrupt"
+
+
+class UnsupportedMediaError(InputError):
+    kind = "unsupported"
+
+
+class TooLongError(InputError):
+    kind = "too_long"
+
+
+class TooShortError(InputError):
+    kind = "too_short"
+
+
+class TooLargeError(InputError):
+    kind = "too_large"
+
+
+class BadRequestError(InputError):
+    """A request that makes no sense (unknown stem name, bad option)."""
+
+    kind = "bad_request"
+
+
+class ModelUnavailableError(StembotError):
+    """The model cannot be loaded here (not provisioned, unknown, or broken)."""
+
+    kind = "model_unavailable"
+
+
+class DeviceUnavailableError(StembotError):
+    kind = "device_unavailable"
+
+
+class JobCancelled(StembotError):
+    """Raised from a progress callback to stop a separation promptly."""
+
+    kind = "cancelled"
+
+    def __init__(self, reason: str = "cancelled"):
+        super().__init__(reason)
+
+
+class EncodeError(StembotError):
+    kind = "encode_failed"

@@ -1,0 +1,185 @@
+"""Files in, stem folders out: decode -> separate -> encode for a batch of tracks.
+
+The model is loaded once. While track N is being separated, track N+1 is decoded and
+track N-1 is encoded (ffmpeg runs in its own processes), so the model is rarely idle.
+Each track's stems are written to a hidden staging folder and moved into place only
+when every stem is written: a failed track leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .audio import Limits, MediaInfo, OutputFormat, clip_gain, decode, encode_stems, probe
+from .errors import StembotError
+from .separation import SeparationEngine, SeparationOptions
+from .stems import StemRequest
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DecodedTrack:
+    info: MediaInfo
+    mix: np.ndarray  # float32, channels x samples, at the model's rate
+
+    def duration_s(self, sample_rate: int) -> float:
+        return self.mix.shape[1] / sample_rate
+
+
+@dataclass
+class TrackResult:
+    input: str
+    name: str
+    folder: Path | None = None
+    error: str | None = None
+    audio_s: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+class BatchEvents:
+    """Hooks for a progress display; every method is optional to override."""
+
+    def track_started(self, index: int, result: TrackResult) -> None: ...
+
+    def track_progress(self, index: int, fraction: float) -> None: ...
+
+    def track_finished(self, index: int, result: TrackResult) -> None: ...
+
+
+def output_name(path: str | Path) -> str:
+    """The stem folder's name: the input's file name without its extension."""
+    return Path(path).stem or Path(path).name
+
+
+def prepare(path: Path, engine: SeparationEngine, limits: Limits) -> DecodedTrack:
+    """Probe, check limits, and decode one input for `engine`'s model."""
+    info = probe(path, limits)
+    mix = decode(path, engine.samplerate, engine.audio_channels, limits, info)
+    return DecodedTrack(info, mix)
+
+
+def finish_stems(stems: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Apply one shared anti-clip gain to all stems of a track."""
+    gain = clip_gain(stems)
+    if gain == 1.0:
+        return stems
+    return {name: audio * np.float32(gain) for name, audio in stems.items()}
+
+
+def write_track(stems: dict[str, np.ndarray], sample_rate: int, out_dir: Path, name: str,
+                fmt: OutputFormat) -> Path:
+    """Encode `stems` into `out_dir/name/`, atomically replacing an older result."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    final = out_dir / name
+    staging = out_dir / f".{name}.partial-{uuid.uuid4().hex[:8]}"
+    try:
+        encode_stems(finish_stems(stems), sample_rate, staging, fmt)
+        if final.exists():
+            old = out_dir / f".{name}.old-{uuid.uuid4().hex[:8]}"
+            final.rename(old)
+            staging.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            staging.rename(final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return final
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, StembotError):
+        return exc.reason
+    log.error("unexpected failure", exc_info=exc)
+    return f"internal error ({exc.__class__.__name__}); see the log"
+
+
+class BatchSeparator:
+    """Separates many files with one engine, overlapping decode, separation and encode."""
+
+    def __init__(self, engine: SeparationEngine, request: StemRequest, fmt: OutputFormat,
+                 options: SeparationOptions = SeparationOptions(), limits: Limits = Limits()):
+        self.engine = engine
+        self.request = request
+        self.fmt = fmt
+        self.options = options
+        self.limits = limits
+
+    def run(self, inputs: Sequence[str | Path], out_dir: Path,
+            events: BatchEvents | None = None) -> list[TrackResult]:
+        events = events or BatchEvents()
+        results = [TrackResult(str(p), output_name(p)) for p in inputs]
+        first_use: dict[str, str] = {}
+        for result in results:
+            if result.name in first_use:
+                result.error = f"output folder '{result.name}' is already used by {first_use[result.name]}"
+            else:
+                first_use[result.name] = result.input
+        todo = [i for i, r in enumerate(results) if r.ok]
+
+        with ThreadPoolExecutor(1, thread_name_prefix="decode") as decoder, \
+                ThreadPoolExecutor(1, thread_name_prefix="encode") as encoder:
+            def submit_decode(position: int) -> Future | None:
+                if position >= len(todo):
+                    return None
+                return decoder.submit(prepare, Path(results[todo[position]].input), self.engine, self.limits)
+
+            encodes: list[tuple[int, Future]] = []
+            next_decode = submit_decode(0)
+            for position, index in enumerate(todo):
+                result = results[index]
+                events.track_started(index, result)
+                current, next_decode = next_decode, None
+                try:
+                    track = current.result()
+                except BaseException as exc:  # noqa: BLE001 - reported per track
+                    next_decode = submit_decode(position + 1)
+                    result.error = _describe(exc)
+                    events.track_finished(index, result)
+                    if not isinstance(exc, Exception):
+                        raise
+                    continue
+                # Decode the next input while this one is separated.
+                next_decode = submit_decode(position + 1)
+                result.audio_s = track.duration_s(self.engine.samplerate)
+                try:
+                    stems = self.engine.separate(
+                        track.mix, self.request, self.options,
+                        progress=lambda f, i=index: events.track_progress(i, f),
+                    )
+                except Exception as exc:  # noqa: BLE001 - reported per track
+                    result.error = _describe(exc)
+                    events.track_finished(index, result)
+                    continue
+                del track
+                future = encoder.submit(write_track, stems, self.engine.samplerate, out_dir, result.name, self.fmt)
+                future.add_done_callback(lambda f, i=index: self._encoded(f, results[i], i, events))
+                encodes.append((index, future))
+            for _, future in encodes:
+                try:
+                    future.result()
+                except Exception:  # noqa: BLE001 - recorded by _encoded
+                    pass
+        return results
+
+    @staticmethod
+    def _encoded(future: Future, result: TrackResult, index: int, events: BatchEvents) -> None:
+        exc = future.exception()
+        if exc is None:
+            result.folder = future.result()
+        else:
+            result.error = _describe(exc)
+        events.track_finished(index, result)

@@ -1,0 +1,207 @@
+"""The separation engine: one Demucs model, loaded once and kept on its device.
+
+It runs demucs's own `apply_model` (segments, overlap, shifts) and adds what a service
+needs around it: progress as a fraction, prompt cancellation from the progress callback,
+stem selection that runs only the specialists a request needs, and a count of the time
+spent in the model's forward passes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from . import models
+from .errors import BadRequestError, DeviceUnavailableError, JobCancelled
+from .stems import StemRequest
+
+log = logging.getLogger(__name__)
+
+ProgressCallback = Callable[[float], None]
+CancelCheck = Callable[[], bool]
+
+
+@dataclass(frozen=True)
+class SeparationOptions:
+    """demucs's quality/speed knobs. `shifts=0` is deterministic."""
+
+    shifts: int = 1
+    overlap: float = 0.25
+    segment: float | None = None
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise DeviceUnavailableError("CUDA was asked for but no CUDA device is available")
+    return torch.device(device)
+
+
+@dataclass
+class _Plan:
+    model: torch.nn.Module
+    computes_all_sources: bool
+    sources: frozenset[str] = field(default_factory=frozenset)
+
+
+class SeparationEngine:
+    """Holds one loaded model on one device and separates mixes with it."""
+
+    def __init__(self, model, name: str, device: torch.device):
+        self.model = model.to(device)
+        self.model.eval()
+        self.name = name
+        self.device = device
+        self.forward_seconds = 0.0
+        self._plans: dict[frozenset[str], _Plan] = {}
+
+    @classmethod
+    def load(cls, name: str, model_dir: Path | None = None, device: str = "auto") -> "SeparationEngine":
+        torch_device = resolve_device(device)
+        return cls(models.load(name, model_dir), name, torch_device)
+
+    @property
+    def sources(self) -> list[str]:
+        return list(self.model.sources)
+
+    @property
+    def samplerate(self) -> int:
+        return int(self.model.samplerate)
+
+    @property
+    def audio_channels(self) -> int:
+        return int(self.model.audio_channels)
+
+    @property
+    def max_segment(self) -> float:
+        from demucs.apply import BagOfModels
+        from demucs.htdemucs import HTDemucs
+
+        if isinstance(self.model, BagOfModels):
+            return float(self.model.max_allowed_segment)
+        if isinstance(self.model, HTDemucs):
+            return float(self.model.segment)
+        return float("inf")
+
+    def warm_up(self) -> None:
+        """Run one short separation so the first real job does not pay for lazy set-up."""
+        silence = np.zeros((self.audio_channels, self.samplerate), dtype=np.float32)
+        self.separate(silence, StemRequest(tuple(self.sources)), SeparationOptions(shifts=0))
+
+    def _plan(self, needed: frozenset[str]) -> _Plan:
+        """The smallest part of a bag of per-stem specialists that estimates `needed`."""
+        from demucs.apply import BagOfModels
+
+        if needed in self._plans:
+            return self._plans[needed]
+        plan = _Plan(self.model, True, frozenset(self.sources))
+        if isinstance(self.model, BagOfModels):
+            index = [self.sources.index(s) for s in needed]
+            keep = [i for i, w in enumerate(self.model.weights) if any(w[k] != 0 for k in index)]
+            if len(keep) < len(self.model.models):
+                sub = BagOfModels([self.model.models[i] for i in keep], [self.model.weights[i] for i in keep])
+                covered = frozenset(
+                    s for k, s in enumerate(self.sources) if any(self.model.weights[i][k] != 0 for i in keep)
+                )
+                plan = _Plan(sub, False, covered)
+        self._plans[needed] = plan
+        return plan
+
+    def separate(
+        self,
+        mix: np.ndarray,
+        request: StemRequest,
+        options: SeparationOptions = SeparationOptions(),
+        progress: ProgressCallback | None = None,
+        should_cancel: CancelCheck | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Separate `mix` (float32, channels x samples, at `samplerate`) into the stems of
+        `request`, as float32 arrays of the same shape. Raises JobCancelled as soon as
+        `should_cancel()` turns true (checked around every model segment)."""
+        from demucs.apply import apply_model
+
+        if options.segment is not None and options.segment > self.max_segment:
+            raise BadRequestError(
+                f"segment {options.segment:g} s is longer than this model allows ({self.max_segment:g} s)"
+            )
+        if mix.ndim != 2 or mix.shape[0] != self.audio_channels:
+            raise ValueError(f"mix must be ({self.audio_channels}, samples), got {mix.shape}")
+        plan = self._plan(request.direct_sources)
+        wav = torch.from_numpy(np.ascontiguousarray(mix, dtype=np.float32))
+        length = wav.shape[-1]
+
+        # demucs's Separator normalises the mix by its mono mean/std; do the same so
+        # results match `python -m demucs`.
+        ref = wav.mean(0)
+        mean, std = ref.mean(), ref.std() + 1e-8
+        tracker = _ProgressTracker(length, progress, should_cancel)
+        started = time.monotonic()
+        with torch.inference_mode():
+            out = apply_model(
+                plan.model,
+                ((wav - mean) / std)[None],
+                shifts=options.shifts,
+                split=True,
+                overlap=options.overlap,
+                segment=options.segment,
+                device=self.device,
+                callback=tracker,
+                callback_arg={"audio_length": length, "shifts": options.shifts},
+            )
+            out = (out * std + mean)[0]
+        self.forward_seconds += tracker.forward_seconds
+        log.debug("separated %.1f s of audio in %.2f s", length / self.samplerate, time.monotonic() - started)
+        estimates = {name: out[k] for k, name in enumerate(self.sources) if name in plan.sources}
+        results: dict[str, np.ndarray] = {}
+        for name in request.outputs:
+            if not name.startswith("no_"):
+                results[name] = estimates[name].numpy()
+            elif plan.computes_all_sources:
+                # As `demucs --two-stems`: the sum of the other stems.
+                others = [estimates[s] for s in self.sources if s != name[3:]]
+                results[name] = torch.stack(others).sum(0).numpy()
+            else:
+                # Only the specialist ran: the rest is the mix minus its estimate.
+                results[name] = (wav - estimates[name[3:]]).numpy()
+        if progress is not None:
+            progress(1.0)
+        return results
+
+
+class _ProgressTracker:
+    """demucs's apply_model callback: turns segment events into a 0..1 fraction, checks
+    for cancellation, and times the forward passes (between 'start' and 'end')."""
+
+    def __init__(self, length: int, progress: ProgressCallback | None, should_cancel: CancelCheck | None):
+        self.length = max(1, length)
+        self.progress = progress
+        self.should_cancel = should_cancel
+        self.forward_seconds = 0.0
+        self._fraction = 0.0
+        self._started_at: float | None = None
+
+    def __call__(self, info: dict) -> None:
+        now = time.monotonic()
+        if info.get("state") == "start":
+            self._started_at = now
+        elif info.get("state") == "end":
+            if self._started_at is not None:
+                self.forward_seconds += now - self._started_at
+                self._started_at = None
+            if self.progress is not None:
+                models_count = max(1, int(info.get("models", 1)))
+                shifts = max(1, int(info.get("shifts", 1)))
+                within = min(1.0, (info.get("segment_offset", 0) + 1) / self.length)
+                fraction = (info.get("model_idx_in_bag", 0) + (info.get("shift_idx", 0) + within) / shifts) / models_count
+                if fraction > self._fraction:
+                    self._fraction = fraction
+                    self.progress(min(fraction, 0.999))
+        if self.should_cancel is not None and self.should_cancel():
+            raise JobCancelled()

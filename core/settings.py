@@ -1,0 +1,70 @@
+"""All of stembot's settings, read from the environment and `.env` (prefix `STEMBOT_`)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Device = Literal["auto", "cpu", "cuda"]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="STEMBOT_",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        populate_by_name=True,
+    )
+
+    # Discord
+    discord_token: SecretStr | None = Field(
+        default=None,
+        validation_alias=AliasChoices("STEMBOT_DISCORD_TOKEN", "DISCORD_TOKEN", "discord_token"),
+    )
+    discord_api_url: str | None = None
+    discord_gateway_url: str | None = None
+
+    # Storage and database
+    data_dir: Path = Path("data")
+    database_url: str | None = None
+
+    # Separation
+    model: str = "htdemucs"
+    model_dir: Path | None = None
+    device: Device = "auto"
+    shifts: int = Field(default=1, ge=0, le=20)
+    overlap: float = Field(default=0.25, ge=0.0, lt=1.0)
+    segment: float | None = Field(default=None, gt=0)
+    mp3_bitrate: int = Field(default=320, ge=32, le=320)
+
+    # Limits on what users may send
+    min_duration_s: float = Field(default=1.0, ge=0)
+    max_duration_s: float = Field(default=20 * 60, gt=0)
+    max_input_bytes: int = Field(default=250 * 1000 * 1000, gt=0)
+
+    # Web server (health, metrics, download links)
+    public_url: str | None = None
+    web_port: int = 8080
+
+    @field_validator("model_dir", mode="before")
+    @classmethod
+    def _empty_model_dir_is_none(cls, value):
+        # `STEMBOT_MODEL_DIR=` in a .env file means "not set", not the current folder.
+        return value or None
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite+aiosqlite:///{(self.data_dir / 'stembot.sqlite3').resolve()}"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once."""
+    return Settings()

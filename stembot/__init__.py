@@ -1,0 +1,1 @@
+"""stembot: split music into stems with Demucs; a Discord bot and a command line."""

@@ -1,0 +1,195 @@
+"""The `stembot` command line: `separate`, `models list`, `models pull`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be 0 or more")
+    return value
+
+
+def _overlap(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError("must be in [0, 1)")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from core.audio import OUTPUT_FORMATS
+
+    parser = argparse.ArgumentParser(prog="stembot", description="Split music into stems with Demucs.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sep = commands.add_parser("separate", help="separate local files into stems (no Discord)")
+    sep.add_argument("inputs", nargs="+", metavar="INPUT", help="audio or video files")
+    sep.add_argument("--out", "-o", type=Path, required=True, help="output folder")
+    sep.add_argument("--model", "-n", default=None, help="model name (default: STEMBOT_MODEL or htdemucs)")
+    sep.add_argument("--model-dir", type=Path, default=None,
+                     help="local model folder in demucs's repo layout (default: STEMBOT_MODEL_DIR)")
+    sep.add_argument("--stems", default="all", help="all, karaoke, or a comma-separated list (vocals,no_bass,...)")
+    sep.add_argument("--format", default="mp3", choices=OUTPUT_FORMATS, dest="fmt")
+    sep.add_argument("--mp3-bitrate", type=int, default=None, metavar="KBPS", help="mp3 bitrate (default 320)")
+    sep.add_argument("--wav-depth", default="16", choices=("16", "24", "float"), help="wav/flac sample format")
+    sep.add_argument("--device", default=None, choices=("auto", "cpu", "cuda"))
+    sep.add_argument("--shifts", type=_positive_int, default=None, help="random shifts (0 = deterministic)")
+    sep.add_argument("--overlap", type=_overlap, default=None, help="overlap between segments")
+    sep.add_argument("--segment", type=float, default=None, help="segment length in seconds")
+    sep.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    sep.set_defaults(handler=cmd_separate)
+
+    models = commands.add_parser("models", help="list or download models")
+    models_cmds = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
+    listing = models_cmds.add_parser("list", help="models this host knows and where they are")
+    listing.add_argument("--model-dir", type=Path, default=None)
+    listing.set_defaults(handler=cmd_models_list)
+    pull = models_cmds.add_parser("pull", help="download a model for offline use")
+    pull.add_argument("name")
+    pull.set_defaults(handler=cmd_models_pull)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        code = args.handler(args, parser)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        code = 130
+    return code
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 1
+
+
+def cmd_separate(args, parser: argparse.ArgumentParser) -> int:
+    from core.audio import Limits, OutputFormat
+    from core.errors import StembotError
+    from core.pipeline import BatchSeparator
+    from core.separation import SeparationEngine, SeparationOptions
+    from core.settings import get_settings
+    from core.stems import parse_stems
+
+    settings = get_settings()
+    model_name = args.model or settings.model
+    model_dir = args.model_dir or settings.model_dir
+    options = SeparationOptions(
+        shifts=settings.shifts if args.shifts is None else args.shifts,
+        overlap=settings.overlap if args.overlap is None else args.overlap,
+        segment=settings.segment if args.segment is None else args.segment,
+    )
+    bitrate = args.mp3_bitrate or settings.mp3_bitrate
+    if not 32 <= bitrate <= 320:
+        parser.error("--mp3-bitrate must be between 32 and 320")
+    fmt = OutputFormat(name=args.fmt, mp3_bitrate_kbps=bitrate, wav_depth=args.wav_depth)
+    limits = Limits(settings.min_duration_s, settings.max_duration_s, settings.max_input_bytes)
+
+    started = time.monotonic()
+    try:
+        engine = SeparationEngine.load(model_name, model_dir, args.device or settings.device)
+    except StembotError as exc:
+        return _fail(exc.reason)
+    try:
+        request = parse_stems(args.stems, engine.sources)
+    except StembotError as exc:
+        parser.error(f"--stems: {exc.reason}")
+    if options.segment is not None and options.segment > engine.max_segment:
+        parser.error(f"--segment: at most {engine.max_segment:g} s for model {model_name}")
+
+    display = _ProgressDisplay(len(args.inputs), quiet=args.quiet)
+    batch = BatchSeparator(engine, request, fmt, options, limits)
+    results = batch.run(args.inputs, args.out, display)
+    display.close()
+
+    wall = time.monotonic() - started
+    failed = [r for r in results if not r.ok]
+    for result in failed:
+        print(f"error: {result.input}: {result.error}", file=sys.stderr)
+    audio_s = sum(r.audio_s for r in results if r.ok)
+    ok = len(results) - len(failed)
+    speed = f", {audio_s / wall:.2f}x real time" if wall > 0 and audio_s > 0 else ""
+    print(
+        f"{ok} of {len(results)} tracks separated, {audio_s / 60:.2f} min of audio in {wall:.1f} s{speed}"
+        f" -> {args.out}",
+        file=sys.stderr,
+    )
+    return 1 if failed else 0
+
+
+class _ProgressDisplay:
+    """One tqdm bar per track, on stderr."""
+
+    def __init__(self, total: int, quiet: bool):
+        self.total = total
+        self.quiet = quiet
+        self._bars: dict[int, object] = {}
+
+    def track_started(self, index, result):
+        if self.quiet:
+            return
+        from tqdm import tqdm
+
+        self._bars[index] = tqdm(
+            total=100, desc=f"[{index + 1}/{self.total}] {result.name}"[:40], unit="%",
+            file=sys.stderr, leave=True, bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining}",
+        )
+
+    def track_progress(self, index, fraction):
+        bar = self._bars.get(index)
+        if bar is not None:
+            bar.update(int(fraction * 100) - bar.n)
+
+    def track_finished(self, index, result):
+        bar = self._bars.pop(index, None)
+        if bar is not None:
+            if result.ok:
+                bar.update(100 - bar.n)
+            bar.close()
+
+    def close(self):
+        for bar in self._bars.values():
+            bar.close()
+        self._bars.clear()
+
+
+def cmd_models_list(args, parser) -> int:
+    from core.models import list_models
+    from core.settings import get_settings
+
+    model_dir = args.model_dir or get_settings().model_dir
+    for entry in list_models(model_dir):
+        where = entry.available or "not downloaded (stembot models pull " + entry.name + ")"
+        print(f"{entry.name:24} {where}")
+    return 0
+
+
+def cmd_models_pull(args, parser) -> int:
+    from core.errors import StembotError
+    from core.models import pull
+
+    try:
+        location = pull(args.name)
+    except StembotError as exc:
+        return _fail(exc.reason)
+    print(f"{args.name}: available offline in {location.detail}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
