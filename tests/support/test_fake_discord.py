@@ -1,0 +1,236 @@
+"""The fake Discord drives a real discord.py bot: slash commands, files, buttons, 429s, RECONNECT."""
+
+from __future__ import annotations
+
+import io
+
+import aiohttp
+import discord
+import pytest
+import pytest_asyncio
+from discord import app_commands
+from discord.ext import commands
+
+from .fake_discord import (
+    CALLBACK_DEFERRED_CHANNEL_MESSAGE,
+    FakeDiscord,
+    attachment_option,
+    string_option,
+)
+
+pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(60)]
+
+
+class PressView(discord.ui.View):
+    """One button; pressing it rewrites the message it sits on."""
+
+    def __init__(self) -> None:
+        super().__init__(timeout=60)
+
+    @discord.ui.button(label="Press", custom_id="press-button")
+    async def press(self, interaction: discord.Interaction, button: discord.ui.Button) -> None:
+        await interaction.response.edit_message(content=f"Pressed by {interaction.user.name}", view=None)
+
+    async def on_error(self, interaction: discord.Interaction, error: Exception, item: discord.ui.Item) -> None:
+        interaction.client.errors.append(error)
+
+
+@app_commands.command(name="echo", description="Repeat text, as a message and as a file")
+async def echo(interaction: discord.Interaction, text: str) -> None:
+    await interaction.response.defer(thinking=True)
+    await interaction.followup.send(content=text, file=discord.File(io.BytesIO(text.encode()), filename="echo.txt"))
+
+
+@app_commands.command(name="size", description="Report the size of an uploaded file")
+async def size(interaction: discord.Interaction, upload: discord.Attachment) -> None:
+    data = await upload.read()  # fetched from the fake's CDN
+    await interaction.response.send_message(
+        f"{upload.filename}: {len(data)} bytes, limit {interaction.filesize_limit}"
+    )
+
+
+@app_commands.command(name="button", description="Post a button")
+async def button(interaction: discord.Interaction) -> None:
+    await interaction.response.send_message("Press the button", view=PressView())
+
+
+@app_commands.command(name="post", description="Post to the channel, edit it, and DM the invoker")
+async def post(interaction: discord.Interaction, text: str) -> None:
+    await interaction.response.defer(ephemeral=True, thinking=True)
+    posted = await interaction.channel.send(text, file=discord.File(io.BytesIO(b"first"), filename="v1.txt"))
+    # Editing with the existing attachment plus a new file keeps both.
+    await posted.edit(
+        content=f"{text} (edited)",
+        attachments=[*posted.attachments, discord.File(io.BytesIO(b"second"), filename="v2.txt")],
+    )
+    dm = await interaction.user.send("your stems are ready")
+    await interaction.edit_original_response(content=f"posted {posted.id}, dm {dm.channel.id}")
+
+
+@app_commands.context_menu(name="Count words")
+async def count_words(interaction: discord.Interaction, message: discord.Message) -> None:
+    await interaction.response.send_message(f"{len(message.content.split())} words", ephemeral=True)
+
+
+class FixtureBot(commands.Bot):
+    """A bot with one command of each kind the fake must carry; records command errors."""
+
+    def __init__(self) -> None:
+        # READY carries no guilds; a short guild_ready_timeout makes the bot ready at once.
+        super().__init__(command_prefix="!", intents=discord.Intents.none(), guild_ready_timeout=0.1)
+        self.errors: list[BaseException] = []
+        self.tree.error(self._record_error)
+
+    async def _record_error(self, interaction: discord.Interaction, error: app_commands.AppCommandError) -> None:
+        self.errors.append(error)
+
+    async def setup_hook(self) -> None:
+        for command in (echo, size, button, post, count_words):
+            self.tree.add_command(command)
+        await self.tree.sync()
+
+
+@pytest_asyncio.fixture
+async def fake():
+    async with FakeDiscord() as server:
+        yield server
+
+
+@pytest_asyncio.fixture
+async def bot(fake: FakeDiscord):
+    client = FixtureBot()
+    async with fake.running(client):
+        yield client
+    assert client.errors == []
+    assert fake.unhandled_requests == []
+
+
+async def test_bot_logs_in_syncs_commands_and_identifies(fake: FakeDiscord, bot: FixtureBot) -> None:
+    assert fake.identifies[0]["token"] == "fake-token"
+    assert bot.user is not None and bot.user.id == fake.application_id
+    assert {c["name"] for c in fake.commands} == {"echo", "size", "button", "post", "Count words"}
+    assert all(int(c["id"]) > 0 for c in fake.commands)
+    # discord.py asks for a compressed stream; the fake honours it.
+    assert "compress=zlib-stream" in fake.gateway_urls[0] or "compress=zstd-stream" in fake.gateway_urls[0]
+
+
+async def test_deferred_echo_replaces_thinking_message_with_file(fake: FakeDiscord, bot: FixtureBot) -> None:
+    interaction = await fake.send_slash_command("echo", [string_option("text", "hello stems")])
+
+    [reply] = await fake.wait_for_messages(interaction, 1)
+
+    assert interaction.callback_type == CALLBACK_DEFERRED_CHANNEL_MESSAGE
+    assert reply.id == interaction.original_message_id
+    assert reply.content == "hello stems"
+    assert reply.attachment_named("echo.txt").data == b"hello stems"
+    [followup_request] = fake.requests_matching("POST", r"/webhooks/\d+/[^/]+")
+    assert followup_request.status == 200
+    assert [f.filename for f in followup_request.files] == ["echo.txt"]
+    assert followup_request.files[0].data == b"hello stems"
+
+
+async def test_attachment_option_is_downloaded_from_fake_cdn(fake: FakeDiscord, bot: FixtureBot) -> None:
+    audio = bytes(range(256)) * 40
+    attachment = fake.add_attachment("song.wav", audio, content_type="audio/wav")
+
+    interaction = await fake.send_slash_command(
+        "size", [attachment_option("upload", attachment)], attachment_size_limit=25 * 2**20
+    )
+    [reply] = await fake.wait_for_messages(interaction, 1)
+
+    assert reply.content == f"song.wav: {len(audio)} bytes, limit {25 * 2**20}"
+    [download] = fake.requests_matching("GET", r"/cdn/attachments/.*")
+    assert download.status == 200
+
+
+async def test_message_context_menu_sees_target_message(fake: FakeDiscord, bot: FixtureBot) -> None:
+    target = fake.add_user_message("split this song into four stems please")
+
+    interaction = await fake.send_message_command("Count words", target)
+    [reply] = await fake.wait_for_messages(interaction, 1)
+
+    assert reply.content == "7 words"
+    assert reply.is_ephemeral
+
+
+async def test_button_click_edits_the_message_it_sits_on(fake: FakeDiscord, bot: FixtureBot) -> None:
+    command = await fake.send_slash_command("button")
+    [posted] = await fake.wait_for_messages(command, 1)
+    [row] = posted.components
+    assert row["components"][0]["custom_id"] == "press-button"
+
+    click = await fake.send_component("press-button", posted)
+    await fake.wait_for(lambda: click.acknowledged, what="button click answered")
+
+    assert click.original_message_id == posted.id
+    assert fake.messages[posted.id].content == "Pressed by tester"
+    assert fake.messages[posted.id].components == []
+
+
+async def test_rate_limited_followup_is_retried_and_delivered_once(fake: FakeDiscord, bot: FixtureBot) -> None:
+    fake.fail_next("POST", r"/webhooks/\d+/[^/]+", status=429, retry_after=0.2)
+
+    interaction = await fake.send_slash_command("echo", [string_option("text", "after the limit")])
+    [reply] = await fake.wait_for_messages(interaction, 1)
+
+    attempts = fake.requests_matching("POST", r"/webhooks/\d+/[^/]+")
+    assert [r.status for r in attempts] == [429, 200]
+    assert attempts[1].time - attempts[0].time >= 0.19  # honoured retry_after
+    assert reply.content == "after the limit"
+    assert len(fake.channel_messages(interaction.channel_id)) == 1
+
+
+async def test_client_resumes_after_reconnect_and_keeps_handling_commands(
+    fake: FakeDiscord, bot: FixtureBot
+) -> None:
+    resume = await fake.send_reconnect()
+
+    assert resume["session_id"] == fake.session_id
+    assert resume["token"] == "fake-token"
+    assert len(fake.identifies) == 1  # resumed, not re-identified
+    assert fake.gateway_urls[-1].startswith("/resume-gateway")
+
+    interaction = await fake.send_slash_command("echo", [string_option("text", "still here")])
+    [reply] = await fake.wait_for_messages(interaction, 1)
+    assert reply.content == "still here"
+
+
+async def test_dm_interaction_is_answered_in_the_dm_channel(fake: FakeDiscord, bot: FixtureBot) -> None:
+    interaction = await fake.send_slash_command("echo", [string_option("text", "private")], in_guild=False)
+    [reply] = await fake.wait_for_messages(interaction, 1)
+
+    assert interaction.guild_id is None
+    assert fake.channels[interaction.channel_id]["type"] == 1
+    assert reply.channel_id == interaction.channel_id and reply.guild_id is None
+    assert reply.content == "private"
+
+
+async def test_channel_post_edit_dm_and_original_edit(fake: FakeDiscord, bot: FixtureBot) -> None:
+    interaction = await fake.send_slash_command("post", [string_option("text", "stems done")])
+    [original] = await fake.wait_for_messages(interaction, 1)
+
+    [posted] = [m for m in fake.channel_messages(fake.channel_id) if m.interaction_id is None]
+    assert posted.content == "stems done (edited)"
+    assert [(a.filename, a.data) for a in posted.attachments] == [("v1.txt", b"first"), ("v2.txt", b"second")]
+    assert posted.attachments[0].content_type == "text/plain"
+    dm_channel_id = next(cid for cid, channel in fake.channels.items() if channel["type"] == 1)
+    assert [m.content for m in fake.channel_messages(dm_channel_id)] == ["your stems are ready"]
+    assert original.content == f"posted {posted.id}, dm {dm_channel_id}"
+    assert original.is_ephemeral and not original.is_loading
+
+
+async def test_http_answers_are_exact_json_and_misses_are_recorded(fake: FakeDiscord) -> None:
+    fake.fail_next("GET", "/users/@me", status=500)
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{fake.api_url}/users/@me") as failed:
+            assert failed.status == 500
+        async with session.get(f"{fake.api_url}/users/@me") as user:
+            # Anything but exactly "application/json" makes discord.py treat the body as text.
+            assert user.headers["Content-Type"] == "application/json"
+            assert (await user.json())["id"] == str(fake.application_id)
+        async with session.post(f"{fake.api_url}/guilds/1/bans", json={"x": 1}) as missing:
+            assert missing.status == 404
+
+    assert [r.status for r in fake.requests] == [500, 200, 404]
+    [miss] = fake.unhandled_requests
+    assert (miss.method, miss.path, miss.json) == ("POST", "/guilds/1/bans", {"x": 1})
