@@ -41,6 +41,10 @@ PROBE_TIMEOUT_S = 30.0
 # Decoding is bounded by the audio's length; this is a last resort against a stuck process.
 DECODE_TIMEOUT_S = 600.0
 ENCODE_TIMEOUT_S = 600.0
+# ffmpeg runs beside a separation (decoding the next track, encoding the last one); a
+# low priority keeps it from stalling the model's threads, which wait for each other at
+# every parallel op. Measured on 2 cores: +9% separation time at nice 0, +6% at 19.
+BACKGROUND_NICE = 19
 
 WavDepth = Literal["16", "24", "float"]
 OutputFormatName = Literal["wav", "flac", "mp3", "opus"]
@@ -228,6 +232,7 @@ def decode(
     )
     args = stream.compile()
     proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _lower_priority(proc.pid, BACKGROUND_NICE)
     max_bytes = int(cap_s * sample_rate) * channels * 4
     stderr_chunks: list[bytes] = []
     stderr_reader = threading.Thread(target=lambda: stderr_chunks.append(proc.stderr.read()), daemon=True)
@@ -316,6 +321,7 @@ def _encode_one(audio: np.ndarray, sample_rate: int, path: Path, fmt: OutputForm
         .compile()
     )
     proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _lower_priority(proc.pid, BACKGROUND_NICE)
     stderr_chunks: list[bytes] = []
     reader = threading.Thread(target=lambda: stderr_chunks.append(proc.stderr.read()), daemon=True)
     reader.start()
@@ -333,6 +339,13 @@ def _encode_one(audio: np.ndarray, sample_rate: int, path: Path, fmt: OutputForm
     if proc.returncode != 0:
         detail = b"".join(stderr_chunks).decode("utf-8", "replace").strip().splitlines()[-1:] or ["?"]
         raise EncodeError(f"encoding {path.name} failed: {detail[0]}")
+
+
+def _lower_priority(pid: int, nice: int) -> None:
+    try:
+        os.setpriority(os.PRIO_PROCESS, pid, nice)
+    except (OSError, AttributeError):  # not permitted, or not a POSIX system
+        pass
 
 
 def encode_stems(

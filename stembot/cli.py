@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -45,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     sep.add_argument("--overlap", type=_overlap, default=None, help="overlap between segments")
     sep.add_argument("--segment", type=float, default=None, help="segment length in seconds")
     sep.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    sep.add_argument("--stats", type=Path, default=None, metavar="FILE",
+                     help="write timings as JSON (tracks, audio seconds, wall and model seconds)")
     sep.set_defaults(handler=cmd_separate)
 
     models = commands.add_parser("models", help="list or download models")
@@ -129,6 +132,11 @@ def cmd_separate(args, parser: argparse.ArgumentParser) -> int:
         f" -> {args.out}",
         file=sys.stderr,
     )
+    if args.stats is not None:
+        args.stats.write_text(json.dumps({
+            "tracks": len(results), "failed": len(failed), "audio_s": audio_s,
+            "wall_s": wall, "forward_s": engine.forward_seconds,
+        }))
     return 1 if failed else 0
 
 

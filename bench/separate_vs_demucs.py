@@ -1,0 +1,102 @@
+"""Benchmark: the same tracks through `stembot separate` and through `python -m demucs`.
+
+Both sides get the same model folder, the same settings (demucs's defaults: shifts=1,
+overlap=0.25) and write mp3; demucs is given all files in one invocation, as a user
+would. The model is htdemucs-sized (about 42M parameters) with random weights: speed
+does not depend on the weights. Prints wall times, real-time factors, their ratio, and
+the share of stembot's wall time spent outside the model's forward passes.
+
+    python bench/separate_vs_demucs.py --tracks 5 --seconds 60
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from fractions import Fraction
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def build_model(folder: Path, name: str) -> None:
+    import torch
+    from demucs.htdemucs import HTDemucs
+
+    path = folder / f"{name}.th"
+    if path.exists():
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    # htdemucs's published configuration; 41.98M parameters.
+    model = HTDemucs(sources=["drums", "bass", "other", "vocals"], bottom_channels=512, dconv_mode=3,
+                     segment=Fraction(39, 5))
+    args, kwargs = model._init_args_kwargs
+    torch.save({"klass": model.__class__, "args": args, "kwargs": kwargs, "state": model.state_dict()}, path)
+    print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+
+
+def make_tracks(folder: Path, count: int, seconds: float) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    tracks = []
+    for k in range(count):
+        path = folder / f"track{k}.mp3"
+        if not path.exists():
+            base = 110 * (k + 2)
+            subprocess.run([
+                "ffmpeg", "-nostdin", "-v", "error", "-y",
+                "-f", "lavfi", "-i", f"sine=f={base}:d={seconds}",
+                "-f", "lavfi", "-i", f"sine=f={base * 1.5}:d={seconds}",
+                "-f", "lavfi", "-i", f"anoisesrc=d={seconds}:a=0.1:c=pink:seed={k}",
+                "-filter_complex", "[0][1][2]amix=inputs=3,volume=0.6,apulsator=hz=2",
+                "-ac", "2", "-ar", "44100", "-c:a", "libmp3lame", "-b:a", "192k", str(path),
+            ], check=True)
+        tracks.append(path)
+    return tracks
+
+
+def run(cmd: list[str]) -> float:
+    started = time.monotonic()
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.monotonic() - started
+    if done.returncode != 0:
+        sys.exit(f"failed: {' '.join(cmd)}\n{done.stderr[-3000:]}")
+    return wall
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tracks", type=int, default=5)
+    parser.add_argument("--seconds", type=float, default=60.0)
+    parser.add_argument("--work", type=Path, default=ROOT / "bench" / "out")
+    args = parser.parse_args()
+
+    models, name = args.work / "models", "htdemucsrand"
+    build_model(models, name)
+    tracks = make_tracks(args.work / "tracks", args.tracks, args.seconds)
+    audio_s = args.tracks * args.seconds
+    for side in ("demucs", "stembot"):
+        shutil.rmtree(args.work / side, ignore_errors=True)
+
+    demucs_wall = run([sys.executable, "-m", "demucs", "--repo", str(models), "-n", name, "--mp3",
+                       "-o", str(args.work / "demucs"), *map(str, tracks)])
+    stats = args.work / "stembot-stats.json"
+    stembot_wall = run([sys.executable, "-m", "stembot", "separate", *map(str, tracks), "--out",
+                        str(args.work / "stembot"), "--model", name, "--model-dir", str(models),
+                        "--format", "mp3", "--quiet", "--stats", str(stats)])
+    forward_s = json.loads(stats.read_text())["forward_s"]
+
+    print(f"tracks: {args.tracks} x {args.seconds:.0f} s = {audio_s / 60:.1f} min of audio, mp3 320k out")
+    print(f"python -m demucs : {demucs_wall:7.1f} s wall, {audio_s / demucs_wall:5.2f}x real time")
+    print(f"stembot separate : {stembot_wall:7.1f} s wall, {audio_s / stembot_wall:5.2f}x real time")
+    print(f"ratio stembot/demucs wall: {stembot_wall / demucs_wall:.3f} (below 1 is faster)")
+    print(f"stembot forward passes: {forward_s:.1f} s; outside them: {stembot_wall - forward_s:.1f} s "
+          f"= {100 * (stembot_wall - forward_s) / stembot_wall:.1f}% of wall")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""`stembot separate` and `stembot models` as a user runs them: real processes, real files."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from core.audio import Limits, decode, probe
+from tests.support.media import ffmpeg, music, snr_db
+
+RATE = 44100
+
+
+def stembot(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "stembot", *args], capture_output=True, text=True,
+                          timeout=timeout, env=full_env)
+
+
+def read_wav(path: Path) -> np.ndarray:
+    return decode(path, RATE, 2, Limits(min_duration_s=0))
+
+
+@pytest.fixture(scope="module")
+def song(tmp_path_factory) -> Path:
+    return music(tmp_path_factory.mktemp("in") / "song.wav", seconds=6.0, volume=0.25,
+                 extra=("-c:a", "pcm_s16le"))
+
+
+def test_parity_with_the_demucs_cli(tmp_path, model_dir, song):
+    ours = stembot("separate", str(song), "--out", str(tmp_path / "ours"), "--model", "tiny",
+                   "--model-dir", str(model_dir), "--format", "wav", "--wav-depth", "float",
+                   "--shifts", "0", "--quiet")
+    assert ours.returncode == 0, ours.stderr
+    theirs = subprocess.run(
+        [sys.executable, "-m", "demucs", "--repo", str(model_dir), "-n", "tiny", "--shifts", "0",
+         "--float32", "-o", str(tmp_path / "demucs"), str(song)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert theirs.returncode == 0, theirs.stderr
+    for stem in ["drums", "bass", "other", "vocals"]:
+        a = read_wav(tmp_path / "ours" / "song" / f"{stem}.wav")
+        b = read_wav(tmp_path / "demucs" / "tiny" / "song" / f"{stem}.wav")
+        assert a.shape == b.shape
+        assert snr_db(b, a) > 40, stem
+
+
+def test_karaoke_writes_vocals_and_instrumental(tmp_path, model_dir, song):
+    done = stembot("separate", str(song), "-o", str(tmp_path), "--model", "tiny", "--model-dir",
+                   str(model_dir), "--stems", "karaoke", "--format", "flac", "--quiet")
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in (tmp_path / "song").iterdir()) == ["no_vocals.flac", "vocals.flac"]
+    assert "1 of 1 tracks separated" in done.stderr and "real time" in done.stderr
+
+
+def test_model_dir_from_the_environment_and_opus_output(tmp_path, model_dir, song):
+    done = stembot("separate", str(song), "-o", str(tmp_path), "--stems", "vocals,no_bass", "--format", "opus",
+                   "--quiet", env={"STEMBOT_MODEL_DIR": str(model_dir), "STEMBOT_MODEL": "tinybag"})
+    assert done.returncode == 0, done.stderr
+    files = sorted(p.name for p in (tmp_path / "song").iterdir())
+    assert files == ["no_bass.opus", "vocals.opus"]
+    assert probe(tmp_path / "song" / "vocals.opus").codec == "opus"
+
+
+def test_bad_inputs_fail_one_line_each_and_leave_nothing(tmp_path, model_dir, song):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "empty.mp3").write_bytes(b"")
+    (bad / "lyrics.mp3").write_text("la la la\n" * 100)
+    ffmpeg("-f", "lavfi", "-i", "testsrc=size=64x64:rate=10:duration=2", "-c:v", "mpeg4", str(bad / "video.mp4"))
+    cut = music(bad / "cut.flac", seconds=20.0)
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 3])
+    inputs = [bad / "empty.mp3", song, bad / "lyrics.mp3", bad / "video.mp4", cut, bad / "missing.wav"]
+    out = tmp_path / "out"
+    done = stembot("separate", *map(str, inputs), "-o", str(out), "--model", "tiny",
+                   "--model-dir", str(model_dir), "--quiet")
+    assert done.returncode == 1
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 5, done.stderr
+    by_input = {line.split(": ")[1]: line for line in errors}
+    assert "empty" in by_input[str(bad / "empty.mp3")]
+    assert "no audio track" in by_input[str(bad / "video.mp4")]
+    assert "truncated" in by_input[str(cut)]
+    assert "not found" in by_input[str(bad / "missing.wav")]
+    assert "Traceback" not in done.stderr
+    # The good track is there, complete; the bad ones left no folder, no staging folder.
+    assert sorted(p.name for p in out.iterdir()) == ["song"]
+    assert len(list((out / "song").glob("*.mp3"))) == 4
+
+
+def test_same_output_name_twice_is_refused_for_the_second(tmp_path, model_dir, song):
+    other = tmp_path / "elsewhere" / "song.flac"
+    other.parent.mkdir()
+    ffmpeg("-i", str(song), str(other))
+    done = stembot("separate", str(song), str(other), "-o", str(tmp_path / "out"), "--model", "tiny",
+                   "--model-dir", str(model_dir), "--quiet")
+    assert done.returncode == 1
+    assert f"error: {other}: output folder 'song' is already used by {song}" in done.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--stems", "kazoo"], "unknown stem 'kazoo'"),
+    (["--format", "aiff"], "invalid choice"),
+    (["--overlap", "1.5"], "--overlap"),
+    (["--segment", "30"], "--segment"),
+])
+def test_usage_errors_exit_2(tmp_path, model_dir, song, args, message):
+    done = stembot("separate", str(song), "-o", str(tmp_path), "--model", "tiny", "--model-dir",
+                   str(model_dir), *args)
+    assert done.returncode == 2
+    assert message in done.stderr
+    assert not any(tmp_path.iterdir())
+
+
+def test_missing_model_fails_fast_with_how_to_provision(tmp_path, song):
+    env = {"HF_HOME": str(tmp_path / "hf"), "TORCH_HOME": str(tmp_path / "torch"),
+           "HF_ENDPOINT": "http://127.0.0.1:9", "STEMBOT_MODEL_DIR": ""}
+    started = time.monotonic()
+    done = stembot("separate", str(song), "-o", str(tmp_path / "out"), "--model", "htdemucs_6s", env=env)
+    assert time.monotonic() - started < 20  # includes starting Python and importing torch
+    assert done.returncode == 1
+    assert "error: model 'htdemucs_6s' is not available offline" in done.stderr
+    assert "stembot models pull htdemucs_6s" in done.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_models_list_and_pull_offline(tmp_path, model_dir):
+    env = {"HF_HOME": str(tmp_path / "hf"), "TORCH_HOME": str(tmp_path / "torch"),
+           "HF_ENDPOINT": "http://127.0.0.1:9"}
+    listing = stembot("models", "list", "--model-dir", str(model_dir), env=env)
+    assert listing.returncode == 0
+    lines = {line.split()[0]: line for line in listing.stdout.splitlines()}
+    assert "model folder" in lines["tinybag"]
+    assert "stembot models pull htdemucs_ft" in lines["htdemucs_ft"]
+    pulled = stembot("models", "pull", "htdemucs", env=env)
+    assert pulled.returncode == 1 and "unreachable" in pulled.stderr
