@@ -72,6 +72,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tracks", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=60.0)
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="rounds, alternating which side goes first (the machine drifts)")
     parser.add_argument("--work", type=Path, default=ROOT / "bench" / "out")
     args = parser.parse_args()
 
@@ -79,24 +81,38 @@ def main() -> None:
     build_model(models, name)
     tracks = make_tracks(args.work / "tracks", args.tracks, args.seconds)
     audio_s = args.tracks * args.seconds
-    for side in ("demucs", "stembot"):
-        shutil.rmtree(args.work / side, ignore_errors=True)
-
-    demucs_wall = run([sys.executable, "-m", "demucs", "--repo", str(models), "-n", name, "--mp3",
-                       "-o", str(args.work / "demucs"), *map(str, tracks)])
     stats = args.work / "stembot-stats.json"
-    stembot_wall = run([sys.executable, "-m", "stembot", "separate", *map(str, tracks), "--out",
-                        str(args.work / "stembot"), "--model", name, "--model-dir", str(models),
-                        "--format", "mp3", "--quiet", "--stats", str(stats)])
-    forward_s = json.loads(stats.read_text())["forward_s"]
 
-    print(f"tracks: {args.tracks} x {args.seconds:.0f} s = {audio_s / 60:.1f} min of audio, mp3 320k out")
+    def demucs_side() -> float:
+        shutil.rmtree(args.work / "demucs", ignore_errors=True)
+        return run([sys.executable, "-m", "demucs", "--repo", str(models), "-n", name, "--mp3",
+                    "-o", str(args.work / "demucs"), *map(str, tracks)])
+
+    def stembot_side() -> float:
+        shutil.rmtree(args.work / "stembot", ignore_errors=True)
+        wall = run([sys.executable, "-m", "stembot", "separate", *map(str, tracks), "--out",
+                    str(args.work / "stembot"), "--model", name, "--model-dir", str(models),
+                    "--format", "mp3", "--quiet", "--stats", str(stats)])
+        forward.append(json.loads(stats.read_text())["forward_s"])
+        return wall
+
+    walls: dict[str, list[float]] = {"demucs": [], "stembot": []}
+    forward: list[float] = []
+    for round_ in range(args.rounds):
+        order = [("demucs", demucs_side), ("stembot", stembot_side)]
+        for side, go in (order if round_ % 2 == 0 else order[::-1]):
+            walls[side].append(go())
+            print(f"round {round_ + 1}: {side:8} {walls[side][-1]:7.1f} s", flush=True)
+
+    demucs_wall, stembot_wall = (sum(walls[s]) / len(walls[s]) for s in ("demucs", "stembot"))
+    forward_s = sum(forward) / len(forward)
+    print(f"tracks: {args.tracks} x {args.seconds:.0f} s = {audio_s / 60:.1f} min of audio, mp3 320k out, "
+          f"{args.rounds} round(s), means below")
     print(f"python -m demucs : {demucs_wall:7.1f} s wall, {audio_s / demucs_wall:5.2f}x real time")
     print(f"stembot separate : {stembot_wall:7.1f} s wall, {audio_s / stembot_wall:5.2f}x real time")
     print(f"ratio stembot/demucs wall: {stembot_wall / demucs_wall:.3f} (below 1 is faster)")
     print(f"stembot forward passes: {forward_s:.1f} s; outside them: {stembot_wall - forward_s:.1f} s "
           f"= {100 * (stembot_wall - forward_s) / stembot_wall:.1f}% of wall")
-
 
 if __name__ == "__main__":
     main()

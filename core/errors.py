@@ -75,3 +75,9 @@ class JobCancelled(StembotError):
 
 class EncodeError(StembotError):
     kind = "encode_failed"
+
+
+class DeliveryTooLargeError(StembotError):
+    """The stems fit no upload, even at the smallest encoding, and no download links are set up."""
+
+    kind = "too_large_to_deliver"

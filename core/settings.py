@@ -45,15 +45,22 @@ class Settings(BaseSettings):
     # Limits on what users may send
     min_duration_s: float = Field(default=1.0, ge=0)
     max_duration_s: float = Field(default=20 * 60, gt=0)
-    max_input_bytes: int = Field(default=250 * 1000 * 1000, gt=0)
+    max_input_bytes: int = Field(default=250 * 1024 * 1024, gt=0)
 
     # Web server (health, metrics, download links)
     public_url: str | None = None
+    web_host: str = "127.0.0.1"
     web_port: int = 8080
+    link_secret: SecretStr | None = None
+    retention_hours: float = Field(default=24.0, gt=0)
 
-    @field_validator("model_dir", mode="before")
+    # Jobs
+    max_attempts: int = Field(default=3, ge=1)
+
+    @field_validator("model_dir", "public_url", "database_url", "discord_api_url", "discord_gateway_url",
+                     mode="before")
     @classmethod
-    def _empty_model_dir_is_none(cls, value):
+    def _empty_is_none(cls, value):
         # `STEMBOT_MODEL_DIR=` in a .env file means "not set", not the current folder.
         return value or None
 

@@ -50,6 +50,18 @@ def build_parser() -> argparse.ArgumentParser:
                      help="write timings as JSON (tracks, audio seconds, wall and model seconds)")
     sep.set_defaults(handler=cmd_separate)
 
+    run = commands.add_parser("run", help="run the Discord bot with its local worker (embedded mode)")
+    run.set_defaults(handler=cmd_run)
+
+    sync = commands.add_parser("sync", help="register the slash commands with Discord (once, or after updates)")
+    sync.add_argument("--guild", type=int, default=None, help="only in this server (instant, for testing)")
+    sync.set_defaults(handler=cmd_sync)
+
+    db = commands.add_parser("db", help="database maintenance")
+    db_cmds = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
+    db_cmds.add_parser("upgrade", help="create or migrate the schema to the latest version").set_defaults(
+        handler=cmd_db_upgrade)
+
     models = commands.add_parser("models", help="list or download models")
     models_cmds = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
     listing = models_cmds.add_parser("list", help="models this host knows and where they are")
@@ -64,8 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # A long-running service logs what it does; one-shot commands only what went wrong.
+    service = args.command in ("run",)
     logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
+        level=logging.INFO if args.verbose or service else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
@@ -174,6 +188,101 @@ class _ProgressDisplay:
         for bar in self._bars.values():
             bar.close()
         self._bars.clear()
+
+
+NO_TOKEN = (
+    "error: no Discord bot token. Create an application at https://discord.com/developers/applications, "
+    "add a bot to it, copy the bot's token, and put it in a file named .env in this folder as "
+    "STEMBOT_DISCORD_TOKEN=<token> (or set that environment variable)."
+)
+
+
+def _token(settings) -> str | None:
+    return settings.discord_token.get_secret_value() if settings.discord_token else None
+
+
+def cmd_run(args, parser) -> int:
+    import asyncio
+
+    from core import db, models
+    from core.errors import StembotError
+    from core.settings import get_settings
+
+    settings = get_settings()
+    token = _token(settings)
+    if not token:
+        print(NO_TOKEN, file=sys.stderr)
+        return 1
+    try:
+        models.locate(settings.model, settings.model_dir)
+    except StembotError as exc:
+        return _fail(exc.reason)
+    db.upgrade(settings.resolved_database_url)
+    return asyncio.run(_run_bot(settings, token))
+
+
+async def _run_bot(settings, token: str) -> int:
+    import asyncio
+    import signal
+
+    import discord
+
+    from bot.bot import StemBot, point_at_discord
+    from bot.services import Services
+
+    point_at_discord(settings.discord_api_url, settings.discord_gateway_url)
+    bot = StemBot(settings, Services(settings))
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, lambda: asyncio.ensure_future(bot.close()))
+    try:
+        async with bot:
+            await bot.start(token)
+    except discord.LoginFailure:
+        print("error: Discord refused the bot token; check STEMBOT_DISCORD_TOKEN.", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_sync(args, parser) -> int:
+    import asyncio
+
+    from core.settings import get_settings
+
+    settings = get_settings()
+    token = _token(settings)
+    if not token:
+        print(NO_TOKEN, file=sys.stderr)
+        return 1
+    return asyncio.run(_sync(settings, token, args.guild))
+
+
+async def _sync(settings, token: str, guild_id: int | None) -> int:
+    import discord
+
+    from bot.bot import StemBot, point_at_discord
+
+    point_at_discord(settings.discord_api_url, settings.discord_gateway_url)
+    bot = StemBot(settings, services=None)
+    async with bot:
+        await bot.login(token)  # runs setup_hook, which loads the commands
+        guild = discord.Object(guild_id) if guild_id else None
+        if guild is not None:
+            bot.tree.copy_global_to(guild=guild)
+        synced = await bot.tree.sync(guild=guild)
+    where = f"server {guild_id}" if guild_id else "all servers (may take up to an hour to appear)"
+    print(f"synced {len(synced)} commands to {where}: {', '.join(c.name for c in synced)}")
+    return 0
+
+
+def cmd_db_upgrade(args, parser) -> int:
+    from core import db
+    from core.settings import get_settings
+
+    url = get_settings().resolved_database_url
+    db.upgrade(url)
+    print("database is up to date")
+    return 0
 
 
 def cmd_models_list(args, parser) -> int:

@@ -604,7 +604,7 @@ class FakeDiscord:
         """Create or edit `message` from a message payload, as Discord would."""
         payload = dict(payload)
         if editing:
-            message.edits.append(payload)
+            message.edits.append(dict(payload))  # a copy: the keys below are popped
             message.edited_timestamp = _now_iso()
             # Editing a deferred response replaces the "thinking" placeholder.
             message.flags &= ~FLAG_LOADING

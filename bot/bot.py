@@ -1,0 +1,81 @@
+"""The bot: a thin discord.py `Bot` that owns stembot's services and loads the extensions."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import discord
+import yarl
+from discord.ext import commands
+
+from core.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# stembot never joins voice channels; skip discord.py's warnings about voice libraries.
+discord.VoiceClient.warn_nacl = False
+discord.VoiceClient.warn_dave = False
+
+EXTENSIONS = ("bot.exts.split",)
+
+# What the bot needs in a channel: read it, answer, attach files, embed the preview,
+# and use threads (remix challenges).
+PERMISSIONS = discord.Permissions(
+    view_channel=True, send_messages=True, send_messages_in_threads=True, embed_links=True,
+    attach_files=True, read_message_history=True, create_public_threads=True,
+)
+
+
+def point_at_discord(api_url: str | None, gateway_url: str | None) -> None:
+    """Talk to another Discord API base and gateway (a REST proxy, or a fake in tests)."""
+    if api_url:
+        discord.http.Route.BASE = api_url.rstrip("/")
+    if gateway_url:
+        discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(gateway_url)
+
+
+def invite_url(application_id: int) -> str:
+    return discord.utils.oauth_url(application_id, permissions=PERMISSIONS,
+                                   scopes=("bot", "applications.commands"))
+
+
+class StemBot(commands.Bot):
+    """Holds the services (`self.services`) that the extensions use."""
+
+    def __init__(self, settings: Settings, services, **options):
+        intents = discord.Intents.none()
+        intents.guilds = True  # channel lookups for delivery after the token expires
+        super().__init__(command_prefix=commands.when_mentioned, intents=intents, help_command=None,
+                         allowed_mentions=discord.AllowedMentions(users=True, roles=False, everyone=False),
+                         **options)
+        self.settings = settings
+        self.services = services
+        self.started_at = time.monotonic()
+        self.gateway_ready = asyncio.Event()
+
+    async def setup_hook(self) -> None:
+        if self.services is not None:
+            await self.services.start(self)
+        for extension in EXTENSIONS:
+            await self.load_extension(extension)
+        if self.services is not None:
+            print(f"Invite stembot to a server: {invite_url(self.application_id)}", flush=True)
+
+    async def on_ready(self) -> None:
+        self.gateway_ready.set()
+        log.info("connected to Discord as %s (%s)", self.user, self.user.id if self.user else "?")
+
+    async def on_resumed(self) -> None:
+        self.gateway_ready.set()
+
+    async def on_disconnect(self) -> None:
+        self.gateway_ready.clear()
+
+    async def close(self) -> None:
+        try:
+            if self.services is not None:
+                await self.services.stop()
+        finally:
+            await super().close()

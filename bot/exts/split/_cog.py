@@ -1,0 +1,196 @@
+"""Slash commands for splitting: /split, /karaoke, "Split stems", /queue, /cancel, /help.
+
+Thin on purpose: it checks what can be checked at once (answering with an ephemeral
+message within Discord's 3 s), defers, and hands the job to the dispatcher.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+from pathlib import PurePosixPath
+from typing import Literal
+
+import discord
+from discord import app_commands
+from discord.ext import commands
+
+from core.audio import format_duration
+from core.delivery import human_size
+from core.jobs import RUNNING, Job, JobState
+
+from ._status import STAGES, describe_request
+
+log = logging.getLogger(__name__)
+
+MEDIA_EXTENSIONS = {
+    ".mp3", ".wav", ".flac", ".ogg", ".oga", ".opus", ".m4a", ".aac", ".wma", ".aif", ".aiff", ".caf",
+    ".wv", ".ape", ".mka", ".webm", ".mp4", ".m4v", ".mov", ".mkv", ".avi", ".flv", ".3gp", ".ac3", ".mpg",
+}
+# An interaction token lives 15 minutes; keep a margin for the last edit.
+TOKEN_LIFETIME = timedelta(minutes=15)
+
+StemsChoice = Literal["all", "karaoke", "vocals", "drums", "bass", "other"]
+FormatChoice = Literal["mp3", "opus", "flac", "wav"]
+
+
+def is_media(attachment: discord.Attachment) -> bool:
+    content_type = (attachment.content_type or "").split(";")[0].strip().lower()
+    if content_type.startswith(("audio/", "video/")):
+        return True
+    return PurePosixPath(attachment.filename.lower()).suffix in MEDIA_EXTENSIONS
+
+
+class Split(commands.Cog):
+    def __init__(self, bot):
+        self.bot = bot
+        self.services = bot.services
+        # Context menus cannot be declared inside a cog class: build it here.
+        self.split_menu = app_commands.ContextMenu(name="Split stems", callback=self.split_message)
+        bot.tree.add_command(self.split_menu)
+
+    async def cog_unload(self) -> None:
+        self.bot.tree.remove_command(self.split_menu.name, type=self.split_menu.type)
+
+    # -- commands ----------------------------------------------------------------------
+
+    @app_commands.command(name="split", description="Split a song into stems: vocals, drums, bass, other")
+    @app_commands.describe(
+        file="the song (audio or video file)", url="a link to the song instead of a file",
+        stems="which stems you want (default: all)", format="file format of the stems (default: mp3)",
+        model="separation model (default: the server's)",
+    )
+    async def split(self, interaction: discord.Interaction, file: discord.Attachment | None = None,
+                    url: str | None = None, stems: StemsChoice = "all", format: FormatChoice = "mp3",
+                    model: str | None = None) -> None:
+        await self.start_job(interaction, file, url, stems, format, model)
+
+    @app_commands.command(name="karaoke", description="Make a karaoke track: vocals and instrumental")
+    @app_commands.describe(file="the song (audio or video file)", url="a link to the song instead of a file",
+                           format="file format (default: mp3)", model="separation model (default: the server's)")
+    async def karaoke(self, interaction: discord.Interaction, file: discord.Attachment | None = None,
+                      url: str | None = None, format: FormatChoice = "mp3", model: str | None = None) -> None:
+        await self.start_job(interaction, file, url, "karaoke", format, model)
+
+    @split.autocomplete("model")
+    @karaoke.autocomplete("model")
+    async def model_autocomplete(self, interaction: discord.Interaction, current: str):
+        current = current.lower()
+        return [app_commands.Choice(name=name, value=name)
+                for name in self.services.available_models() if current in name.lower()][:25]
+
+    async def split_message(self, interaction: discord.Interaction, message: discord.Message) -> None:
+        media = next((a for a in message.attachments if is_media(a)), None)
+        if media is None:
+            await interaction.response.send_message(
+                "That message has no audio or video attachment to split.", ephemeral=True)
+            return
+        await self.start_job(interaction, media, None, "all", "mp3", None)
+
+    @app_commands.command(name="queue", description="Your jobs and the queue")
+    async def queue(self, interaction: discord.Interaction) -> None:
+        store = self.services.store
+        jobs = await store.for_user(interaction.user.id)
+        length = await store.queue_length()
+        lines = []
+        for job in jobs:
+            icon, label = STAGES.get(job.job_state, ("•", job.state))
+            detail = label
+            if job.job_state is JobState.queued:
+                snapshot = await store.queue_snapshot(job.id)
+                detail = f"queued, position {snapshot.position} of {snapshot.length}"
+            elif job.job_state is JobState.separating:
+                detail = f"separating, {job.progress * 100:.0f}%"
+            lines.append(f"{icon} `#{job.id}` `{job.source_name}` — {detail}")
+        body = "\n".join(lines) if lines else "You have no jobs in progress."
+        waiting = "nobody is waiting" if length == 0 else f"{length} job{'s' if length != 1 else ''} waiting"
+        await interaction.response.send_message(f"{body}\n\nQueue: {waiting}.", ephemeral=True)
+
+    @app_commands.command(name="cancel", description="Cancel your latest job, or the job with this number")
+    @app_commands.describe(job="the job number (see /queue)")
+    async def cancel(self, interaction: discord.Interaction, job: int | None = None) -> None:
+        store = self.services.store
+        if job is None:
+            mine = await store.for_user(interaction.user.id, states=(JobState.queued, *RUNNING), limit=1)
+            if not mine:
+                await interaction.response.send_message("You have no job to cancel.", ephemeral=True)
+                return
+            job = mine[0].id
+        await self._cancel(interaction, job)
+
+    async def cancel_from_button(self, interaction: discord.Interaction, job_id: int) -> None:
+        await self._cancel(interaction, job_id)
+
+    async def _cancel(self, interaction: discord.Interaction, job_id: int) -> None:
+        job = await self.services.store.get(job_id)
+        if job is None:
+            await interaction.response.send_message(f"There is no job #{job_id}.", ephemeral=True)
+            return
+        if not self._may_cancel(interaction, job):
+            await interaction.response.send_message("Only the person who asked (or a server manager) can cancel "
+                                                    "this job.", ephemeral=True)
+            return
+        if await self.services.dispatcher.cancel(job_id):
+            await interaction.response.send_message(f"Cancelled job #{job_id}. Nothing was charged.", ephemeral=True)
+        else:
+            await interaction.response.send_message(f"Job #{job_id} is already {job.state}; too late to cancel.",
+                                                    ephemeral=True)
+
+    @staticmethod
+    def _may_cancel(interaction: discord.Interaction, job: Job) -> bool:
+        if interaction.user.id == job.user_id:
+            return True
+        permissions = getattr(interaction, "permissions", None)
+        return bool(permissions and permissions.manage_guild and interaction.guild_id == job.guild_id)
+
+    @app_commands.command(name="help", description="How to use stembot")
+    async def help(self, interaction: discord.Interaction) -> None:
+        settings = self.services.settings
+        text = (
+            "**stembot** splits songs into stems with Demucs.\n"
+            "• `/split file:` — vocals, drums, bass and other (or pick one with `stems:`)\n"
+            "• `/karaoke file:` — vocals and instrumental\n"
+            "• Right-click a message with a song → **Apps → Split stems**\n"
+            "• `/queue` shows your jobs; `/cancel` or the Cancel button stops one\n"
+            f"Formats: mp3 (default), opus, flac, wav. Tracks from {settings.min_duration_s:g} s to "
+            f"{format_duration(settings.max_duration_s)}, files up to {human_size(settings.max_input_bytes)}. "
+            "Results too large for this server's upload limit come as smaller files or download links."
+        )
+        await interaction.response.send_message(text, ephemeral=True)
+
+    # -- starting a job ----------------------------------------------------------------
+
+    def refusal(self, file: discord.Attachment | None, url: str | None, model: str | None) -> str | None:
+        """Why this request cannot be taken, in one sentence, or None."""
+        settings = self.services.settings
+        if (file is None) == (url is None):
+            return "Attach a song with `file:` or give a link with `url:` (one of the two)."
+        if url is not None:
+            return "Links are not enabled on this bot yet; attach the file instead."
+        if not is_media(file):
+            return f"`{file.filename}` isn't an audio or video file. Attach an mp3, wav, flac, ogg, m4a or a video."
+        if file.size > settings.max_input_bytes:
+            return (f"`{file.filename}` is {human_size(file.size)}; the limit is "
+                    f"{human_size(settings.max_input_bytes)}.")
+        if model is not None and model not in self.services.available_models():
+            return f"Unknown model `{model}`. Available: {', '.join(self.services.available_models())}."
+        return None
+
+    async def start_job(self, interaction: discord.Interaction, file: discord.Attachment | None, url: str | None,
+                        stems: str, fmt: str, model: str | None) -> None:
+        reason = self.refusal(file, url, model)
+        if reason is not None:
+            await interaction.response.send_message(reason, ephemeral=True)
+            return
+        await interaction.response.defer(thinking=True)
+        status = await interaction.original_response()
+        job = await self.services.dispatcher.submit(
+            user_id=interaction.user.id, guild_id=interaction.guild_id, channel_id=interaction.channel_id,
+            application_id=interaction.application_id, interaction_id=interaction.id,
+            interaction_token=interaction.token, token_expires_at=interaction.created_at + TOKEN_LIFETIME,
+            status_message_id=status.id, attachment_size_limit=interaction.filesize_limit,
+            source_kind="attachment", source_url=file.url, source_name=file.filename, source_size=file.size,
+            model=model or self.services.settings.model, stems=stems, format=fmt,
+        )
+        log.info("job %s queued: %s for user %s", job.id, file.filename, interaction.user.id)
+        await self.services.notifier.job_changed(job)

@@ -1,0 +1,166 @@
+"""The Discord side of a job: its status message, the result, and how it ended.
+
+While the interaction token is valid (15 minutes) everything goes through it: the
+status message is edited in place and becomes the result. After that (a long queue, a
+restart) the result is posted in the channel mentioning the user, or sent by DM when
+the channel is gone.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import discord
+
+from core.audio import format_duration
+from core.delivery import describe_format
+from core.errors import DeliveryTooLargeError
+from core.jobs import Job, JobState
+
+from ._status import StatusBoard, StatusView, render_status
+from ._views import cancel_view, link_view
+
+log = logging.getLogger(__name__)
+
+PAYLOAD_TOO_LARGE = 40005
+
+
+class DiscordNotifier:
+    """Implements core.dispatcher.Notifier for Discord."""
+
+    def __init__(self, bot, services):
+        self.bot = bot
+        self.services = services
+        self.board = StatusBoard(self._edit_status, self._render)
+        self._stage_started: dict[int, tuple[str, float]] = {}
+
+    # -- progress ----------------------------------------------------------------------
+
+    async def job_changed(self, job: Job) -> None:
+        stage = self._stage_started.get(job.id)
+        if stage is None or stage[0] != job.state:
+            self._stage_started[job.id] = (job.state, time.monotonic())
+        self.board.update(job)
+
+    async def _render(self, job: Job) -> str:
+        view = StatusView(worker_ready=self.services.worker.ready)
+        if job.job_state is JobState.queued:
+            snapshot = await self.services.store.queue_snapshot(job.id)
+            view = StatusView(snapshot.position, snapshot.length, worker_ready=self.services.worker.ready)
+        elif job.id in self._stage_started:
+            view = StatusView(stage_elapsed_s=time.monotonic() - self._stage_started[job.id][1],
+                              worker_ready=self.services.worker.ready)
+        return render_status(job, view)
+
+    async def _edit_status(self, job: Job, text: str) -> None:
+        await self._edit_reply(job, content=text, view=cancel_view(job.id))
+
+    def _webhook(self, job: Job) -> discord.Webhook:
+        return discord.Webhook.partial(job.application_id or self.bot.application_id, job.interaction_token,
+                                       client=self.bot)
+
+    async def _edit_reply(self, job: Job, **fields) -> bool:
+        """Edit the job's status message through the interaction token, if still valid."""
+        if not job.token_usable() or job.status_message_id is None:
+            return False
+        await self._webhook(job).edit_message(job.status_message_id, **fields)
+        return True
+
+    # -- results -----------------------------------------------------------------------
+
+    async def deliver(self, job: Job) -> None:
+        await self.board.close(job.id)
+        self._stage_started.pop(job.id, None)
+        artifacts = job.artifacts or {}
+        stems_dir = self.services.storage.stems_dir(job.id)
+        files: dict[str, str] = artifacts.get("files", {})
+        mode = artifacts.get("mode", "attach")
+        fmt = artifacts.get("format", {})
+        header = self._result_header(job, fmt, len(files))
+        note = artifacts.get("note") or ""
+        if mode == "attach":
+            try:
+                await self._send_result(job, content=_join(header, note),
+                                        files=self._files(stems_dir, files, artifacts.get("preview")))
+                return
+            except discord.HTTPException as exc:
+                if exc.status != 413 and exc.code != PAYLOAD_TOO_LARGE:
+                    raise
+                if not self.services.links_available:
+                    raise DeliveryTooLargeError(
+                        "the stems were too large for this server's upload limit; the server admin can "
+                        "set STEMBOT_PUBLIC_URL to enable download links") from exc
+                note = (f"The files were too large to upload here, so here are download links "
+                        f"(valid {self.services.link_ttl_s / 3600:g} h).")
+        links = {file: self.services.signer.sign_file(job.id, file, ttl_s=self.services.link_ttl_s)
+                 for file in files.values()}
+        preview = self._files(stems_dir, {}, artifacts.get("preview"))
+        await self._send_result(job, content=_join(header, note), files=preview, view=link_view(links))
+
+    @staticmethod
+    def _result_header(job: Job, fmt: dict, count: int) -> str:
+        parts = [f"{count} stem{'s' if count != 1 else ''}"]
+        if fmt:
+            from core.audio import OutputFormat
+
+            parts.append(describe_format(OutputFormat(**fmt)))
+        if job.duration_s:
+            parts.append(f"{format_duration(job.duration_s)} of audio")
+        if job.separation_s:
+            parts.append(f"separated in {job.separation_s:.0f} s")
+        return f"✅ **Done:** `{job.source_name}` — " + " · ".join(parts)
+
+    @staticmethod
+    def _files(stems_dir, files: dict[str, str], preview: str | None) -> list[discord.File]:
+        out = [discord.File(stems_dir / file, filename=file) for file in files.values()]
+        if preview and len(out) < 10 and (stems_dir / preview).exists():
+            out.append(discord.File(stems_dir / preview, filename=preview, description="waveforms of the stems"))
+        return out
+
+    async def _send_result(self, job: Job, *, content: str, files: list[discord.File],
+                           view: discord.ui.View | None = None) -> None:
+        """Replace the status message with the result, or post it in the channel or DM."""
+        if await self._edit_reply(job, content=content, attachments=files, view=view):
+            return
+        mention = f"<@{job.user_id}> "
+        target = await self._channel(job)
+        if target is not None:
+            try:
+                await target.send(content=mention + content, files=files, view=view or discord.utils.MISSING)
+                return
+            except (discord.NotFound, discord.Forbidden):
+                log.info("job %s: channel %s unusable, sending by DM", job.id, job.channel_id)
+            for file in files:
+                file.reset()
+        user = self.bot.get_user(job.user_id) or await self.bot.fetch_user(job.user_id)
+        await user.send(content=content, files=files, view=view or discord.utils.MISSING)
+
+    async def _channel(self, job: Job):
+        if job.channel_id is None:
+            return None
+        channel = self.bot.get_channel(job.channel_id)
+        if channel is not None:
+            return channel
+        try:
+            return await self.bot.fetch_channel(job.channel_id)
+        except (discord.NotFound, discord.Forbidden):
+            return None
+
+    # -- endings -----------------------------------------------------------------------
+
+    async def job_ended(self, job: Job) -> None:
+        await self.board.close(job.id)
+        self._stage_started.pop(job.id, None)
+        if job.job_state is JobState.cancelled:
+            content = f"✖️ **Cancelled:** `{job.source_name}`. Nothing was charged."
+        else:
+            content = f"❌ **Couldn't split** `{job.source_name}`: {job.error or 'unknown error'}"
+        if await self._edit_reply(job, content=content, view=None):
+            return
+        if job.job_state is JobState.failed:
+            await self._send_result(job, content=content, files=[])
+
+
+def _join(*parts: str) -> str:
+    return "\n".join(p for p in parts if p)

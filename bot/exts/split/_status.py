@@ -1,0 +1,143 @@
+"""The status message of a job: what it says, and editing it no faster than Discord allows."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Awaitable, Callable
+
+from core.audio import format_duration
+from core.jobs import Job, JobState
+
+log = logging.getLogger(__name__)
+
+STAGES = {
+    JobState.queued: ("⏳", "Queued"),
+    JobState.fetching: ("📥", "Downloading"),
+    JobState.decoding: ("🎧", "Decoding"),
+    JobState.separating: ("🎛️", "Separating"),
+    JobState.encoding: ("💾", "Encoding"),
+    JobState.delivering: ("📤", "Uploading"),
+}
+
+STEMS_LABEL = {"all": "all stems", "karaoke": "karaoke (vocals + instrumental)"}
+
+
+def progress_bar(fraction: float, width: int = 16) -> str:
+    """`▰▰▰▰▱▱▱▱` with `width` cells; always at least one empty cell before 100%."""
+    fraction = min(max(fraction, 0.0), 1.0)
+    filled = int(fraction * width)
+    if fraction < 1.0:
+        filled = min(filled, width - 1)
+    return "▰" * filled + "▱" * (width - filled)
+
+
+def eta_seconds(fraction: float, elapsed_s: float) -> float | None:
+    """Remaining time extrapolated from the elapsed time; None until it means something."""
+    if fraction < 0.05 or elapsed_s < 1.0:
+        return None
+    return elapsed_s * (1.0 - fraction) / fraction
+
+
+@dataclass(frozen=True)
+class StatusView:
+    """What the status message needs to know beyond the job row."""
+
+    position: int | None = None
+    queue_length: int = 0
+    stage_elapsed_s: float = 0.0
+    worker_ready: bool = True
+
+
+def describe_request(job: Job) -> str:
+    stems = STEMS_LABEL.get(job.stems, job.stems.replace(",", ", "))
+    return f"{stems} · {job.format}" + (f" · {job.model}" if job.model else "")
+
+
+def render_status(job: Job, view: StatusView = StatusView()) -> str:
+    """The text of a job's status message while it is unfinished."""
+    state = job.job_state
+    icon, label = STAGES.get(state, ("•", state.value.title()))
+    header = f"{icon} **{label}** `{job.source_name}` — {describe_request(job)}"
+    if state is JobState.queued:
+        if view.position is None:
+            line = "Waiting for a worker…"
+        elif view.position == 1:
+            line = "Next in line." if view.worker_ready else "Next in line; the separation engine is warming up."
+        else:
+            line = f"Position **{view.position}** of {view.queue_length} in the queue."
+        return f"{header}\n{line}"
+    if state is JobState.separating:
+        fraction = job.progress or 0.0
+        eta = eta_seconds(fraction, view.stage_elapsed_s)
+        tail = f" · about {format_duration(eta)} left" if eta is not None else ""
+        length = f" ({format_duration(job.duration_s)} of audio)" if job.duration_s else ""
+        return f"{header}\n`{progress_bar(fraction)}` {fraction * 100:3.0f}%{tail}{length}"
+    return header
+
+
+Editor = Callable[[Job, str], Awaitable[None]]
+
+
+class StatusBoard:
+    """Keeps each job's status message current with at most one edit per `interval_s`.
+
+    Updates that arrive faster are merged: only the latest text is sent. Discord allows
+    about 5 edits per 2 s per interaction; one edit every ~1.6 s stays well inside it.
+    """
+
+    def __init__(self, editor: Editor, render: Callable[[Job], Awaitable[str]], interval_s: float = 1.6):
+        self.editor = editor
+        self.render = render
+        self.interval_s = interval_s
+        self._latest: dict[int, Job] = {}
+        self._last_edit: dict[int, float] = {}
+        self._last_text: dict[int, str] = {}
+        self._tasks: dict[int, asyncio.Task] = {}
+        self._closed: set[int] = set()
+
+    def update(self, job: Job) -> None:
+        if job.id in self._closed or job.is_final:
+            return
+        self._latest[job.id] = job
+        if job.id not in self._tasks:
+            self._tasks[job.id] = asyncio.create_task(self._flush(job.id))
+
+    async def _flush(self, job_id: int) -> None:
+        try:
+            while job_id in self._latest:
+                wait = self._last_edit.get(job_id, 0.0) + self.interval_s - time.monotonic()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                job = self._latest.pop(job_id, None)
+                if job is None or job_id in self._closed:
+                    return
+                text = await self.render(job)
+                if text == self._last_text.get(job_id):
+                    continue
+                self._last_edit[job_id] = time.monotonic()
+                self._last_text[job_id] = text
+                try:
+                    await self.editor(job, text)
+                except Exception:  # noqa: BLE001 - a missed progress edit is harmless
+                    log.warning("job %s: status edit failed", job_id, exc_info=True)
+        finally:
+            self._tasks.pop(job_id, None)
+
+    async def close(self, job_id: int) -> None:
+        """Stop updating `job_id` (its final message is about to be written) and wait
+        until an edit in flight is done, so that it cannot overwrite the final one."""
+        self._closed.add(job_id)
+        self._latest.pop(job_id, None)
+        task = self._tasks.get(job_id)
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001
+                pass
+        remaining = self._last_edit.get(job_id, 0.0) + self.interval_s - time.monotonic()
+        if remaining > 0:
+            await asyncio.sleep(remaining)

@@ -1,0 +1,41 @@
+"""The Cancel button on every job message. A DynamicItem: its custom id carries the job
+id, so it keeps working after a restart without any view being re-attached."""
+
+from __future__ import annotations
+
+import re
+
+import discord
+
+CANCEL_PREFIX = "stembot:cancel:"
+
+
+class CancelButton(discord.ui.DynamicItem[discord.ui.Button], template=r"stembot:cancel:(?P<job_id>[0-9]+)"):
+    def __init__(self, job_id: int):
+        super().__init__(discord.ui.Button(label="Cancel", style=discord.ButtonStyle.secondary, emoji="✖️",
+                                           custom_id=f"{CANCEL_PREFIX}{job_id}"))
+        self.job_id = job_id
+
+    @classmethod
+    async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Button, match: re.Match[str], /):
+        return cls(int(match["job_id"]))
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        cog = interaction.client.get_cog("Split")
+        await cog.cancel_from_button(interaction, self.job_id)
+
+
+def cancel_view(job_id: int) -> discord.ui.View:
+    view = discord.ui.View(timeout=None)
+    view.add_item(CancelButton(job_id))
+    return view
+
+
+def link_view(links: dict[str, str]) -> discord.ui.View | None:
+    """Download buttons (at most 25, Discord's limit for one message)."""
+    if not links:
+        return None
+    view = discord.ui.View(timeout=None)
+    for label, url in list(links.items())[:25]:
+        view.add_item(discord.ui.Button(label=label, url=url, emoji="⬇️"))
+    return view

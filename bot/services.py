@@ -1,0 +1,119 @@
+"""Everything the bot runs beside the gateway connection: database, worker, dispatcher,
+web server. Started from `StemBot.setup_hook`, stopped from `StemBot.close`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+from sqlalchemy import text
+
+from core import models
+from core.db import make_engine, make_sessions
+from core.dispatcher import Dispatcher, DispatcherConfig
+from core.jobs import JobStore
+from core.links import LinkSigner, load_or_create_secret
+from core.model_host import HostConfig
+from core.settings import Settings
+from core.storage import LocalStorage
+from core.web import HealthChecks, Metrics, build_app, start_web, stop_web
+from core.worker import LocalWorker
+
+log = logging.getLogger(__name__)
+
+
+class Services:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.engine = make_engine(settings.resolved_database_url)
+        self.store = JobStore(make_sessions(self.engine))
+        self.storage = LocalStorage(Path(settings.data_dir) / "jobs")
+        self.metrics = Metrics()
+        self.health = HealthChecks()
+        secret = load_or_create_secret(Path(settings.data_dir),
+                                       settings.link_secret.get_secret_value() if settings.link_secret else None)
+        self.links_available = bool(settings.public_url)
+        self.signer = LinkSigner(secret, settings.public_url or f"http://127.0.0.1:{settings.web_port}")
+        self.link_ttl_s = settings.retention_hours * 3600
+        self.worker = LocalWorker(HostConfig(
+            model=settings.model, model_dir=str(settings.model_dir) if settings.model_dir else None,
+            device=settings.device, shifts=settings.shifts, overlap=settings.overlap, segment=settings.segment,
+            min_duration_s=settings.min_duration_s, max_duration_s=settings.max_duration_s,
+            max_input_bytes=settings.max_input_bytes,
+        ))
+        self.notifier = None
+        self.dispatcher: Dispatcher | None = None
+        self._web = None
+        self._boot: asyncio.Task | None = None
+        self._metrics_task: asyncio.Task | None = None
+        self._models: list[str] | None = None
+
+    def available_models(self) -> list[str]:
+        """Models this bot can run without downloading: the default first."""
+        if self._models is None:
+            names = [e.name for e in models.list_models(self.settings.model_dir) if e.available]
+            self._models = [self.settings.model] + [n for n in names if n != self.settings.model]
+        return self._models
+
+    async def start(self, bot) -> None:
+        from bot.exts.split._delivery import DiscordNotifier
+
+        self.notifier = DiscordNotifier(bot, self)
+        self.dispatcher = Dispatcher(self.store, self.worker, self.storage, self.notifier, DispatcherConfig(
+            max_attempts=self.settings.max_attempts, max_input_bytes=self.settings.max_input_bytes,
+            mp3_bitrate_kbps=self.settings.mp3_bitrate, links_available=self.links_available,
+            link_valid_hours=self.settings.retention_hours,
+        ), metrics=self.metrics)
+        self.health.register("gateway", self._gateway_ok(bot))
+        self.health.register("database", self._database_ok)
+        self.health.register("worker", self._worker_ok)
+        app = build_app(storage_root=self.storage.root, signer=self.signer, health=self.health, metrics=self.metrics)
+        self._web = await start_web(app, self.settings.web_host, self.settings.web_port)
+        log.info("web server on %s:%s", self.settings.web_host, self.settings.web_port)
+        # The model loads in the background: the bot answers (and queues) meanwhile.
+        self._boot = asyncio.create_task(self._start_worker(), name="worker-boot")
+        self._metrics_task = asyncio.create_task(self._metrics_loop(), name="metrics")
+
+    async def _start_worker(self) -> None:
+        try:
+            await self.worker.start()
+        except Exception:
+            log.exception("the separation worker could not start; jobs stay queued")
+            raise
+        await self.dispatcher.start()
+
+    @staticmethod
+    def _gateway_ok(bot):
+        async def check() -> bool:
+            return bot.gateway_ready.is_set() and not bot.is_closed()
+        return check
+
+    async def _database_ok(self) -> bool:
+        async with self.engine.connect() as connection:
+            await connection.execute(text("SELECT 1"))
+        return True
+
+    async def _worker_ok(self) -> bool:
+        return self.worker.ready and self.worker.alive()
+
+    async def _metrics_loop(self, interval_s: float = 10.0) -> None:
+        while True:
+            try:
+                counts = await self.store.counts_by_state()
+                self.metrics.set_states(counts)
+                self.metrics.set_queue_length(counts.get("queued", 0))
+            except Exception:  # noqa: BLE001 - metrics must not take the bot down
+                log.warning("metrics refresh failed", exc_info=True)
+            await asyncio.sleep(interval_s)
+
+    async def stop(self) -> None:
+        for task in (self._boot, self._metrics_task):
+            if task is not None:
+                task.cancel()
+        if self.dispatcher is not None:
+            await self.dispatcher.stop()
+        await self.worker.stop()
+        if self._web is not None:
+            await stop_web(self._web)
+        await self.engine.dispose()

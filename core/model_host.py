@@ -1,0 +1,217 @@
+"""The model host: a spawned child process that owns the Demucs model.
+
+It loads the model once, warms it up, then runs jobs one at a time: decode -> separate
+-> encode, reporting each stage and the progress on an event queue. It is started with
+the `spawn` method (never `fork` a process that may touch CUDA) and exits by itself
+when its parent dies, so a killed bot leaves no orphan holding the GPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class HostConfig:
+    """What the host needs to start; plain data, so it pickles across `spawn`."""
+
+    model: str
+    model_dir: str | None
+    device: str = "auto"
+    shifts: int = 1
+    overlap: float = 0.25
+    segment: float | None = None
+    min_duration_s: float = 1.0
+    max_duration_s: float = 20 * 60
+    max_input_bytes: int = 250 * 1024 * 1024
+    warm_up: bool = True
+    max_loaded_models: int = 2
+    log_level: int = logging.INFO
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """One separation, as the host receives it."""
+
+    job_id: int
+    input_path: str
+    stems_dir: str
+    model: str
+    stems: str
+    format: str
+    mp3_bitrate_kbps: int = 320
+    attachment_limit: int = 10 * 1024 * 1024
+    links_available: bool = False
+    link_valid_hours: float = 24.0
+    preview: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def host_main(config: HostConfig, requests, events, cancel_job) -> None:
+    """Entry point of the child process. `cancel_job` is a shared integer: the id of the
+    job to stop (0 for none)."""
+    logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s model-host: %(message)s")
+    parent = os.getppid()
+    host = _Host(config, events, cancel_job)
+    try:
+        host.boot()
+    except Exception as exc:  # noqa: BLE001 - reported to the parent, which decides
+        events.put({"type": "fatal", "reason": _reason(exc), "kind": getattr(exc, "kind", "error")})
+        return
+    while True:
+        try:
+            message = requests.get(timeout=1.0)
+        except queue.Empty:
+            if os.getppid() != parent:
+                return  # the bot died; nobody will read our results
+            continue
+        if message is None:
+            return
+        host.run(JobSpec(**message))
+
+
+def _reason(exc: BaseException) -> str:
+    from .errors import StembotError
+
+    if isinstance(exc, StembotError):
+        return exc.reason
+    return f"internal error ({exc.__class__.__name__})"
+
+
+class _Host:
+    def __init__(self, config: HostConfig, events, cancel_job):
+        self.config = config
+        self.events = events
+        self.cancel_job = cancel_job
+        self.engines: dict[str, Any] = {}
+
+    def boot(self) -> None:
+        started = time.monotonic()
+        engine = self.engine(self.config.model)
+        loaded = time.monotonic()
+        if self.config.warm_up:
+            engine.warm_up()
+        self.events.put({
+            "type": "ready", "model": self.config.model, "device": str(engine.device), "pid": os.getpid(),
+            "load_s": loaded - started, "warmup_s": time.monotonic() - loaded,
+        })
+
+    def engine(self, name: str):
+        from .separation import SeparationEngine
+
+        if name in self.engines:
+            self.engines[name] = self.engines.pop(name)  # most recently used last
+            return self.engines[name]
+        while len(self.engines) >= self.config.max_loaded_models:
+            self.engines.pop(next(iter(self.engines)))
+        model_dir = Path(self.config.model_dir) if self.config.model_dir else None
+        engine = SeparationEngine.load(name, model_dir, self.config.device)
+        self.engines[name] = engine
+        return engine
+
+    def run(self, spec: JobSpec) -> None:
+        from .errors import JobCancelled
+
+        job = spec.job_id
+        try:
+            result = self._separate(spec)
+        except JobCancelled:
+            self.events.put({"type": "cancelled", "job": job})
+        except Exception as exc:  # noqa: BLE001 - every failure is reported, the host lives on
+            if not hasattr(exc, "reason"):
+                log.error("job %s failed:\n%s", job, traceback.format_exc())
+            self.events.put({"type": "failed", "job": job, "reason": _reason(exc),
+                             "kind": getattr(exc, "kind", "error")})
+        else:
+            self.events.put({"type": "done", "job": job, **result})
+
+    def _cancelled(self, job_id: int) -> bool:
+        return self.cancel_job.value == job_id
+
+    def _stage(self, job_id: int, stage: str, **extra) -> None:
+        from .errors import JobCancelled
+
+        if self._cancelled(job_id):
+            raise JobCancelled()
+        self.events.put({"type": "stage", "job": job_id, "stage": stage, **extra})
+
+    def _separate(self, spec: JobSpec) -> dict:
+        import shutil
+
+        from .audio import Limits, OutputFormat, decode, probe
+        from .delivery import fits, plan_delivery
+        from .pipeline import write_track
+        from .separation import SeparationOptions
+        from .stems import parse_stems
+
+        job = spec.job_id
+        config = self.config
+        limits = Limits(config.min_duration_s, config.max_duration_s, config.max_input_bytes)
+        self._stage(job, "decoding")
+        engine = self.engine(spec.model)
+        request = parse_stems(spec.stems, engine.sources)
+        info = probe(Path(spec.input_path), limits)
+        mix = decode(Path(spec.input_path), engine.samplerate, engine.audio_channels, limits, info)
+        duration = mix.shape[1] / engine.samplerate
+
+        self._stage(job, "separating", duration_s=duration)
+        last_sent = [0.0]
+
+        def progress(fraction: float) -> None:
+            now = time.monotonic()
+            # The queue is cheap, but the bot only shows an update every ~2 s anyway.
+            if now - last_sent[0] >= 0.5 or fraction >= 1.0:
+                last_sent[0] = now
+                self.events.put({"type": "progress", "job": job, "fraction": fraction})
+
+        started = time.monotonic()
+        stems = engine.separate(
+            mix, request,
+            SeparationOptions(config.shifts, config.overlap, config.segment),
+            progress=progress, should_cancel=lambda: self._cancelled(job),
+        )
+        separation_s = time.monotonic() - started
+        del mix
+
+        self._stage(job, "encoding")
+        requested = OutputFormat(name=spec.format, mp3_bitrate_kbps=spec.mp3_bitrate_kbps)
+        plan = plan_delivery(requested, duration, len(stems), spec.attachment_limit, spec.links_available,
+                             link_valid_hours=spec.link_valid_hours)
+        stems_dir = Path(spec.stems_dir)
+        shutil.rmtree(stems_dir, ignore_errors=True)  # a retry starts clean
+        folder = write_track(stems, engine.samplerate, stems_dir.parent, stems_dir.name, plan.format)
+        files = {name: f"{name}.{plan.format.extension}" for name in stems}
+        sizes = {name: (folder / file).stat().st_size for name, file in files.items()}
+        mode, note = plan.mode, plan.note
+        if mode == "attach" and not fits(sizes.values(), spec.attachment_limit):
+            # Estimates are conservative, but a lossless file can compress worse than expected.
+            if not spec.links_available:
+                from .errors import DeliveryTooLargeError
+
+                raise DeliveryTooLargeError(
+                    "the stems are too large to upload here; the server admin can set "
+                    "STEMBOT_PUBLIC_URL to enable download links"
+                )
+            mode, note = "links", (f"The files were too large to upload here, so here are download links "
+                                   f"(valid {spec.link_valid_hours:g} h).")
+        preview = None
+        if spec.preview:
+            try:
+                from .preview import render_preview
+
+                preview = render_preview({n: folder / f for n, f in files.items()}, folder / "preview.png").name
+            except Exception:  # noqa: BLE001 - a missing picture must not fail the job
+                log.warning("preview for job %s failed", job, exc_info=True)
+        return {
+            "files": files, "sizes": sizes, "duration_s": duration, "separation_s": separation_s,
+            "format": asdict(plan.format), "mode": mode, "note": note, "preview": preview,
+        }

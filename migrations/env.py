@@ -1,0 +1,61 @@
+"""Alembic environment: runs migrations on the async engine stembot uses.
+
+The URL comes from the Alembic config (set by `core.db.upgrade`) or, for the plain
+`alembic` command, from stembot's settings.
+"""
+
+import asyncio
+
+from alembic import context
+from sqlalchemy.ext.asyncio import create_async_engine
+
+import core.jobs  # noqa: F401 - registers the tables on Base.metadata
+from core.db import Base
+
+config = context.config
+target_metadata = Base.metadata
+
+
+def _url() -> str:
+    url = config.get_main_option("sqlalchemy.url")
+    if url:
+        return url
+    from core.settings import get_settings
+
+    return get_settings().resolved_database_url
+
+
+def _configure(connection=None, url=None) -> None:
+    context.configure(
+        connection=connection,
+        url=url,
+        target_metadata=target_metadata,
+        # SQLite cannot ALTER most things; batch mode rebuilds tables instead.
+        render_as_batch=True,
+        compare_type=True,
+    )
+
+
+def run_offline() -> None:
+    _configure(url=_url())
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+def _run_sync(connection) -> None:
+    _configure(connection=connection)
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+async def run_online() -> None:
+    engine = create_async_engine(_url())
+    async with engine.connect() as connection:
+        await connection.run_sync(_run_sync)
+    await engine.dispose()
+
+
+if context.is_offline_mode():
+    run_offline()
+else:
+    asyncio.run(run_online())

@@ -1,0 +1,232 @@
+"""End to end: the real `stembot run` process and discord.py client against the fake Discord."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+
+import aiohttp
+import pytest
+
+from core.audio import probe
+from tests.support.fake_discord import attachment_option, string_option
+from tests.support.media import music
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+FINAL = ("Done", "Couldn't split", "Cancelled")
+
+
+def upload(fake, tmp_path, name="song.wav", seconds=5.0, **kwargs):
+    path = music(tmp_path / name, seconds=seconds, **kwargs)
+    return fake.add_attachment(name, path.read_bytes(), content_type="audio/wav")
+
+
+async def final_message(fake, interaction, timeout=90.0):
+    def done():
+        for message in fake.messages_for(interaction):
+            if any(word in message.content for word in FINAL):
+                return message
+        return None
+    return await fake.wait_for(done, timeout=timeout, what="the job's final message")
+
+
+def status_message(fake, interaction):
+    messages = fake.messages_for(interaction)
+    return messages[0] if messages else None
+
+
+def cancel_custom_id(message) -> str | None:
+    for row in message.components:
+        for component in row.get("components", []):
+            if component.get("custom_id", "").startswith("stembot:cancel:"):
+                return component["custom_id"]
+    return None
+
+
+def link_buttons(message) -> dict[str, str]:
+    return {c["label"]: c["url"] for row in message.components for c in row.get("components", []) if c.get("url")}
+
+
+async def test_split_attachment_delivers_every_stem_with_a_preview(fake, bot, tmp_path):
+    att = upload(fake, tmp_path)
+    interaction = await fake.send_slash_command("split", [attachment_option("file", att)])
+    result = await final_message(fake, interaction)
+    assert "Done" in result.content and "4 stems" in result.content and "MP3 at 320 kbps" in result.content
+    names = [a.filename for a in result.attachments]
+    assert names == ["drums.mp3", "bass.mp3", "other.mp3", "vocals.mp3", "preview.png"]
+    for attachment in result.attachments[:4]:
+        path = tmp_path / attachment.filename
+        path.write_bytes(attachment.data)
+        info = probe(path)
+        assert info.codec == "mp3" and info.duration_s == pytest.approx(5.0, abs=0.15)
+    assert result.attachment_named("preview.png").data.startswith(b"\x89PNG")
+    assert cancel_custom_id(result) is None, "the Cancel button goes away with the result"
+    # The status message showed the job's progress before becoming the result.
+    shown = " ".join(edit.get("content") or "" for edit in result.edits)
+    assert "Queued" in shown or "Separating" in shown or "Decoding" in shown
+    assert not result.is_ephemeral
+
+
+async def test_status_shows_queue_position_within_a_second(fake, bot, tmp_path):
+    att = upload(fake, tmp_path)
+    sent = time.monotonic()
+    interaction = await fake.send_slash_command("split", [attachment_option("file", att)])
+    await fake.wait_for(lambda: (m := status_message(fake, interaction)) and cancel_custom_id(m), timeout=5,
+                        what="a status message with a Cancel button")
+    assert time.monotonic() - sent < 1.5
+    await final_message(fake, interaction)
+
+
+async def test_karaoke(fake, bot, tmp_path):
+    att = upload(fake, tmp_path, "duet.wav")
+    interaction = await fake.send_slash_command("karaoke", [attachment_option("file", att),
+                                                            string_option("format", "flac")])
+    result = await final_message(fake, interaction)
+    assert [a.filename for a in result.attachments] == ["vocals.flac", "no_vocals.flac", "preview.png"]
+
+
+async def test_context_menu_on_a_message_with_a_song(fake, bot, tmp_path):
+    att = upload(fake, tmp_path, "jam.wav")
+    posted = fake.add_user_message("check out my jam", attachments=[att])
+    interaction = await fake.send_message_command("Split stems", posted)
+    result = await final_message(fake, interaction)
+    assert "Done" in result.content and len(result.attachments) == 5
+
+
+async def test_context_menu_without_audio_is_refused_ephemerally(fake, bot):
+    posted = fake.add_user_message("just words")
+    interaction = await fake.send_message_command("Split stems", posted)
+    await fake.wait_for(lambda: interaction.acknowledged, timeout=3)
+    assert interaction.callback_type == 4
+    assert interaction.callback_data["flags"] & 64
+    assert "no audio or video attachment" in interaction.callback_data["content"]
+
+
+async def test_non_audio_attachment_gets_an_ephemeral_error_within_3_s(fake, bot):
+    att = fake.add_attachment("notes.txt", b"not a song\n" * 100, content_type="text/plain")
+    sent = time.monotonic()
+    interaction = await fake.send_slash_command("split", [attachment_option("file", att)])
+    await fake.wait_for(lambda: interaction.acknowledged, timeout=3, what="an answer within 3 s")
+    assert time.monotonic() - sent < 3
+    assert interaction.callback_type == 4 and interaction.callback_data["flags"] & 64
+    assert "isn't an audio or video file" in interaction.callback_data["content"]
+
+
+async def test_disguised_non_audio_fails_with_a_reason_and_no_stack_trace(fake, bot):
+    att = fake.add_attachment("song.mp3", b"<html>not really</html>" * 200, content_type="audio/mpeg")
+    interaction = await fake.send_slash_command("split", [attachment_option("file", att)])
+    result = await final_message(fake, interaction)
+    assert "Couldn't split" in result.content and "song.mp3" in result.content
+    assert "Traceback" not in result.content and not result.attachments
+    assert cancel_custom_id(result) is None
+
+
+async def test_result_too_large_for_the_limit_becomes_smaller_files(fake, bot, tmp_path):
+    att = upload(fake, tmp_path, "long.wav", seconds=8.0)
+    limit = 200 * 1024  # 320 kbps for 8 s is 320 kB per stem
+    interaction = await fake.send_slash_command("split", [attachment_option("file", att)],
+                                                attachment_size_limit=limit)
+    result = await final_message(fake, interaction)
+    assert "Done" in result.content and "320 kbps" not in result.content
+    assert "too large" in result.content
+    stems = [a for a in result.attachments if a.filename.endswith((".mp3", ".opus"))]
+    assert len(stems) == 4 and all(a.size <= limit for a in stems)
+
+
+async def test_lossless_too_large_becomes_links_that_download_the_right_bytes(fake, bot, tmp_path):
+    att = upload(fake, tmp_path, "big.wav", seconds=5.0)
+    interaction = await fake.send_slash_command("split", [attachment_option("file", att),
+                                                          string_option("format", "wav")],
+                                                attachment_size_limit=100 * 1024)
+    result = await final_message(fake, interaction)
+    links = link_buttons(result)
+    assert sorted(links) == ["bass.wav", "drums.wav", "other.wav", "vocals.wav"]
+    assert "download links (valid 24 h)" in result.content
+    job_id = re.search(r"/dl/(\d+)/", links["vocals.wav"]).group(1)
+    on_disk = (bot.data_dir / "jobs" / job_id / "stems" / "vocals.wav").read_bytes()
+    async with aiohttp.ClientSession() as session:
+        async with session.get(links["vocals.wav"]) as response:
+            assert response.status == 200
+            assert await response.read() == on_disk
+        tampered = links["vocals.wav"].replace("vocals.wav", "drums.wav")
+        async with session.get(tampered) as response:
+            assert response.status == 403
+
+
+async def test_cancel_button_while_separating(fake, bot, tmp_path):
+    att = upload(fake, tmp_path, "epic.wav", seconds=90.0)
+    interaction = await fake.send_slash_command("split", [attachment_option("file", att)])
+    status = await fake.wait_for(
+        lambda: (m := status_message(fake, interaction)) and "Separating" in m.content and m, timeout=60,
+        what="the separating stage")
+    clicked = time.monotonic()
+    click = await fake.send_component(cancel_custom_id(status), status)
+    await fake.wait_for(lambda: click.acknowledged, timeout=3)
+    assert "Cancelled" in click.callback_data["content"] and click.callback_data["flags"] & 64
+    result = await final_message(fake, interaction)
+    assert time.monotonic() - clicked < 10
+    assert "Cancelled" in result.content and not result.attachments and cancel_custom_id(result) is None
+
+
+async def test_someone_else_cannot_cancel_my_job(fake, bot, tmp_path):
+    att = upload(fake, tmp_path, "mine.wav", seconds=30.0)
+    interaction = await fake.send_slash_command("split", [attachment_option("file", att)])
+    status = await fake.wait_for(lambda: (m := status_message(fake, interaction)) and cancel_custom_id(m) and m,
+                                 timeout=10)
+    stranger = fake.make_user("stranger")
+    click = await fake.send_component(cancel_custom_id(status), status, user=stranger)
+    await fake.wait_for(lambda: click.acknowledged, timeout=3)
+    assert "Only the person who asked" in click.callback_data["content"]
+    result = await final_message(fake, interaction)
+    assert "Done" in result.content
+
+
+async def test_two_users_at_once_both_get_their_stems(fake, bot, tmp_path):
+    alice, bob = fake.make_user("alice"), fake.make_user("bob")
+    first = upload(fake, tmp_path, "a.wav", tone=330.0)
+    second = upload(fake, tmp_path, "b.wav", tone=550.0)
+    one, two = await asyncio.gather(
+        fake.send_slash_command("split", [attachment_option("file", first)], user=alice),
+        fake.send_slash_command("karaoke", [attachment_option("file", second)], user=bob),
+    )
+    for interaction in (one, two):
+        await fake.wait_for(lambda i=interaction: (m := status_message(fake, i)) and cancel_custom_id(m),
+                            timeout=10, what="both jobs queued")
+    queue = await fake.send_slash_command("queue", user=bob)
+    await fake.wait_for(lambda: queue.acknowledged, timeout=3)
+    assert "b.wav" in queue.callback_data["content"] and "a.wav" not in queue.callback_data["content"]
+    results = await asyncio.gather(final_message(fake, one), final_message(fake, two))
+    assert "a.wav" in results[0].content and len(results[0].attachments) == 5
+    assert "b.wav" in results[1].content and len(results[1].attachments) == 3
+
+
+async def test_rate_limits_are_survived(fake, bot, tmp_path):
+    fake.fail_next("PATCH", r"/webhooks/\d+/[^/]+/messages/.*", status=429, retry_after=0.3, times=3)
+    att = upload(fake, tmp_path, "ratelimited.wav")
+    interaction = await fake.send_slash_command("split", [attachment_option("file", att)])
+    result = await final_message(fake, interaction)
+    assert "Done" in result.content and len(result.attachments) == 5
+    statuses = [r.status for r in fake.requests_matching("PATCH", r"/webhooks/\d+/[^/]+/messages/.*")]
+    assert statuses.count(429) == 3
+
+
+async def test_help_and_links_not_enabled(fake, bot):
+    help_ = await fake.send_slash_command("help")
+    await fake.wait_for(lambda: help_.acknowledged, timeout=3)
+    assert "/karaoke" in help_.callback_data["content"] and help_.callback_data["flags"] & 64
+    link = await fake.send_slash_command("split", [string_option("url", "https://example.com/a.mp3")])
+    await fake.wait_for(lambda: link.acknowledged, timeout=3)
+    assert "Links are not enabled" in link.callback_data["content"]
+
+
+async def test_health_and_metrics(fake, bot):
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{bot.web_url}/readyz") as response:
+            assert response.status == 200
+            checks = await response.json()
+        async with session.get(f"{bot.web_url}/metrics") as response:
+            text = await response.text()
+    assert checks == {"ready": True, "checks": {"gateway": True, "database": True, "worker": True}}
+    assert re.search(r'stembot_jobs_total\{state="done"\} [1-9]', text), text[:2000]
