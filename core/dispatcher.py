@@ -61,6 +61,7 @@ class Dispatcher:
         self._task: asyncio.Task | None = None
         self._background: set[asyncio.Task] = set()
         self._reported: set[int] = set()  # jobs whose end was already reported
+        self._deliveries: set[asyncio.Task] = set()
         self.paused = False
 
     # -- life cycle --------------------------------------------------------------------
@@ -72,18 +73,22 @@ class Dispatcher:
             log.info("requeued %d job(s) interrupted by a restart: %s", len(requeued), requeued)
         for job in await self.store.unfinished():
             if job.job_state is JobState.delivering:
-                self._spawn(self._deliver(job))
+                self._start_delivery(job)
             else:
                 self._spawn(self._notify(job))
         self._task = asyncio.create_task(self._run(), name="dispatcher")
 
-    async def stop(self) -> None:
+    async def stop(self, delivery_grace_s: float = 30.0) -> None:
+        """Stop taking jobs. A delivery under way is allowed to finish: stopping half-way
+        would leave stems sent but the job still `delivering`, to be sent again."""
         if self._task is not None:
             self._task.cancel()
             try:
                 await self._task
             except (asyncio.CancelledError, Exception):  # noqa: BLE001 - shutting down
                 pass
+        if self._deliveries:
+            await asyncio.wait(self._deliveries, timeout=delivery_grace_s)
         for task in list(self._background):
             task.cancel()
 
@@ -207,9 +212,16 @@ class Dispatcher:
                                            duration_s=result["duration_s"],
                                            separation_s=result["separation_s"]):
                 self.storage.delete_input(job.id)
-                await self._deliver(await self.store.get(job.id))
+                # Shielded: a shutdown waits for it instead of cutting it off (see stop).
+                await asyncio.shield(self._start_delivery(await self.store.get(job.id)))
             else:
                 await self._settle_cancelled(job.id)
+
+    def _start_delivery(self, job: Job) -> asyncio.Task:
+        task = asyncio.create_task(self._deliver(job), name=f"deliver-{job.id}")
+        self._deliveries.add(task)
+        task.add_done_callback(self._deliveries.discard)
+        return task
 
     async def _deliver(self, job: Job) -> None:
         delays = list(self.config.delivery_retry_delays_s)

@@ -61,7 +61,8 @@ def host_main(config: HostConfig, requests, events, cancel_job) -> None:
     job to stop (0 for none)."""
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s model-host: %(message)s")
     parent = os.getppid()
-    host = _Host(config, events, cancel_job)
+    _die_with_parent(parent)
+    host = _Host(config, events, cancel_job, parent)
     try:
         host.boot()
     except Exception as exc:  # noqa: BLE001 - reported to the parent, which decides
@@ -79,6 +80,21 @@ def host_main(config: HostConfig, requests, events, cancel_job) -> None:
         host.run(JobSpec(**message))
 
 
+def _die_with_parent(parent: int) -> None:
+    """Have the kernel kill this process when the bot dies, even mid-separation (Linux);
+    elsewhere the host notices between segments and between jobs."""
+    try:
+        import ctypes
+        import signal
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # the bot died before the line above took effect
+        os._exit(0)
+
+
 def _reason(exc: BaseException) -> str:
     from .errors import StembotError
 
@@ -88,8 +104,9 @@ def _reason(exc: BaseException) -> str:
 
 
 class _Host:
-    def __init__(self, config: HostConfig, events, cancel_job):
+    def __init__(self, config: HostConfig, events, cancel_job, parent: int):
         self.config = config
+        self.parent = parent
         self.events = events
         self.cancel_job = cancel_job
         self.engines: dict[str, Any] = {}
@@ -135,6 +152,8 @@ class _Host:
             self.events.put({"type": "done", "job": job, **result})
 
     def _cancelled(self, job_id: int) -> bool:
+        if os.getppid() != self.parent:
+            os._exit(0)  # the bot is gone: nobody will read the result
         return self.cancel_job.value == job_id
 
     def _stage(self, job_id: int, stage: str, **extra) -> None:

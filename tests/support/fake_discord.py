@@ -1028,6 +1028,7 @@ class FakeDiscord:
             ("GET", "/gateway", "get_gateway", self._get_gateway),
             ("GET", "/gateway/bot", "get_bot_gateway", self._get_bot_gateway),
             ("GET", "/users/@me", "get_current_user", self._get_current_user),
+            ("GET", f"/users/{snowflake.format('user_id')}", "get_user", self._get_user),
             ("GET", "/oauth2/applications/@me", "get_application", self._get_application),
             ("POST", "/users/@me/channels", "create_dm", self._create_dm),
             (
@@ -1164,6 +1165,12 @@ class FakeDiscord:
 
     def _get_current_user(self, record: RecordedRequest) -> dict[str, Any]:
         return self.bot_user
+
+    def _get_user(self, record: RecordedRequest, user_id: str) -> dict[str, Any]:
+        user = self.users.get(int(user_id))
+        if user is None:
+            raise _ApiError(404, 10013, "Unknown User")
+        return user
 
     def _get_application(self, record: RecordedRequest) -> dict[str, Any]:
         return {
