@@ -96,6 +96,7 @@ class StatusBoard:
         self._last_edit: dict[int, float] = {}
         self._last_text: dict[int, str] = {}
         self._tasks: dict[int, asyncio.Task] = {}
+        self._editing: set[int] = set()  # jobs whose edit request is in flight
         self._closed: set[int] = set()
 
     def update(self, job: Job) -> None:
@@ -119,10 +120,13 @@ class StatusBoard:
                     continue
                 self._last_edit[job_id] = time.monotonic()
                 self._last_text[job_id] = text
+                self._editing.add(job_id)
                 try:
                     await self.editor(job, text)
                 except Exception:  # noqa: BLE001 - a missed progress edit is harmless
                     log.warning("job %s: status edit failed", job_id, exc_info=True)
+                finally:
+                    self._editing.discard(job_id)
         finally:
             self._tasks.pop(job_id, None)
 
@@ -131,9 +135,13 @@ class StatusBoard:
         until an edit in flight is done, so that it cannot overwrite the final one."""
         self._closed.add(job_id)
         self._latest.pop(job_id, None)
-        task = self._tasks.get(job_id)
+        task = self._tasks.pop(job_id, None)
         if task is not None and task is not asyncio.current_task():
-            task.cancel()
+            if job_id not in self._editing:
+                # Waiting for its turn (or not even started): nothing was sent yet.
+                # An edit already sent is awaited, not abandoned: Discord could still
+                # apply it after the final message.
+                task.cancel()
             try:
                 await task
             except (asyncio.CancelledError, Exception):  # noqa: BLE001

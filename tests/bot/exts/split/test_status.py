@@ -171,11 +171,13 @@ async def test_board_merges_fast_updates_and_sends_the_last_one():
         # 20 updates on a fixed schedule across 0.855 s, whatever each sleep overshoots.
         await asyncio.sleep(max(0.0, start + k * 0.045 - time.monotonic()))
         board.update(job)
-    assert time.monotonic() - start < 1.0
+    fed_in = time.monotonic() - start
     await wait_idle(board)
 
     times = [t for t, _, _ in editor.edits]
-    assert 2 <= len(editor.edits) <= 3
+    # One edit at once, then at most one per 0.5 s while updates keep coming: 3 when
+    # the updates took under 1 s, as planned (a stalled test machine may take longer).
+    assert 2 <= len(editor.edits) <= (3 if fed_in < 1.0 else 4)
     assert all(b - a >= 0.5 - 0.02 for a, b in zip(times, times[1:]))
     assert editor.edits[-1][2] == await render(jobs[-1])  # nothing lost at the end
     assert editor.edits[0][2] == await render(jobs[0])  # the first update is shown at once
