@@ -2,14 +2,19 @@
 
 ffmpeg and ffprobe always run as separate processes with stdin closed, only the
 `file` and `pipe` protocols, and an allowlist of demuxers, so that a user's file can
-neither read other files (playlists, concat lists) nor reach the network.
+neither read other files (playlists, concat lists) nor reach the network. When they read
+a user's file they also run under CPU-time and address-space limits (`spawn_limited`),
+so that a file made to make a decoder spin or allocate cannot take the host with it.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
+import shutil
+import signal
 import subprocess
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -45,6 +50,13 @@ ENCODE_TIMEOUT_S = 600.0
 # low priority keeps it from stalling the model's threads, which wait for each other at
 # every parallel op. Measured on 2 cores: +9% separation time at nice 0, +6% at 19.
 BACKGROUND_NICE = 19
+# Limits for ffprobe/ffmpeg reading a user's file. Address space, not resident memory:
+# ffmpeg maps about 300 MB of libraries before it reads a byte, and each decoder thread
+# may reserve a malloc arena, so the cap is generous; it is there to stop runaway growth.
+MEDIA_MEMORY_LIMIT_BYTES = 4 * 2**30
+PROBE_CPU_LIMIT_S = 30
+# Decoding 20 minutes of the slowest codecs (APE, 192 kHz multichannel) takes well under this.
+DECODE_CPU_LIMIT_S = 300
 
 WavDepth = Literal["16", "24", "float"]
 OutputFormatName = Literal["wav", "flac", "mp3", "opus"]
@@ -122,6 +134,48 @@ def format_duration(seconds: float) -> str:
     return f"{seconds // 60}:{seconds % 60:02d}"
 
 
+@functools.lru_cache(maxsize=1)
+def _prlimit_command() -> str | None:
+    """The `prlimit` program (util-linux) when it is present and allowed to work here."""
+    path = shutil.which("prlimit")
+    if path is None:
+        return None
+    try:
+        done = subprocess.run([path, "--cpu=10", "--", "true"], stdin=subprocess.DEVNULL,
+                              capture_output=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return path if done.returncode == 0 else None
+
+
+def spawn_limited(args: list[str], cpu_s: int, memory_bytes: int | None = None, **popen) -> subprocess.Popen:
+    """Start `args` with at most `cpu_s` seconds of CPU time and `memory_bytes` of address space.
+
+    Past the CPU limit the kernel kills the process (SIGKILL; soft and hard limits are
+    equal); past the memory limit its allocations fail. The limits are set by the
+    `prlimit` wrapper before the program starts. Where that is missing they are set on the
+    running child just after it starts: a short window, but never `preexec_fn`, which
+    can deadlock a threaded program.
+    """
+    memory = MEDIA_MEMORY_LIMIT_BYTES if memory_bytes is None else memory_bytes
+    tool = _prlimit_command()
+    if tool is not None:
+        return subprocess.Popen([tool, f"--cpu={cpu_s}", f"--as={memory}", "--", *args], **popen)
+    proc = subprocess.Popen(args, **popen)
+    _limit_running(proc.pid, cpu_s, memory)
+    return proc
+
+
+def _limit_running(pid: int, cpu_s: int, memory_bytes: int) -> None:
+    try:
+        import resource
+
+        resource.prlimit(pid, resource.RLIMIT_CPU, (cpu_s, cpu_s))
+        resource.prlimit(pid, resource.RLIMIT_AS, (memory_bytes, memory_bytes))
+    except (ImportError, AttributeError, OSError, ValueError):  # not Linux, or the child is gone
+        pass
+
+
 def probe(path: Path, limits: Limits = Limits()) -> MediaInfo:
     """Probe `path` and refuse it early when it is not usable audio within `limits`."""
     size = _size_or_refuse(path, limits)
@@ -130,16 +184,18 @@ def probe(path: Path, limits: Limits = Limits()) -> MediaInfo:
         "-format_whitelist", ALLOWED_DEMUXERS,
         "-show_format", "-show_streams", "-of", "json", _input_url(path),
     ]
+    proc = spawn_limited(args, PROBE_CPU_LIMIT_S, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
     try:
-        done = subprocess.run(
-            args, stdin=subprocess.DEVNULL, capture_output=True, timeout=PROBE_TIMEOUT_S
-        )
+        stdout, stderr = proc.communicate(timeout=PROBE_TIMEOUT_S)
     except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
         raise CorruptMediaError("the file took too long to read; it may be damaged") from None
-    if done.returncode != 0:
-        raise _probe_failure(done.stderr.decode("utf-8", "replace"))
+    if proc.returncode != 0:
+        raise _probe_failure(stderr.decode("utf-8", "replace"), proc.returncode)
     try:
-        data = json.loads(done.stdout)
+        data = json.loads(stdout)
     except json.JSONDecodeError:
         raise CorruptMediaError("the file could not be read as audio") from None
 
@@ -188,13 +244,21 @@ def _first_float(*values) -> float | None:
     return None
 
 
-def _probe_failure(stderr: str) -> Exception:
+def _probe_failure(stderr: str, returncode: int = 1) -> Exception:
     text = stderr.lower()
+    if returncode in (-signal.SIGKILL, -signal.SIGXCPU):
+        return CorruptMediaError("the file took too much work to read; it may be damaged")
+    if _out_of_memory(text):
+        return CorruptMediaError("the file needs too much memory to read; it may be damaged")
     if "not on whitelist" in text or "format_whitelist" in text:
         return UnsupportedMediaError("this kind of file is not supported (not an audio or video file)")
     if "invalid data found" in text or "could not find codec" in text:
         return CorruptMediaError("the file is not audio, or it is damaged")
     return CorruptMediaError("the file could not be read as audio")
+
+
+def _out_of_memory(stderr_lower: str) -> bool:
+    return "cannot allocate memory" in stderr_lower or "failed to map segment" in stderr_lower
 
 
 def decode(
@@ -232,14 +296,22 @@ def decode(
         .global_args("-nostdin", "-v", "error")
     )
     args = stream.compile()
-    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = spawn_limited(args, DECODE_CPU_LIMIT_S, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
     _lower_priority(proc.pid, BACKGROUND_NICE)
+    # Why we killed it, if we did: a kill we did not make is the CPU limit (or the OOM killer).
+    stopped: list[str] = []
+
+    def stop(why: str) -> None:
+        stopped.append(why)
+        proc.kill()
+
     max_bytes = int(cap_s * sample_rate) * channels * 4
     stderr_chunks: list[bytes] = []
     stderr_reader = threading.Thread(target=lambda: stderr_chunks.append(proc.stderr.read()), daemon=True)
     stderr_reader.start()
     buffer = bytearray()
-    timer = threading.Timer(DECODE_TIMEOUT_S, proc.kill)
+    timer = threading.Timer(DECODE_TIMEOUT_S, stop, args=("timeout",))
     timer.start()
     try:
         while True:
@@ -248,7 +320,7 @@ def decode(
                 break
             buffer += chunk
             if len(buffer) > max_bytes:
-                proc.kill()
+                stop("cap")
                 break
         proc.wait()
     finally:
@@ -264,6 +336,12 @@ def decode(
         raise TooLongError(
             f"the track is longer than the {format_duration(limits.max_duration_s)} limit"
         )
+    if "timeout" in stopped:
+        raise CorruptMediaError("decoding the file took too long; it may be damaged")
+    if proc.returncode in (-signal.SIGKILL, -signal.SIGXCPU) and not stopped:
+        raise CorruptMediaError("the file took too much work to decode; it may be damaged")
+    if proc.returncode != 0 and _out_of_memory(b"".join(stderr_chunks).decode("utf-8", "replace").lower()):
+        raise CorruptMediaError("the file needs too much memory to decode; it may be damaged")
     if proc.returncode != 0 and usable == 0:
         raise CorruptMediaError("the audio could not be decoded; the file is damaged")
     if usable == 0:

@@ -48,6 +48,23 @@ class TooLargeError(InputError):
     kind = "too_large"
 
 
+class LinkNotAllowedError(InputError):
+    """A link stembot will not open: not http(s), an odd port, credentials, or an address
+    that is not on the public internet."""
+
+    kind = "link_not_allowed"
+
+
+class UnreachableError(InputError):
+    """The link is allowed but the file could not be fetched (DNS, connection, HTTP status)."""
+
+    kind = "unreachable"
+
+
+class TimedOutError(InputError):
+    kind = "timed_out"
+
+
 class BadRequestError(InputError):
     """A request that makes no sense (unknown stem name, bad option)."""
 

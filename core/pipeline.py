@@ -5,18 +5,24 @@ decoded and track N-1 is encoded (ffmpeg runs in its own processes), so the mode
 rarely idle; on a CPU the steps run in turn (see `BatchSeparator`).
 Each track's stems are written to a hidden staging folder and moved into place only
 when every stem is written: a failed track leaves nothing behind.
+An input that is an http(s) link is downloaded with the safe fetcher (`core.fetch`) into
+a temporary folder, decoded like a file, and deleted as soon as it is decoded.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import re
 import shutil
+import tempfile
 import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
+from urllib.parse import unquote, urlsplit
 
 import numpy as np
 
@@ -60,16 +66,59 @@ class BatchEvents:
     def track_finished(self, index: int, result: TrackResult) -> None: ...
 
 
+# Anything shaped like `scheme://` is a link; the fetcher refuses schemes other than http(s)
+# with a clear reason, which beats "file not found".
+_LINK = re.compile(r"[a-z][a-z0-9+.-]*://", re.IGNORECASE)
+_UNSAFE_NAME_CHARS = re.compile(r"[^\w.\- ]+")
+
+
+def is_link(text: str | Path) -> bool:
+    return isinstance(text, str) and _LINK.match(text) is not None
+
+
 def output_name(path: str | Path) -> str:
-    """The stem folder's name: the input's file name without its extension."""
+    """The stem folder's name: the input's file name without its extension (for a link,
+    the last part of its path, made safe as a folder name)."""
+    if is_link(path):
+        return link_output_name(str(path))
     return Path(path).stem or Path(path).name
 
 
-def prepare(path: Path, engine: SeparationEngine, limits: Limits) -> DecodedTrack:
-    """Probe, check limits, and decode one input for `engine`'s model."""
-    info = probe(path, limits)
-    mix = decode(path, engine.samplerate, engine.audio_channels, limits, info)
+def link_output_name(url: str) -> str:
+    """A folder name from a link's file name: `https://x.org/a/My%20Song.mp3` -> `My Song`."""
+    try:
+        parts = urlsplit(url)
+        last = unquote(parts.path.rstrip("/").rsplit("/", 1)[-1])
+        host = parts.hostname or ""
+    except ValueError:
+        last, host = "", ""
+    for candidate in (Path(last).stem if "." in last.lstrip(".") else last, host):
+        name = _UNSAFE_NAME_CHARS.sub("_", candidate).strip(" ._")[:100].strip(" ._")
+        if name:
+            return name
+    return "download"
+
+
+def prepare(path: str | Path, engine: SeparationEngine, limits: Limits,
+            fetch_dir: Path | None = None) -> DecodedTrack:
+    """Probe, check limits, and decode one input for `engine`'s model. A link is first
+    downloaded into a temporary folder (under `fetch_dir`, or the system's), removed as
+    soon as the audio is decoded or refused."""
+    if is_link(path):
+        with tempfile.TemporaryDirectory(prefix="stembot-fetch-", dir=fetch_dir) as folder:
+            local = Path(folder) / "download"
+            fetch_link(str(path), local, limits)
+            return prepare(local, engine, limits)
+    info = probe(Path(path), limits)
+    mix = decode(Path(path), engine.samplerate, engine.audio_channels, limits, info)
     return DecodedTrack(info, mix)
+
+
+def fetch_link(url: str, dest: Path, limits: Limits) -> int:
+    """Download `url` to `dest` with the safe fetcher (from a worker thread: its own loop)."""
+    from .fetch import download
+
+    return asyncio.run(download(url, dest, limits.max_input_bytes))
 
 
 def finish_stems(stems: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -143,7 +192,8 @@ class BatchSeparator:
             def submit_decode(position: int) -> Future | None:
                 if position >= len(todo):
                     return None
-                return decoder.submit(prepare, Path(results[todo[position]].input), self.engine, self.limits)
+                # The input as given: a link must not go through Path, which folds its `//`.
+                return decoder.submit(prepare, results[todo[position]].input, self.engine, self.limits)
 
             encodes: list[Future] = []
             next_decode = submit_decode(0)

@@ -31,8 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    sep = commands.add_parser("separate", help="separate local files into stems (no Discord)")
-    sep.add_argument("inputs", nargs="+", metavar="INPUT", help="audio or video files")
+    sep = commands.add_parser("separate", help="separate files or links into stems (no Discord)")
+    sep.add_argument("inputs", nargs="+", metavar="INPUT",
+                     help="audio or video files, or http(s) links to them (public addresses only)")
     sep.add_argument("--out", "-o", type=Path, required=True, help="output folder")
     sep.add_argument("--model", "-n", default=None, help="model name (default: STEMBOT_MODEL or htdemucs)")
     sep.add_argument("--model-dir", type=Path, default=None,
