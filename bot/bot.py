@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 discord.VoiceClient.warn_nacl = False
 discord.VoiceClient.warn_dave = False
 
-EXTENSIONS = ("bot.exts.split",)
+EXTENSIONS = ("bot.exts.split", "bot.exts.admin")
 
 # What the bot needs in a channel: read it, answer, attach files, embed the preview,
 # and use threads (remix challenges).
@@ -56,12 +56,27 @@ class StemBot(commands.Bot):
         self.gateway_ready = asyncio.Event()
 
     async def setup_hook(self) -> None:
+        self.tree.on_error = self.on_app_command_error
         if self.services is not None:
             await self.services.start(self)
         for extension in EXTENSIONS:
             await self.load_extension(extension)
         if self.services is not None:
             print(f"Invite stembot to a server: {invite_url(self.application_id)}", flush=True)
+
+    async def on_app_command_error(self, interaction: discord.Interaction, error: Exception) -> None:
+        """A bug must still get the user an answer, never silence or a stack trace."""
+        if isinstance(error, discord.app_commands.CheckFailure):
+            return  # the check already answered
+        log.error("command %s failed", interaction.command.name if interaction.command else "?", exc_info=error)
+        text = "Something went wrong on our side; please try again."
+        try:
+            if interaction.response.is_done():
+                await interaction.followup.send(text, ephemeral=True)
+            else:
+                await interaction.response.send_message(text, ephemeral=True)
+        except discord.HTTPException:
+            pass
 
     async def on_ready(self) -> None:
         self.gateway_ready.set()

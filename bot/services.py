@@ -14,9 +14,12 @@ from core.db import make_engine, make_sessions
 from core.dispatcher import Dispatcher, DispatcherConfig
 from core.jobs import JobStore
 from core.links import LinkSigner, load_or_create_secret
+from core.audio import Limits
 from core.model_host import HostConfig
+from core.quotas import QuotaBook
 from core.settings import Settings
 from core.storage import LocalStorage
+from core.sweeper import Sweeper
 from core.web import HealthChecks, Metrics, build_app, start_web, stop_web
 from core.worker import LocalWorker
 
@@ -27,7 +30,9 @@ class Services:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.engine = make_engine(settings.resolved_database_url)
-        self.store = JobStore(make_sessions(self.engine))
+        sessions = make_sessions(self.engine)
+        self.quotas = QuotaBook(sessions, settings.default_policy())
+        self.store = JobStore(sessions, self.quotas)
         self.storage = LocalStorage(Path(settings.data_dir) / "jobs")
         self.metrics = Metrics()
         self.health = HealthChecks()
@@ -47,6 +52,8 @@ class Services:
         self._web = None
         self._boot: asyncio.Task | None = None
         self._metrics_task: asyncio.Task | None = None
+        self._sweeper_task: asyncio.Task | None = None
+        self.sweeper = Sweeper(self.store, self.storage, settings.retention_hours * 3600)
         self._models: list[str] | None = None
 
     def available_models(self) -> list[str]:
@@ -62,6 +69,7 @@ class Services:
         self.notifier = DiscordNotifier(bot, self)
         self.dispatcher = Dispatcher(self.store, self.worker, self.storage, self.notifier, DispatcherConfig(
             max_attempts=self.settings.max_attempts, max_input_bytes=self.settings.max_input_bytes,
+            limits=Limits(self.settings.min_duration_s, self.settings.max_duration_s, self.settings.max_input_bytes),
             mp3_bitrate_kbps=self.settings.mp3_bitrate, links_available=self.links_available,
             link_valid_hours=self.settings.retention_hours,
         ), metrics=self.metrics)
@@ -74,6 +82,7 @@ class Services:
         # The model loads in the background: the bot answers (and queues) meanwhile.
         self._boot = asyncio.create_task(self._start_worker(), name="worker-boot")
         self._metrics_task = asyncio.create_task(self._metrics_loop(), name="metrics")
+        self._sweeper_task = asyncio.create_task(self.sweeper.run(), name="sweeper")
 
     async def _start_worker(self) -> None:
         try:
@@ -97,6 +106,16 @@ class Services:
     async def _worker_ok(self) -> bool:
         return self.worker.ready and self.worker.alive()
 
+    async def forget_user(self, user_id: int) -> int:
+        """Delete the stored files of a user's finished jobs now (/forget)."""
+        from core.db import utcnow
+
+        jobs = await self.store.finished_before(utcnow(), user_id=user_id)
+        for job in jobs:
+            self.storage.delete(job.id)
+            await self.store.update(job.id, artifacts_deleted_at=utcnow())
+        return len(jobs)
+
     async def _metrics_loop(self, interval_s: float = 10.0) -> None:
         while True:
             try:
@@ -108,7 +127,7 @@ class Services:
             await asyncio.sleep(interval_s)
 
     async def stop(self) -> None:
-        for task in (self._boot, self._metrics_task):
+        for task in (self._boot, self._metrics_task, self._sweeper_task):
             if task is not None:
                 task.cancel()
         if self.dispatcher is not None:

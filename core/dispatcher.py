@@ -13,6 +13,8 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
+from .audio import Limits, probe
+from .delivery import fits
 from .errors import InputError, StembotError
 from .fetch import download
 from .jobs import Job, JobState, JobStore
@@ -41,6 +43,7 @@ class DispatcherConfig:
     worker_name: str = "local"
     max_attempts: int = 3
     max_input_bytes: int = 250 * 1024 * 1024
+    limits: Limits = Limits()
     mp3_bitrate_kbps: int = 320
     links_available: bool = False
     link_valid_hours: float = 24.0
@@ -102,10 +105,12 @@ class Dispatcher:
 
     # -- requests ----------------------------------------------------------------------
 
-    async def submit(self, **fields) -> Job:
-        job = await self.store.create(**fields)
-        self.wake()
-        return job
+    async def submit(self, policy, **fields) -> tuple[Job | None, str | None]:
+        """Queue a job if its user and server have a free slot; else say why not."""
+        job, refusal = await self.store.admit(policy, **fields)
+        if job is not None:
+            self.wake()
+        return job, refusal
 
     async def cancel(self, job_id: int) -> bool:
         """Cancel a queued or running job. Returns False when it was too late."""
@@ -149,6 +154,14 @@ class Dispatcher:
             if not input_path.exists():
                 size = await download(job.source_url, input_path, self.config.max_input_bytes)
                 await self.store.update(job.id, source_size=size)
+            digest = await asyncio.to_thread(file_sha256, input_path)
+            await self.store.update(job.id, input_sha256=digest)
+            if await self._serve_from_cache(await self.store.get(job.id)):
+                return
+            info = await asyncio.to_thread(probe, input_path, self.config.limits)
+            if info.duration_s is not None:
+                # Known length: reserve the minutes before any separation work.
+                await self.store.reserve(job.id, info.duration_s)
         except InputError as exc:
             await self._fail(job.id, exc.reason, exc.kind)
             return
@@ -162,12 +175,20 @@ class Dispatcher:
             mp3_bitrate_kbps=self.config.mp3_bitrate_kbps, attachment_limit=job.attachment_size_limit,
             links_available=self.config.links_available, link_valid_hours=self.config.link_valid_hours,
         )
+        refused: list[InputError] = []
         last_write = [0.0]
 
         async def on_event(event: dict) -> None:
             kind = event["type"]
             moved = True
             if kind == "stage" and event["stage"] == "separating":
+                try:
+                    # The container did not tell the length: reserve now that it is decoded.
+                    await self.store.reserve(job.id, event["duration_s"])
+                except InputError as exc:
+                    refused.append(exc)
+                    self.worker.cancel(job.id)
+                    return
                 moved = await self.store.transition(job.id, JobState.separating,
                                                     duration_s=event.get("duration_s"))
             elif kind == "stage" and event["stage"] == "encoding":
@@ -201,7 +222,10 @@ class Dispatcher:
             await self._fail(job.id, exc.reason, exc.kind)
             return
 
-        if result["type"] == "cancelled":
+        if result["type"] == "cancelled" and refused:
+            await self._fail(job.id, refused[0].reason, refused[0].kind)
+            self.storage.delete(job.id)
+        elif result["type"] == "cancelled":
             await self._settle_cancelled(job.id)
         elif result["type"] == "failed":
             await self._fail(job.id, result["reason"], result.get("kind"))
@@ -216,6 +240,35 @@ class Dispatcher:
                 await asyncio.shield(self._start_delivery(await self.store.get(job.id)))
             else:
                 await self._settle_cancelled(job.id)
+
+    async def _serve_from_cache(self, job: Job) -> bool:
+        """Answer from the stored stems of an earlier, identical request. Not charged."""
+        cached = await self.store.find_cached(job)
+        if cached is None:
+            return False
+        source = self.storage.stems_dir(cached.id)
+        artifacts = dict(cached.artifacts)
+        names = list(artifacts.get("files", {}).values()) + ([artifacts["preview"]] if artifacts.get("preview") else [])
+        if not all((source / name).is_file() for name in names):
+            return False
+        if artifacts.get("mode") == "attach" and not fits(artifacts["sizes"].values(), job.attachment_size_limit):
+            if not self.config.links_available:
+                return False  # separate again: the delivery plan depends on the limit
+            artifacts["mode"] = "links"
+            artifacts["note"] = (f"The files were too large to upload here, so here are download links "
+                                 f"(valid {self.config.link_valid_hours:g} h).")
+        target = self.storage.stems_dir(job.id)
+        target.mkdir(parents=True, exist_ok=True)
+        for name in names:
+            await asyncio.to_thread(_link_or_copy, source / name, target / name)
+        if not await self.store.transition(job.id, JobState.delivering, artifacts=artifacts, cache_hit=True,
+                                           progress=1.0, duration_s=cached.duration_s, separation_s=0.0):
+            await self._settle_cancelled(job.id)
+            return True
+        log.info("job %s: served from the cache of job %s", job.id, cached.id)
+        self.storage.delete_input(job.id)
+        await asyncio.shield(self._start_delivery(await self.store.get(job.id)))
+        return True
 
     def _start_delivery(self, job: Job) -> asyncio.Task:
         task = asyncio.create_task(self._deliver(job), name=f"deliver-{job.id}")
@@ -284,6 +337,26 @@ class Dispatcher:
             await self.notifier.job_changed(job)
         except Exception:  # noqa: BLE001 - progress display is best effort
             log.exception("job %s: progress update failed", job.id)
+
+
+def file_sha256(path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _link_or_copy(source, target) -> None:
+    import os
+    import shutil
+
+    try:
+        os.link(source, target)  # same disk: no copy, and each job can be deleted alone
+    except OSError:
+        shutil.copy2(source, target)
 
 
 def _now():

@@ -13,18 +13,20 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta, timezone
 from typing import Any, Iterable
 
 from sqlalchemy import (
     JSON,
     BigInteger,
     Boolean,
+    Date,
     Float,
     Integer,
     String,
     Text,
     and_,
+    false,
     func,
     or_,
     select,
@@ -59,7 +61,8 @@ ALLOWED_FROM: dict[JobState, tuple[JobState, ...]] = {
     JobState.decoding: (JobState.fetching,),
     JobState.separating: (JobState.decoding,),
     JobState.encoding: (JobState.separating,),
-    JobState.delivering: (JobState.encoding,),
+    # From fetching directly when the results cache already has the stems.
+    JobState.delivering: (JobState.encoding, JobState.fetching),
     JobState.done: (JobState.delivering,),
     JobState.failed: UNFINISHED,
     JobState.cancelled: (JobState.queued, *RUNNING),
@@ -107,7 +110,18 @@ class Job(Base):
     error: Mapped[str | None] = mapped_column(Text)
     error_kind: Mapped[str | None] = mapped_column(String(32))
 
+    # Quota: the limits in force when it was asked for, its slot, and its reservation
+    # (see core.quotas for the rules).
+    limits: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    slot_state: Mapped[str] = mapped_column(String(16), default="none")  # none, held, released
+    quota_state: Mapped[str] = mapped_column(String(16), default="none")  # none, reserved, charged, released
+    reserved_s: Mapped[float] = mapped_column(Float, default=0.0)
+    quota_day: Mapped[date | None] = mapped_column(Date)
+
     # What came out.
+    input_sha256: Mapped[str | None] = mapped_column(String(64), index=True)
+    cache_hit: Mapped[bool] = mapped_column(Boolean, default=False)
+    artifacts_deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     duration_s: Mapped[float | None] = mapped_column(Float)
     separation_s: Mapped[float | None] = mapped_column(Float)
     artifacts: Mapped[dict[str, Any] | None] = mapped_column(JSON)
@@ -134,11 +148,54 @@ class QueueSnapshot:
     length: int
 
 
-class JobStore:
-    """Queries and guarded transitions on job rows. Every method commits."""
+@dataclass(frozen=True)
+class QueuedJob:
+    id: int
+    priority: int
+    created_at: datetime
+    guild: int
+    user: int
 
-    def __init__(self, sessions: async_sessionmaker):
+
+def fair_order(queued: list[QueuedJob], last_guild: dict[int, float], last_user: dict[tuple[int, int], float]
+               ) -> list[int]:
+    """The order in which queued jobs will run.
+
+    Lower priority numbers first (interactive before bulk). Within a priority, the server
+    served longest ago goes next; within that server, the user served longest ago; and
+    of that user's jobs, the oldest. Serving a job makes its server and user the most
+    recently served, so one user or one server flooding the queue takes turns with
+    everyone else instead of going first. `last_*` map to the time each was last served.
+    """
+    remaining = sorted(queued, key=lambda j: (j.created_at, j.id))
+    last_guild, last_user = dict(last_guild), dict(last_user)
+    never = float("-inf")
+    tick = max([*last_guild.values(), *last_user.values(), 0.0]) + 1.0
+    order: list[int] = []
+    while remaining:
+        top = min(j.priority for j in remaining)
+        candidates = [j for j in remaining if j.priority == top]
+        # Candidates are oldest first, so ties go to whoever has waited longest.
+        guild = min(candidates, key=lambda j: last_guild.get(j.guild, never)).guild
+        in_guild = [j for j in candidates if j.guild == guild]
+        job = min(in_guild, key=lambda j: last_user.get((j.guild, j.user), never))
+        order.append(job.id)
+        remaining.remove(job)
+        last_guild[job.guild] = last_user[(job.guild, job.user)] = tick
+        tick += 1.0
+    return order
+
+
+class JobStore:
+    """Queries and guarded transitions on job rows. Every method commits.
+
+    With a QuotaBook, jobs are admitted against their slots, reserve their minutes once
+    their length is known, and settle both in the same transaction that ends the job.
+    """
+
+    def __init__(self, sessions: async_sessionmaker, quotas=None):
         self.sessions = sessions
+        self.quotas = quotas
 
     async def create(self, **fields) -> Job:
         async with self.sessions() as session:
@@ -146,6 +203,87 @@ class JobStore:
             session.add(job)
             await session.commit()
             return job
+
+    async def admit(self, policy, **fields) -> tuple[Job | None, str | None]:
+        """Create a queued job if the user and the server have a free slot; else return
+        the reason why not. Atomic: concurrent requests never exceed the limits."""
+        if self.quotas is None:
+            return await self.create(**fields), None
+        async with self.sessions() as session:
+            refusal = await self.quotas.take_slots(session, fields.get("guild_id") or 0, fields["user_id"], policy)
+            if refusal is not None:
+                await session.rollback()
+                return None, refusal
+            job = Job(**fields, slot_state="held", limits=policy.as_limits())
+            session.add(job)
+            await session.commit()
+            return job, None
+
+    async def reserve(self, job_id: int, seconds: float) -> None:
+        """Reserve the job's audio minutes (once; a retried job keeps its reservation).
+        Raises TooLongError or QuotaExceeded, reserving nothing."""
+        from .audio import format_duration
+        from .errors import TooLongError
+        from .quotas import QuotaExceeded, utc_day
+
+        if self.quotas is None:
+            return
+        async with self.sessions() as session:
+            job = await session.get(Job, job_id)
+            # A job that already ended (e.g. cancelled during its download) reserves nothing:
+            # it was settled when it ended, so nothing would release this reservation.
+            if job is None or job.quota_state != "none" or not job.limits or job.is_final:
+                return
+            if seconds > job.limits["max_track_s"]:
+                raise TooLongError(f"the track is {format_duration(seconds)} long; this server allows up to "
+                                   f"{format_duration(job.limits['max_track_s'])}")
+            day = utc_day()
+            moved = await session.execute(
+                update(Job).where(Job.id == job_id, Job.quota_state == "none",
+                                  Job.state.in_([s.value for s in UNFINISHED])).values(
+                    quota_state="reserved", reserved_s=seconds, quota_day=day))
+            if moved.rowcount != 1:
+                await session.rollback()
+                return
+            refusal = await self.quotas.reserve(session, job.guild_id or 0, job.user_id, seconds, job.limits, day)
+            if refusal is not None:
+                await session.rollback()
+                raise QuotaExceeded(refusal)
+            await session.commit()
+
+    async def _settle(self, session, job_id: int) -> None:
+        """Inside a transaction that just ended the job: charge or release its minutes and
+        free its slot, each at most once."""
+        if self.quotas is None:
+            return
+        job = await session.get(Job, job_id, populate_existing=True)
+        if job is None or not job.is_final:
+            return
+        guild = job.guild_id or 0
+        if job.quota_state == "reserved":
+            charge = job.job_state is JobState.done and not job.cache_hit
+            moved = await session.execute(update(Job).where(Job.id == job_id, Job.quota_state == "reserved")
+                                          .values(quota_state="charged" if charge else "released"))
+            if moved.rowcount == 1:
+                await self.quotas.settle(session, guild, job.user_id, job.reserved_s, job.quota_day, charge)
+        if job.slot_state == "held":
+            moved = await session.execute(update(Job).where(Job.id == job_id, Job.slot_state == "held")
+                                          .values(slot_state="released"))
+            if moved.rowcount == 1:
+                await self.quotas.release_slots(session, guild, job.user_id)
+
+    async def settle_finished(self) -> list[int]:
+        """Sweeper: settle finished jobs that still hold a slot or a reservation."""
+        async with self.sessions() as session:
+            ids = list(await session.scalars(select(Job.id).where(
+                Job.state.in_([s.value for s in FINAL]),
+                or_(Job.quota_state == "reserved", Job.slot_state == "held"))))
+            for job_id in ids:
+                # One transaction per job: it then locks counters in the same order as an
+                # admission (the user's, then the server's), so the two cannot deadlock.
+                await self._settle(session, job_id)
+                await session.commit()
+            return ids
 
     async def get(self, job_id: int) -> Job | None:
         async with self.sessions() as session:
@@ -158,7 +296,8 @@ class JobStore:
             await session.commit()
 
     async def transition(self, job_id: int, to: JobState, **fields) -> bool:
-        """Move the job to `to` if its current state allows it. Returns whether it moved."""
+        """Move the job to `to` if its current state allows it. Returns whether it moved.
+        Ending a job settles its quota in the same transaction."""
         values: dict[str, Any] = {"state": to.value, "updated_at": utcnow(), **fields}
         if to in FINAL:
             values.setdefault("finished_at", utcnow())
@@ -169,19 +308,41 @@ class JobStore:
             result = await session.execute(
                 update(Job).where(Job.id == job_id, Job.state.in_(allowed)).values(**values)
             )
+            moved = result.rowcount == 1
+            if moved and to in FINAL:
+                await self._settle(session, job_id)
             await session.commit()
-            return result.rowcount == 1
+            return moved
+
+    async def _queued(self, session) -> tuple[list[QueuedJob], dict, dict]:
+        rows = (await session.execute(
+            select(Job.id, Job.priority, Job.created_at, Job.guild_id, Job.user_id)
+            .where(Job.state == JobState.queued.value).order_by(Job.created_at, Job.id).limit(2000)
+        )).all()
+        queued = [QueuedJob(r.id, r.priority, r.created_at, r.guild_id or 0, r.user_id) for r in rows]
+        if not queued:
+            return [], {}, {}
+        since = utcnow() - timedelta(days=1)
+        guild = func.coalesce(Job.guild_id, 0)
+        served = (await session.execute(
+            select(guild, Job.user_id, func.max(Job.started_at))
+            .where(Job.started_at.is_not(None), Job.started_at > since,
+                   guild.in_({j.guild for j in queued})).group_by(guild, Job.user_id)
+        )).all()
+        last_user = {(g, u): _timestamp(t) for g, u, t in served}
+        last_guild: dict[int, float] = {}
+        for (g, _), t in last_user.items():
+            last_guild[g] = max(last_guild.get(g, t), t)
+        return queued, last_guild, last_user
 
     async def claim_next(self, worker: str) -> Job | None:
-        """Take the first queued job (priority, then age) for `worker`, atomically."""
+        """Take the next queued job in fair order (see `fair_order`) for `worker`, atomically."""
         async with self.sessions() as session:
             while True:
-                candidate = await session.scalar(
-                    select(Job.id).where(Job.state == JobState.queued.value)
-                    .order_by(Job.priority, Job.created_at, Job.id).limit(1)
-                )
-                if candidate is None:
+                queued, last_guild, last_user = await self._queued(session)
+                if not queued:
                     return None
+                candidate = fair_order(queued, last_guild, last_user)[0]
                 now = utcnow()
                 result = await session.execute(
                     update(Job).where(Job.id == candidate, Job.state == JobState.queued.value).values(
@@ -194,39 +355,78 @@ class JobStore:
                     return await session.get(Job, candidate, populate_existing=True)
 
     async def request_cancel(self, job_id: int) -> JobState | None:
-        """Cancel a queued job at once; flag a running one for its worker. Returns the
-        state the job is then in, or None when it was already finished or delivering."""
+        """Cancel a queued or running job (a running one stops at its worker's next
+        segment). Returns the new state, or None when it was already too late."""
         if await self.transition(job_id, JobState.cancelled, error="cancelled", error_kind="cancelled"):
-            job = await self.get(job_id)
-            # A running job is marked cancelled here; its worker stops at the next segment.
-            return job.job_state if job else None
+            return JobState.cancelled
         return None
 
     async def queue_snapshot(self, job_id: int) -> QueueSnapshot:
         async with self.sessions() as session:
-            job = await session.get(Job, job_id)
-            length = await session.scalar(
-                select(func.count()).select_from(Job).where(Job.state == JobState.queued.value)
-            )
-            if job is None or job.state != JobState.queued.value:
-                return QueueSnapshot(None, length or 0)
-            ahead = await session.scalar(
-                select(func.count()).select_from(Job).where(
-                    Job.state == JobState.queued.value,
-                    or_(
-                        Job.priority < job.priority,
-                        and_(Job.priority == job.priority, Job.created_at < job.created_at),
-                        and_(Job.priority == job.priority, Job.created_at == job.created_at, Job.id < job.id),
-                    ),
-                )
-            )
-            return QueueSnapshot((ahead or 0) + 1, length or 0)
+            queued, last_guild, last_user = await self._queued(session)
+        order = fair_order(queued, last_guild, last_user)
+        position = order.index(job_id) + 1 if job_id in order else None
+        return QueueSnapshot(position, len(order))
 
     async def queue_length(self) -> int:
         async with self.sessions() as session:
             return await session.scalar(
                 select(func.count()).select_from(Job).where(Job.state == JobState.queued.value)
             ) or 0
+
+    async def find_cached(self, job: Job) -> Job | None:
+        """A delivered job with the same audio (content hash), model, stems and format
+        whose files are still kept."""
+        if not job.input_sha256:
+            return None
+        async with self.sessions() as session:
+            return await session.scalar(
+                select(Job).where(
+                    Job.input_sha256 == job.input_sha256, Job.model == job.model, Job.stems == job.stems,
+                    Job.format == job.format, Job.state == JobState.done.value, Job.id != job.id,
+                    Job.artifacts_deleted_at.is_(None), Job.artifacts.is_not(None),
+                ).order_by(Job.id.desc()).limit(1))
+
+    async def finished_before(self, moment: datetime, user_id: int | None = None) -> list[Job]:
+        """Finished jobs whose files are still kept, finished before `moment`."""
+        async with self.sessions() as session:
+            condition = and_(Job.state.in_([s.value for s in FINAL]), Job.artifacts_deleted_at.is_(None),
+                             Job.finished_at < moment)
+            if user_id is not None:
+                condition = and_(condition, Job.user_id == user_id)
+            return list(await session.scalars(select(Job).where(condition)))
+
+    async def reconcile_slots(self) -> None:
+        """Sweeper: recount every slot counter from the jobs that hold one, so a counter
+        can never drift for good (e.g. after a crash between two writes)."""
+        if self.quotas is None:
+            return
+        from .quotas import SERVER, QuotaSlot
+
+        async with self.sessions() as session:
+            # Lock the counters first: an admission under way either finishes before the
+            # count (and is counted) or waits until the new counts are written.
+            if (await session.connection()).dialect.name == "sqlite":
+                # SQLite ignores FOR UPDATE, and its reads take no lock: take the database's
+                # write lock with an UPDATE that changes nothing, before counting.
+                await session.execute(update(QuotaSlot).where(false()).values(active=QuotaSlot.active))
+            # In the order admissions and endings lock them (a user's, then the server's),
+            # or PostgreSQL may find a deadlock and abort one of them.
+            slots = list(await session.scalars(
+                select(QuotaSlot).order_by(QuotaSlot.guild_id, QuotaSlot.user_id.desc()).with_for_update()))
+            guild = func.coalesce(Job.guild_id, 0)
+            held = (await session.execute(
+                select(guild, Job.user_id, func.count()).where(Job.slot_state == "held").group_by(guild, Job.user_id)
+            )).all()
+            counts: dict[tuple[int, int], int] = {}
+            for g, u, n in held:
+                counts[(g, u)] = n
+                counts[(g, SERVER)] = counts.get((g, SERVER), 0) + n
+            for slot in slots:
+                slot.active = counts.pop((slot.guild_id, slot.user_id), 0)
+            for (g, u), n in counts.items():
+                session.add(QuotaSlot(guild_id=g, user_id=u, active=n))
+            await session.commit()
 
     async def for_user(self, user_id: int, states: Iterable[JobState] = UNFINISHED, limit: int = 10) -> list[Job]:
         async with self.sessions() as session:
@@ -264,3 +464,9 @@ class JobStore:
         async with self.sessions() as session:
             rows = await session.execute(select(Job.state, func.count()).group_by(Job.state))
             return {state: count for state, count in rows}
+
+
+def _timestamp(moment) -> float:
+    if moment.tzinfo is None:  # SQLite drops the zone; stored values are UTC
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment.timestamp()

@@ -57,12 +57,31 @@ class Settings(BaseSettings):
     # Jobs
     max_attempts: int = Field(default=3, ge=1)
 
+    # Default quotas and policy of every server (admins change them with /stembot).
+    quota_user_minutes_per_day: float = Field(default=60.0, ge=0)
+    quota_guild_minutes_per_day: float = Field(default=600.0, ge=0)
+    quota_user_concurrent_jobs: int = Field(default=2, ge=1)
+    quota_guild_queued_jobs: int = Field(default=20, ge=1)
+    links_allowed: bool = True
+
     @field_validator("model_dir", "public_url", "database_url", "discord_api_url", "discord_gateway_url",
                      mode="before")
     @classmethod
     def _empty_is_none(cls, value):
         # `STEMBOT_MODEL_DIR=` in a .env file means "not set", not the current folder.
         return value or None
+
+    def default_policy(self):
+        from .quotas import Policy
+
+        return Policy(
+            user_minutes_per_day=self.quota_user_minutes_per_day,
+            guild_minutes_per_day=self.quota_guild_minutes_per_day,
+            user_concurrent_jobs=self.quota_user_concurrent_jobs,
+            guild_queued_jobs=self.quota_guild_queued_jobs,
+            max_track_minutes=self.max_duration_s / 60,
+            links_allowed=self.links_allowed,
+        )
 
     @property
     def resolved_database_url(self) -> str:

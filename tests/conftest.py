@@ -34,3 +34,38 @@ def empty_caches(tmp_path, monkeypatch):
 
     monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A real PostgreSQL server on loopback: `STEMBOT_TEST_POSTGRES_URL`, or a throwaway
+    cluster from the machine's server binaries. Missing in CI is a failure, not a skip."""
+    import os
+
+    from tests.support.postgres import server_binaries, temporary_server
+
+    if os.environ.get("STEMBOT_TEST_POSTGRES_URL"):
+        yield os.environ["STEMBOT_TEST_POSTGRES_URL"]
+        return
+    if server_binaries() is None:
+        if os.environ.get("CI"):
+            pytest.fail("PostgreSQL is not installed; scripts/test installs it (apt-get install postgresql)")
+        pytest.skip("PostgreSQL server binaries not installed")
+    with temporary_server() as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request, tmp_path):
+    """An empty, migrated database of each kind."""
+    from core.db import upgrade
+
+    if request.param == "sqlite":
+        url = f"sqlite+aiosqlite:///{tmp_path / 'test.sqlite3'}"
+    else:
+        from tests.support.postgres import reset_database
+
+        url = request.getfixturevalue("postgres_server")
+        reset_database(url)
+    upgrade(url)
+    return url

@@ -871,6 +871,8 @@ class FakeDiscord:
         attachment_size_limit: int | None = None,
         locale: str = "en-US",
         app_permissions: int = DEFAULT_APP_PERMISSIONS,
+        member_permissions: int = DEFAULT_APP_PERMISSIONS,
+        roles: Sequence[int] = (),
     ) -> FakeInteraction:
         """Send any INTERACTION_CREATE; the other send_* methods take these keywords too.
 
@@ -904,8 +906,8 @@ class FakeDiscord:
                 guild={"id": str(self.guild_id), "locale": "en-US", "features": []},
                 member={
                     "user": user,
-                    "roles": [],
-                    "permissions": str(DEFAULT_APP_PERMISSIONS),
+                    "roles": [str(r) for r in roles],
+                    "permissions": str(member_permissions),
                     "joined_at": _now_iso(),
                     "flags": 0,
                     "nick": None,
@@ -974,11 +976,32 @@ class FakeDiscord:
             "type": 1,
             "options": list(options),
         }
+        resolved: dict[str, Any] = {}
         if resolved_attachments:
-            data["resolved"] = {"attachments": resolved_attachments}
+            resolved["attachments"] = resolved_attachments
+        # Channel and role options arrive with their objects, as Discord sends them.
+        for option in self._options_of_type(options, 7):
+            channel = self.channels.get(int(option["value"])) or {
+                "id": str(option["value"]), "type": 0, "name": f"channel-{option['value']}",
+                "guild_id": str(self.guild_id), "position": 0}
+            resolved.setdefault("channels", {})[str(option["value"])] = {
+                **channel, "permissions": str(DEFAULT_APP_PERMISSIONS)}
+        for option in self._options_of_type(options, 8):
+            resolved.setdefault("roles", {})[str(option["value"])] = {
+                "id": str(option["value"]), "name": f"role-{option['value']}", "color": 0, "hoist": False,
+                "position": 1, "permissions": "0", "managed": False, "mentionable": True, "flags": 0}
+        if resolved:
+            data["resolved"] = resolved
         if command_guild_id is not None:
             data["guild_id"] = str(command_guild_id)
         return await self.send_interaction(INTERACTION_APPLICATION_COMMAND, data, **context)
+
+    @classmethod
+    def _options_of_type(cls, options: Sequence[dict[str, Any]], option_type: int) -> Iterator[dict[str, Any]]:
+        for option in options:
+            if option.get("type") == option_type:
+                yield option
+            yield from cls._options_of_type(option.get("options", []), option_type)
 
     @classmethod
     def _attachment_option_ids(cls, options: Sequence[dict[str, Any]]) -> Iterator[str]:

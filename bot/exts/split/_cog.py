@@ -61,7 +61,7 @@ class Split(commands.Cog):
         model="separation model (default: the server's)",
     )
     async def split(self, interaction: discord.Interaction, file: discord.Attachment | None = None,
-                    url: str | None = None, stems: StemsChoice = "all", format: FormatChoice = "mp3",
+                    url: str | None = None, stems: StemsChoice = "all", format: FormatChoice | None = None,
                     model: str | None = None) -> None:
         await self.start_job(interaction, file, url, stems, format, model)
 
@@ -69,7 +69,7 @@ class Split(commands.Cog):
     @app_commands.describe(file="the song (audio or video file)", url="a link to the song instead of a file",
                            format="file format (default: mp3)", model="separation model (default: the server's)")
     async def karaoke(self, interaction: discord.Interaction, file: discord.Attachment | None = None,
-                      url: str | None = None, format: FormatChoice = "mp3", model: str | None = None) -> None:
+                      url: str | None = None, format: FormatChoice | None = None, model: str | None = None) -> None:
         await self.start_job(interaction, file, url, "karaoke", format, model)
 
     @split.autocomplete("model")
@@ -85,7 +85,7 @@ class Split(commands.Cog):
             await interaction.response.send_message(
                 "That message has no audio or video attachment to split.", ephemeral=True)
             return
-        await self.start_job(interaction, media, None, "all", "mp3", None)
+        await self.start_job(interaction, media, None, "all", None, None)
 
     @app_commands.command(name="queue", description="Your jobs and the queue")
     async def queue(self, interaction: discord.Interaction) -> None:
@@ -158,11 +158,39 @@ class Split(commands.Cog):
         )
         await interaction.response.send_message(text, ephemeral=True)
 
+    @app_commands.command(name="quota", description="Your minutes and jobs left today")
+    async def quota(self, interaction: discord.Interaction) -> None:
+        policy = await self.services.quotas.policy(interaction.guild_id, _role_ids(interaction))
+        status = await self.services.quotas.status(interaction.guild_id, interaction.user.id, policy)
+        reset = discord.utils.format_dt(status.resets_at, "R")
+        lines = [
+            f"**You:** {status.user_left_s / 60:.1f} of {policy.user_minutes_per_day:g} min left today"
+            + (f" ({status.user_reserved_s / 60:.1f} min held by jobs in progress)" if status.user_reserved_s else ""),
+            f"**Jobs:** {status.user_active} of {policy.user_concurrent_jobs} in progress",
+        ]
+        if interaction.guild_id:
+            lines.append(f"**This server:** {status.guild_left_s / 60:.1f} of {policy.guild_minutes_per_day:g} "
+                         f"min left today, {status.guild_active} of {policy.guild_queued_jobs} jobs queued or running")
+        lines.append(f"Tracks up to {format_duration(policy.max_track_minutes * 60)}. Allowances reset at 00:00 UTC "
+                     f"({reset}).")
+        await interaction.response.send_message("\n".join(lines), ephemeral=True)
+
+    @app_commands.command(name="forget", description="Delete your stored songs and stems now")
+    async def forget(self, interaction: discord.Interaction) -> None:
+        jobs = await self.services.forget_user(interaction.user.id)
+        text = (f"Deleted the files of {jobs} finished job{'s' if jobs != 1 else ''}; their download links no "
+                "longer work." if jobs else "You have no stored results.")
+        await interaction.response.send_message(text, ephemeral=True)
+
     # -- starting a job ----------------------------------------------------------------
 
-    def refusal(self, file: discord.Attachment | None, url: str | None, model: str | None) -> str | None:
+    def refusal(self, policy, channel_id: int | None, file: discord.Attachment | None, url: str | None,
+                model: str, fmt: str) -> str | None:
         """Why this request cannot be taken, in one sentence, or None."""
         settings = self.services.settings
+        if policy.allowed_channels and channel_id not in policy.allowed_channels:
+            where = ", ".join(f"<#{c}>" for c in policy.allowed_channels[:5])
+            return f"stembot is not enabled in this channel; use it in {where}."
         if (file is None) == (url is None):
             return "Attach a song with `file:` or give a link with `url:` (one of the two)."
         if url is not None:
@@ -172,25 +200,57 @@ class Split(commands.Cog):
         if file.size > settings.max_input_bytes:
             return (f"`{file.filename}` is {human_size(file.size)}; the limit is "
                     f"{human_size(settings.max_input_bytes)}.")
-        if model is not None and model not in self.services.available_models():
+        if model not in self.services.available_models():
             return f"Unknown model `{model}`. Available: {', '.join(self.services.available_models())}."
+        if policy.allowed_models is not None and model not in policy.allowed_models:
+            return f"This server allows these models: {', '.join(policy.allowed_models)}."
+        if policy.allowed_formats is not None and fmt not in policy.allowed_formats:
+            return f"This server allows these formats: {', '.join(policy.allowed_formats)}."
         return None
 
     async def start_job(self, interaction: discord.Interaction, file: discord.Attachment | None, url: str | None,
-                        stems: str, fmt: str, model: str | None) -> None:
-        reason = self.refusal(file, url, model)
+                        stems: str, fmt: str | None, model: str | None) -> None:
+        services = self.services
+        policy = await services.quotas.policy(interaction.guild_id, _role_ids(interaction))
+        model = model or policy.default_model or services.settings.model
+        fmt = fmt or policy.default_format or "mp3"
+        reason = self.refusal(policy, interaction.channel_id, file, url, model, fmt)
+        if reason is None:
+            status = await services.quotas.status(interaction.guild_id, interaction.user.id, policy)
+            if status.user_left_s <= 0:
+                reason = (f"You have used today's {policy.user_minutes_per_day:g} minutes; they come back "
+                          f"{discord.utils.format_dt(status.resets_at, 'R')}.")
+            elif interaction.guild_id and status.guild_left_s <= 0:
+                reason = (f"This server has used today's {policy.guild_minutes_per_day:g} minutes; they come back "
+                          f"{discord.utils.format_dt(status.resets_at, 'R')}.")
+        job = None
+        if reason is None:
+            # Taking the slot before answering keeps a refusal private (ephemeral).
+            job, reason = await services.dispatcher.submit(
+                policy,
+                user_id=interaction.user.id, guild_id=interaction.guild_id, channel_id=interaction.channel_id,
+                application_id=interaction.application_id, interaction_id=interaction.id,
+                interaction_token=interaction.token, token_expires_at=interaction.created_at + TOKEN_LIFETIME,
+                attachment_size_limit=interaction.filesize_limit,
+                source_kind="attachment", source_url=file.url, source_name=file.filename, source_size=file.size,
+                model=model, stems=stems, format=fmt,
+            )
+            if reason is not None:
+                reason = reason[0].upper() + reason[1:] + "."
         if reason is not None:
             await interaction.response.send_message(reason, ephemeral=True)
             return
         await interaction.response.defer(thinking=True)
-        status = await interaction.original_response()
-        job = await self.services.dispatcher.submit(
-            user_id=interaction.user.id, guild_id=interaction.guild_id, channel_id=interaction.channel_id,
-            application_id=interaction.application_id, interaction_id=interaction.id,
-            interaction_token=interaction.token, token_expires_at=interaction.created_at + TOKEN_LIFETIME,
-            status_message_id=status.id, attachment_size_limit=interaction.filesize_limit,
-            source_kind="attachment", source_url=file.url, source_name=file.filename, source_size=file.size,
-            model=model or self.services.settings.model, stems=stems, format=fmt,
-        )
+        status_message = await interaction.original_response()
+        await services.store.update(job.id, status_message_id=status_message.id)
         log.info("job %s queued: %s for user %s", job.id, file.filename, interaction.user.id)
-        await self.services.notifier.job_changed(job)
+        await services.notifier.job_changed(await services.store.get(job.id))
+
+
+def _role_ids(interaction: discord.Interaction) -> list[int]:
+    # The ids as Discord sent them with the member: `Member.roles` drops roles that are
+    # not in the guild cache, and role tiers must not depend on what is cached.
+    ids = getattr(interaction.user, "_roles", None)
+    if ids is not None:
+        return [int(i) for i in ids]
+    return [role.id for role in getattr(interaction.user, "roles", [])]

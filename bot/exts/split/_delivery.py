@@ -107,7 +107,9 @@ class DiscordNotifier:
             parts.append(describe_format(OutputFormat(**fmt)))
         if job.duration_s:
             parts.append(f"{format_duration(job.duration_s)} of audio")
-        if job.separation_s:
+        if job.cache_hit:
+            parts.append("from the cache")
+        elif job.separation_s:
             parts.append(f"separated in {job.separation_s:.0f} s")
         return f"✅ **Done:** `{job.source_name}` — " + " · ".join(parts)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import signal
 import sqlite3
 from pathlib import Path
@@ -37,7 +38,8 @@ def alive(pid: int) -> bool:
 
 
 async def start_long_job(fake: FakeDiscord, tmp_path: Path, seconds: float = 90.0):
-    song = music(tmp_path / "long.wav", seconds=seconds)
+    # A new tone each time, or the results cache would answer at once.
+    song = music(tmp_path / "long.wav", seconds=seconds, tone=random.uniform(200.0, 900.0))
     att = fake.add_attachment("long.wav", song.read_bytes(), content_type="audio/wav")
     interaction = await fake.send_slash_command("split", [attachment_option("file", att)])
     await fake.wait_for(lambda: any("Separating" in m.content for m in fake.messages_for(interaction)),

@@ -1,0 +1,242 @@
+"""`/stembot`: server settings for admins (Manage Server), queue control for the bot owner."""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+from typing import Literal
+
+import discord
+from discord import app_commands
+from discord.ext import commands
+
+from core.audio import OUTPUT_FORMATS, format_duration
+from core.db import utcnow
+from core.quotas import POLICY_FIELDS
+from core.stats import server_stats
+
+log = logging.getLogger(__name__)
+
+LimitName = Literal["user_minutes_per_day", "guild_minutes_per_day", "user_concurrent_jobs", "guild_queued_jobs",
+                    "max_track_minutes"]
+INTEGER_LIMITS = ("user_concurrent_jobs", "guild_queued_jobs")
+PERIODS = {"day": timedelta(days=1), "week": timedelta(days=7), "month": timedelta(days=30), "all": None}
+
+
+def _csv(values) -> str:
+    return ", ".join(str(v) for v in values)
+
+
+class Admin(commands.Cog):
+    stembot = app_commands.Group(
+        name="stembot", description="stembot settings for this server",
+        default_permissions=discord.Permissions(manage_guild=True),
+        allowed_contexts=app_commands.AppCommandContext(guild=True),
+    )
+
+    def __init__(self, bot):
+        self.bot = bot
+        self.services = bot.services
+
+    async def interaction_check(self, interaction: discord.Interaction) -> bool:
+        # default_permissions only hides the commands; a server can change who sees them.
+        # The owner-only ones check for themselves.
+        if interaction.command and interaction.command.name in ("pause", "resume", "workers"):
+            return True
+        permissions = interaction.permissions
+        if interaction.guild_id is None or not permissions.manage_guild:
+            await interaction.response.send_message("You need the Manage Server permission for this.",
+                                                    ephemeral=True)
+            return False
+        return True
+
+    async def _reply(self, interaction: discord.Interaction, text: str) -> None:
+        await interaction.response.send_message(text, ephemeral=True)
+
+    # -- showing and setting the policy ------------------------------------------------
+
+    @stembot.command(name="settings", description="Show this server's stembot settings")
+    async def settings(self, interaction: discord.Interaction) -> None:
+        quotas = self.services.quotas
+        policy = await quotas.policy(interaction.guild_id)
+        row = await quotas.guild_settings(interaction.guild_id)
+        tiers = await quotas.tiers(interaction.guild_id)
+
+        def mark(name):
+            return "" if getattr(row, name, None) is None else " *(set here)*"
+
+        lines = [
+            f"**Minutes per member per day:** {policy.user_minutes_per_day:g}{mark('user_minutes_per_day')}",
+            f"**Minutes per server per day:** {policy.guild_minutes_per_day:g}{mark('guild_minutes_per_day')}",
+            f"**Jobs at once per member:** {policy.user_concurrent_jobs}{mark('user_concurrent_jobs')}",
+            f"**Jobs queued per server:** {policy.guild_queued_jobs}{mark('guild_queued_jobs')}",
+            f"**Longest track:** {format_duration(policy.max_track_minutes * 60)}{mark('max_track_minutes')}",
+            f"**Models:** {_csv(policy.allowed_models) if policy.allowed_models else 'all'}"
+            f" (default {policy.default_model or self.services.settings.model})",
+            f"**Formats:** {_csv(policy.allowed_formats) if policy.allowed_formats else 'all'}"
+            f" (default {policy.default_format or 'mp3'})",
+            f"**Links:** {'allowed' if policy.links_allowed else 'not allowed'}",
+            "**Channels:** " + (_csv(f"<#{c}>" for c in policy.allowed_channels) if policy.allowed_channels
+                                else "all"),
+        ]
+        for tier in tiers:
+            parts = [f"{tier.user_minutes_per_day:g} min/day" if tier.user_minutes_per_day is not None else None,
+                     f"{tier.user_concurrent_jobs} jobs" if tier.user_concurrent_jobs is not None else None,
+                     f"tracks up to {tier.max_track_minutes:g} min" if tier.max_track_minutes is not None else None]
+            lines.append(f"**Tier** <@&{tier.role_id}>: " + ", ".join(p for p in parts if p))
+        lines.append("Allowances reset at 00:00 UTC.")
+        await self._reply(interaction, "\n".join(lines))
+
+    @stembot.command(name="limit", description="Set a limit (leave value empty for the bot's default)")
+    @app_commands.describe(name="which limit", value="the new value; empty resets it to the default")
+    async def limit(self, interaction: discord.Interaction, name: LimitName, value: float | None = None) -> None:
+        if value is not None:
+            if value < 0 or (name in INTEGER_LIMITS and (value < 1 or value != int(value))):
+                await self._reply(interaction, f"`{name}` must be a {'whole number ≥ 1' if name in INTEGER_LIMITS else 'number ≥ 0'}.")
+                return
+            if name in INTEGER_LIMITS:
+                value = int(value)
+        await self.services.quotas.set_guild(interaction.guild_id, **{name: value})
+        shown = "the default" if value is None else f"{value:g}"
+        await self._reply(interaction, f"`{name}` is now {shown}.")
+
+    @stembot.command(name="models", description="Which models members may use ('all' or a comma-separated list)")
+    async def models(self, interaction: discord.Interaction, allowed: str) -> None:
+        known = self.services.available_models()
+        chosen = None if allowed.strip().lower() == "all" else [m.strip() for m in allowed.split(",") if m.strip()]
+        unknown = [m for m in chosen or [] if m not in known]
+        if unknown or chosen == []:
+            await self._reply(interaction, f"Unknown model(s): {_csv(unknown) or '(none given)'}. "
+                                           f"Available: {_csv(known)}.")
+            return
+        await self.services.quotas.set_guild(interaction.guild_id, allowed_models=_csv(chosen) if chosen else None)
+        await self._reply(interaction, f"Models allowed: {_csv(chosen) if chosen else 'all'}.")
+
+    @stembot.command(name="formats", description="Which formats members may ask for ('all' or a list)")
+    async def formats(self, interaction: discord.Interaction, allowed: str) -> None:
+        chosen = None if allowed.strip().lower() == "all" else [f.strip().lower() for f in allowed.split(",")
+                                                                   if f.strip()]
+        unknown = [f for f in chosen or [] if f not in OUTPUT_FORMATS]
+        if unknown or chosen == []:
+            await self._reply(interaction, f"Unknown format(s): {_csv(unknown) or '(none given)'}. "
+                                           f"Formats: {_csv(OUTPUT_FORMATS)}.")
+            return
+        await self.services.quotas.set_guild(interaction.guild_id, allowed_formats=_csv(chosen) if chosen else None)
+        await self._reply(interaction, f"Formats allowed: {_csv(chosen) if chosen else 'all'}.")
+
+    @stembot.command(name="links", description="Allow or forbid songs given as links")
+    async def links(self, interaction: discord.Interaction, allowed: bool) -> None:
+        await self.services.quotas.set_guild(interaction.guild_id, links_allowed=allowed)
+        await self._reply(interaction, f"Links are now {'allowed' if allowed else 'not allowed'}.")
+
+    @stembot.command(name="channel", description="Restrict stembot to some channels")
+    @app_commands.describe(action="add or remove a channel, or clear the list (all channels)")
+    async def channel(self, interaction: discord.Interaction, action: Literal["add", "remove", "clear"],
+                      channel: app_commands.AppCommandChannel | None = None) -> None:
+        policy = await self.services.quotas.policy(interaction.guild_id)
+        current = list(policy.allowed_channels or [])
+        if action != "clear" and channel is None:
+            await self._reply(interaction, "Name the channel to add or remove.")
+            return
+        if action == "add" and channel.id not in current:
+            current.append(channel.id)
+        elif action == "remove" and channel.id in current:
+            current.remove(channel.id)
+        elif action == "clear":
+            current = []
+        await self.services.quotas.set_guild(interaction.guild_id, allowed_channels=_csv(current) if current else None)
+        await self._reply(interaction, "stembot works in: " + (_csv(f"<#{c}>" for c in current) if current
+                                                               else "every channel") + ".")
+
+    @stembot.command(name="defaults", description="This server's default model and format")
+    async def defaults(self, interaction: discord.Interaction, model: str | None = None,
+                       format: Literal["mp3", "opus", "flac", "wav"] | None = None) -> None:
+        if model is not None and model not in self.services.available_models():
+            await self._reply(interaction, f"Unknown model `{model}`. Available: {_csv(self.services.available_models())}.")
+            return
+        changes = {}
+        if model is not None:
+            changes["default_model"] = model
+        if format is not None:
+            changes["default_format"] = format
+        if not changes:
+            await self._reply(interaction, "Give a model, a format, or both.")
+            return
+        await self.services.quotas.set_guild(interaction.guild_id, **changes)
+        await self._reply(interaction, "Defaults set: " + ", ".join(f"{k.removeprefix('default_')} {v}"
+                                                                     for k, v in changes.items()) + ".")
+
+    @stembot.command(name="tier", description="Give members with a role a larger allowance")
+    async def tier(self, interaction: discord.Interaction, role: discord.Role,
+                   minutes_per_day: float | None = None, concurrent_jobs: int | None = None,
+                   max_track_minutes: float | None = None) -> None:
+        if minutes_per_day is None and concurrent_jobs is None and max_track_minutes is None:
+            await self._reply(interaction, "Give at least one of minutes_per_day, concurrent_jobs, max_track_minutes.")
+            return
+        if any(v is not None and v < 0 for v in (minutes_per_day, concurrent_jobs, max_track_minutes)):
+            await self._reply(interaction, "Allowances cannot be negative.")
+            return
+        await self.services.quotas.set_tier(interaction.guild_id, role.id, user_minutes_per_day=minutes_per_day,
+                                            user_concurrent_jobs=concurrent_jobs, max_track_minutes=max_track_minutes)
+        await self._reply(interaction, f"Tier set for <@&{role.id}>.")
+
+    @stembot.command(name="tier-remove", description="Remove a role's tier")
+    async def tier_remove(self, interaction: discord.Interaction, role: discord.Role) -> None:
+        removed = await self.services.quotas.remove_tier(interaction.guild_id, role.id)
+        await self._reply(interaction, f"Tier for <@&{role.id}> removed." if removed else f"<@&{role.id}> has no tier.")
+
+    # -- statistics ----------------------------------------------------------------------
+
+    @stembot.command(name="stats", description="Jobs, minutes and failures in this server")
+    async def stats(self, interaction: discord.Interaction,
+                    period: Literal["day", "week", "month", "all"] = "week") -> None:
+        span = PERIODS[period]
+        stats = await server_stats(self.services.store.sessions, interaction.guild_id,
+                                   utcnow() - span if span else None)
+        states = ", ".join(f"{state} {count}" for state, count in sorted(stats.by_state.items())) or "none"
+        lines = [f"**Last {period}:**" if span else "**All time:**",
+                 f"Jobs: {stats.total} ({states}); {stats.cache_hits} answered from the cache",
+                 f"Audio separated: {stats.audio_minutes:.1f} min in {stats.separation_minutes:.1f} min of work"]
+        if stats.failures:
+            lines.append("Failures: " + "; ".join(f"{kind} ×{count} (e.g. “{reason[:80]}”)"
+                                                  for kind, count, reason in stats.failures[:5]))
+        if stats.busiest:
+            lines.append("Busiest: " + ", ".join(f"<@{user}> {minutes:.1f} min ({count} jobs)"
+                                                 for user, count, minutes in stats.busiest))
+        await interaction.response.send_message("\n".join(lines), ephemeral=True,
+                                                allowed_mentions=discord.AllowedMentions.none())
+
+    # -- the bot owner's controls ------------------------------------------------------
+
+    async def _owner(self, interaction: discord.Interaction) -> bool:
+        if await self.bot.is_owner(interaction.user):
+            return True
+        await self._reply(interaction, "Only the bot's owner can do this.")
+        return False
+
+    @stembot.command(name="pause", description="(bot owner) Stop starting new jobs")
+    async def pause(self, interaction: discord.Interaction) -> None:
+        if await self._owner(interaction):
+            self.services.dispatcher.paused = True
+            await self._reply(interaction, "Paused: jobs are accepted and queued, none are started.")
+
+    @stembot.command(name="resume", description="(bot owner) Start jobs again")
+    async def resume(self, interaction: discord.Interaction) -> None:
+        if await self._owner(interaction):
+            self.services.dispatcher.paused = False
+            self.services.dispatcher.wake()
+            await self._reply(interaction, "Resumed.")
+
+    @stembot.command(name="workers", description="(bot owner) Workers and their health")
+    async def workers(self, interaction: discord.Interaction) -> None:
+        if not await self._owner(interaction):
+            return
+        worker = self.services.worker
+        info = worker.info
+        state = "ready" if worker.ready and worker.alive() else "not ready"
+        current = f"job #{worker.current_job}" if worker.current_job else "idle"
+        queue = await self.services.store.queue_length()
+        await self._reply(interaction, (
+            f"**local** (pid {worker.pid}): {state}, {current}; model {info.get('model', '?')} on "
+            f"{info.get('device', '?')}, started in {info.get('start_s', 0):.1f} s.\n"
+            f"Queue: {queue} waiting{' (paused)' if self.services.dispatcher.paused else ''}."))

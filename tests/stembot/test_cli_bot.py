@@ -1,0 +1,76 @@
+"""`stembot run`, `stembot sync` and `stembot db upgrade` as an operator runs them."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import sys
+
+import pytest
+
+from tests.support.fake_discord import FakeDiscord
+
+
+def _env(tmp_path, **extra):
+    env = {k: v for k, v in os.environ.items() if not k.endswith("DISCORD_TOKEN")}
+    return {**env, "STEMBOT_DATA_DIR": str(tmp_path / "data"), **extra}
+
+
+async def _stembot(*args, env, cwd, timeout=120):
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "stembot", *args, env=env, cwd=str(cwd),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(process.communicate(), timeout)
+    return process.returncode, out.decode(), err.decode()
+
+
+async def test_run_without_a_token_says_where_to_get_one(tmp_path):
+    code, out, err = await _stembot("run", env=_env(tmp_path), cwd=tmp_path, timeout=30)
+    assert code == 1
+    assert "no Discord bot token" in err and "STEMBOT_DISCORD_TOKEN" in err and ".env" in err
+    assert "Traceback" not in err
+
+
+async def test_run_reads_the_token_from_dotenv_and_fails_fast_on_a_missing_model(tmp_path):
+    (tmp_path / ".env").write_text("STEMBOT_DISCORD_TOKEN=from-dotenv\nSTEMBOT_MODEL=htdemucs\n")
+    env = _env(tmp_path, HF_HOME=str(tmp_path / "hf"), TORCH_HOME=str(tmp_path / "torch"),
+               HF_ENDPOINT="http://127.0.0.1:9")
+    code, out, err = await _stembot("run", env=env, cwd=tmp_path, timeout=60)
+    assert code == 1
+    assert "model 'htdemucs' is not available offline" in err and "no Discord bot token" not in err
+
+
+async def test_db_upgrade_creates_the_schema(tmp_path):
+    code, out, err = await _stembot("db", "upgrade", env=_env(tmp_path), cwd=tmp_path)
+    assert code == 0, err
+    tables = {row[0] for row in sqlite3.connect(tmp_path / "data" / "stembot.sqlite3").execute(
+        "SELECT name FROM sqlite_master WHERE type='table'")}
+    assert {"jobs", "alembic_version"} <= tables
+
+
+async def test_sync_registers_the_commands_once(tmp_path, model_dir):
+    async with FakeDiscord() as fake:
+        env = _env(tmp_path, STEMBOT_DISCORD_TOKEN="fake-bot-token", STEMBOT_DISCORD_API_URL=fake.api_url,
+                   STEMBOT_DISCORD_GATEWAY_URL=fake.gateway_url, STEMBOT_MODEL="tiny",
+                   STEMBOT_MODEL_DIR=str(model_dir))
+        code, out, err = await _stembot("sync", "--guild", str(fake.guild_id), env=env, cwd=tmp_path)
+        assert code == 0, err
+        registered = fake.guild_commands[fake.guild_id]
+        by_name = {c["name"]: c for c in registered}
+        assert set(by_name) == {"split", "karaoke", "queue", "cancel", "help", "quota", "forget", "stembot",
+                                "Split stems"}
+        admin = by_name["stembot"]
+        assert int(admin["default_member_permissions"]) == 1 << 5  # Manage Server
+        assert {o["name"] for o in admin["options"]} >= {"settings", "limit", "links", "channel", "tier", "stats",
+                                                           "pause", "resume", "workers"}
+        split_options = {o["name"]: o for o in by_name["split"]["options"]}
+        assert set(split_options) == {"file", "url", "stems", "format", "model"}
+        assert [c["value"] for c in split_options["stems"]["choices"]] == [
+            "all", "karaoke", "vocals", "drums", "bass", "other"]
+        assert [c["value"] for c in split_options["format"]["choices"]] == ["mp3", "opus", "flac", "wav"]
+        assert split_options["model"]["autocomplete"] is True
+        assert by_name["Split stems"]["type"] == 3
+        assert "synced 9 commands" in out
+        # Syncing is explicit: nothing was put to the global command list.
+        assert not fake.requests_matching("PUT", r"/applications/\d+/commands")
