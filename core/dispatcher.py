@@ -152,7 +152,7 @@ class Dispatcher:
         input_path = self.storage.input_path(job.id, job.source_name)
         try:
             if not input_path.exists():
-                size = await download(job.source_url, input_path, self.config.max_input_bytes)
+                size = await self._fetch(job, input_path)
                 await self.store.update(job.id, source_size=size)
             digest = await asyncio.to_thread(file_sha256, input_path)
             await self.store.update(job.id, input_sha256=digest)
@@ -240,6 +240,15 @@ class Dispatcher:
                 await asyncio.shield(self._start_delivery(await self.store.get(job.id)))
             else:
                 await self._settle_cancelled(job.id)
+
+    async def _fetch(self, job: Job, dest) -> int:
+        """Bring the job's input to local disk: attachments and links through the safe
+        fetcher, YouTube and SoundCloud through yt-dlp (bounded the same way)."""
+        if job.source_kind == "stream":
+            from . import ytdl
+
+            return await asyncio.to_thread(ytdl.fetch_media, job.source_url, dest, self.config.limits, enabled=True)
+        return await download(job.source_url, dest, self.config.max_input_bytes)
 
     async def _serve_from_cache(self, job: Job) -> bool:
         """Answer from the stored stems of an earlier, identical request. Not charged."""

@@ -50,6 +50,7 @@ class GuildPolicy(Base):
     allowed_models: Mapped[str | None] = mapped_column(Text)  # comma-separated; NULL = all
     allowed_formats: Mapped[str | None] = mapped_column(Text)
     links_allowed: Mapped[bool | None] = mapped_column(Boolean)
+    streaming_links_allowed: Mapped[bool | None] = mapped_column(Boolean)  # YouTube, SoundCloud
     allowed_channels: Mapped[str | None] = mapped_column(Text)  # comma-separated ids; NULL = all
     default_model: Mapped[str | None] = mapped_column(String(64))
     default_format: Mapped[str | None] = mapped_column(String(16))
@@ -102,6 +103,7 @@ class Policy:
     allowed_models: tuple[str, ...] | None = None
     allowed_formats: tuple[str, ...] | None = None
     links_allowed: bool = True
+    streaming_links_allowed: bool = False
     allowed_channels: tuple[int, ...] | None = None
     default_model: str | None = None
     default_format: str | None = None
@@ -132,7 +134,7 @@ def effective_policy(defaults: Policy, guild: GuildPolicy | None, tiers: Iterabl
                 changes[name] = _split(getattr(guild, name))
         if guild.allowed_channels is not None:
             changes["allowed_channels"] = _split(guild.allowed_channels, int) or None
-        for name in ("links_allowed", "default_model", "default_format"):
+        for name in ("links_allowed", "streaming_links_allowed", "default_model", "default_format"):
             if getattr(guild, name) is not None:
                 changes[name] = getattr(guild, name)
         policy = replace(policy, **changes)

@@ -63,6 +63,8 @@ class Settings(BaseSettings):
     quota_user_concurrent_jobs: int = Field(default=2, ge=1)
     quota_guild_queued_jobs: int = Field(default=20, ge=1)
     links_allowed: bool = True
+    # YouTube and SoundCloud links (needs the `links` extra, yt-dlp); servers opt in.
+    streaming_links_allowed: bool = False
 
     @field_validator("model_dir", "public_url", "database_url", "discord_api_url", "discord_gateway_url",
                      mode="before")
@@ -81,6 +83,7 @@ class Settings(BaseSettings):
             guild_queued_jobs=self.quota_guild_queued_jobs,
             max_track_minutes=self.max_duration_s / 60,
             links_allowed=self.links_allowed,
+            streaming_links_allowed=self.streaming_links_allowed,
         )
 
     @property

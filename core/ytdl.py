@@ -50,6 +50,19 @@ ALLOWED_EXTRACTORS = ("Youtube", "Soundcloud")
 _PLAYLIST_PARAMS = ("list", "index", "start_radio", "pp")
 
 
+# Hosts whose links go through yt-dlp rather than the plain fetcher.
+STREAMING_HOSTS = ("youtube.com", "youtu.be", "youtube-nocookie.com", "soundcloud.com")
+
+
+def is_streaming_link(url: str) -> bool:
+    """Whether `url` points at YouTube or SoundCloud (cheap: no extractor is loaded)."""
+    try:
+        host = (urlsplit(url).hostname or "").rstrip(".").lower()
+    except ValueError:
+        return False
+    return any(host == h or host.endswith("." + h) for h in STREAMING_HOSTS)
+
+
 def available() -> bool:
     """Whether yt-dlp is installed."""
     try:

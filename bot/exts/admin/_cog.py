@@ -75,7 +75,8 @@ class Admin(commands.Cog):
             f" (default {policy.default_model or self.services.settings.model})",
             f"**Formats:** {_csv(policy.allowed_formats) if policy.allowed_formats else 'all'}"
             f" (default {policy.default_format or 'mp3'})",
-            f"**Links:** {'allowed' if policy.links_allowed else 'not allowed'}",
+            f"**Links:** {'allowed' if policy.links_allowed else 'not allowed'}; YouTube and SoundCloud "
+            f"{'allowed' if policy.streaming_links_allowed else 'not allowed'}",
             "**Channels:** " + (_csv(f"<#{c}>" for c in policy.allowed_channels) if policy.allowed_channels
                                 else "all"),
         ]
@@ -125,9 +126,17 @@ class Admin(commands.Cog):
         await self._reply(interaction, f"Formats allowed: {_csv(chosen) if chosen else 'all'}.")
 
     @stembot.command(name="links", description="Allow or forbid songs given as links")
-    async def links(self, interaction: discord.Interaction, allowed: bool) -> None:
-        await self.services.quotas.set_guild(interaction.guild_id, links_allowed=allowed)
-        await self._reply(interaction, f"Links are now {'allowed' if allowed else 'not allowed'}.")
+    @app_commands.describe(allowed="direct links to audio or video files",
+                           streaming="YouTube and SoundCloud links (off unless turned on here)")
+    async def links(self, interaction: discord.Interaction, allowed: bool, streaming: bool | None = None) -> None:
+        changes = {"links_allowed": allowed}
+        if streaming is not None:
+            changes["streaming_links_allowed"] = streaming and allowed
+        await self.services.quotas.set_guild(interaction.guild_id, **changes)
+        policy = await self.services.quotas.policy(interaction.guild_id)
+        await self._reply(interaction, f"Links are now {'allowed' if policy.links_allowed else 'not allowed'}; "
+                                       f"YouTube and SoundCloud links are "
+                                       f"{'allowed' if policy.streaming_links_allowed else 'not allowed'}.")
 
     @stembot.command(name="channel", description="Restrict stembot to some channels")
     @app_commands.describe(action="add or remove a channel, or clear the list (all channels)")

@@ -194,7 +194,7 @@ class Split(commands.Cog):
         if (file is None) == (url is None):
             return "Attach a song with `file:` or give a link with `url:` (one of the two)."
         if url is not None:
-            return "Links are not enabled on this bot yet; attach the file instead."
+            return self.link_refusal(policy, url)
         if not is_media(file):
             return f"`{file.filename}` isn't an audio or video file. Attach an mp3, wav, flac, ogg, m4a or a video."
         if file.size > settings.max_input_bytes:
@@ -206,6 +206,27 @@ class Split(commands.Cog):
             return f"This server allows these models: {', '.join(policy.allowed_models)}."
         if policy.allowed_formats is not None and fmt not in policy.allowed_formats:
             return f"This server allows these formats: {', '.join(policy.allowed_formats)}."
+        return None
+
+    @staticmethod
+    def link_refusal(policy, url: str) -> str | None:
+        """Refuse a link at once when it can be refused without the network."""
+        from core import ytdl
+        from core.errors import LinkNotAllowedError
+        from core.fetch import check_url
+
+        if not policy.links_allowed:
+            return "Links are not allowed on this server; attach the file instead."
+        try:
+            check_url(url.strip(), None)
+        except LinkNotAllowedError as exc:
+            return f"That link can't be used: {exc.reason}."
+        if ytdl.is_streaming_link(url):
+            if not policy.streaming_links_allowed:
+                return ("YouTube and SoundCloud links are not enabled on this server; a server manager can turn "
+                        "them on with `/stembot links`.")
+            if not ytdl.available():
+                return "YouTube and SoundCloud links need yt-dlp, which this bot does not have installed."
         return None
 
     async def start_job(self, interaction: discord.Interaction, file: discord.Attachment | None, url: str | None,
@@ -232,8 +253,7 @@ class Split(commands.Cog):
                 application_id=interaction.application_id, interaction_id=interaction.id,
                 interaction_token=interaction.token, token_expires_at=interaction.created_at + TOKEN_LIFETIME,
                 attachment_size_limit=interaction.filesize_limit,
-                source_kind="attachment", source_url=file.url, source_name=file.filename, source_size=file.size,
-                model=model, stems=stems, format=fmt,
+                **_source(file, url), model=model, stems=stems, format=fmt,
             )
             if reason is not None:
                 reason = reason[0].upper() + reason[1:] + "."
@@ -243,8 +263,25 @@ class Split(commands.Cog):
         await interaction.response.defer(thinking=True)
         status_message = await interaction.original_response()
         await services.store.update(job.id, status_message_id=status_message.id)
-        log.info("job %s queued: %s for user %s", job.id, file.filename, interaction.user.id)
+        log.info("job %s queued: %s for user %s", job.id, job.source_name, interaction.user.id)
         await services.notifier.job_changed(await services.store.get(job.id))
+
+
+def _source(file: discord.Attachment | None, url: str | None) -> dict:
+    """The job fields that say where the song comes from."""
+    if file is not None:
+        return {"source_kind": "attachment", "source_url": file.url, "source_name": file.filename,
+                "source_size": file.size}
+    from core import ytdl
+    from core.pipeline import link_output_name
+
+    url = url.strip()
+    name = link_output_name(url)
+    path_suffix = PurePosixPath(url.split("?", 1)[0]).suffix.lower()
+    if path_suffix in MEDIA_EXTENSIONS and not name.lower().endswith(path_suffix):
+        name += path_suffix  # keeps the type visible in messages, and the input's extension
+    kind = "stream" if ytdl.is_streaming_link(url) else "url"
+    return {"source_kind": kind, "source_url": url, "source_name": name[:200], "source_size": None}
 
 
 def _role_ids(interaction: discord.Interaction) -> list[int]:

@@ -229,13 +229,10 @@ async def test_rate_limits_are_survived(fake, bot, tmp_path):
     assert statuses.count(429) == 3
 
 
-async def test_help_and_links_not_enabled(fake, bot):
+async def test_help(fake, bot):
     help_ = await fake.send_slash_command("help")
     await fake.wait_for(lambda: help_.acknowledged, timeout=3)
     assert "/karaoke" in help_.callback_data["content"] and help_.callback_data["flags"] & 64
-    link = await fake.send_slash_command("split", [string_option("url", "https://example.com/a.mp3")])
-    await fake.wait_for(lambda: link.acknowledged, timeout=3)
-    assert "Links are not enabled" in link.callback_data["content"]
 
 
 async def test_health_and_metrics(fake, bot):
