@@ -34,6 +34,9 @@ class SeparationOptions:
     shifts: int = 1
     overlap: float = 0.25
     segment: float | None = None
+    # Mixed precision of the forward passes: "fp32", "fp16" or "bf16" (for GPUs; see
+    # docs/performance.md for what it costs in SNR).
+    precision: str = "fp32"
 
 
 def resolve_device(device: str) -> torch.device:
@@ -143,7 +146,9 @@ class SeparationEngine:
         mean, std = ref.mean(), ref.std() + 1e-8
         tracker = _ProgressTracker(length, progress, should_cancel)
         started = time.monotonic()
-        with torch.inference_mode():
+        from .batching import autocast
+
+        with torch.inference_mode(), autocast(self.device, options.precision):
             out = apply_model(
                 plan.model,
                 ((wav - mean) / std)[None],
@@ -155,9 +160,15 @@ class SeparationEngine:
                 callback=tracker,
                 callback_arg={"audio_length": length, "shifts": options.shifts},
             )
-            out = (out * std + mean)[0]
+            out = (out.float() * std + mean)[0]
         self.forward_seconds += tracker.forward_seconds
         log.debug("separated %.1f s of audio in %.2f s", length / self.samplerate, time.monotonic() - started)
+        if progress is not None:
+            progress(1.0)
+        return self._outputs(out, wav, plan, request)
+
+    def _outputs(self, out: torch.Tensor, wav: torch.Tensor, plan: _Plan, request: StemRequest) -> dict[str, np.ndarray]:
+        """The requested stems from the model's estimates (sources x channels x samples)."""
         estimates = {name: out[k] for k, name in enumerate(self.sources) if name in plan.sources}
         results: dict[str, np.ndarray] = {}
         for name in request.outputs:
@@ -170,6 +181,49 @@ class SeparationEngine:
             else:
                 # Only the specialist ran: the rest is the mix minus its estimate.
                 results[name] = (wav - estimates[name[3:]]).numpy()
+        return results
+
+    def separate_many(
+        self,
+        mixes: list[np.ndarray],
+        request: StemRequest,
+        options: SeparationOptions = SeparationOptions(),
+        batch_size: int = 8,
+        progress: ProgressCallback | None = None,
+        should_cancel: CancelCheck | None = None,
+    ) -> list[dict[str, np.ndarray]]:
+        """Separate several mixes together, their segments sharing forward passes (see
+        core.batching). With `shifts=0` each result equals `separate` of that mix alone."""
+        from .batching import count_segments, separate_batch
+
+        plan = self._plan(request.direct_sources)
+        wavs = [torch.from_numpy(np.ascontiguousarray(m, dtype=np.float32)) for m in mixes]
+        stats = []
+        normalised = []
+        for wav in wavs:
+            ref = wav.mean(0)
+            mean, std = ref.mean(), ref.std() + 1e-8
+            stats.append((mean, std))
+            normalised.append((wav - mean) / std)
+        total = max(1, count_segments(plan.model, [w.shape[-1] for w in wavs], options.overlap, options.segment,
+                                      options.shifts))
+        done = [0]
+
+        def tick() -> None:
+            done[0] += 1
+            if should_cancel is not None and should_cancel():
+                raise JobCancelled()
+            if progress is not None:
+                progress(min(done[0] / total, 0.999))
+
+        started = time.monotonic()
+        with torch.inference_mode():
+            outs = separate_batch(plan.model, normalised, shifts=options.shifts, overlap=options.overlap,
+                                  segment=options.segment, device=self.device, batch_size=batch_size,
+                                  precision=options.precision, tick=tick)
+        self.forward_seconds += time.monotonic() - started
+        results = [self._outputs(out * std + mean, wav, plan, request)
+                   for out, wav, (mean, std) in zip(outs, wavs, stats)]
         if progress is not None:
             progress(1.0)
         return results
