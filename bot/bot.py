@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 discord.VoiceClient.warn_nacl = False
 discord.VoiceClient.warn_dave = False
 
-EXTENSIONS = ("bot.exts.split", "bot.exts.admin")
+EXTENSIONS = ("bot.exts.split", "bot.exts.admin", "bot.exts.challenge")
 
 # What the bot needs in a channel: read it, answer, attach files, embed the preview,
 # and use threads (remix challenges).

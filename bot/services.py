@@ -10,6 +10,7 @@ from pathlib import Path
 from sqlalchemy import text
 
 from core import models
+from core.challenges import ChallengeStore
 from core.db import make_engine, make_sessions
 from core.dispatcher import Dispatcher, DispatcherConfig
 from core.jobs import JobStore
@@ -33,6 +34,7 @@ class Services:
         sessions = make_sessions(self.engine)
         self.quotas = QuotaBook(sessions, settings.default_policy())
         self.store = JobStore(sessions, self.quotas)
+        self.challenges = ChallengeStore(sessions)
         self.storage = LocalStorage(Path(settings.data_dir) / "jobs")
         self.metrics = Metrics()
         self.health = HealthChecks()
@@ -55,6 +57,7 @@ class Services:
         self._sweeper_task: asyncio.Task | None = None
         self.sweeper = Sweeper(self.store, self.storage, settings.retention_hours * 3600)
         self._models: list[str] | None = None
+        self._extras: list = []  # what extensions started beside these (see `add_background`)
 
     def available_models(self) -> list[str]:
         """Models this bot can run without downloading: the default first."""
@@ -126,7 +129,17 @@ class Services:
                 log.warning("metrics refresh failed", exc_info=True)
             await asyncio.sleep(interval_s)
 
+    def add_background(self, service) -> None:
+        """Have `await service.stop()` run first when the bot stops, while the database is
+        still open (an extension's scheduler, say)."""
+        self._extras.append(service)
+
     async def stop(self) -> None:
+        for service in reversed(self._extras):
+            try:
+                await service.stop()
+            except Exception:  # noqa: BLE001 - the rest must still stop
+                log.exception("stopping %r failed", service)
         for task in (self._boot, self._metrics_task, self._sweeper_task):
             if task is not None:
                 task.cancel()

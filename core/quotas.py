@@ -54,6 +54,8 @@ class GuildPolicy(Base):
     allowed_channels: Mapped[str | None] = mapped_column(Text)  # comma-separated ids; NULL = all
     default_model: Mapped[str | None] = mapped_column(String(64))
     default_format: Mapped[str | None] = mapped_column(String(16))
+    # Who may start remix challenges besides members with Manage Server; NULL = nobody else.
+    challenge_role_id: Mapped[int | None] = mapped_column(BigInteger)
 
 
 class RoleTier(Base):
@@ -107,6 +109,7 @@ class Policy:
     allowed_channels: tuple[int, ...] | None = None
     default_model: str | None = None
     default_format: str | None = None
+    challenge_role_id: int | None = None
 
     def as_limits(self) -> dict:
         """What a job keeps of its policy (the limits at the time it was asked for)."""
@@ -134,7 +137,8 @@ def effective_policy(defaults: Policy, guild: GuildPolicy | None, tiers: Iterabl
                 changes[name] = _split(getattr(guild, name))
         if guild.allowed_channels is not None:
             changes["allowed_channels"] = _split(guild.allowed_channels, int) or None
-        for name in ("links_allowed", "streaming_links_allowed", "default_model", "default_format"):
+        for name in ("links_allowed", "streaming_links_allowed", "default_model", "default_format",
+                     "challenge_role_id"):
             if getattr(guild, name) is not None:
                 changes[name] = getattr(guild, name)
         policy = replace(policy, **changes)

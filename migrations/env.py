@@ -9,7 +9,8 @@ import asyncio
 from alembic import context
 from sqlalchemy.ext.asyncio import create_async_engine
 
-import core.jobs  # noqa: F401 - registers the tables on Base.metadata
+import core.challenges  # noqa: F401 - registers the tables on Base.metadata
+import core.jobs  # noqa: F401
 import core.quotas  # noqa: F401
 from core.db import Base
 

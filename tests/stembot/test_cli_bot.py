@@ -59,11 +59,19 @@ async def test_sync_registers_the_commands_once(tmp_path, model_dir):
         registered = fake.guild_commands[fake.guild_id]
         by_name = {c["name"]: c for c in registered}
         assert set(by_name) == {"split", "karaoke", "queue", "cancel", "help", "quota", "forget", "stembot",
-                                "Split stems"}
+                                "challenge", "Split stems"}
         admin = by_name["stembot"]
         assert int(admin["default_member_permissions"]) == 1 << 5  # Manage Server
         assert {o["name"] for o in admin["options"]} >= {"settings", "limit", "links", "channel", "tier", "stats",
-                                                           "pause", "resume", "workers"}
+                                                           "pause", "resume", "workers", "challenges"}
+        # Everyone may submit and vote: who may start a challenge is checked by the bot.
+        challenge = by_name["challenge"]
+        assert challenge.get("default_member_permissions") is None
+        assert {o["name"] for o in challenge["options"]} == {"start", "submit", "status", "end", "list"}
+        start = {o["name"]: o for o in next(o for o in challenge["options"] if o["name"] == "start")["options"]}
+        assert [name for name, o in start.items() if o.get("required")] == ["title", "rules", "submissions",
+                                                                             "voting"]
+        assert start["file"]["type"] == 11 and start["anonymous"]["type"] == 5
         split_options = {o["name"]: o for o in by_name["split"]["options"]}
         assert set(split_options) == {"file", "url", "stems", "format", "model"}
         assert [c["value"] for c in split_options["stems"]["choices"]] == [
@@ -71,6 +79,6 @@ async def test_sync_registers_the_commands_once(tmp_path, model_dir):
         assert [c["value"] for c in split_options["format"]["choices"]] == ["mp3", "opus", "flac", "wav"]
         assert split_options["model"]["autocomplete"] is True
         assert by_name["Split stems"]["type"] == 3
-        assert "synced 9 commands" in out
+        assert "synced 10 commands" in out
         # Syncing is explicit: nothing was put to the global command list.
         assert not fake.requests_matching("PUT", r"/applications/\d+/commands")

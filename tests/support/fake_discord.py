@@ -4,8 +4,9 @@ The real discord.py client connects to it unmodified once `FakeDiscord.patch_dis
 points discord.py's API base and gateway URL at it. Tests then push interactions
 through the gateway (`send_slash_command`, `send_message_command`, `send_component`)
 and read back what the bot did: every HTTP request is recorded (JSON bodies and the
-bytes of uploaded files), messages get snowflake ids and can be edited, and
-rate limits or server errors can be injected with `fail_next`.
+bytes of uploaded files), messages get snowflake ids and can be edited, threads can
+be started in text channels (`threads()` lists them; commands can be sent inside one
+with `channel_id=`), and rate limits or server errors can be injected with `fail_next`.
 
     async with FakeDiscord() as fake, fake.running(MyBot(guild_ready_timeout=0.1)):
         song = fake.add_attachment("song.wav", wav_bytes)
@@ -676,6 +677,13 @@ class FakeDiscord:
             m for m in self.messages.values() if m.channel_id == channel_id and (include_deleted or not m.deleted)
         ]
 
+    def threads(self, parent_id: int | None = None) -> list[dict[str, Any]]:
+        """Threads the bot opened (in `parent_id`, or anywhere), oldest first."""
+        return [
+            c for c in self.channels.values()
+            if c.get("type") in (10, 11, 12) and (parent_id is None or int(c["parent_id"]) == parent_id)
+        ]
+
     # ------------------------------------------------------------------ request log and failures
 
     @property
@@ -1081,6 +1089,13 @@ class FakeDiscord:
                 self._channel_message,
             ),
             ("POST", f"/channels/{snowflake.format('channel_id')}/typing", "typing", self._typing),
+            (
+                "POST",
+                f"/channels/{snowflake.format('channel_id')}/messages/{snowflake.format('message_id')}/threads",
+                "start_thread_from_message",
+                self._start_thread_from_message,
+            ),
+            ("POST", f"/channels/{snowflake.format('channel_id')}/threads", "start_thread", self._start_thread),
             ("GET|PUT", f"/applications/{snowflake.format('app_id')}/commands", "global_commands", self._commands),
             (
                 "GET|PUT",
@@ -1342,6 +1357,52 @@ class FakeDiscord:
         if message is None or message.deleted or message.channel_id != int(channel_id):
             raise _ApiError(404, 10008, "Unknown Message")
         return self._message_method(record, message)
+
+    def _start_thread_from_message(self, record: RecordedRequest, channel_id: str, message_id: str) -> Any:
+        parent = self._channel(channel_id)
+        message = self.messages.get(int(message_id))
+        if message is None or message.deleted or message.channel_id != int(channel_id):
+            raise _ApiError(404, 10008, "Unknown Message")
+        if int(message_id) in self.channels:
+            raise _ApiError(400, 160004, "A thread has already been created for this message")
+        # As on Discord, a thread started from a message has the message's id.
+        return self._add_thread(parent, int(message_id), record.json or {}, thread_type=11)
+
+    def _start_thread(self, record: RecordedRequest, channel_id: str) -> Any:
+        parent = self._channel(channel_id)
+        body = record.json or {}
+        return self._add_thread(parent, self.snowflake(), body, thread_type=int(body.get("type") or 12))
+
+    def _add_thread(self, parent: dict[str, Any], thread_id: int, body: dict[str, Any], *, thread_type: int
+                    ) -> dict[str, Any]:
+        if parent.get("type") not in (0, 5) or "guild_id" not in parent:
+            raise _ApiError(400, 50024, "Cannot execute action on this channel type")
+        name = str(body.get("name") or "")
+        if not 1 <= len(name) <= 100:
+            raise _ApiError(400, 50035, "Invalid Form Body: name must be 1 to 100 characters")
+        now = _now_iso()
+        thread = {
+            "id": str(thread_id),
+            "type": thread_type,
+            "guild_id": parent["guild_id"],
+            "parent_id": parent["id"],
+            "owner_id": self.bot_user["id"],
+            "name": name,
+            "last_message_id": None,
+            "rate_limit_per_user": body.get("rate_limit_per_user") or 0,
+            "message_count": 0,
+            "member_count": 1,
+            "flags": 0,
+            "thread_metadata": {
+                "archived": False,
+                "auto_archive_duration": body.get("auto_archive_duration") or 4320,
+                "archive_timestamp": now,
+                "locked": False,
+                "create_timestamp": now,
+            },
+        }
+        self.channels[thread_id] = thread
+        return thread
 
     def _typing(self, record: RecordedRequest, channel_id: str) -> Any:
         self._channel(channel_id)

@@ -234,3 +234,24 @@ async def test_http_answers_are_exact_json_and_misses_are_recorded(fake: FakeDis
     assert [r.status for r in fake.requests] == [500, 200, 404]
     [miss] = fake.unhandled_requests
     assert (miss.method, miss.path, miss.json) == ("POST", "/guilds/1/bans", {"x": 1})
+
+
+async def test_threads_from_a_message_and_commands_inside_them(fake: FakeDiscord, bot: FixtureBot) -> None:
+    starter = await bot.get_partial_messageable(fake.channel_id).send("a remix challenge")
+    payload = await bot.http.start_thread_with_message(fake.channel_id, starter.id, name="Remix me",
+                                                       auto_archive_duration=10080)
+    thread = await bot.fetch_channel(int(payload["id"]))
+    assert isinstance(thread, discord.Thread)
+    assert (thread.id, thread.parent_id, thread.name) == (starter.id, fake.channel_id, "Remix me")
+    await thread.send("the rules", file=discord.File(io.BytesIO(b"stem"), filename="vocals.mp3"))
+    other = await bot.http.start_thread_without_message(fake.channel_id, name="Side", auto_archive_duration=60,
+                                                        type=11)
+    assert [int(t["id"]) for t in fake.threads(fake.channel_id)] == [starter.id, int(other["id"])]
+
+    interaction = await fake.send_slash_command("echo", [string_option("text", "in the thread")],
+                                                channel_id=thread.id)
+    [reply] = await fake.wait_for_messages(interaction, 1)
+    assert [m.content for m in fake.channel_messages(thread.id)] == ["the rules", "in the thread"]
+    assert fake.channel_messages(thread.id)[0].attachment_named("vocals.mp3").data == b"stem"
+    with pytest.raises(discord.HTTPException):
+        await bot.http.start_thread_with_message(fake.channel_id, starter.id, name="Again", auto_archive_duration=60)

@@ -79,6 +79,8 @@ class Admin(commands.Cog):
             f"{'allowed' if policy.streaming_links_allowed else 'not allowed'}",
             "**Channels:** " + (_csv(f"<#{c}>" for c in policy.allowed_channels) if policy.allowed_channels
                                 else "all"),
+            "**Remix challenges** started by: members with Manage Server"
+            + (f" and <@&{policy.challenge_role_id}>" if policy.challenge_role_id else ""),
         ]
         for tier in tiers:
             parts = [f"{tier.user_minutes_per_day:g} min/day" if tier.user_minutes_per_day is not None else None,
@@ -193,6 +195,13 @@ class Admin(commands.Cog):
     async def tier_remove(self, interaction: discord.Interaction, role: discord.Role) -> None:
         removed = await self.services.quotas.remove_tier(interaction.guild_id, role.id)
         await self._reply(interaction, f"Tier for <@&{role.id}> removed." if removed else f"<@&{role.id}> has no tier.")
+
+    @stembot.command(name="challenges", description="Who may start remix challenges (/challenge start)")
+    @app_commands.describe(role="members with this role may start them too; leave empty for Manage Server only")
+    async def challenges(self, interaction: discord.Interaction, role: discord.Role | None = None) -> None:
+        await self.services.quotas.set_guild(interaction.guild_id, challenge_role_id=role.id if role else None)
+        also = f" and members with <@&{role.id}>" if role else " only"
+        await self._reply(interaction, f"Remix challenges can be started by members with Manage Server{also}.")
 
     # -- statistics ----------------------------------------------------------------------
 

@@ -152,6 +152,7 @@ class Split(commands.Cog):
             "• `/karaoke file:` — vocals and instrumental\n"
             "• Right-click a message with a song → **Apps → Split stems**\n"
             "• `/queue` shows your jobs; `/cancel` or the Cancel button stops one\n"
+            "• `/challenge` — remix challenges: stems for everyone, remixes, a vote\n"
             f"Formats: mp3 (default), opus, flac, wav. Tracks from {settings.min_duration_s:g} s to "
             f"{format_duration(settings.max_duration_s)}, files up to {human_size(settings.max_input_bytes)}. "
             "Results too large for this server's upload limit come as smaller files or download links."
@@ -237,13 +238,7 @@ class Split(commands.Cog):
         fmt = fmt or policy.default_format or "mp3"
         reason = self.refusal(policy, interaction.channel_id, file, url, model, fmt)
         if reason is None:
-            status = await services.quotas.status(interaction.guild_id, interaction.user.id, policy)
-            if status.user_left_s <= 0:
-                reason = (f"You have used today's {policy.user_minutes_per_day:g} minutes; they come back "
-                          f"{discord.utils.format_dt(status.resets_at, 'R')}.")
-            elif interaction.guild_id and status.guild_left_s <= 0:
-                reason = (f"This server has used today's {policy.guild_minutes_per_day:g} minutes; they come back "
-                          f"{discord.utils.format_dt(status.resets_at, 'R')}.")
+            reason = await quota_refusal(services, interaction, policy)
         job = None
         if reason is None:
             # Taking the slot before answering keeps a refusal private (ephemeral).
@@ -265,6 +260,25 @@ class Split(commands.Cog):
         await services.store.update(job.id, status_message_id=status_message.id)
         log.info("job %s queued: %s for user %s", job.id, job.source_name, interaction.user.id)
         await services.notifier.job_changed(await services.store.get(job.id))
+
+
+async def quota_refusal(services, interaction: discord.Interaction, policy, *, slots: bool = False) -> str | None:
+    """Why the member (or the server) has no minutes left today, or None. With `slots`,
+    also when no job slot is free (admission checks that atomically; this is for callers
+    that must answer before they queue)."""
+    status = await services.quotas.status(interaction.guild_id, interaction.user.id, policy)
+    if status.user_left_s <= 0:
+        return (f"You have used today's {policy.user_minutes_per_day:g} minutes; they come back "
+                f"{discord.utils.format_dt(status.resets_at, 'R')}.")
+    if interaction.guild_id and status.guild_left_s <= 0:
+        return (f"This server has used today's {policy.guild_minutes_per_day:g} minutes; they come back "
+                f"{discord.utils.format_dt(status.resets_at, 'R')}.")
+    if slots and status.user_active >= policy.user_concurrent_jobs:
+        return f"You already have {policy.user_concurrent_jobs} job(s) in progress; wait for one to finish."
+    if slots and interaction.guild_id and status.guild_active >= policy.guild_queued_jobs:
+        return (f"This server's queue is full ({policy.guild_queued_jobs} jobs); try again in a few "
+                "minutes.")
+    return None
 
 
 def _source(file: discord.Attachment | None, url: str | None) -> dict:
