@@ -53,12 +53,21 @@ def make_engine(url: str) -> AsyncEngine:
 
         @event.listens_for(engine.sync_engine, "connect")
         def _sqlite_pragmas(dbapi_connection, _record):
-            # WAL lets the web server and the dispatcher read while a job row is written.
             cursor = dbapi_connection.cursor()
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA busy_timeout=30000")
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.close()
+            # The driver's own deferred BEGIN is replaced below.
+            dbapi_connection.isolation_level = None
+
+        @event.listens_for(engine.sync_engine, "begin")
+        def _begin_immediate(connection):
+            # A deferred transaction that reads, then writes, fails at once with "database
+            # is locked" when another writer got in between (the busy timeout does not
+            # apply to that upgrade). Taking the write lock up front makes concurrent
+            # requests wait their turn instead; SQLite serialises writers anyway.
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
     return create_async_engine(url, pool_pre_ping=True)

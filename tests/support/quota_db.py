@@ -26,19 +26,25 @@ ROOMY = Policy(user_minutes_per_day=600.0, guild_minutes_per_day=6000.0, user_co
 class Gate:
     """A session factory: each session checks out its own connection, then waits until
     `parties` sessions hold one before it is handed over, so that the callers' SQL really
-    runs at the same time (not one after the other on a small pool)."""
+    runs at the same time (not one after the other on a small pool).
 
-    def __init__(self, session_makers, parties: int, timeout_s: float = 30.0):
+    SQLite lets one write transaction in at a time (stembot begins them IMMEDIATE), so
+    there the sessions meet at the barrier before they open theirs: the requests still
+    arrive at the same instant, and the database makes them queue, as in production."""
+
+    def __init__(self, session_makers, parties: int, timeout_s: float = 30.0, hold_connection: bool = True):
         self._makers = itertools.cycle(session_makers)
         self.barrier = asyncio.Barrier(parties)
         self.timeout_s = timeout_s
+        self.hold_connection = hold_connection
         self.peak = 0
         self._holding = 0
 
     @asynccontextmanager
     async def __call__(self):
         async with next(self._makers)() as session:
-            await session.connection()
+            if self.hold_connection:
+                await session.connection()
             self._holding += 1
             self.peak = max(self.peak, self._holding)
             try:
@@ -72,7 +78,7 @@ class Db:
         return JobStore(sessions, QuotaBook(sessions, policy))
 
     def gate(self, parties: int) -> Gate:
-        return Gate(self.makers, parties)
+        return Gate(self.makers, parties, hold_connection=self.is_postgres)
 
     async def sql(self, statement: str, **params) -> None:
         async with self.sessions() as session:

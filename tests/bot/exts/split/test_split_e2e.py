@@ -68,7 +68,7 @@ async def test_split_attachment_delivers_every_stem_with_a_preview(fake, bot, tm
     assert cancel_custom_id(result) is None, "the Cancel button goes away with the result"
     # The status message showed the job's progress before becoming the result.
     shown = " ".join(edit.get("content") or "" for edit in result.edits)
-    assert "Queued" in shown or "Separating" in shown or "Decoding" in shown
+    assert any(stage in shown for stage in ("Queued", "Downloading", "Decoding", "Separating", "Encoding"))
     assert not result.is_ephemeral
 
 
