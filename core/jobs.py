@@ -186,6 +186,11 @@ def fair_order(queued: list[QueuedJob], last_guild: dict[int, float], last_user:
     return order
 
 
+# A job asked for through an interaction may start only once its status message exists:
+# until then there is nothing to show its progress or its end in.
+_attached = or_(Job.interaction_token.is_(None), Job.status_message_id.is_not(None))
+
+
 class JobStore:
     """Queries and guarded transitions on job rows. Every method commits.
 
@@ -272,6 +277,15 @@ class JobStore:
             if moved.rowcount == 1:
                 await self.quotas.release_slots(session, guild, job.user_id)
 
+    async def cancel_unattached(self, before: datetime) -> list[int]:
+        """Sweeper: cancel queued jobs whose status message never came (the reply to the
+        interaction failed), so they release their slot instead of waiting for ever."""
+        async with self.sessions() as session:
+            ids = list(await session.scalars(select(Job.id).where(
+                Job.state == JobState.queued.value, ~_attached, Job.created_at < before)))
+        return [i for i in ids if await self.transition(i, JobState.cancelled, error="the reply to Discord failed",
+                                                        error_kind="cancelled")]
+
     async def settle_finished(self) -> list[int]:
         """Sweeper: settle finished jobs that still hold a slot or a reservation."""
         async with self.sessions() as session:
@@ -317,7 +331,8 @@ class JobStore:
     async def _queued(self, session) -> tuple[list[QueuedJob], dict, dict]:
         rows = (await session.execute(
             select(Job.id, Job.priority, Job.created_at, Job.guild_id, Job.user_id)
-            .where(Job.state == JobState.queued.value).order_by(Job.created_at, Job.id).limit(2000)
+            .where(Job.state == JobState.queued.value, _attached)
+            .order_by(Job.created_at, Job.id).limit(2000)
         )).all()
         queued = [QueuedJob(r.id, r.priority, r.created_at, r.guild_id or 0, r.user_id) for r in rows]
         if not queued:

@@ -16,12 +16,11 @@ import logging
 import re
 import shutil
 import tempfile
-import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 from urllib.parse import unquote, urlsplit
 
 import numpy as np

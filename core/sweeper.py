@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 
 # Leftovers younger than this may still be in use (a download, an encode in progress).
 GRACE_S = 3600.0
+# A job whose status message was never created (the reply failed) is cancelled after this.
+UNATTACHED_AFTER_S = 600.0
 
 
 @dataclass
@@ -55,6 +57,7 @@ class Sweeper:
 
     async def sweep(self, now: float | None = None) -> SweepReport:
         report = SweepReport()
+        await self.store.cancel_unattached(utcnow() - timedelta(seconds=UNATTACHED_AFTER_S))
         report.settled = await self.store.settle_finished()
         await self.store.reconcile_slots()
         cutoff = utcnow() - timedelta(seconds=self.retention_s)

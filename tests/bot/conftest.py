@@ -9,7 +9,6 @@ import socket
 import sys
 from pathlib import Path
 
-import pytest
 import pytest_asyncio
 
 from tests.support.fake_discord import FakeDiscord

@@ -12,7 +12,6 @@ from discord.ext import commands
 
 from core.audio import OUTPUT_FORMATS, format_duration
 from core.db import utcnow
-from core.quotas import POLICY_FIELDS
 from core.stats import server_stats
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,7 @@ from core.audio import format_duration
 from core.delivery import human_size
 from core.jobs import RUNNING, Job, JobState
 
-from ._status import STAGES, describe_request
+from ._status import STAGES
 
 log = logging.getLogger(__name__)
 
@@ -255,9 +255,14 @@ class Split(commands.Cog):
         if reason is not None:
             await interaction.response.send_message(reason, ephemeral=True)
             return
-        await interaction.response.defer(thinking=True)
-        status_message = await interaction.original_response()
+        try:
+            await interaction.response.defer(thinking=True)
+            status_message = await interaction.original_response()
+        except Exception:
+            await services.dispatcher.cancel(job.id)  # nowhere to show it: give the slot back
+            raise
         await services.store.update(job.id, status_message_id=status_message.id)
+        services.dispatcher.wake()  # it may start now that its status message exists
         log.info("job %s queued: %s for user %s", job.id, job.source_name, interaction.user.id)
         await services.notifier.job_changed(await services.store.get(job.id))
 

@@ -3,46 +3,26 @@
 from __future__ import annotations
 
 import asyncio
-import random
 
 import pytest
 
+from tests.bot.helpers import MANAGE_SERVER, final_message, private_answer, subcommand, upload
 from tests.support.fake_discord import attachment_option, string_option
-from tests.support.media import music
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
-MANAGE_SERVER = 1 << 5
 
-
-def sub(name, *options):
-    return [{"type": 1, "name": name, "options": list(options)}]
 
 
 async def admin(fake, name, *options, permissions=MANAGE_SERVER, **context):
-    interaction = await fake.send_slash_command("stembot", sub(name, *options), member_permissions=permissions,
+    interaction = await fake.send_slash_command("stembot", subcommand(name, *options), member_permissions=permissions,
                                                 **context)
     await fake.wait_for(lambda: interaction.acknowledged, timeout=5, what=f"/stembot {name}")
     assert interaction.callback_data["flags"] & 64, "admin replies are ephemeral"
     return interaction.callback_data["content"]
 
 
-def upload(fake, tmp_path, name="t.wav", seconds=4.0):
-    path = music(tmp_path / name, seconds=seconds, tone=random.uniform(200.0, 900.0))
-    return fake.add_attachment(name, path.read_bytes(), content_type="audio/wav")
 
-
-async def final(fake, interaction, timeout=60.0):
-    return await fake.wait_for(
-        lambda: next((m for m in fake.messages_for(interaction)
-                      if any(w in m.content for w in ("Done", "Couldn't split", "Cancelled"))), None),
-        timeout=timeout, what="the job's end")
-
-
-async def refusal(fake, interaction):
-    await fake.wait_for(lambda: interaction.acknowledged, timeout=5)
-    assert interaction.callback_data["flags"] & 64
-    return interaction.callback_data["content"]
 
 
 async def test_only_server_managers_may_change_settings(fake, bot):
@@ -66,20 +46,20 @@ async def test_channel_restriction(fake, bot, tmp_path):
     other = fake.snowflake()
     assert f"<#{other}>" in await admin(fake, "channel", string_option("action", "add"),
                                         {"type": 7, "name": "channel", "value": str(other)})
-    job = await fake.send_slash_command("split", [attachment_option("file", upload(fake, tmp_path))])
-    assert "not enabled in this channel" in await refusal(fake, job)
+    job = await fake.send_slash_command("split", [attachment_option("file", upload(fake, tmp_path, "t.wav", 4.0))])
+    assert "not enabled in this channel" in await private_answer(fake, job)
     assert "every channel" in await admin(fake, "channel", string_option("action", "clear"))
 
 
 async def test_allowed_formats_and_server_default_format(fake, bot, tmp_path):
     assert "Formats allowed: flac" in await admin(fake, "formats", string_option("allowed", "flac"))
     assert "Unknown format" in await admin(fake, "formats", string_option("allowed", "aiff"))
-    job = await fake.send_slash_command("split", [attachment_option("file", upload(fake, tmp_path)),
+    job = await fake.send_slash_command("split", [attachment_option("file", upload(fake, tmp_path, "t.wav", 4.0)),
                                                   string_option("format", "mp3")])
-    assert "allows these formats: flac" in await refusal(fake, job)
+    assert "allows these formats: flac" in await private_answer(fake, job)
     assert "format flac" in await admin(fake, "defaults", string_option("format", "flac"))
-    job = await fake.send_slash_command("karaoke", [attachment_option("file", upload(fake, tmp_path, "k.wav"))])
-    result = await final(fake, job)
+    job = await fake.send_slash_command("karaoke", [attachment_option("file", upload(fake, tmp_path, "k.wav", 4.0))])
+    result = await final_message(fake, job)
     assert [a.filename for a in result.attachments][:2] == ["vocals.flac", "no_vocals.flac"]
     await admin(fake, "formats", string_option("allowed", "all"))
 
@@ -88,18 +68,18 @@ async def test_owner_pauses_and_resumes_the_queue(fake, bot, tmp_path):
     stranger = fake.make_user("stranger")
     assert "Only the bot's owner" in await admin(fake, "pause", user=stranger)
     assert "Paused" in await admin(fake, "pause", permissions=0)  # fake.user owns the application
-    job = await fake.send_slash_command("split", [attachment_option("file", upload(fake, tmp_path, "p.wav"))])
+    job = await fake.send_slash_command("split", [attachment_option("file", upload(fake, tmp_path, "p.wav", 4.0))])
     await asyncio.sleep(3)
     assert not any("Done" in m.content for m in fake.messages_for(job))
     workers = await admin(fake, "workers", permissions=0)
     assert "ready" in workers and "(paused)" in workers and "1 waiting" in workers
     assert "Resumed" in await admin(fake, "resume", permissions=0)
-    assert "Done" in (await final(fake, job)).content
+    assert "Done" in (await final_message(fake, job)).content
 
 
 async def test_stats(fake, bot, tmp_path):
-    job = await fake.send_slash_command("split", [attachment_option("file", upload(fake, tmp_path, "s.wav"))])
-    await final(fake, job)
+    job = await fake.send_slash_command("split", [attachment_option("file", upload(fake, tmp_path, "s.wav", 4.0))])
+    await final_message(fake, job)
     await asyncio.sleep(0.5)  # the row turns `done` just after the result is sent
     text = await admin(fake, "stats", string_option("period", "day"))
     assert "**Last day:**" in text and "done" in text and "Busiest: <@" in text

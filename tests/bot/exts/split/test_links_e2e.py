@@ -3,30 +3,16 @@
 from __future__ import annotations
 
 import random
-import time
 
 import pytest
 
+from tests.bot.helpers import MANAGE_SERVER, final_message, private_answer
 from tests.support.fake_discord import string_option
 from tests.support.media import music
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
-MANAGE_SERVER = 1 << 5
 
-
-async def final(fake, interaction, timeout=60.0):
-    return await fake.wait_for(
-        lambda: next((m for m in fake.messages_for(interaction)
-                      if any(w in m.content for w in ("Done", "Couldn't split", "Cancelled"))), None),
-        timeout=timeout, what="the job's end")
-
-
-async def private_answer(fake, interaction, within=3.0):
-    sent = time.monotonic()
-    await fake.wait_for(lambda: interaction.acknowledged, timeout=within, what="an answer within 3 s")
-    assert interaction.callback_data["flags"] & 64
-    return interaction.callback_data["content"]
 
 
 def hosted_song(fake, tmp_path, name="linked.wav"):
@@ -38,7 +24,7 @@ def hosted_song(fake, tmp_path, name="linked.wav"):
 async def test_a_direct_link_is_split(fake, bot, tmp_path):
     url = hosted_song(fake, tmp_path)
     job = await fake.send_slash_command("split", [string_option("url", url)])
-    result = await final(fake, job)
+    result = await final_message(fake, job)
     assert "Done" in result.content and "`linked.wav`" in result.content and len(result.attachments) == 5
 
 
@@ -52,7 +38,7 @@ async def test_a_direct_link_is_split(fake, bot, tmp_path):
 ])
 async def test_hostile_links_are_refused_privately_at_once(fake, bot, url, reason):
     job = await fake.send_slash_command("split", [string_option("url", url)])
-    text = await private_answer(fake, job)
+    text = await private_answer(fake, job, timeout=3.0)  # judged without the network: at once
     assert "That link can't be used" in text and reason in text
     assert not any(m for m in fake.messages_for(job) if not m.is_ephemeral)
 
@@ -65,7 +51,7 @@ async def test_streaming_sites_are_off_until_an_admin_allows_them(fake, bot):
 async def test_a_link_that_cannot_be_fetched_fails_with_a_reason(fake, bot):
     missing = f"{fake.base_url}/cdn/attachments/1/missing.mp3"
     job = await fake.send_slash_command("split", [string_option("url", missing)])
-    result = await final(fake, job)
+    result = await final_message(fake, job)
     assert "Couldn't split" in result.content and "404" in result.content
 
 
@@ -73,7 +59,7 @@ async def test_a_web_page_behind_a_link_is_not_audio(fake, bot):
     page = fake.add_attachment("song.mp3", b"<!doctype html><html><body>hi</body></html>" * 100,
                                content_type="audio/mpeg")["url"]
     job = await fake.send_slash_command("split", [string_option("url", page)])
-    result = await final(fake, job)
+    result = await final_message(fake, job)
     assert "Couldn't split" in result.content and "web page" in result.content
 
 

@@ -12,21 +12,12 @@ from pathlib import Path
 import pytest
 
 from tests.bot.conftest import BotProcess
+from tests.bot.helpers import model_hosts
 from tests.support.fake_discord import FakeDiscord, attachment_option
 from tests.support.media import music
 
 pytestmark = pytest.mark.asyncio(loop_scope="function")
 
-
-def model_hosts(pid: int) -> list[int]:
-    """Child processes of `pid` started by multiprocessing's spawn (not its resource tracker)."""
-    found = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        for child in map(int, (task / "children").read_text().split()):
-            cmdline = Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ")
-            if b"spawn_main" in cmdline:
-                found.append(child)
-    return found
 
 
 def alive(pid: int) -> bool:
