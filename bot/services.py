@@ -143,9 +143,15 @@ class Services:
         for task in (self._boot, self._metrics_task, self._sweeper_task):
             if task is not None:
                 task.cancel()
-        if self.dispatcher is not None:
-            await self.dispatcher.stop()
-        await self.worker.stop()
+        # Each step on its own: one that fails must not keep the database connections
+        # (threads that would keep the process alive) or the model host open.
+        steps = [self.worker.stop, self.engine.dispose]
         if self._web is not None:
-            await stop_web(self._web)
-        await self.engine.dispose()
+            steps.insert(1, lambda: stop_web(self._web))
+        if self.dispatcher is not None:
+            steps.insert(0, self.dispatcher.stop)
+        for step in steps:
+            try:
+                await step()
+            except Exception:  # noqa: BLE001 - shutting down: log and go on
+                log.exception("shutdown step %r failed", step)
