@@ -89,8 +89,9 @@ class StemBot(commands.Bot):
         self.gateway_ready.clear()
 
     async def close(self) -> None:
+        services, self.services = self.services, None  # stop them once, however often close() runs
         try:
-            if self.services is not None:
-                await self.services.stop()
+            if services is not None:
+                await services.stop()
         finally:
             await super().close()

@@ -234,14 +234,26 @@ async def _run_bot(settings, token: str) -> int:
     point_at_discord(settings.discord_api_url, settings.discord_gateway_url)
     bot = StemBot(settings, Services(settings))
     loop = asyncio.get_running_loop()
+    main = asyncio.current_task()
+    stopping = asyncio.Event()
+
+    async def shutdown() -> None:
+        stopping.set()
+        await bot.close()
+        # discord.py's reconnect back-off (up to minutes) does not wake up on close().
+        main.cancel()
+
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, lambda: asyncio.ensure_future(bot.close()))
+        loop.add_signal_handler(signum, lambda: asyncio.ensure_future(shutdown()))
     try:
         async with bot:
             await bot.start(token)
     except discord.LoginFailure:
         print("error: Discord refused the bot token; check STEMBOT_DISCORD_TOKEN.", file=sys.stderr)
         return 1
+    except asyncio.CancelledError:
+        if not stopping.is_set():
+            raise
     return 0
 
 

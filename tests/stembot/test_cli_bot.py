@@ -81,3 +81,28 @@ async def test_sync_registers_the_commands_once(tmp_path, model_dir):
         assert "synced 10 commands" in out
         # Syncing is explicit: nothing was put to the global command list.
         assert not fake.requests_matching("PUT", r"/applications/\d+/commands")
+
+
+async def test_sigterm_stops_the_bot_and_its_worker_promptly_even_while_reconnecting(tmp_path, model_dir):
+    import signal
+    import time
+
+    from tests.bot.conftest import BotProcess
+    from tests.bot.helpers import model_hosts
+
+    fake = FakeDiscord()
+    await fake.start()
+    bot = BotProcess(fake, tmp_path / "bot", model_dir)
+    try:
+        await bot.start()
+        hosts = model_hosts(bot.process.pid)
+        await fake.close()  # Discord goes away: discord.py backs off before reconnecting
+        await asyncio.sleep(4)
+        sent = time.monotonic()
+        bot.process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(bot.process.wait(), 15) == 0
+        assert time.monotonic() - sent < 10
+        assert hosts and not any(os.path.exists(f"/proc/{pid}") and
+                                 open(f"/proc/{pid}/stat").read().split()[2] != "Z" for pid in hosts)
+    finally:
+        await bot.kill()
