@@ -1,0 +1,46 @@
+"""Benchmark: how long a worker takes to be ready (process spawned, model loaded from
+local disk, warmed up), for an htdemucs-sized model on this machine.
+
+    python bench/worker_startup.py --runs 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.separate_vs_demucs import build_model  # noqa: E402
+from core.model_host import HostConfig  # noqa: E402
+from core.worker import LocalWorker  # noqa: E402
+
+
+async def once(model_dir: Path, name: str) -> dict:
+    worker = LocalWorker(HostConfig(model=name, model_dir=str(model_dir), device="cpu"))
+    try:
+        return await worker.start()
+    finally:
+        await worker.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--work", type=Path, default=ROOT / "bench" / "out")
+    args = parser.parse_args()
+    models, name = args.work / "models", "htdemucsrand"
+    build_model(models, name)
+    results = [asyncio.run(once(models, name)) for _ in range(args.runs)]
+    for key, label in (("start_s", "ready"), ("load_s", "model load"), ("warmup_s", "warm-up")):
+        values = [r[key] for r in results]
+        print(f"{label:10}: {', '.join(f'{v:.2f}' for v in values)} s (median {statistics.median(values):.2f} s)")
+    print("ready = spawn + imports + load + warm-up, as reported by LocalWorker.start()")
+
+
+if __name__ == "__main__":
+    main()
