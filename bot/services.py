@@ -15,7 +15,6 @@ from core.db import make_engine, make_sessions
 from core.dispatcher import Dispatcher, DispatcherConfig
 from core.jobs import JobStore
 from core.links import LinkSigner, load_or_create_secret
-from core.audio import Limits
 from core.model_host import HostConfig
 from core.quotas import QuotaBook
 from core.settings import Settings
@@ -71,8 +70,8 @@ class Services:
 
         self.notifier = DiscordNotifier(bot, self)
         self.dispatcher = Dispatcher(self.store, self.worker, self.storage, self.notifier, DispatcherConfig(
-            max_attempts=self.settings.max_attempts, max_input_bytes=self.settings.max_input_bytes,
-            limits=Limits(self.settings.min_duration_s, self.settings.max_duration_s, self.settings.max_input_bytes),
+            max_attempts=self.settings.max_attempts,
+            limits=self.settings.limits,
             mp3_bitrate_kbps=self.settings.mp3_bitrate, links_available=self.links_available,
             link_valid_hours=self.settings.retention_hours,
         ), metrics=self.metrics)

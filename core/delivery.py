@@ -133,10 +133,6 @@ def plan_delivery(
     """
     budget = int(limit_bytes * SAFETY_MARGIN)
     limit_text = human_size(limit_bytes)
-    links_note = (
-        f"Files were too large for this server's {limit_text} upload limit, "
-        f"so here are download links (valid {link_valid_hours:g} h)."
-    )
 
     def attachable(fmt: OutputFormat) -> bool:
         size = estimate_size(fmt, duration_s, sample_rate, channels)
@@ -155,8 +151,8 @@ def plan_delivery(
         if attachable(requested):
             return DeliveryPlan(requested, "attach", False)
         if links_available:
-            return DeliveryPlan(requested, "links", False, links_note)
-        raise _too_large(requested, limit_text)
+            return DeliveryPlan(requested, "links", False, links_note(limit_bytes, link_valid_hours))
+        raise too_large_error(requested, limit_bytes)
 
     for fmt in lossy_ladder(requested, last_resort=not links_available):
         if attachable(fmt):
@@ -165,13 +161,20 @@ def plan_delivery(
             note = f"Files were too large for this server's {limit_text} upload limit, so they are {describe_format(fmt)}."
             return DeliveryPlan(fmt, "attach", True, note)
     if links_available:
-        return DeliveryPlan(requested, "links", False, links_note)
-    raise _too_large(requested, limit_text)
+        return DeliveryPlan(requested, "links", False, links_note(limit_bytes, link_valid_hours))
+    raise too_large_error(requested, limit_bytes)
 
 
-def _too_large(requested: OutputFormat, limit_text: str) -> DeliveryTooLargeError:
+def links_note(limit_bytes: int, link_valid_hours: float) -> str:
+    """What the user reads when stems come as links because they were too large."""
+    return (f"Files were too large for this server's {human_size(limit_bytes)} upload limit, "
+            f"so here are download links (valid {link_valid_hours:g} h).")
+
+
+def too_large_error(requested: OutputFormat, limit_bytes: int) -> DeliveryTooLargeError:
+    """The refusal when the stems fit no upload and no download links are set up."""
     smallest = "" if requested.is_lossless else ", even at the smallest quality"
     return DeliveryTooLargeError(
-        f"the stems are too large to upload to this server ({limit_text} limit{smallest}); "
+        f"the stems are too large to upload to this server ({human_size(limit_bytes)} limit{smallest}); "
         "the server admin can set STEMBOT_PUBLIC_URL to enable download links"
     )

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from .audio import Limits, probe
-from .delivery import fits
+from .delivery import fits, links_note
 from .errors import InputError, StembotError
 from .fetch import download
 from .jobs import Job, JobState, JobStore
@@ -42,7 +42,6 @@ class Notifier(Protocol):
 class DispatcherConfig:
     worker_name: str = "local"
     max_attempts: int = 3
-    max_input_bytes: int = 250 * 1024 * 1024
     limits: Limits = Limits()
     mp3_bitrate_kbps: int = 320
     links_available: bool = False
@@ -248,7 +247,7 @@ class Dispatcher:
             from . import ytdl
 
             return await asyncio.to_thread(ytdl.fetch_media, job.source_url, dest, self.config.limits, enabled=True)
-        return await download(job.source_url, dest, self.config.max_input_bytes)
+        return await download(job.source_url, dest, self.config.limits.max_input_bytes)
 
     async def _serve_from_cache(self, job: Job) -> bool:
         """Answer from the stored stems of an earlier, identical request. Not charged."""
@@ -264,8 +263,7 @@ class Dispatcher:
             if not self.config.links_available:
                 return False  # separate again: the delivery plan depends on the limit
             artifacts["mode"] = "links"
-            artifacts["note"] = (f"The files were too large to upload here, so here are download links "
-                                 f"(valid {self.config.link_valid_hours:g} h).")
+            artifacts["note"] = links_note(job.attachment_size_limit, self.config.link_valid_hours)
         target = self.storage.stems_dir(job.id)
         target.mkdir(parents=True, exist_ok=True)
         for name in names:

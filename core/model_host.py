@@ -166,9 +166,9 @@ class _Host:
     def _separate(self, spec: JobSpec) -> dict:
         import shutil
 
-        from .audio import Limits, OutputFormat, decode, probe
-        from .delivery import fits, plan_delivery
-        from .pipeline import write_track
+        from .audio import Limits, OutputFormat
+        from .delivery import fits, links_note, plan_delivery, too_large_error
+        from .pipeline import prepare, write_track
         from .separation import SeparationOptions
         from .stems import parse_stems
 
@@ -178,8 +178,7 @@ class _Host:
         self._stage(job, "decoding")
         engine = self.engine(spec.model)
         request = parse_stems(spec.stems, engine.sources)
-        info = probe(Path(spec.input_path), limits)
-        mix = decode(Path(spec.input_path), engine.samplerate, engine.audio_channels, limits, info)
+        mix = prepare(Path(spec.input_path), engine, limits).mix
         duration = mix.shape[1] / engine.samplerate
 
         self._stage(job, "separating", duration_s=duration)
@@ -214,14 +213,8 @@ class _Host:
         if mode == "attach" and not fits(sizes.values(), spec.attachment_limit):
             # Estimates are conservative, but a lossless file can compress worse than expected.
             if not spec.links_available:
-                from .errors import DeliveryTooLargeError
-
-                raise DeliveryTooLargeError(
-                    "the stems are too large to upload here; the server admin can set "
-                    "STEMBOT_PUBLIC_URL to enable download links"
-                )
-            mode, note = "links", (f"The files were too large to upload here, so here are download links "
-                                   f"(valid {spec.link_valid_hours:g} h).")
+                raise too_large_error(plan.format, spec.attachment_limit)
+            mode, note = "links", links_note(spec.attachment_limit, spec.link_valid_hours)
         preview = None
         if spec.preview:
             try:

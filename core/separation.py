@@ -140,10 +140,7 @@ class SeparationEngine:
         wav = torch.from_numpy(np.ascontiguousarray(mix, dtype=np.float32))
         length = wav.shape[-1]
 
-        # demucs's Separator normalises the mix by its mono mean/std; do the same so
-        # results match `python -m demucs`.
-        ref = wav.mean(0)
-        mean, std = ref.mean(), ref.std() + 1e-8
+        mean, std = _mono_stats(wav)
         tracker = _ProgressTracker(length, progress, should_cancel)
         started = time.monotonic()
         from .batching import autocast
@@ -198,13 +195,8 @@ class SeparationEngine:
 
         plan = self._plan(request.direct_sources)
         wavs = [torch.from_numpy(np.ascontiguousarray(m, dtype=np.float32)) for m in mixes]
-        stats = []
-        normalised = []
-        for wav in wavs:
-            ref = wav.mean(0)
-            mean, std = ref.mean(), ref.std() + 1e-8
-            stats.append((mean, std))
-            normalised.append((wav - mean) / std)
+        stats = [_mono_stats(wav) for wav in wavs]
+        normalised = [(wav - mean) / std for wav, (mean, std) in zip(wavs, stats)]
         total = max(1, count_segments(plan.model, [w.shape[-1] for w in wavs], options.overlap, options.segment,
                                       options.shifts))
         done = [0]
@@ -227,6 +219,13 @@ class SeparationEngine:
         if progress is not None:
             progress(1.0)
         return results
+
+
+def _mono_stats(wav: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean and spread demucs's Separator normalises a mix by; the same here, so that
+    results match `python -m demucs`."""
+    ref = wav.mean(0)
+    return ref.mean(), ref.std() + 1e-8
 
 
 class _ProgressTracker:

@@ -73,6 +73,13 @@ class Settings(BaseSettings):
         # `STEMBOT_MODEL_DIR=` in a .env file means "not set", not the current folder.
         return value or None
 
+    @property
+    def limits(self):
+        """The limits on what users send, for core.audio."""
+        from .audio import Limits
+
+        return Limits(self.min_duration_s, self.max_duration_s, self.max_input_bytes)
+
     def default_policy(self):
         from .quotas import Policy
 

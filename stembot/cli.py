@@ -97,7 +97,7 @@ def _fail(message: str) -> int:
 
 
 def cmd_separate(args, parser: argparse.ArgumentParser) -> int:
-    from core.audio import Limits, OutputFormat
+    from core.audio import OutputFormat
     from core.errors import StembotError
     from core.pipeline import BatchSeparator
     from core.separation import SeparationEngine, SeparationOptions
@@ -116,7 +116,7 @@ def cmd_separate(args, parser: argparse.ArgumentParser) -> int:
     if not 32 <= bitrate <= 320:
         parser.error("--mp3-bitrate must be between 32 and 320")
     fmt = OutputFormat(name=args.fmt, mp3_bitrate_kbps=bitrate, wav_depth=args.wav_depth)
-    limits = Limits(settings.min_duration_s, settings.max_duration_s, settings.max_input_bytes)
+    limits = settings.limits
 
     started = time.monotonic()
     try:

@@ -55,17 +55,25 @@ def postgres_server():
         yield url
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request, tmp_path):
-    """An empty, migrated database of each kind."""
+@pytest.fixture
+def sqlite_url(tmp_path):
+    """A migrated SQLite database file (upgrade runs its own event loop, so: a sync fixture)."""
     from core.db import upgrade
 
-    if request.param == "sqlite":
-        url = f"sqlite+aiosqlite:///{tmp_path / 'test.sqlite3'}"
-    else:
-        from tests.support.postgres import reset_database
+    url = f"sqlite+aiosqlite:///{tmp_path / 'db' / 'stembot.sqlite'}"
+    upgrade(url)
+    return url
 
-        url = request.getfixturevalue("postgres_server")
-        reset_database(url)
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request):
+    """An empty, migrated database of each kind."""
+    if request.param == "sqlite":
+        return request.getfixturevalue("sqlite_url")
+    from core.db import upgrade
+    from tests.support.postgres import reset_database
+
+    url = request.getfixturevalue("postgres_server")
+    reset_database(url)
     upgrade(url)
     return url

@@ -17,11 +17,8 @@ FIELDS = dict(source_kind="attachment", source_url="https://cdn.example/a.mp3", 
 
 
 @pytest.fixture
-def db_url(tmp_path):
-    """A migrated SQLite database file (upgrade runs its own event loop, so: a sync fixture)."""
-    url = f"sqlite+aiosqlite:///{tmp_path / 'db' / 'stembot.sqlite'}"
-    upgrade(url)
-    return url
+def db_url(sqlite_url):
+    return sqlite_url
 
 
 @pytest_asyncio.fixture

@@ -10,7 +10,7 @@ from datetime import timedelta
 import pytest
 import pytest_asyncio
 
-from core.db import upgrade, utcnow
+from core.db import utcnow
 from core.jobs import JobState
 from core.quotas import SERVER, utc_day
 from core.storage import LocalStorage
@@ -19,13 +19,6 @@ from tests.support.quota_db import admit, open_db
 
 G = 5
 RETENTION_S = 3600.0
-
-
-@pytest.fixture
-def sqlite_url(tmp_path):
-    url = f"sqlite+aiosqlite:///{tmp_path / 'db' / 'stembot.sqlite'}"
-    upgrade(url)
-    return url
 
 
 @pytest_asyncio.fixture

@@ -14,8 +14,8 @@ import time
 import discord
 
 from core.audio import format_duration
-from core.delivery import describe_format
-from core.errors import DeliveryTooLargeError
+from core.audio import OutputFormat
+from core.delivery import describe_format, links_note, too_large_error
 from core.jobs import Job, JobState
 
 from ._status import StatusBoard, StatusView, render_status
@@ -88,11 +88,8 @@ class DiscordNotifier:
                 if exc.status != 413 and exc.code != PAYLOAD_TOO_LARGE:
                     raise
                 if not self.services.links_available:
-                    raise DeliveryTooLargeError(
-                        "the stems were too large for this server's upload limit; the server admin can "
-                        "set STEMBOT_PUBLIC_URL to enable download links") from exc
-                note = (f"The files were too large to upload here, so here are download links "
-                        f"(valid {self.services.link_ttl_s / 3600:g} h).")
+                    raise too_large_error(OutputFormat(**fmt), job.attachment_size_limit) from exc
+                note = links_note(job.attachment_size_limit, self.services.link_ttl_s / 3600)
         links = {file: self.services.signer.sign_file(job.id, file, ttl_s=self.services.link_ttl_s)
                  for file in files.values()}
         preview = self._files(stems_dir, {}, artifacts.get("preview"))
@@ -102,8 +99,6 @@ class DiscordNotifier:
     def _result_header(job: Job, fmt: dict, count: int) -> str:
         parts = [f"{count} stem{'s' if count != 1 else ''}"]
         if fmt:
-            from core.audio import OutputFormat
-
             parts.append(describe_format(OutputFormat(**fmt)))
         if job.duration_s:
             parts.append(f"{format_duration(job.duration_s)} of audio")
