@@ -26,6 +26,7 @@ from sqlalchemy import (
     String,
     Text,
     and_,
+    case,
     false,
     func,
     or_,
@@ -107,6 +108,10 @@ class Job(Base):
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     worker: Mapped[str | None] = mapped_column(String(64))
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Distributed mode: the queue's id for "run this job", and the presigned URLs a worker
+    # reads the input from and writes the stems to (cleared when the job ends).
+    queue_job_id: Mapped[int | None] = mapped_column(BigInteger)
+    transfer: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     error: Mapped[str | None] = mapped_column(Text)
     error_kind: Mapped[str | None] = mapped_column(String(32))
 
@@ -140,6 +145,18 @@ class Job(Base):
         if not self.interaction_token or self.token_expires_at is None:
             return False
         return (now or utcnow()) + margin < self.token_expires_at
+
+
+@dataclass(frozen=True)
+class Lease:
+    """Which worker runs a job, and in which attempt. Every write of that run is fenced by
+    it, so a worker presumed dead cannot move a job that another worker has taken over."""
+
+    worker: str
+    attempt: int
+
+    def where(self):
+        return and_(Job.worker == self.worker, Job.attempts == self.attempt)
 
 
 @dataclass(frozen=True)
@@ -303,25 +320,37 @@ class JobStore:
         async with self.sessions() as session:
             return await session.get(Job, job_id)
 
-    async def update(self, job_id: int, **fields) -> None:
-        """Set fields without changing the state (progress, message ids, artifacts)."""
+    async def update(self, job_id: int, lease: Lease | None = None, in_state: JobState | None = None,
+                     **fields) -> bool:
+        """Set fields without changing the state (progress, message ids, artifacts). With a
+        lease (and `in_state`), only while that run still holds the job (in that state).
+        Returns whether the row was written."""
+        condition = Job.id == job_id
+        if lease is not None:
+            condition = and_(condition, lease.where())
+        if in_state is not None:
+            condition = and_(condition, Job.state == in_state.value)
         async with self.sessions() as session:
-            await session.execute(update(Job).where(Job.id == job_id).values(updated_at=utcnow(), **fields))
+            result = await session.execute(update(Job).where(condition).values(updated_at=utcnow(), **fields))
             await session.commit()
+            return result.rowcount == 1
 
-    async def transition(self, job_id: int, to: JobState, **fields) -> bool:
-        """Move the job to `to` if its current state allows it. Returns whether it moved.
-        Ending a job settles its quota in the same transaction."""
+    async def transition(self, job_id: int, to: JobState, lease: Lease | None = None, **fields) -> bool:
+        """Move the job to `to` if its current state allows it (and, with a lease, that run
+        still holds it). Returns whether it moved. Ending a job settles its quota in the
+        same transaction."""
         values: dict[str, Any] = {"state": to.value, "updated_at": utcnow(), **fields}
         if to in FINAL:
             values.setdefault("finished_at", utcnow())
+            values.setdefault("transfer", None)  # presigned URLs are of no use any more
         if to in RUNNING:
             values.setdefault("progress", 0.0)
         allowed = [s.value for s in ALLOWED_FROM[to]]
+        condition = and_(Job.id == job_id, Job.state.in_(allowed))
+        if lease is not None:
+            condition = and_(condition, lease.where())
         async with self.sessions() as session:
-            result = await session.execute(
-                update(Job).where(Job.id == job_id, Job.state.in_(allowed)).values(**values)
-            )
+            result = await session.execute(update(Job).where(condition).values(**values))
             moved = result.rowcount == 1
             if moved and to in FINAL:
                 await self._settle(session, job_id)
@@ -368,6 +397,23 @@ class JobStore:
                 await session.commit()
                 if result.rowcount == 1:
                     return await session.get(Job, candidate, populate_existing=True)
+
+    async def take(self, job_id: int, worker: str) -> tuple[Job, Lease] | None:
+        """A worker starts a job (fetching -> decoding), or takes over one whose worker
+        died (a running state -> decoding, one more attempt). None when the job is not
+        there to run (cancelled, finished, back in the queue)."""
+        now = utcnow()
+        running = [s.value for s in RUNNING]
+        async with self.sessions() as session:
+            attempt = await session.scalar(
+                update(Job).where(Job.id == job_id, Job.state.in_(running)).values(
+                    attempts=case((Job.state == JobState.fetching.value, Job.attempts), else_=Job.attempts + 1),
+                    state=JobState.decoding.value, worker=worker, heartbeat_at=now, updated_at=now, progress=0.0,
+                ).returning(Job.attempts))
+            await session.commit()
+            if attempt is None:
+                return None
+            return await session.get(Job, job_id, populate_existing=True), Lease(worker, attempt)
 
     async def request_cancel(self, job_id: int) -> JobState | None:
         """Cancel a queued or running job (a running one stops at its worker's next
@@ -472,6 +518,18 @@ class JobStore:
                         state=JobState.queued.value, worker=None, progress=0.0, updated_at=utcnow()
                     )
                 )
+                await session.commit()
+            return ids
+
+    async def requeue_preparing(self) -> list[int]:
+        """Distributed mode, at the bot's start: jobs the bot was still preparing (fetching,
+        not yet handed to the queue) go back to the queue. Jobs with a worker stay theirs."""
+        async with self.sessions() as session:
+            condition = and_(Job.state == JobState.fetching.value, Job.queue_job_id.is_(None))
+            ids = list(await session.scalars(select(Job.id).where(condition)))
+            if ids:
+                await session.execute(update(Job).where(Job.id.in_(ids), condition).values(
+                    state=JobState.queued.value, worker=None, progress=0.0, updated_at=utcnow()))
                 await session.commit()
             return ids
 

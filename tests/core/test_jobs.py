@@ -443,3 +443,75 @@ def test_utc_datetimes_survive_other_offsets(db_url):
         finally:
             await engine.dispose()
     asyncio.run(go())
+
+
+# -- worker leases (distributed mode) -------------------------------------------------------
+
+
+@pytest_asyncio.fixture
+async def both_store(database_url):
+    engine = make_engine(database_url)
+    yield JobStore(make_sessions(engine))
+    await engine.dispose()
+
+
+async def test_take_starts_a_prepared_job_and_a_takeover_is_one_more_attempt(both_store):
+    store = both_store
+    job = await new_job(store)
+    assert await store.take(job.id, "w1/cpu") is None  # still queued: nothing to run
+    claimed = await store.claim_next("bot")
+    assert claimed.id == job.id and claimed.attempts == 1
+
+    taken, lease = await store.take(job.id, "w1/cpu")
+    assert taken.job_state is JobState.decoding and taken.worker == "w1/cpu"
+    assert lease.attempt == 1  # the bot's claim counted this attempt already
+    assert await store.transition(job.id, JobState.separating, lease=lease)
+
+    # w1 goes silent; w2 takes the job over from where it was.
+    taken2, lease2 = await store.take(job.id, "w2/cpu")
+    assert taken2.job_state is JobState.decoding and lease2.attempt == 2
+
+    # w1 wakes up: none of its writes land any more.
+    assert not await store.update(job.id, lease=lease, in_state=JobState.decoding, progress=0.5)
+    assert not await store.transition(job.id, JobState.separating, lease=lease)
+    assert not await store.transition(job.id, JobState.failed, lease=lease, error="late")
+    current = await store.get(job.id)
+    assert current.job_state is JobState.decoding and current.progress == 0.0 and current.worker == "w2/cpu"
+
+    # w2's run goes on.
+    assert await store.transition(job.id, JobState.separating, lease=lease2)
+    assert await store.update(job.id, lease=lease2, in_state=JobState.separating, progress=0.5)
+    assert not await store.update(job.id, lease=lease2, in_state=JobState.encoding, progress=0.6)
+    assert (await store.get(job.id)).progress == 0.5
+
+
+async def test_take_refuses_a_cancelled_or_delivered_job(both_store):
+    store = both_store
+    for state in (JobState.cancelled, JobState.delivering, JobState.done, JobState.failed):
+        job = await new_job(store)
+        await force_state(store, job.id, state)
+        assert await store.take(job.id, "w/cpu") is None
+        assert (await store.get(job.id)).job_state is state
+
+
+async def test_requeue_preparing_leaves_jobs_handed_to_the_queue(both_store):
+    store = both_store
+    preparing, handed, running = [await new_job(store) for _ in range(3)]
+    for job in (preparing, handed, running):
+        await force_state(store, job.id, JobState.fetching)
+    await store.update(handed.id, queue_job_id=77)
+    await store.update(running.id, state=JobState.separating.value, queue_job_id=78)
+
+    assert await store.requeue_preparing() == [preparing.id]
+    assert (await store.get(preparing.id)).job_state is JobState.queued
+    assert (await store.get(handed.id)).job_state is JobState.fetching
+    assert (await store.get(running.id)).job_state is JobState.separating
+
+
+async def test_ending_a_job_forgets_its_presigned_urls(both_store):
+    store = both_store
+    job = await new_job(store)
+    await force_state(store, job.id, JobState.fetching)
+    await store.update(job.id, transfer={"input_url": "https://s3.example/x?X-Amz-Signature=secret"})
+    assert await store.transition(job.id, JobState.failed, error="boom")
+    assert (await store.get(job.id)).transfer is None
