@@ -77,3 +77,31 @@ def database_url(request):
     reset_database(url)
     upgrade(url)
     return url
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """An `S3Config` for a fresh, not yet created bucket on a real S3 server on loopback:
+    `STEMBOT_TEST_S3_ENDPOINT`, or a throwaway moto server. Missing in CI is a failure,
+    not a skip. Call `ObjectStore.ensure_bucket()` before use."""
+    import os
+    import uuid
+
+    from core.objectstore import S3Config
+    from tests.support.s3 import moto_available, temporary_s3
+
+    def config(endpoint: str, key: str, secret: str) -> S3Config:
+        return S3Config(bucket=f"stembot-test-{uuid.uuid4().hex[:12]}", endpoint_url=endpoint,
+                        access_key_id=key, secret_access_key=secret)
+
+    if os.environ.get("STEMBOT_TEST_S3_ENDPOINT"):
+        yield config(os.environ["STEMBOT_TEST_S3_ENDPOINT"],
+                     os.environ.get("STEMBOT_TEST_S3_ACCESS_KEY", "testing"),
+                     os.environ.get("STEMBOT_TEST_S3_SECRET_KEY", "testing"))
+        return
+    if not moto_available():
+        if os.environ.get("CI"):
+            pytest.fail("moto is not installed; install the test extra (pip install -e '.[test]')")
+        pytest.skip("moto[server] not installed")
+    with temporary_s3() as endpoint:
+        yield config(endpoint, "testing", "testing")
