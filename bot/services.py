@@ -12,18 +12,48 @@ from sqlalchemy import text
 from core import models
 from core.challenges import ChallengeStore
 from core.db import make_engine, make_sessions
-from core.dispatcher import Dispatcher, DispatcherConfig
+from core.dispatcher import Dispatcher, DispatcherConfig, QueueDispatcher
+from core.fleet import Fleet
 from core.jobs import JobStore
 from core.links import LinkSigner, load_or_create_secret
 from core.model_host import HostConfig
 from core.quotas import QuotaBook
 from core.settings import Settings
-from core.storage import LocalStorage
+from core.storage import LocalStorage, ObjectStorage
 from core.sweeper import Sweeper
 from core.web import HealthChecks, Metrics, build_app, start_web, stop_web
 from core.worker import LocalWorker
 
 log = logging.getLogger(__name__)
+
+
+async def _retry(what: str, start, max_delay_s: float = 30.0) -> None:
+    delay = 1.0
+    while True:
+        try:
+            await start()
+            return
+        except Exception as exc:  # noqa: BLE001 - reported, then tried again
+            log.warning("%s is not reachable yet (%s); trying again in %.0f s", what, type(exc).__name__, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, max_delay_s)
+
+
+def make_storage(settings: Settings) -> LocalStorage:
+    """Local disk, or an S3-compatible store when STEMBOT_S3_BUCKET is set."""
+    root = Path(settings.data_dir) / "jobs"
+    if not settings.s3_bucket:
+        return LocalStorage(root)
+    from core.objectstore import ObjectStore, S3Config
+
+    store = ObjectStore(S3Config(bucket=settings.s3_bucket, endpoint_url=settings.s3_endpoint_url,
+                                 public_endpoint_url=settings.s3_public_endpoint_url, region=settings.s3_region,
+                                 prefix=settings.s3_prefix, access_key_id=settings.aws_access_key_id,
+                                 secret_access_key=settings.aws_secret_access_key.get_secret_value()
+                                 if settings.aws_secret_access_key else None))
+    # Presigned transfer URLs live as long as a job may wait for a free worker.
+    return ObjectStorage(root, store, transfer_ttl_s=settings.retention_hours * 3600,
+                         max_output_bytes=4 * settings.max_input_bytes)
 
 
 class Services:
@@ -34,20 +64,24 @@ class Services:
         self.quotas = QuotaBook(sessions, settings.default_policy())
         self.store = JobStore(sessions, self.quotas)
         self.challenges = ChallengeStore(sessions)
-        self.storage = LocalStorage(Path(settings.data_dir) / "jobs")
+        self.storage = make_storage(settings)
         self.metrics = Metrics()
         self.health = HealthChecks()
         secret = load_or_create_secret(Path(settings.data_dir),
                                        settings.link_secret.get_secret_value() if settings.link_secret else None)
-        self.links_available = bool(settings.public_url)
+        self.links_available = settings.download_links_available
         self.signer = LinkSigner(secret, settings.public_url or f"http://127.0.0.1:{settings.web_port}")
         self.link_ttl_s = settings.retention_hours * 3600
-        self.worker = LocalWorker(HostConfig(
+        self.distributed = settings.queue == "postgres"
+        # Embedded mode: the bot's own model host. Distributed: `stembot worker`s run jobs.
+        self.worker = None if self.distributed else LocalWorker(HostConfig(
             model=settings.model, model_dir=str(settings.model_dir) if settings.model_dir else None,
             device=settings.device, shifts=settings.shifts, overlap=settings.overlap, segment=settings.segment,
             min_duration_s=settings.min_duration_s, max_duration_s=settings.max_duration_s,
             max_input_bytes=settings.max_input_bytes,
         ))
+        self.fleet = Fleet(sessions, settings.worker_stale_s)
+        self.queue = None
         self.notifier = None
         self.dispatcher: Dispatcher | None = None
         self._web = None
@@ -69,12 +103,22 @@ class Services:
         from bot.exts.split._delivery import DiscordNotifier
 
         self.notifier = DiscordNotifier(bot, self)
-        self.dispatcher = Dispatcher(self.store, self.worker, self.storage, self.notifier, DispatcherConfig(
+        config = DispatcherConfig(
+            worker_name="bot" if self.distributed else "local",
             max_attempts=self.settings.max_attempts,
             limits=self.settings.limits,
             mp3_bitrate_kbps=self.settings.mp3_bitrate, links_available=self.links_available,
             link_valid_hours=self.settings.retention_hours,
-        ), metrics=self.metrics)
+        )
+        if self.distributed:
+            from core.queue import JobQueue
+
+            self.queue = JobQueue(self.settings.resolved_database_url)
+            self.dispatcher = QueueDispatcher(self.store, self.queue, self.fleet, self.storage, self.notifier,
+                                              config, metrics=self.metrics, stale_s=self.settings.worker_stale_s)
+        else:
+            self.dispatcher = Dispatcher(self.store, self.worker, self.storage, self.notifier, config,
+                                         metrics=self.metrics)
         self.health.register("gateway", self._gateway_ok(bot))
         self.health.register("database", self._database_ok)
         self.health.register("worker", self._worker_ok)
@@ -87,12 +131,25 @@ class Services:
         self._sweeper_task = asyncio.create_task(self.sweeper.run(), name="sweeper")
 
     async def _start_worker(self) -> None:
-        try:
-            await self.worker.start()
-        except Exception:
-            log.exception("the separation worker could not start; jobs stay queued")
-            raise
+        if self.distributed:
+            # Storage and database may still be starting (docker compose): wait for them.
+            if isinstance(self.storage, ObjectStorage):
+                await _retry("the object store", self.storage.start)
+            await _retry("the job queue", self.queue.open)
+        else:
+            try:
+                await self.worker.start()
+            except Exception:
+                log.exception("the separation worker could not start; jobs stay queued")
+                raise
         await self.dispatcher.start()
+
+    @property
+    def worker_ready(self) -> bool:
+        """Whether a model is loaded somewhere to run jobs (shown in queue messages)."""
+        if self.distributed:
+            return getattr(self.dispatcher, "ready_slots", 0) > 0
+        return self.worker.ready
 
     @staticmethod
     def _gateway_ok(bot):
@@ -106,6 +163,8 @@ class Services:
         return True
 
     async def _worker_ok(self) -> bool:
+        if self.distributed:
+            return await self.fleet.ready_slots() > 0
         return self.worker.ready and self.worker.alive()
 
     async def forget_user(self, user_id: int) -> int:
@@ -114,9 +173,17 @@ class Services:
 
         jobs = await self.store.finished_before(utcnow(), user_id=user_id)
         for job in jobs:
-            self.storage.delete(job.id)
+            await self.storage.delete_job(job.id)
             await self.store.update(job.id, artifacts_deleted_at=utcnow())
         return len(jobs)
+
+    async def stem_links(self, job_id: int, names: list[str]) -> dict[str, str]:
+        """Expiring download links for a job's stems: presigned by the object store, or
+        signed for this bot's web server."""
+        links = await self.storage.stem_links(job_id, names, self.link_ttl_s)
+        if links is None:
+            links = {name: self.signer.sign_file(job_id, name, ttl_s=self.link_ttl_s) for name in names}
+        return links
 
     async def _metrics_loop(self, interval_s: float = 10.0) -> None:
         while True:
@@ -144,7 +211,13 @@ class Services:
                 task.cancel()
         # Each step on its own: one that fails must not keep the database connections
         # (threads that would keep the process alive) or the model host open.
-        steps = [self.worker.stop, self.engine.dispose]
+        steps = [self.engine.dispose]
+        if self.worker is not None:
+            steps.insert(0, self.worker.stop)
+        if self.queue is not None:
+            steps.insert(0, self.queue.close)
+        if isinstance(self.storage, ObjectStorage):
+            steps.insert(0, self.storage.close)
         if self._web is not None:
             steps.insert(1, lambda: stop_web(self._web))
         if self.dispatcher is not None:

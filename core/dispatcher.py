@@ -9,18 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from dataclasses import dataclass
 from typing import Protocol
 
 from .audio import Limits, probe
 from .delivery import fits, links_note
-from .errors import InputError, StembotError
+from .errors import InputError
 from .fetch import download
 from .jobs import Job, JobState, JobStore
-from .model_host import JobSpec
-from .storage import LocalStorage
-from .worker import LocalWorker, WorkerCrashed
+from .runner import JobRunner, Outcome, RunConfig
+from .storage import LocalJobFiles, LocalStorage
+from .worker import LocalWorker
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +48,21 @@ class DispatcherConfig:
     progress_write_interval_s: float = 2.0
     delivery_retry_delays_s: tuple[float, ...] = (1.0, 5.0, 15.0)
 
+    def run_config(self) -> RunConfig:
+        return RunConfig(max_attempts=self.max_attempts, mp3_bitrate_kbps=self.mp3_bitrate_kbps,
+                         links_available=self.links_available, link_valid_hours=self.link_valid_hours,
+                         progress_write_interval_s=self.progress_write_interval_s)
+
 
 class Dispatcher:
-    def __init__(self, store: JobStore, worker: LocalWorker, storage: LocalStorage, notifier: Notifier,
+    """Embedded mode: jobs run one at a time on the bot's own model host (`worker`)."""
+
+    def __init__(self, store: JobStore, worker: LocalWorker | None, storage: LocalStorage, notifier: Notifier,
                  config: DispatcherConfig = DispatcherConfig(), metrics=None):
         self.store = store
         self.worker = worker
+        self.runner = None if worker is None else JobRunner(
+            store, worker, LocalJobFiles(storage), config.worker_name, config.run_config())
         self.storage = storage
         self.notifier = notifier
         self.config = config
@@ -148,6 +156,14 @@ class Dispatcher:
 
     async def _process(self, job: Job) -> None:
         await self._notify(job)
+        if not await self._prepare(job):
+            return
+        outcome = await self.runner.run(job.id, on_change=self._notify_id)
+        await self._after_run(job.id, outcome)
+
+    async def _prepare(self, job: Job) -> bool:
+        """Bring the input here, answer from the cache when possible, and reserve the
+        minutes once the length is known. Returns whether the job goes on to a worker."""
         input_path = self.storage.input_path(job.id, job.source_name)
         try:
             if not input_path.exists():
@@ -156,89 +172,27 @@ class Dispatcher:
             digest = await asyncio.to_thread(file_sha256, input_path)
             await self.store.update(job.id, input_sha256=digest)
             if await self._serve_from_cache(await self.store.get(job.id)):
-                return
+                return False
             info = await asyncio.to_thread(probe, input_path, self.config.limits)
             if info.duration_s is not None:
                 # Known length: reserve the minutes before any separation work.
                 await self.store.reserve(job.id, info.duration_s)
         except InputError as exc:
             await self._fail(job.id, exc.reason, exc.kind)
-            return
-        if not await self.store.transition(job.id, JobState.decoding):
-            await self._settle_cancelled(job.id)
-            return
-        await self._notify_id(job.id)
-        spec = JobSpec(
-            job_id=job.id, input_path=str(input_path), stems_dir=str(self.storage.stems_dir(job.id)),
-            model=job.model, stems=job.stems, format=job.format,
-            mp3_bitrate_kbps=self.config.mp3_bitrate_kbps, attachment_limit=job.attachment_size_limit,
-            links_available=self.config.links_available, link_valid_hours=self.config.link_valid_hours,
-        )
-        refused: list[InputError] = []
-        last_write = [0.0]
+            return False
+        return True
 
-        async def on_event(event: dict) -> None:
-            kind = event["type"]
-            moved = True
-            if kind == "stage" and event["stage"] == "separating":
-                try:
-                    # The container did not tell the length: reserve now that it is decoded.
-                    await self.store.reserve(job.id, event["duration_s"])
-                except InputError as exc:
-                    refused.append(exc)
-                    self.worker.cancel(job.id)
-                    return
-                moved = await self.store.transition(job.id, JobState.separating,
-                                                    duration_s=event.get("duration_s"))
-            elif kind == "stage" and event["stage"] == "encoding":
-                moved = await self.store.transition(job.id, JobState.encoding)
-            elif kind == "progress":
-                now = time.monotonic()
-                if now - last_write[0] < self.config.progress_write_interval_s:
-                    return
-                last_write[0] = now
-                await self.store.update(job.id, progress=event["fraction"], heartbeat_at=_now())
-            else:
-                return
-            if not moved:
-                self.worker.cancel(job.id)  # cancelled meanwhile
-                return
-            await self._notify_id(job.id)
-
-        try:
-            result = await self.worker.run(spec, on_event)
-        except WorkerCrashed as exc:
-            current = await self.store.get(job.id)
-            log.warning("job %s: %s (attempt %d)", job.id, exc, current.attempts)
-            if current.attempts < self.config.max_attempts and current.job_state in (
-                    JobState.decoding, JobState.separating, JobState.encoding):
-                await self.store.transition(job.id, JobState.queued)
-                await self._notify_id(job.id)
-            else:
-                await self._fail(job.id, "the separation crashed repeatedly on this track", "worker_crashed")
-            return
-        except StembotError as exc:  # the host could not be (re)started
-            await self._fail(job.id, exc.reason, exc.kind)
-            return
-
-        if result["type"] == "cancelled" and refused:
-            await self._fail(job.id, refused[0].reason, refused[0].kind)
-            self.storage.delete(job.id)
-        elif result["type"] == "cancelled":
-            await self._settle_cancelled(job.id)
-        elif result["type"] == "failed":
-            await self._fail(job.id, result["reason"], result.get("kind"))
-            self.storage.delete(job.id)
-        else:
-            artifacts = {k: result[k] for k in ("files", "sizes", "format", "mode", "note", "preview")}
-            if await self.store.transition(job.id, JobState.delivering, artifacts=artifacts, progress=1.0,
-                                           duration_s=result["duration_s"],
-                                           separation_s=result["separation_s"]):
-                self.storage.delete_input(job.id)
-                # Shielded: a shutdown waits for it instead of cutting it off (see stop).
-                await asyncio.shield(self._start_delivery(await self.store.get(job.id)))
-            else:
-                await self._settle_cancelled(job.id)
+    async def _after_run(self, job_id: int, outcome: Outcome) -> None:
+        """Act on how a run ended: deliver, report, or clean up."""
+        if outcome is Outcome.delivering:
+            await self.storage.delete_input_async(job_id)
+            # Shielded: a shutdown waits for it instead of cutting it off (see stop).
+            await asyncio.shield(self._start_delivery(await self.store.get(job_id)))
+        elif outcome is Outcome.failed:
+            await self.storage.delete_job(job_id)
+            await self._ended(await self.store.get(job_id))
+        elif outcome in (Outcome.cancelled, Outcome.skipped):
+            await self._settle_cancelled(job_id)
 
     async def _fetch(self, job: Job, dest) -> int:
         """Bring the job's input to local disk: attachments and links through the safe
@@ -254,26 +208,22 @@ class Dispatcher:
         cached = await self.store.find_cached(job)
         if cached is None:
             return False
-        source = self.storage.stems_dir(cached.id)
         artifacts = dict(cached.artifacts)
         names = list(artifacts.get("files", {}).values()) + ([artifacts["preview"]] if artifacts.get("preview") else [])
-        if not all((source / name).is_file() for name in names):
+        if not await self.storage.has_stems(cached.id, names):
             return False
         if artifacts.get("mode") == "attach" and not fits(artifacts["sizes"].values(), job.attachment_size_limit):
             if not self.config.links_available:
                 return False  # separate again: the delivery plan depends on the limit
             artifacts["mode"] = "links"
             artifacts["note"] = links_note(job.attachment_size_limit, self.config.link_valid_hours)
-        target = self.storage.stems_dir(job.id)
-        target.mkdir(parents=True, exist_ok=True)
-        for name in names:
-            await asyncio.to_thread(_link_or_copy, source / name, target / name)
+        await self.storage.copy_stems(cached.id, job.id, names)
         if not await self.store.transition(job.id, JobState.delivering, artifacts=artifacts, cache_hit=True,
                                            progress=1.0, duration_s=cached.duration_s, separation_s=0.0):
             await self._settle_cancelled(job.id)
             return True
         log.info("job %s: served from the cache of job %s", job.id, cached.id)
-        self.storage.delete_input(job.id)
+        await self.storage.delete_input_async(job.id)
         await asyncio.shield(self._start_delivery(await self.store.get(job.id)))
         return True
 
@@ -306,7 +256,7 @@ class Dispatcher:
 
     async def _fail(self, job_id: int, reason: str, kind: str | None) -> None:
         if await self.store.transition(job_id, JobState.failed, error=reason, error_kind=kind or "error"):
-            self.storage.delete_input(job_id)
+            await self.storage.delete_job(job_id)
             await self._ended(await self.store.get(job_id))
         else:
             await self._settle_cancelled(job_id)
@@ -314,7 +264,7 @@ class Dispatcher:
     async def _settle_cancelled(self, job_id: int) -> None:
         job = await self.store.get(job_id)
         if job is not None and job.job_state is JobState.cancelled:
-            self.storage.delete(job_id)
+            await self.storage.delete_job(job_id)
             await self._ended(job)
 
     async def _ended(self, job: Job | None) -> None:
@@ -356,17 +306,162 @@ def file_sha256(path) -> str:
     return digest.hexdigest()
 
 
-def _link_or_copy(source, target) -> None:
-    import os
-    import shutil
-
-    try:
-        os.link(source, target)  # same disk: no copy, and each job can be deleted alone
-    except OSError:
-        shutil.copy2(source, target)
-
-
 def _now():
     from .db import utcnow
 
     return utcnow()
+
+
+class QueueDispatcher(Dispatcher):
+    """Distributed mode: the bot prepares each job (fetch, cache, reservation, upload) and
+    hands it to `stembot worker`s through the queue; it learns what the workers did from
+    the job rows, which it watches.
+
+    Fairness across workers: jobs go to the queue in fair order (`JobStore.claim_next`)
+    and only as many as there are ready worker slots, so the queue never holds a backlog
+    that a later request from a waiting server would have to stand behind.
+    """
+
+    def __init__(self, store: JobStore, queue, fleet, storage, notifier: Notifier,
+                 config: DispatcherConfig = DispatcherConfig(worker_name="bot"), metrics=None,
+                 watch_interval_s: float = 0.5, stale_s: float = 30.0):
+        super().__init__(store, None, storage, notifier, config, metrics)
+        self.queue = queue
+        self.fleet = fleet
+        self.watch_interval_s = watch_interval_s
+        self.stale_s = stale_s
+        self._preparing: set[int] = set()
+        self.ready_slots = 0  # worker slots taking jobs, as of the last look
+        self._seen: dict[int, tuple] = {}
+        self._watcher: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        requeued = await self.store.requeue_preparing()
+        if requeued:
+            log.info("requeued %d job(s) whose preparation a restart interrupted: %s", len(requeued), requeued)
+        for job in await self.store.unfinished():
+            self._seen[job.id] = _shown(job)
+            if job.job_state is JobState.delivering:
+                self._start_delivery(job)
+            else:
+                self._spawn(self._notify(job))
+        self._task = asyncio.create_task(self._run(), name="dispatcher")
+        self._watcher = asyncio.create_task(self._watch(), name="job-watcher")
+
+    async def stop(self, delivery_grace_s: float = 30.0) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+        await super().stop(delivery_grace_s)
+
+    async def cancel(self, job_id: int) -> bool:
+        if await self.store.request_cancel(job_id) is None:
+            return False
+        job = await self.store.get(job_id)
+        if job is not None and job.queue_job_id is not None:
+            await self.queue.abort(job.queue_job_id)  # its worker stops within a segment
+        await self._settle_cancelled(job_id)
+        return True
+
+    # -- handing jobs to the workers ---------------------------------------------------
+
+    async def _run(self) -> None:
+        last_stall_check = 0.0
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                if loop.time() - last_stall_check > self.stale_s / 4:
+                    last_stall_check = loop.time()
+                    await self.queue.retry_stalled(self.stale_s)
+                self.ready_slots = await self.fleet.ready_slots()
+                if not self.paused:
+                    free = self.ready_slots - await self.queue.in_flight() - len(self._preparing)
+                    while free > 0:
+                        job = await self.store.claim_next(self.config.worker_name)
+                        if job is None:
+                            break
+                        self._preparing.add(job.id)
+                        self._spawn(self._hand_over(job))
+                        free -= 1
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - the database or queue may be briefly away
+                log.warning("could not hand jobs to the workers", exc_info=True)
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=1.0)
+            except TimeoutError:
+                pass
+
+    async def _hand_over(self, job: Job) -> None:
+        try:
+            await self._notify(job)
+            if not await self._prepare(job):
+                return
+            transfer = await self.storage.publish_input(job)
+            await self.store.update(job.id, transfer=transfer)
+            queue_job_id = await self.queue.enqueue(job.id, job.priority)
+            if queue_job_id is not None:
+                await self.store.update(job.id, queue_job_id=queue_job_id)
+            current = await self.store.get(job.id)
+            if current.job_state is JobState.cancelled and queue_job_id is not None:
+                await self.queue.abort(queue_job_id)  # cancelled while it was being handed over
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - one job must never stop the others
+            log.exception("job %s: could not be handed to a worker", job.id)
+            await self._fail(job.id, "something went wrong on our side; please try again", "internal")
+        finally:
+            self._preparing.discard(job.id)
+
+    # -- watching what the workers do --------------------------------------------------
+
+    async def _watch(self) -> None:
+        while True:
+            try:
+                await self._look()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - try again at the next tick
+                log.warning("could not read job changes", exc_info=True)
+            await asyncio.sleep(self.watch_interval_s)
+
+    async def _look(self) -> None:
+        """Tell the notifier what changed since the last look. Reads whole rows, not a
+        time cursor: the workers' clocks need not agree with the bot's."""
+        current = {job.id: job for job in await self.store.unfinished()}
+        queue_moved = False
+        for job_id, job in current.items():
+            shown = _shown(job)
+            if self._seen.get(job_id) == shown:
+                continue
+            before = self._seen.get(job_id)
+            self._seen[job_id] = shown
+            if before is not None and before[0] == JobState.queued.value and shown[0] != before[0]:
+                queue_moved = True
+            if job.job_state is JobState.delivering:
+                if not any(t.get_name() == f"deliver-{job_id}" for t in self._deliveries):
+                    await self.storage.delete_input_async(job_id)
+                    self._start_delivery(job)
+            elif job.job_state is JobState.queued and before is not None and before[0] != JobState.queued.value:
+                queue_moved = True  # back in the queue (its model host crashed): hand it out again
+                self.wake()
+                self._spawn(self._notify(job))
+            else:
+                self._spawn(self._notify(job))
+        for job_id in [j for j in self._seen if j not in current]:
+            del self._seen[job_id]
+            job = await self.store.get(job_id)
+            if job is not None and job.job_state in (JobState.failed, JobState.cancelled):
+                await self.storage.delete_job(job_id)
+                await self._ended(job)
+            queue_moved = True
+        if queue_moved:
+            self.wake()
+            for job in current.values():
+                if job.job_state is JobState.queued:
+                    self._spawn(self._notify(job))
+
+
+def _shown(job: Job) -> tuple:
+    """What of a job the user sees change."""
+    return (job.state, round(job.progress or 0.0, 3))

@@ -10,6 +10,9 @@ from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Device = Literal["auto", "cpu", "cuda"]
+# local: the bot runs jobs on its own model host (one machine). postgres: the bot queues
+# them in PostgreSQL and `stembot worker` processes, on any number of hosts, run them.
+QueueKind = Literal["local", "postgres"]
 
 
 class Settings(BaseSettings):
@@ -56,6 +59,25 @@ class Settings(BaseSettings):
 
     # Jobs
     max_attempts: int = Field(default=3, ge=1)
+    queue: QueueKind = "local"
+
+    # Distributed mode: the workers (`stembot worker`)
+    worker_name: str | None = None  # default: <hostname>-<pid>
+    worker_devices: str | None = None  # e.g. "cuda:0,cuda:1"; default: every GPU, else the CPU
+    worker_stale_s: float = Field(default=30.0, ge=2.0)  # a silent worker's job goes to another after this
+
+    # Distributed mode: S3-compatible object storage for inputs and stems (unset: local disk).
+    # Credentials come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (the bot's only).
+    s3_bucket: str | None = None
+    s3_endpoint_url: str | None = None
+    s3_public_endpoint_url: str | None = None  # the address in presigned URLs, when users see another
+    s3_region: str = "us-east-1"
+    s3_prefix: str = "stembot/"
+    # The usual AWS names, also read from .env (botocore itself reads only the environment).
+    aws_access_key_id: str | None = Field(
+        default=None, validation_alias=AliasChoices("AWS_ACCESS_KEY_ID", "aws_access_key_id"))
+    aws_secret_access_key: SecretStr | None = Field(
+        default=None, validation_alias=AliasChoices("AWS_SECRET_ACCESS_KEY", "aws_secret_access_key"))
 
     # Default quotas and policy of every server (admins change them with /stembot).
     quota_user_minutes_per_day: float = Field(default=60.0, ge=0)
@@ -67,6 +89,7 @@ class Settings(BaseSettings):
     streaming_links_allowed: bool = False
 
     @field_validator("model_dir", "public_url", "database_url", "discord_api_url", "discord_gateway_url",
+                     "worker_name", "worker_devices", "s3_bucket", "s3_endpoint_url", "s3_public_endpoint_url",
                      mode="before")
     @classmethod
     def _empty_is_none(cls, value):
@@ -92,6 +115,18 @@ class Settings(BaseSettings):
             links_allowed=self.links_allowed,
             streaming_links_allowed=self.streaming_links_allowed,
         )
+
+    @property
+    def download_links_available(self) -> bool:
+        """Whether stems too large for Discord can be sent as links: presigned by the object
+        store, or served by the bot's web server at its public address."""
+        return bool(self.s3_bucket or self.public_url)
+
+    @property
+    def device_list(self) -> list[str] | None:
+        if not self.worker_devices:
+            return None
+        return [d.strip() for d in self.worker_devices.split(",") if d.strip()]
 
     @property
     def resolved_database_url(self) -> str:

@@ -62,7 +62,7 @@ class Sweeper:
         await self.store.reconcile_slots()
         cutoff = utcnow() - timedelta(seconds=self.retention_s)
         for job in await self.store.finished_before(cutoff):
-            await asyncio.to_thread(self.storage.delete, job.id)
+            await self.storage.delete_job(job.id)
             await self.store.update(job.id, artifacts_deleted_at=utcnow())
             report.expired.append(job.id)
         report.removed = await self._leftovers(time.time() if now is None else now)

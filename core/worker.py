@@ -136,8 +136,29 @@ class LocalWorker:
                         result = on_event(event)
                         if asyncio.iscoroutine(result):
                             await result
+            except asyncio.CancelledError:
+                # Our caller gave up on the job (aborted, shutting down): stop the host's
+                # work too, or it would still be separating when the next job arrives.
+                await asyncio.shield(self._abandon(spec.job_id))
+                raise
             finally:
                 self.current_job = None
+
+    async def _abandon(self, job_id: int, timeout_s: float = 30.0) -> None:
+        """Cancel `job_id` on the host and wait until it says it stopped (it checks between
+        segments); a host that does not answer in time is stopped (the next job starts a
+        fresh one)."""
+        self._cancel.value = job_id
+        try:
+            async with asyncio.timeout(timeout_s):
+                while True:
+                    event = await self._next_event()
+                    if event["type"] == "died" or (
+                            event.get("job") == job_id and event["type"] in ("done", "failed", "cancelled")):
+                        return
+        except TimeoutError:
+            log.warning("job %s: the model host did not stop in %.0f s; stopping it", job_id, timeout_s)
+            await self.stop()
 
     def cancel(self, job_id: int) -> None:
         """Ask the host to stop `job_id` at its next segment (no-op if it is not running it)."""

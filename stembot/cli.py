@@ -51,8 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="write timings as JSON (tracks, audio seconds, wall and model seconds)")
     sep.set_defaults(handler=cmd_separate)
 
-    run = commands.add_parser("run", help="run the Discord bot with its local worker (embedded mode)")
+    run = commands.add_parser("run", help="run the Discord bot (with its own worker unless STEMBOT_QUEUE=postgres)")
     run.set_defaults(handler=cmd_run)
+
+    worker = commands.add_parser("worker", help="run separation jobs from the PostgreSQL queue (distributed mode)")
+    worker.add_argument("--name", default=None, help="this worker's name (default: STEMBOT_WORKER_NAME or host-pid)")
+    worker.add_argument("--devices", default=None,
+                        help="comma-separated devices, one job at a time each (default: every GPU, else the CPU)")
+    worker.set_defaults(handler=cmd_worker)
 
     sync = commands.add_parser("sync", help="register the slash commands with Discord (once, or after updates)")
     sync.add_argument("--guild", type=int, default=None, help="only in this server (instant, for testing)")
@@ -78,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     # A long-running service logs what it does; one-shot commands only what went wrong.
-    service = args.command in ("run",)
+    service = args.command in ("run", "worker")
     logging.basicConfig(
         level=logging.INFO if args.verbose or service else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -218,8 +224,74 @@ def cmd_run(args, parser) -> int:
         models.locate(settings.model, settings.model_dir)
     except StembotError as exc:
         return _fail(exc.reason)
-    db.upgrade(settings.resolved_database_url)
+    try:
+        _upgrade_database(settings)
+    except ValueError as exc:
+        return _fail(str(exc))
     return asyncio.run(_run_bot(settings, token))
+
+
+def _upgrade_database(settings) -> None:
+    """Migrate the schema; on PostgreSQL also install the job queue's tables."""
+    import asyncio
+
+    from core import db
+
+    url = settings.resolved_database_url
+    if settings.queue == "postgres" and not url.startswith("postgresql"):
+        raise ValueError("STEMBOT_QUEUE=postgres needs a PostgreSQL database "
+                         "(STEMBOT_DATABASE_URL=postgresql+asyncpg://user:password@host/db)")
+    db.upgrade(url)
+    if url.startswith("postgresql"):
+        from core.queue import install_schema
+
+        if asyncio.run(install_schema(url)):
+            print("installed the job queue's tables", file=sys.stderr)
+
+
+def cmd_worker(args, parser) -> int:
+    import asyncio
+
+    from core.errors import StembotError
+    from core.settings import get_settings
+
+    settings = get_settings()
+    if settings.queue != "postgres" or not settings.resolved_database_url.startswith("postgresql"):
+        return _fail("`stembot worker` takes jobs from the PostgreSQL queue: set STEMBOT_QUEUE=postgres and "
+                     "STEMBOT_DATABASE_URL=postgresql+asyncpg://... (the bot's database)")
+    devices = [d.strip() for d in args.devices.split(",") if d.strip()] if args.devices else settings.device_list
+    try:
+        return asyncio.run(_run_worker(settings, args.name, devices))
+    except StembotError as exc:
+        return _fail(exc.reason)
+
+
+async def _run_worker(settings, name: str | None, devices: list[str] | None) -> int:
+    import asyncio
+    import signal
+
+    from core.queue_worker import QueueWorker
+
+    worker = QueueWorker(settings, name=name, devices=devices)
+    loop = asyncio.get_running_loop()
+    main = asyncio.current_task()
+    signals = [0]
+
+    def on_signal() -> None:
+        signals[0] += 1
+        if signals[0] == 1:
+            logging.getLogger("stembot").info("draining: finishing the running job(s), taking no new one")
+            worker.stop()
+        else:
+            main.cancel()  # a second signal: stop now (the job goes to another worker)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal)
+    try:
+        await worker.run()
+    except asyncio.CancelledError:
+        return 1
+    return 0
 
 
 async def _run_bot(settings, token: str) -> int:
@@ -289,11 +361,12 @@ async def _sync(settings, token: str, guild_id: int | None) -> int:
 
 
 def cmd_db_upgrade(args, parser) -> int:
-    from core import db
     from core.settings import get_settings
 
-    url = get_settings().resolved_database_url
-    db.upgrade(url)
+    try:
+        _upgrade_database(get_settings())
+    except ValueError as exc:
+        return _fail(str(exc))
     print("database is up to date")
     return 0
 

@@ -248,12 +248,25 @@ class Admin(commands.Cog):
     async def workers(self, interaction: discord.Interaction) -> None:
         if not await self._owner(interaction):
             return
+        queue = await self.services.store.queue_length()
+        if self.services.distributed:
+            slots = await self.services.fleet.slots(include_stale=True)
+            lines = [_slot_line(slot, self.services.fleet.stale_s) for slot in slots] or [
+                "No worker has connected yet: start `stembot worker` on a GPU host."]
+            await self._reply(interaction, "\n".join(lines) + (
+                f"\nQueue: {queue} waiting{' (paused)' if self.services.dispatcher.paused else ''}."))
+            return
         worker = self.services.worker
         info = worker.info
         state = "ready" if worker.ready and worker.alive() else "not ready"
         current = f"job #{worker.current_job}" if worker.current_job else "idle"
-        queue = await self.services.store.queue_length()
         await self._reply(interaction, (
             f"**local** (pid {worker.pid}): {state}, {current}; model {info.get('model', '?')} on "
             f"{info.get('device', '?')}, started in {info.get('start_s', 0):.1f} s.\n"
             f"Queue: {queue} waiting{' (paused)' if self.services.dispatcher.paused else ''}."))
+
+
+def _slot_line(slot, stale_s: float) -> str:
+    state = slot.state if slot.seen_s_ago <= stale_s else f"silent for {slot.seen_s_ago:.0f} s"
+    job = f"job #{slot.job_id}" if slot.job_id else "idle"
+    return f"**{slot.name}** on {slot.host}: {state}, {job}; model {slot.model}"

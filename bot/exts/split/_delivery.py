@@ -44,13 +44,13 @@ class DiscordNotifier:
         self.board.update(job)
 
     async def _render(self, job: Job) -> str:
-        view = StatusView(worker_ready=self.services.worker.ready)
+        view = StatusView(worker_ready=self.services.worker_ready)
         if job.job_state is JobState.queued:
             snapshot = await self.services.store.queue_snapshot(job.id)
-            view = StatusView(snapshot.position, snapshot.length, worker_ready=self.services.worker.ready)
+            view = StatusView(snapshot.position, snapshot.length, worker_ready=self.services.worker_ready)
         elif job.id in self._stage_started:
             view = StatusView(stage_elapsed_s=time.monotonic() - self._stage_started[job.id][1],
-                              worker_ready=self.services.worker.ready)
+                              worker_ready=self.services.worker_ready)
         return render_status(job, view)
 
     async def _edit_status(self, job: Job, text: str) -> None:
@@ -73,7 +73,14 @@ class DiscordNotifier:
         await self.board.close(job.id)
         self._stage_started.pop(job.id, None)
         artifacts = job.artifacts or {}
-        stems_dir = self.services.storage.stems_dir(job.id)
+        files: dict[str, str] = artifacts.get("files", {})
+        preview = artifacts.get("preview")
+        names = list(files.values()) + ([preview] if preview else [])
+        storage = self.services.storage
+        async with storage.open_stems(job.id, names) as stems_dir:
+            await self._deliver_from(job, stems_dir, artifacts)
+
+    async def _deliver_from(self, job: Job, stems_dir, artifacts: dict) -> None:
         files: dict[str, str] = artifacts.get("files", {})
         mode = artifacts.get("mode", "attach")
         fmt = artifacts.get("format", {})
@@ -90,8 +97,7 @@ class DiscordNotifier:
                 if not self.services.links_available:
                     raise too_large_error(OutputFormat(**fmt), job.attachment_size_limit) from exc
                 note = links_note(job.attachment_size_limit, self.services.link_ttl_s / 3600)
-        links = {file: self.services.signer.sign_file(job.id, file, ttl_s=self.services.link_ttl_s)
-                 for file in files.values()}
+        links = await self.services.stem_links(job.id, list(files.values()))
         preview = self._files(stems_dir, {}, artifacts.get("preview"))
         await self._send_result(job, content=_join(header, note), files=preview, view=link_view(links))
 
