@@ -1,14 +1,85 @@
-# stembot: the bot with its local worker (embedded mode), models baked in, offline at run time.
+# stembot images, models baked in, offline at run time. Two targets:
 #
-#   docker build -t stembot .
-#   docker run --env-file .env -v stembot-data:/data -p 8080:8080 stembot
+#   bot (the default, the last stage): the bot with its local worker (embedded mode), or the
+#   bot alone in distributed mode (STEMBOT_QUEUE=postgres).
+#
+#     docker build -t stembot .
+#     docker run --env-file .env -v stembot-data:/data -p 8080:8080 stembot
+#
+#   worker: `stembot worker` for a GPU host in distributed mode, on NVIDIA's CUDA base image.
+#
+#     docker build --target worker -t stembot-worker .
+#     docker run --gpus all -e STEMBOT_DATABASE_URL=postgresql+asyncpg://... stembot-worker
+#
+# Needs BuildKit (the default builder since Docker 23), which builds only the stages the
+# chosen target uses; the legacy builder would build the worker for the bot too.
 #
 # Build arguments:
-#   TORCH_SPEC  what pip installs for PyTorch first (default: the PyPI build, which runs on
-#               CUDA GPUs and on CPUs; point it at a CPU-only wheel index for a smaller image)
-#   MODELS      models to pull into the image (space-separated)
+#   TORCH_SPEC    what pip installs for PyTorch first. bot: the PyPI build, which runs on CUDA
+#                 GPUs and on CPUs (for a bot that only queues jobs, a CPU-only wheel is much
+#                 smaller: "torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu").
+#                 worker: the CUDA 12.8 build (needs an NVIDIA driver >= 570 on the host).
+#   MODELS        models to pull into the image (space-separated); give bot and worker the
+#                 same list
+#   PYTHON_IMAGE  the bot's base image (Python 3.11 or newer, Debian)
+#   CUDA_IMAGE    the worker's base image: NVIDIA's CUDA runtime on Ubuntu 24.04 (Python 3.12).
+#                 PyTorch's CUDA wheels also bring their own CUDA libraries, so the smaller
+#                 `...-base-ubuntu24.04` flavour works too.
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
-FROM ${PYTHON_IMAGE}
+ARG CUDA_IMAGE=nvidia/cuda:12.8.1-runtime-ubuntu24.04
+
+# The sources both images install, in one place so that they cannot drift apart.
+FROM scratch AS source
+COPY pyproject.toml README.md alembic.ini /src/
+COPY core /src/core
+COPY bot /src/bot
+COPY stembot /src/stembot
+COPY migrations /src/migrations
+
+
+# ---- worker: `stembot worker`, one model host per GPU --------------------------------------
+FROM ${CUDA_IMAGE} AS worker
+
+ARG TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+ARG MODELS="htdemucs"
+
+ENV PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PATH=/opt/stembot/venv/bin:$PATH \
+    HF_HOME=/opt/stembot/hf \
+    STEMBOT_DATA_DIR=/data \
+    STEMBOT_QUEUE=postgres
+
+# Ubuntu's Python refuses system-wide pip installs (PEP 668): stembot gets a virtual environment.
+RUN apt-get update \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+        python3 python3-venv ffmpeg ca-certificates \
+    && rm -rf /var/lib/apt/lists/* \
+    && python3 -m venv /opt/stembot/venv \
+    && useradd --create-home --uid 10001 stembot \
+    && mkdir -p /data && chown stembot /data
+
+WORKDIR /opt/stembot/src
+# torch first and on its own layer: it is large and changes rarely.
+RUN pip install ${TORCH_SPEC}
+COPY --from=source /src ./
+RUN pip install .
+
+# Fill the HuggingFace cache now, then never touch the network for models again.
+RUN for model in ${MODELS}; do stembot models pull "$model"; done
+ENV HF_HUB_OFFLINE=1
+
+USER stembot
+# Scratch space for a job's input and stems while it runs; the bot's object store keeps them.
+WORKDIR /data
+# SIGTERM drains: the running job finishes and no new one is taken, so give the container
+# time to stop (`docker stop -t 600`; stop_grace_period in compose).
+CMD ["stembot", "worker"]
+
+
+# ---- bot (default): `stembot run` ----------------------------------------------------------
+FROM ${PYTHON_IMAGE} AS bot
 
 ARG TORCH_SPEC="torch==2.13.0"
 ARG MODELS="htdemucs"
@@ -30,11 +101,7 @@ RUN apt-get update \
 WORKDIR /opt/stembot/src
 # torch first and on its own layer: it is large and changes rarely.
 RUN pip install ${TORCH_SPEC}
-COPY pyproject.toml README.md alembic.ini ./
-COPY core core
-COPY bot bot
-COPY stembot stembot
-COPY migrations migrations
+COPY --from=source /src ./
 RUN pip install .
 
 # Fill the HuggingFace cache now, then never touch the network for models again.
