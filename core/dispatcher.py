@@ -318,14 +318,16 @@ class QueueDispatcher(Dispatcher):
     the job rows, which it watches.
 
     Fairness across workers: jobs go to the queue in fair order (`JobStore.claim_next`)
-    and only as many as there are ready worker slots, so the queue never holds a backlog
-    that a later request from a waiting server would have to stand behind.
+    and only as many as there are ready worker slots, plus `prefetch` prepared ahead so a
+    slot that frees up starts its next job at once; the queue never holds a backlog that
+    a later request from a waiting server would have to stand behind.
     """
 
     def __init__(self, store: JobStore, queue, fleet, storage, notifier: Notifier,
                  config: DispatcherConfig = DispatcherConfig(worker_name="bot"), metrics=None,
-                 watch_interval_s: float = 0.5, stale_s: float = 30.0):
+                 watch_interval_s: float = 0.5, stale_s: float = 30.0, prefetch: int = 1):
         super().__init__(store, None, storage, notifier, config, metrics)
+        self.prefetch = prefetch
         self.queue = queue
         self.fleet = fleet
         self.watch_interval_s = watch_interval_s
@@ -365,16 +367,20 @@ class QueueDispatcher(Dispatcher):
     # -- handing jobs to the workers ---------------------------------------------------
 
     async def _run(self) -> None:
-        last_stall_check = 0.0
+        last_stall_check = last_prune = 0.0
         loop = asyncio.get_running_loop()
         while True:
             try:
                 if loop.time() - last_stall_check > self.stale_s / 4:
                     last_stall_check = loop.time()
                     await self.queue.retry_stalled(self.stale_s)
+                if loop.time() - last_prune > 3600:
+                    last_prune = loop.time()
+                    await self.queue.forget_old(self.config.link_valid_hours)
                 self.ready_slots = await self.fleet.ready_slots()
                 if not self.paused:
-                    free = self.ready_slots - await self.queue.in_flight() - len(self._preparing)
+                    wanted = self.ready_slots + (self.prefetch if self.ready_slots else 0)
+                    free = wanted - await self.queue.in_flight() - len(self._preparing)
                     while free > 0:
                         job = await self.store.claim_next(self.config.worker_name)
                         if job is None:

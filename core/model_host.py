@@ -35,6 +35,10 @@ class HostConfig:
     max_input_bytes: int = 250 * 1024 * 1024
     warm_up: bool = True
     max_loaded_models: int = 2
+    # CPU threads for the model (None: PyTorch's default, every core). Several model
+    # hosts on one machine must share the cores: oversubscribed, PyTorch's spinning
+    # threads slowed two 2-thread hosts on 2 cores about 7x (bench/workers.py).
+    threads: int | None = None
     log_level: int = logging.INFO
 
 
@@ -113,6 +117,10 @@ class _Host:
 
     def boot(self) -> None:
         started = time.monotonic()
+        if self.config.threads:
+            import torch
+
+            torch.set_num_threads(self.config.threads)
         engine = self.engine(self.config.model)
         loaded = time.monotonic()
         if self.config.warm_up:

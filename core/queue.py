@@ -106,6 +106,12 @@ class JobQueue:
         return retried
 
 
+    async def forget_old(self, hours: float) -> None:
+        """Delete the queue's records of jobs finished more than `hours` ago."""
+        await self.app.job_manager.delete_old_jobs(nb_hours=max(1, round(hours)), queue=QUEUE, include_failed=True,
+                                                  include_cancelled=True, include_aborted=True)
+
+
 async def schema_installed(database_url: str) -> bool:
     import psycopg
 

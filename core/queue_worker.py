@@ -149,12 +149,14 @@ class QueueWorker:
                                links_available=settings.download_links_available,
                                link_valid_hours=settings.retention_hours,
                                progress_write_interval_s=min(2.0, self.heartbeat_s))
+        cpu_slots = sum(1 for d in self.devices if d == "cpu")
+        threads = settings.threads or (max(1, (os.cpu_count() or 1) // cpu_slots) if cpu_slots > 1 else None)
         for device in self.devices:
             host = LocalWorker(HostConfig(
                 model=settings.model, model_dir=str(settings.model_dir) if settings.model_dir else None,
                 device=device, shifts=settings.shifts, overlap=settings.overlap, segment=settings.segment,
                 min_duration_s=settings.min_duration_s, max_duration_s=settings.max_duration_s,
-                max_input_bytes=settings.max_input_bytes,
+                max_input_bytes=settings.max_input_bytes, threads=threads if device == "cpu" else None,
             ))
             slot = Slot(name=f"{self.name}/{device}"[:64], device=device, host=host)
             slot.runner = JobRunner(store, host, files, slot.name, run_config)
@@ -172,9 +174,11 @@ class QueueWorker:
                         queues=[QUEUE], name=slot.name, concurrency=1, wait=True,
                         additional_context={"run": self._runner_of(slot)},
                         install_signal_handlers=False, listen_notify=True,
-                        fetch_job_polling_interval=self.heartbeat_s, abort_job_polling_interval=1.0,
+                        # LISTEN/NOTIFY wakes a slot at once; the poll covers a notification
+                        # missed while the listener was (re)connecting.
+                        fetch_job_polling_interval=1.0, abort_job_polling_interval=1.0,
                         update_heartbeat_interval=self.heartbeat_s, stalled_worker_timeout=self.stale_s,
-                        delete_jobs="successful",
+                        delete_jobs="never",  # kept for a while (history, timings); the bot prunes them
                     ), name=f"slot {slot.name}")
                     await self._beat(fleet, slot, "ready")
                 log.info("worker %s ready: %s", self.name, ", ".join(s.device for s in self.slots))

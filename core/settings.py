@@ -44,6 +44,8 @@ class Settings(BaseSettings):
     overlap: float = Field(default=0.25, ge=0.0, lt=1.0)
     segment: float | None = Field(default=None, gt=0)
     mp3_bitrate: int = Field(default=320, ge=32, le=320)
+    # CPU threads per model host (default: every core, shared by a worker's CPU slots).
+    threads: int | None = Field(default=None, ge=1)
 
     # Limits on what users may send
     min_duration_s: float = Field(default=1.0, ge=0)

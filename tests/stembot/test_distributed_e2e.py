@@ -41,6 +41,7 @@ def distributed(postgres_server, s3_server, model_dir, tmp_path):
         "STEMBOT_SHIFTS": "0",
         "STEMBOT_DEVICE": "cpu",
         "STEMBOT_WORKER_STALE_S": STALE_S,
+        "STEMBOT_THREADS": "1",  # two workers share this machine's cores
     }
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "STEMBOT_"))}
     upgraded = subprocess.run([sys.executable, "-m", "stembot", "db", "upgrade"], env={**clean, **common},
@@ -159,10 +160,13 @@ async def test_two_workers_share_the_queue_and_a_killed_workers_job_finishes_on_
                 results = done(fake.messages_for(interaction))
                 assert len(results) == 1, fake.messages_for(interaction)
                 assert len(results[0].attachments) == 5  # four stems and the waveform preview
-                assert len(done(fake.channel_messages(fake.channel_id))) == len(interactions)
+            assert len(done(fake.channel_messages(fake.channel_id))) == len(interactions)
 
-            rows = await query(url, "SELECT id, state, attempts, worker, transfer FROM jobs ORDER BY id")
-            assert [r.state for r in rows] == ["done"] * 4
+            async def all_done():
+                # The row says `done` just after the message is sent.
+                rows = await query(url, "SELECT id, state, attempts, worker, transfer FROM jobs ORDER BY id")
+                return rows if [r.state for r in rows] == ["done"] * 4 else None
+            rows = await wait_until(all_done, 10, "every job to be done")
             assert all(r.transfer is None for r in rows)  # no presigned URL kept after the end
             taken_over = next(r for r in rows if r.id == victim_job)
             assert taken_over.attempts == 2 and taken_over.worker.startswith(survivor.name + "/")
