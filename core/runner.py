@@ -94,7 +94,10 @@ class JobRunner:
             job_id=job.id, input_path=str(input_file), stems_dir=str(self.files.stems_dir(job)),
             model=job.model, stems=job.stems, format=job.format,
             mp3_bitrate_kbps=self.config.mp3_bitrate_kbps, attachment_limit=job.attachment_size_limit,
-            links_available=self.config.links_available, link_valid_hours=self.config.link_valid_hours,
+            # The bot's object store presigns download links even when this worker's own
+            # settings know of no way to serve them.
+            links_available=self.config.links_available or bool((job.transfer or {}).get("links_available")),
+            link_valid_hours=self.config.link_valid_hours,
         )
         refused: list[InputError] = []
         last_write = [0.0]

@@ -75,6 +75,11 @@ class LocalStorage:
         """Download links the storage signs itself; None: the bot's web server serves them."""
         return None
 
+    async def publish_input(self, job) -> dict | None:
+        """What a worker needs to reach the input: nothing, it shares this disk (workers
+        on the bot's machine, STEMBOT_DATA_DIR the same)."""
+        return None
+
 
 def _link_or_copy(source: Path, target: Path) -> None:
     try:
@@ -135,6 +140,7 @@ class ObjectStorage(LocalStorage):
             "input_suffix": path.suffix,
             "stems_post": await self.store.presign_post(self.store.stems_prefix(job.id), self.transfer_ttl_s,
                                                         self.max_output_bytes),
+            "links_available": True,  # too large for Discord: presigned download links
         }
 
     async def delete_job(self, job_id: int) -> None:

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import aiohttp
 import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
@@ -141,8 +142,10 @@ async def test_two_workers_share_the_queue_and_a_killed_workers_job_finishes_on_
             interactions = []
             for i, user in enumerate(users):
                 att = song(fake, tmp_path, f"song{i}.wav", seconds=60.0)
+                # The last one's stems are too large for its channel: presigned download links.
+                limit = {"attachment_size_limit": 100 * 1024} if i == len(users) - 1 else {}
                 interactions.append(await fake.send_slash_command("split", [attachment_option("file", att)],
-                                                                  user=user))
+                                                                  user=user, **limit))
 
             # Both workers busy at once: the queue feeds every ready slot.
             async def two_running():
@@ -159,7 +162,16 @@ async def test_two_workers_share_the_queue_and_a_killed_workers_job_finishes_on_
             for interaction in interactions:
                 results = done(fake.messages_for(interaction))
                 assert len(results) == 1, fake.messages_for(interaction)
-                assert len(results[0].attachments) == 5  # four stems and the waveform preview
+            for interaction in interactions[:-1]:
+                # Four stems and the waveform preview.
+                assert len(done(fake.messages_for(interaction))[0].attachments) == 5
+            linked = done(fake.messages_for(interactions[-1]))[0]
+            links = {c["label"]: c["url"] for row in linked.components for c in row.get("components", [])
+                     if c.get("url")}
+            assert len(links) == 4 and all("X-Amz-Signature=" in url for url in links.values())
+            async with aiohttp.ClientSession() as session:
+                async with session.get(next(iter(links.values()))) as response:
+                    assert response.status == 200 and len(await response.read()) > 100 * 1024
             assert len(done(fake.channel_messages(fake.channel_id))) == len(interactions)
 
             async def all_done():
