@@ -15,6 +15,7 @@ from core.db import make_engine, make_sessions
 from core.dispatcher import Dispatcher, DispatcherConfig, QueueDispatcher
 from core.fleet import Fleet
 from core.jobs import JobStore
+from core.looplag import LoopLagMonitor
 from core.links import LinkSigner, load_or_create_secret
 from core.model_host import HostConfig
 from core.quotas import QuotaBook
@@ -66,6 +67,7 @@ class Services:
         self.challenges = ChallengeStore(sessions)
         self.storage = make_storage(settings)
         self.metrics = Metrics()
+        self.loop_lag = LoopLagMonitor(self.metrics.loop_lag_seconds.observe)
         self.health = HealthChecks()
         secret = load_or_create_secret(Path(settings.data_dir),
                                        settings.link_secret.get_secret_value() if settings.link_secret else None)
@@ -128,6 +130,7 @@ class Services:
         # The model loads in the background: the bot answers (and queues) meanwhile.
         self._boot = asyncio.create_task(self._start_worker(), name="worker-boot")
         self._metrics_task = asyncio.create_task(self._metrics_loop(), name="metrics")
+        self.loop_lag.start()
         self._sweeper_task = asyncio.create_task(self.sweeper.run(), name="sweeper")
 
     async def _start_worker(self) -> None:
@@ -206,6 +209,7 @@ class Services:
                 await service.stop()
             except Exception:  # noqa: BLE001 - the rest must still stop
                 log.exception("stopping %r failed", service)
+        await self.loop_lag.stop()
         for task in (self._boot, self._metrics_task, self._sweeper_task):
             if task is not None:
                 task.cancel()

@@ -76,6 +76,11 @@ class Metrics:
                                             buckets=SEPARATION_BUCKETS_S, registry=self.registry)
         self.audio_minutes_total = Counter("stembot_audio_minutes", "Minutes of audio separated.",
                                            registry=self.registry)
+        from .looplag import LAG_BUCKETS_S
+
+        self.loop_lag_seconds = Histogram("stembot_event_loop_lag_seconds",
+                                          "How late the bot's event loop ran a task due now.",
+                                          buckets=LAG_BUCKETS_S, registry=self.registry)
         # Present from the first scrape, so rate() works before the first job ends.
         for state in FINAL_STATES:
             self.jobs_total.labels(state=state)
