@@ -22,7 +22,7 @@ from tests.bot.helpers import final_message
 from tests.support.fake_discord import FakeDiscord, attachment_option
 from tests.support.media import music
 
-pytestmark = [pytest.mark.asyncio(loop_scope="function"), pytest.mark.slow]
+pytestmark = pytest.mark.slow
 
 STALE_S = "6"
 
@@ -251,3 +251,21 @@ async def test_cancel_reaches_the_worker_and_sigterm_drains(distributed, tmp_pat
         finally:
             await bot.stop()
             await worker.stop()
+
+
+def test_worker_refuses_without_the_postgres_queue(tmp_path):
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "STEMBOT_"))}
+    result = subprocess.run([sys.executable, "-m", "stembot", "worker"], env={**clean, "STEMBOT_DATA_DIR": str(tmp_path)},
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert "STEMBOT_QUEUE=postgres" in result.stderr and "Traceback" not in result.stderr
+
+
+async def test_worker_with_a_missing_model_fails_fast_and_leaves_no_slot(distributed, tmp_path):
+    worker = WorkerProcess(distributed, "nomodel")
+    worker.env["STEMBOT_MODEL"] = "no_such_model"
+    await worker.start()
+    code = await asyncio.wait_for(worker.process.wait(), 60)
+    log = worker.read_log()
+    assert code == 1 and "no_such_model" in log and "Traceback" not in log, log
+    assert await query(distributed["url"], "SELECT name FROM worker_slots") == []
