@@ -20,7 +20,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Mapping
+from typing import Callable, Iterable, Literal, Mapping
 
 import ffmpeg
 import numpy as np
@@ -275,6 +275,25 @@ def decode(
     length, and a file whose decodable audio is far shorter than its header claims
     (a truncated download) is refused rather than separated in part.
     """
+    buffer = bytearray()
+    frames = decode_stream(path, sample_rate, channels, buffer.extend, limits, info)
+    samples = np.frombuffer(memoryview(buffer)[:frames * channels * 4], dtype="<f4")
+    return samples.reshape(-1, channels).T.copy()
+
+
+def decode_stream(
+    path: Path,
+    sample_rate: int,
+    channels: int,
+    sink: Callable[[bytes], object],
+    limits: Limits = Limits(),
+    info: MediaInfo | None = None,
+) -> int:
+    """`decode`, handing the interleaved float32 (little-endian) bytes to `sink` as they
+    come instead of keeping them: the same process, limits and checks. `sink` may get
+    chunks that end inside a frame, and a last partial frame that is not audio; only the
+    first `frames` (returned) whole frames count. A caller that keeps what `sink` got must
+    discard it when this raises."""
     info = info or probe(path, limits)
     # Reading one second past the limit tells "exactly at the limit" from "over it".
     cap_s = limits.max_duration_s + 1.0
@@ -310,7 +329,7 @@ def decode(
     stderr_chunks: list[bytes] = []
     stderr_reader = threading.Thread(target=lambda: stderr_chunks.append(proc.stderr.read()), daemon=True)
     stderr_reader.start()
-    buffer = bytearray()
+    received = 0
     timer = threading.Timer(DECODE_TIMEOUT_S, stop, args=("timeout",))
     timer.start()
     try:
@@ -318,8 +337,9 @@ def decode(
             chunk = proc.stdout.read(1 << 20)
             if not chunk:
                 break
-            buffer += chunk
-            if len(buffer) > max_bytes:
+            received += len(chunk)
+            sink(chunk)
+            if received > max_bytes:
                 stop("cap")
                 break
         proc.wait()
@@ -330,7 +350,7 @@ def decode(
             proc.wait()
         stderr_reader.join(timeout=5)
     frame_bytes = channels * 4
-    usable = len(buffer) - len(buffer) % frame_bytes
+    usable = received - received % frame_bytes
     decoded_s = usable / frame_bytes / sample_rate
     if decoded_s > limits.max_duration_s:
         raise TooLongError(
@@ -357,8 +377,7 @@ def decode(
     if proc.returncode != 0 and (claimed is None or decoded_s < 0.98 * claimed - 1.0):
         # ffmpeg gave up part-way and we cannot tell how much is missing.
         raise CorruptMediaError("the audio could not be decoded completely; the file is damaged")
-    samples = np.frombuffer(memoryview(buffer)[:usable], dtype="<f4")
-    return samples.reshape(-1, channels).T.copy()
+    return usable // frame_bytes
 
 
 def clip_gain(stems: Mapping[str, np.ndarray] | list[np.ndarray], headroom: float = 1.01) -> float:
@@ -369,6 +388,12 @@ def clip_gain(stems: Mapping[str, np.ndarray] | list[np.ndarray], headroom: floa
     """
     arrays = list(stems.values()) if isinstance(stems, Mapping) else list(stems)
     peak = max((float(np.max(np.abs(a))) if a.size else 0.0) for a in arrays) if arrays else 0.0
+    return gain_for_peak(peak, headroom)
+
+
+def gain_for_peak(peak: float, headroom: float = 1.01) -> float:
+    """`clip_gain` for stems whose largest absolute sample is `peak` (for stems that are
+    not in memory all at once)."""
     if peak * headroom <= 1.0:
         return 1.0
     return 1.0 / (peak * headroom)
@@ -395,7 +420,14 @@ def _encoder_args(fmt: OutputFormat) -> dict:
 
 
 def _encode_one(audio: np.ndarray, sample_rate: int, path: Path, fmt: OutputFormat) -> None:
-    channels = audio.shape[0]
+    block = sample_rate * 10
+    chunks = (np.ascontiguousarray(audio[:, start:start + block].T, dtype="<f4").tobytes()
+              for start in range(0, audio.shape[1], block))
+    encode_stream(chunks, audio.shape[0], sample_rate, path, fmt)
+
+
+def encode_stream(chunks: Iterable[bytes], channels: int, sample_rate: int, path: Path, fmt: OutputFormat) -> None:
+    """Encode interleaved float32 (little-endian) audio, given in chunks, to `path`."""
     args = (
         ffmpeg.input("pipe:", format="f32le", ac=channels, ar=sample_rate)
         .output(str(path), **_encoder_args(fmt))
@@ -407,15 +439,19 @@ def _encode_one(audio: np.ndarray, sample_rate: int, path: Path, fmt: OutputForm
     stderr_chunks: list[bytes] = []
     reader = threading.Thread(target=lambda: stderr_chunks.append(proc.stderr.read()), daemon=True)
     reader.start()
-    block = sample_rate * 10
     try:
-        for start in range(0, audio.shape[1], block):
-            proc.stdin.write(np.ascontiguousarray(audio[:, start:start + block].T, dtype="<f4").tobytes())
+        for chunk in chunks:
+            proc.stdin.write(chunk)
         proc.stdin.close()
         proc.wait(timeout=ENCODE_TIMEOUT_S)
     except (BrokenPipeError, subprocess.TimeoutExpired):
         proc.kill()
         proc.wait()
+    except BaseException:
+        # The chunks failed (a temporary file could not be read): no half-written file.
+        proc.kill()
+        proc.wait()
+        raise
     finally:
         reader.join(timeout=5)
     if proc.returncode != 0:

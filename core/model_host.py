@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .blockwise import BLOCK_S, BLOCKS_ABOVE_S
+
 log = logging.getLogger(__name__)
 
 
@@ -39,6 +41,13 @@ class HostConfig:
     # hosts on one machine must share the cores: oversubscribed, PyTorch's spinning
     # threads slowed two 2-thread hosts on 2 cores about 7x (bench/workers.py).
     threads: int | None = None
+    # Tracks longer than `blocks_above_s` are decoded, separated and encoded in blocks of
+    # `block_s` seconds, in bounded memory (core.blockwise); None: always whole tracks.
+    block_s: float | None = BLOCK_S
+    blocks_above_s: float = BLOCKS_ABOVE_S
+    # Added to the host's niceness: on a shared CPU the bot's event loop (and a worker's
+    # heartbeats) then run first, and the separation takes what is left.
+    nice: int = 0
     log_level: int = logging.INFO
 
 
@@ -66,6 +75,8 @@ def host_main(config: HostConfig, requests, events, cancel_job) -> None:
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s model-host: %(message)s")
     parent = os.getppid()
     _die_with_parent(parent)
+    if config.nice:
+        os.nice(config.nice)
     host = _Host(config, events, cancel_job, parent)
     try:
         host.boot()
@@ -174,9 +185,10 @@ class _Host:
     def _separate(self, spec: JobSpec) -> dict:
         import shutil
 
-        from .audio import Limits, OutputFormat
+        from . import blockwise
+        from .audio import Limits, OutputFormat, decode, probe
         from .delivery import fits, links_note, plan_delivery, too_large_error
-        from .pipeline import prepare, write_track
+        from .pipeline import write_track
         from .separation import SeparationOptions
         from .stems import parse_stems
 
@@ -186,36 +198,62 @@ class _Host:
         self._stage(job, "decoding")
         engine = self.engine(spec.model)
         request = parse_stems(spec.stems, engine.sources)
-        mix = prepare(Path(spec.input_path), engine, limits).mix
-        duration = mix.shape[1] / engine.samplerate
-
-        self._stage(job, "separating", duration_s=duration)
-        last_sent = [0.0]
-
-        def progress(fraction: float) -> None:
-            now = time.monotonic()
-            # The queue is cheap, but the bot only shows an update every ~2 s anyway.
-            if now - last_sent[0] >= 0.5 or fraction >= 1.0:
-                last_sent[0] = now
-                self.events.put({"type": "progress", "job": job, "fraction": fraction})
-
-        started = time.monotonic()
-        stems = engine.separate(
-            mix, request,
-            SeparationOptions(config.shifts, config.overlap, config.segment),
-            progress=progress, should_cancel=lambda: self._cancelled(job),
-        )
-        separation_s = time.monotonic() - started
-        del mix
-
-        self._stage(job, "encoding")
-        requested = OutputFormat(name=spec.format, mp3_bitrate_kbps=spec.mp3_bitrate_kbps)
-        plan = plan_delivery(requested, duration, len(stems), spec.attachment_limit, spec.links_available,
-                             link_valid_hours=spec.link_valid_hours)
+        input_path = Path(spec.input_path)
         stems_dir = Path(spec.stems_dir)
-        shutil.rmtree(stems_dir, ignore_errors=True)  # a retry starts clean
-        folder = write_track(stems, engine.samplerate, stems_dir.parent, stems_dir.name, plan.format)
-        files = {name: f"{name}.{plan.format.extension}" for name in stems}
+        info = probe(input_path, limits)
+        work = staged = None
+        try:
+            if blockwise.use_blocks(info.duration_s, config.block_s, config.blocks_above_s):
+                # Long, or of unknown length: decoded to disk, and kept there if long.
+                work = blockwise.work_dir(stems_dir.parent, stems_dir.name)
+                staged = blockwise.stage_input(input_path, engine, limits, work, info)
+                if staged.duration_s <= config.blocks_above_s:
+                    mix, staged = staged.load(), None
+                    shutil.rmtree(work, ignore_errors=True)
+                    work = None
+            else:
+                mix = decode(input_path, engine.samplerate, engine.audio_channels, limits, info)
+            duration = (staged.frames if staged else mix.shape[1]) / engine.samplerate
+
+            self._stage(job, "separating", duration_s=duration)
+            last_sent = [0.0]
+
+            def progress(fraction: float) -> None:
+                now = time.monotonic()
+                # The queue is cheap, but the bot only shows an update every ~2 s anyway.
+                if now - last_sent[0] >= 0.5 or fraction >= 1.0:
+                    last_sent[0] = now
+                    self.events.put({"type": "progress", "job": job, "fraction": fraction})
+
+            started = time.monotonic()
+            options = SeparationOptions(config.shifts, config.overlap, config.segment)
+            if staged is not None:
+                stems = blockwise.separate_staged(staged, engine, request, options, work, progress=progress,
+                                                  should_cancel=lambda: self._cancelled(job),
+                                                  block_s=config.block_s)
+                staged.path.unlink()
+                names = stems.names
+            else:
+                stems = engine.separate(mix, request, options, progress=progress,
+                                        should_cancel=lambda: self._cancelled(job))
+                del mix
+                names = list(stems)
+            separation_s = time.monotonic() - started
+
+            self._stage(job, "encoding")
+            requested = OutputFormat(name=spec.format, mp3_bitrate_kbps=spec.mp3_bitrate_kbps)
+            plan = plan_delivery(requested, duration, len(names), spec.attachment_limit, spec.links_available,
+                                 link_valid_hours=spec.link_valid_hours)
+            shutil.rmtree(stems_dir, ignore_errors=True)  # a retry starts clean
+            if staged is not None:
+                folder = blockwise.write_staged(stems, stems_dir.parent, stems_dir.name, plan.format)
+            else:
+                folder = write_track(stems, engine.samplerate, stems_dir.parent, stems_dir.name, plan.format)
+            del stems
+        finally:
+            if work is not None:
+                shutil.rmtree(work, ignore_errors=True)
+        files = {name: f"{name}.{plan.format.extension}" for name in names}
         sizes = {name: (folder / file).stat().st_size for name, file in files.items()}
         mode, note = plan.mode, plan.note
         if mode == "attach" and not fits(sizes.values(), spec.attachment_limit):
@@ -228,7 +266,9 @@ class _Host:
             try:
                 from .preview import render_preview
 
-                preview = render_preview({n: folder / f for n, f in files.items()}, folder / "preview.png").name
+                # A long track's picture is drawn from peaks read blockwise.
+                preview = render_preview({n: folder / f for n, f in files.items()}, folder / "preview.png",
+                                         bounded=duration > config.blocks_above_s).name
             except Exception:  # noqa: BLE001 - a missing picture must not fail the job
                 log.warning("preview for job %s failed", job, exc_info=True)
         return {

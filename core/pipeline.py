@@ -20,11 +20,12 @@ import uuid
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 from urllib.parse import unquote, urlsplit
 
 import numpy as np
 
+from . import blockwise
 from .audio import Limits, MediaInfo, OutputFormat, clip_gain, decode, encode_stems, probe
 from .errors import StembotError
 from .separation import SeparationEngine, SeparationOptions
@@ -99,16 +100,23 @@ def link_output_name(url: str) -> str:
 
 
 def prepare(path: str | Path, engine: SeparationEngine, limits: Limits,
-            fetch_dir: Path | None = None) -> DecodedTrack:
+            fetch_dir: Path | None = None,
+            stage: Callable[[Path, MediaInfo], object | None] | None = None) -> DecodedTrack | object:
     """Probe, check limits, and decode one input for `engine`'s model. A link is first
     downloaded into a temporary folder (under `fetch_dir`, or the system's), removed as
-    soon as the audio is decoded or refused."""
+    soon as the audio is decoded or refused. `stage(path, info)`, if given, may take the
+    file instead (a long track, decoded to disk by core.blockwise): what it returns, if
+    not None, is returned."""
     if is_link(path):
         with tempfile.TemporaryDirectory(prefix="stembot-fetch-", dir=fetch_dir) as folder:
             local = Path(folder) / "download"
             fetch_link(str(path), local, limits)
-            return prepare(local, engine, limits)
+            return prepare(local, engine, limits, stage=stage)
     info = probe(Path(path), limits)
+    if stage is not None:
+        staged = stage(Path(path), info)
+        if staged is not None:
+            return staged
     mix = decode(Path(path), engine.samplerate, engine.audio_channels, limits, info)
     return DecodedTrack(info, mix)
 
@@ -131,11 +139,17 @@ def finish_stems(stems: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 def write_track(stems: dict[str, np.ndarray], sample_rate: int, out_dir: Path, name: str,
                 fmt: OutputFormat) -> Path:
     """Encode `stems` into `out_dir/name/`, atomically replacing an older result."""
+    return publish_folder(out_dir, name, lambda staging: encode_stems(finish_stems(stems), sample_rate, staging, fmt))
+
+
+def publish_folder(out_dir: Path, name: str, fill: Callable[[Path], object]) -> Path:
+    """Have `fill` write a folder, then move it to `out_dir/name/`, atomically replacing
+    an older one; if `fill` fails, nothing is left behind."""
     out_dir.mkdir(parents=True, exist_ok=True)
     final = out_dir / name
     staging = out_dir / f".{name}.partial-{uuid.uuid4().hex[:8]}"
     try:
-        encode_stems(finish_stems(stems), sample_rate, staging, fmt)
+        fill(staging)
         if final.exists():
             old = out_dir / f".{name}.old-{uuid.uuid4().hex[:8]}"
             final.rename(old)
@@ -161,8 +175,12 @@ class BatchSeparator:
 
     def __init__(self, engine: SeparationEngine, request: StemRequest, fmt: OutputFormat,
                  options: SeparationOptions = SeparationOptions(), limits: Limits = Limits(),
-                 overlap_io: bool | None = None):
+                 overlap_io: bool | None = None, block_s: float | None = blockwise.BLOCK_S,
+                 blocks_above_s: float = blockwise.BLOCKS_ABOVE_S):
         self.engine = engine
+        # Tracks over `blocks_above_s` go through core.blockwise (None: never).
+        self.block_s = block_s
+        self.blocks_above_s = blocks_above_s
         self.request = request
         self.fmt = fmt
         self.options = options
@@ -192,7 +210,9 @@ class BatchSeparator:
                 if position >= len(todo):
                     return None
                 # The input as given: a link must not go through Path, which folds its `//`.
-                return decoder.submit(prepare, results[todo[position]].input, self.engine, self.limits)
+                track_result = results[todo[position]]
+                return decoder.submit(prepare, track_result.input, self.engine, self.limits,
+                                      stage=lambda path, info: self._stage(path, info, out_dir, track_result.name))
 
             encodes: list[Future] = []
             next_decode = submit_decode(0)
@@ -206,6 +226,12 @@ class BatchSeparator:
                     if self.overlap_io:
                         # Decode the next input while this one is separated.
                         next_decode = submit_decode(position + 1)
+                    if isinstance(track, blockwise.StagedMix):
+                        result.audio_s = track.duration_s
+                        result.folder = self._blockwise(track, out_dir, result.name,
+                                                        lambda f, i=index: events.track_progress(i, f))
+                        events.track_finished(index, result)
+                        continue
                     result.audio_s = track.duration_s(self.engine.samplerate)
                     stems = self.engine.separate(
                         track.mix, self.request, self.options,
@@ -226,6 +252,27 @@ class BatchSeparator:
                         next_decode = submit_decode(position + 1)
             wait(encodes)
         return results
+
+    def _stage(self, path: Path, info: MediaInfo, out_dir: Path, name: str) -> blockwise.StagedMix | None:
+        """Decode a long track to disk for `_blockwise` (None: not long)."""
+        if not blockwise.use_blocks(info.duration_s, self.block_s, self.blocks_above_s):
+            return None
+        work = blockwise.work_dir(out_dir, name)
+        try:
+            return blockwise.stage_input(path, self.engine, self.limits, work, info)
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+
+    def _blockwise(self, mix: blockwise.StagedMix, out_dir: Path, name: str, progress) -> Path:
+        work = mix.path.parent
+        try:
+            stems = blockwise.separate_staged(mix, self.engine, self.request, self.options, work, progress=progress,
+                                              block_s=self.block_s)
+            mix.path.unlink()
+            return blockwise.write_staged(stems, out_dir, name, self.fmt)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
 
     @staticmethod
     def _encoded(future: Future, result: TrackResult, index: int, events: BatchEvents) -> None:

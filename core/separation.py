@@ -124,10 +124,15 @@ class SeparationEngine:
         options: SeparationOptions = SeparationOptions(),
         progress: ProgressCallback | None = None,
         should_cancel: CancelCheck | None = None,
+        stats: tuple[float, float] | None = None,
     ) -> dict[str, np.ndarray]:
         """Separate `mix` (float32, channels x samples, at `samplerate`) into the stems of
         `request`, as float32 arrays of the same shape. Raises JobCancelled as soon as
-        `should_cancel()` turns true (checked around every model segment)."""
+        `should_cancel()` turns true (checked around every model segment).
+
+        `stats` (mean, spread) normalise the mix instead of its own (see `_mono_stats`):
+        a part of a track separated with the whole track's stats gives what the whole
+        track would there (core.blockwise)."""
         from demucs.apply import apply_model
 
         if options.segment is not None and options.segment > self.max_segment:
@@ -140,7 +145,10 @@ class SeparationEngine:
         wav = torch.from_numpy(np.ascontiguousarray(mix, dtype=np.float32))
         length = wav.shape[-1]
 
-        mean, std = _mono_stats(wav)
+        if stats is None:
+            mean, std = _mono_stats(wav)
+        else:
+            mean, std = (torch.tensor(value, dtype=torch.float32) for value in stats)
         tracker = _ProgressTracker(length, progress, should_cancel)
         started = time.monotonic()
         from .batching import autocast

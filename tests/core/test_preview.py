@@ -125,3 +125,46 @@ def test_failure_raises_encode_error(tmp_path):
     with pytest.raises(EncodeError):
         render_preview({}, tmp_path / "p.png")
     assert not (tmp_path / "p.png").exists()
+
+
+def _pixels(png) -> np.ndarray:
+    width, height, _, _ = _png_header(png.read_bytes())
+    return _rgb_rows(png.read_bytes(), width, height)
+
+
+def test_a_bounded_preview_draws_the_same_picture_from_peaks(stem_files, tmp_path, monkeypatch):
+    import core.preview
+
+    # As many peaks per column as a 10-minute track has at the default width and PEAK_FRAMES.
+    monkeypatch.setattr(core.preview, "PEAK_FRAMES", 16)
+    direct = _pixels(render_preview(stem_files, tmp_path / "direct.png", width=200, row_height=30))
+    bounded = _pixels(render_preview(stem_files, tmp_path / "bounded.png", width=200, row_height=30, bounded=True))
+    assert direct.shape == bounded.shape == (120, 200, 3)
+    same = np.all(direct == bounded, axis=2).mean()
+    assert same > 0.98
+    # Not a blank or uniform picture that would match anything.
+    assert len(np.unique(direct.reshape(-1, 3), axis=0)) >= 5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bounded.png", "direct.png"]  # no peaks left
+
+
+def test_peaks_keep_the_loudest_sample_of_each_stretch_with_its_sign(tmp_path):
+    from core.audio import encode_stems
+    from core.preview import write_peaks
+
+    audio = np.zeros((2, 4096), dtype=np.float32)
+    audio[0, 10], audio[0, 20] = 0.25, -0.5     # first stretch: -0.5 is the loudest
+    audio[1, 300] = 0.75                        # second stretch, right channel
+    audio[0, 4095] = 0.125                      # last stretch
+    path = encode_stems({"x": audio}, RATE, tmp_path, OutputFormat("wav", wav_depth="float"))["x"]
+    peaks = np.fromfile(write_peaks(path, tmp_path / "x.peaks", frames=256), dtype="<f4").reshape(-1, 2)
+    assert peaks.shape == (16, 2)
+    assert peaks[0].tolist() == [-0.5, 0.0] and peaks[1].tolist() == [0.0, 0.75]
+    assert peaks[15].tolist() == [0.125, 0.0] and not peaks[2:15].any()
+
+
+def test_a_bounded_preview_of_a_broken_file_raises_encode_error(tmp_path):
+    not_audio = tmp_path / "vocals.mp3"
+    not_audio.write_bytes(b"this is not audio at all" * 100)
+    with pytest.raises(EncodeError):
+        render_preview({"vocals": not_audio}, tmp_path / "p.png", bounded=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["vocals.mp3"]
