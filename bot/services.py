@@ -80,7 +80,7 @@ class Services:
             model=settings.model, model_dir=str(settings.model_dir) if settings.model_dir else None,
             device=settings.device, shifts=settings.shifts, overlap=settings.overlap, segment=settings.segment,
             min_duration_s=settings.min_duration_s, max_duration_s=settings.max_duration_s,
-            max_input_bytes=settings.max_input_bytes, threads=settings.threads,
+            max_input_bytes=settings.max_input_bytes, threads=settings.threads, nice=settings.model_host_nice,
         ))
         self.fleet = Fleet(sessions, settings.worker_stale_s)
         self.queue = None

@@ -157,6 +157,7 @@ class QueueWorker:
                 device=device, shifts=settings.shifts, overlap=settings.overlap, segment=settings.segment,
                 min_duration_s=settings.min_duration_s, max_duration_s=settings.max_duration_s,
                 max_input_bytes=settings.max_input_bytes, threads=threads if device == "cpu" else None,
+                nice=settings.model_host_nice,
             ))
             slot = Slot(name=f"{self.name}/{device}"[:64], device=device, host=host)
             slot.runner = JobRunner(store, host, files, slot.name, run_config)

@@ -46,6 +46,8 @@ class Settings(BaseSettings):
     mp3_bitrate: int = Field(default=320, ge=32, le=320)
     # CPU threads per model host (default: every core, shared by a worker's CPU slots).
     threads: int | None = Field(default=None, ge=1)
+    # How much the separation process yields the CPU to the bot (0-19; see docs/performance.md).
+    model_host_nice: int = Field(default=10, ge=0, le=19)
 
     # Limits on what users may send
     min_duration_s: float = Field(default=1.0, ge=0)
