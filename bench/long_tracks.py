@@ -32,20 +32,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def make_track(path: Path, seconds: float) -> Path:
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.run([
-            "ffmpeg", "-nostdin", "-v", "error", "-y",
-            "-f", "lavfi", "-i", f"sine=f=220:d={seconds}",
-            "-f", "lavfi", "-i", f"sine=f=330:d={seconds}",
-            "-f", "lavfi", "-i", f"anoisesrc=d={seconds}:a=0.1:c=pink:seed=1",
-            "-filter_complex", "[0][1][2]amix=inputs=3,volume=0.6,apulsator=hz=2",
-            "-ac", "2", "-ar", "44100", "-c:a", "libmp3lame", "-b:a", "192k", str(path),
-        ], check=True)
-    return path
-
-
 def build_models(folder: Path, which: str) -> str:
     if which == "tiny":
         from tests.support.models import save_th, tiny_htdemucs
@@ -129,8 +115,10 @@ def main() -> None:
 
     models = args.work / "models"
     name = build_models(models, args.model)
-    short = make_track(args.work / "tracks" / f"{args.short_min:g}min.mp3", args.short_min * 60)
-    long = make_track(args.work / "tracks" / f"{args.long_min:g}min.mp3", args.long_min * 60)
+    from bench.separate_vs_demucs import make_track
+
+    short = make_track(args.work / "tracks" / f"{args.short_min:g}min.mp3", args.short_min * 60, seed=1)
+    long = make_track(args.work / "tracks" / f"{args.long_min:g}min.mp3", args.long_min * 60, seed=1)
     print(f"model {args.model} ({name}), shifts={args.shifts}, overlap={args.overlap}, CPU, "
           f"blocks of {BLOCK_S:g} s above {BLOCKS_ABOVE_S:g} s, mp3 out with preview", flush=True)
 

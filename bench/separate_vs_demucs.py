@@ -40,23 +40,23 @@ def build_model(folder: Path, name: str) -> None:
     print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
 
 
+def make_track(path: Path, seconds: float, base: float = 220.0, seed: int = 0) -> Path:
+    """A song-like mp3: two tones, pink noise, a pulsing volume (made once, then reused)."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run([
+            "ffmpeg", "-nostdin", "-v", "error", "-y",
+            "-f", "lavfi", "-i", f"sine=f={base:g}:d={seconds}",
+            "-f", "lavfi", "-i", f"sine=f={base * 1.5:g}:d={seconds}",
+            "-f", "lavfi", "-i", f"anoisesrc=d={seconds}:a=0.1:c=pink:seed={seed}",
+            "-filter_complex", "[0][1][2]amix=inputs=3,volume=0.6,apulsator=hz=2",
+            "-ac", "2", "-ar", "44100", "-c:a", "libmp3lame", "-b:a", "192k", str(path),
+        ], check=True)
+    return path
+
+
 def make_tracks(folder: Path, count: int, seconds: float) -> list[Path]:
-    folder.mkdir(parents=True, exist_ok=True)
-    tracks = []
-    for k in range(count):
-        path = folder / f"track{k}.mp3"
-        if not path.exists():
-            base = 110 * (k + 2)
-            subprocess.run([
-                "ffmpeg", "-nostdin", "-v", "error", "-y",
-                "-f", "lavfi", "-i", f"sine=f={base}:d={seconds}",
-                "-f", "lavfi", "-i", f"sine=f={base * 1.5}:d={seconds}",
-                "-f", "lavfi", "-i", f"anoisesrc=d={seconds}:a=0.1:c=pink:seed={k}",
-                "-filter_complex", "[0][1][2]amix=inputs=3,volume=0.6,apulsator=hz=2",
-                "-ac", "2", "-ar", "44100", "-c:a", "libmp3lame", "-b:a", "192k", str(path),
-            ], check=True)
-        tracks.append(path)
-    return tracks
+    return [make_track(folder / f"track{k}.mp3", seconds, base=110 * (k + 2), seed=k) for k in range(count)]
 
 
 def run(cmd: list[str]) -> float:

@@ -17,7 +17,6 @@ from core.fleet import Fleet
 from core.jobs import JobStore
 from core.looplag import LoopLagMonitor
 from core.links import LinkSigner, load_or_create_secret
-from core.model_host import HostConfig
 from core.quotas import QuotaBook
 from core.settings import Settings
 from core.storage import LocalStorage, ObjectStorage
@@ -76,12 +75,7 @@ class Services:
         self.link_ttl_s = settings.retention_hours * 3600
         self.distributed = settings.queue == "postgres"
         # Embedded mode: the bot's own model host. Distributed: `stembot worker`s run jobs.
-        self.worker = None if self.distributed else LocalWorker(HostConfig(
-            model=settings.model, model_dir=str(settings.model_dir) if settings.model_dir else None,
-            device=settings.device, shifts=settings.shifts, overlap=settings.overlap, segment=settings.segment,
-            min_duration_s=settings.min_duration_s, max_duration_s=settings.max_duration_s,
-            max_input_bytes=settings.max_input_bytes, threads=settings.threads, nice=settings.model_host_nice,
-        ))
+        self.worker = None if self.distributed else LocalWorker(settings.host_config(threads=settings.threads))
         self.fleet = Fleet(sessions, settings.worker_stale_s)
         self.queue = None
         self.notifier = None

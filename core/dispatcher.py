@@ -14,6 +14,7 @@ from typing import Protocol
 
 from .audio import Limits, probe
 from .delivery import fits, links_note
+from .db import utcnow
 from .errors import InputError
 from .fetch import download
 from .jobs import Job, JobState, JobStore
@@ -78,15 +79,23 @@ class Dispatcher:
 
     async def start(self) -> None:
         """Recover what a previous run left, then start taking jobs."""
+        await self._requeue_interrupted()
+        for job in await self.store.unfinished():
+            self._resume(job)
+        self._task = asyncio.create_task(self._run(), name="dispatcher")
+
+    async def _requeue_interrupted(self) -> None:
+        """Jobs this process was running when it stopped go back to the queue."""
         requeued = await self.store.requeue_running(None)
         if requeued:
             log.info("requeued %d job(s) interrupted by a restart: %s", len(requeued), requeued)
-        for job in await self.store.unfinished():
-            if job.job_state is JobState.delivering:
-                self._start_delivery(job)
-            else:
-                self._spawn(self._notify(job))
-        self._task = asyncio.create_task(self._run(), name="dispatcher")
+
+    def _resume(self, job: Job) -> None:
+        """Pick up an unfinished job after a start: deliver it, or show where it stands."""
+        if job.job_state is JobState.delivering:
+            self._start_delivery(job)
+        else:
+            self._spawn(self._notify(job))
 
     async def stop(self, delivery_grace_s: float = 30.0) -> None:
         """Stop taking jobs. A delivery under way is allowed to finish: stopping half-way
@@ -249,7 +258,7 @@ class Dispatcher:
                     return
                 log.warning("job %s: delivery failed (%r); retrying", job.id, exc)
                 await asyncio.sleep(delays.pop(0))
-        await self.store.transition(job.id, JobState.done, delivered_at=_now())
+        await self.store.transition(job.id, JobState.done, delivered_at=utcnow())
         self._finish_metrics(await self.store.get(job.id))
 
     # -- endings -----------------------------------------------------------------------
@@ -306,11 +315,6 @@ def file_sha256(path) -> str:
     return digest.hexdigest()
 
 
-def _now():
-    from .db import utcnow
-
-    return utcnow()
-
 
 class QueueDispatcher(Dispatcher):
     """Distributed mode: the bot prepares each job (fetch, cache, reservation, upload) and
@@ -338,17 +342,18 @@ class QueueDispatcher(Dispatcher):
         self._watcher: asyncio.Task | None = None
 
     async def start(self) -> None:
+        await super().start()
+        self._watcher = asyncio.create_task(self._watch(), name="job-watcher")
+
+    async def _requeue_interrupted(self) -> None:
+        """Only jobs the bot was still preparing: jobs with a worker stay theirs."""
         requeued = await self.store.requeue_preparing()
         if requeued:
             log.info("requeued %d job(s) whose preparation a restart interrupted: %s", len(requeued), requeued)
-        for job in await self.store.unfinished():
-            self._seen[job.id] = _shown(job)
-            if job.job_state is JobState.delivering:
-                self._start_delivery(job)
-            else:
-                self._spawn(self._notify(job))
-        self._task = asyncio.create_task(self._run(), name="dispatcher")
-        self._watcher = asyncio.create_task(self._watch(), name="job-watcher")
+
+    def _resume(self, job: Job) -> None:
+        self._seen[job.id] = _shown(job)
+        super()._resume(job)
 
     async def stop(self, delivery_grace_s: float = 30.0) -> None:
         if self._watcher is not None:
@@ -435,24 +440,24 @@ class QueueDispatcher(Dispatcher):
         """Tell the notifier what changed since the last look. Reads whole rows, not a
         time cursor: the workers' clocks need not agree with the bot's."""
         current = {job.id: job for job in await self.store.unfinished()}
+        queued = JobState.queued.value
         queue_moved = False
+        notified: set[int] = set()
         for job_id, job in current.items():
-            shown = _shown(job)
-            if self._seen.get(job_id) == shown:
+            shown, before = _shown(job), self._seen.get(job_id)
+            if shown == before:
                 continue
-            before = self._seen.get(job_id)
             self._seen[job_id] = shown
-            if before is not None and before[0] == JobState.queued.value and shown[0] != before[0]:
+            if before is not None and (before[0] == queued) != (shown[0] == queued):
+                # It left the queue, or came back (its model host crashed): places moved,
+                # and a slot may be free for the next job.
                 queue_moved = True
             if job.job_state is JobState.delivering:
                 if not any(t.get_name() == f"deliver-{job_id}" for t in self._deliveries):
                     await self.storage.delete_input_async(job_id)
                     self._start_delivery(job)
-            elif job.job_state is JobState.queued and before is not None and before[0] != JobState.queued.value:
-                queue_moved = True  # back in the queue (its model host crashed): hand it out again
-                self.wake()
-                self._spawn(self._notify(job))
             else:
+                notified.add(job_id)
                 self._spawn(self._notify(job))
         for job_id in [j for j in self._seen if j not in current]:
             del self._seen[job_id]
@@ -464,7 +469,7 @@ class QueueDispatcher(Dispatcher):
         if queue_moved:
             self.wake()
             for job in current.values():
-                if job.job_state is JobState.queued:
+                if job.job_state is JobState.queued and job.id not in notified:
                     self._spawn(self._notify(job))
 
 

@@ -18,7 +18,7 @@ import logging
 import os
 import shutil
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import StembotError
@@ -35,10 +35,9 @@ class RemoteJobFiles:
     """A run's files on a worker: the input downloaded, the stems uploaded, through the
     job's presigned URLs; or in place, when bot and worker share a disk (no object store)."""
 
-    def __init__(self, work_dir: Path, shared_root: Path, max_input_bytes: int, max_output_bytes: int):
+    def __init__(self, work_dir: Path, shared_root: Path, max_input_bytes: int):
         self.work_dir = Path(work_dir)
         self.max_input_bytes = max_input_bytes
-        self.max_output_bytes = max_output_bytes
         from .storage import LocalJobFiles, LocalStorage
 
         self.shared = LocalJobFiles(LocalStorage(shared_root))
@@ -106,7 +105,6 @@ class Slot:
     runner: object = None  # core.runner.JobRunner
     job_id: int | None = None
     task: asyncio.Task | None = None
-    extra: dict = field(default_factory=dict)
 
 
 class QueueWorker:
@@ -129,7 +127,6 @@ class QueueWorker:
         from .db import make_engine, make_sessions
         from .fleet import Fleet
         from .jobs import JobStore
-        from .model_host import HostConfig
         from .queue import QUEUE, make_app, schema_installed
         from .quotas import QuotaBook
         from .runner import JobRunner, RunConfig
@@ -144,7 +141,7 @@ class QueueWorker:
         store = JobStore(sessions, QuotaBook(sessions, settings.default_policy()))
         fleet = Fleet(sessions, self.stale_s)
         files = RemoteJobFiles(Path(settings.data_dir) / "worker" / self.name, Path(settings.data_dir) / "jobs",
-                               settings.max_input_bytes, max_output_bytes=4 * settings.max_input_bytes)
+                               settings.max_input_bytes)
         run_config = RunConfig(max_attempts=settings.max_attempts, mp3_bitrate_kbps=settings.mp3_bitrate,
                                links_available=settings.download_links_available,
                                link_valid_hours=settings.retention_hours,
@@ -152,13 +149,7 @@ class QueueWorker:
         cpu_slots = sum(1 for d in self.devices if d == "cpu")
         threads = settings.threads or (max(1, (os.cpu_count() or 1) // cpu_slots) if cpu_slots > 1 else None)
         for device in self.devices:
-            host = LocalWorker(HostConfig(
-                model=settings.model, model_dir=str(settings.model_dir) if settings.model_dir else None,
-                device=device, shifts=settings.shifts, overlap=settings.overlap, segment=settings.segment,
-                min_duration_s=settings.min_duration_s, max_duration_s=settings.max_duration_s,
-                max_input_bytes=settings.max_input_bytes, threads=threads if device == "cpu" else None,
-                nice=settings.model_host_nice,
-            ))
+            host = LocalWorker(settings.host_config(device, threads if device == "cpu" else None))
             slot = Slot(name=f"{self.name}/{device}"[:64], device=device, host=host)
             slot.runner = JobRunner(store, host, files, slot.name, run_config)
             self.slots.append(slot)

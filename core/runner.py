@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from .db import utcnow
 from .errors import InputError, StembotError
 from .jobs import Job, JobState, JobStore, Lease
 from .model_host import JobSpec
@@ -122,7 +123,7 @@ class JobRunner:
                     return
                 last_write[0] = now
                 moved = await self.store.update(job.id, lease=lease, in_state=JobState.separating,
-                                                progress=event["fraction"], heartbeat_at=_now())
+                                                progress=event["fraction"], heartbeat_at=utcnow())
             else:
                 return
             if not moved:
@@ -170,10 +171,3 @@ class JobRunner:
 
 async def _nothing(job_id: int) -> None:
     return None
-
-
-def _now():
-    from .db import utcnow
-
-    return utcnow()
-

@@ -107,6 +107,18 @@ class Settings(BaseSettings):
 
         return Limits(self.min_duration_s, self.max_duration_s, self.max_input_bytes)
 
+    def host_config(self, device: str | None = None, threads: int | None = None):
+        """What a model host needs, for core.model_host: these settings, on `device`
+        (default STEMBOT_DEVICE) with `threads` CPU threads (None: PyTorch's default)."""
+        from .model_host import HostConfig
+
+        return HostConfig(
+            model=self.model, model_dir=str(self.model_dir) if self.model_dir else None,
+            device=device or self.device, shifts=self.shifts, overlap=self.overlap, segment=self.segment,
+            min_duration_s=self.min_duration_s, max_duration_s=self.max_duration_s,
+            max_input_bytes=self.max_input_bytes, threads=threads, nice=self.model_host_nice,
+        )
+
     def default_policy(self):
         from .quotas import Policy
 
