@@ -56,7 +56,7 @@ def make_track(path: Path, seconds: float, base: float = 220.0, seed: int = 0) -
 
 
 def make_tracks(folder: Path, count: int, seconds: float) -> list[Path]:
-    return [make_track(folder / f"track{k}.mp3", seconds, base=110 * (k + 2), seed=k) for k in range(count)]
+    return [make_track(folder / f"track{k}-{seconds:g}s.mp3", seconds, base=110 * (k + 2), seed=k) for k in range(count)]
 
 
 def run(cmd: list[str]) -> float:
@@ -75,6 +75,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2,
                         help="rounds, alternating which side goes first (the machine drifts)")
     parser.add_argument("--work", type=Path, default=ROOT / "bench" / "out")
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                        help="stembot's arithmetic (demucs always runs fp32)")
     args = parser.parse_args()
 
     models, name = args.work / "models", "htdemucsrand"
@@ -92,7 +94,7 @@ def main() -> None:
         shutil.rmtree(args.work / "stembot", ignore_errors=True)
         wall = run([sys.executable, "-m", "stembot", "separate", *map(str, tracks), "--out",
                     str(args.work / "stembot"), "--model", name, "--model-dir", str(models),
-                    "--format", "mp3", "--quiet", "--stats", str(stats)])
+                    "--format", "mp3", "--quiet", "--stats", str(stats), "--precision", args.precision])
         forward.append(json.loads(stats.read_text())["forward_s"])
         return wall
 
@@ -109,7 +111,7 @@ def main() -> None:
     print(f"tracks: {args.tracks} x {args.seconds:.0f} s = {audio_s / 60:.1f} min of audio, mp3 320k out, "
           f"{args.rounds} round(s), means below")
     print(f"python -m demucs : {demucs_wall:7.1f} s wall, {audio_s / demucs_wall:5.2f}x real time")
-    print(f"stembot separate : {stembot_wall:7.1f} s wall, {audio_s / stembot_wall:5.2f}x real time")
+    print(f"stembot separate : ({args.precision}) {stembot_wall:7.1f} s wall, {audio_s / stembot_wall:5.2f}x real time")
     print(f"ratio stembot/demucs wall: {stembot_wall / demucs_wall:.3f} (below 1 is faster)")
     print(f"stembot forward passes: {forward_s:.1f} s; outside them: {stembot_wall - forward_s:.1f} s "
           f"= {100 * (stembot_wall - forward_s) / stembot_wall:.1f}% of wall")

@@ -32,6 +32,7 @@ class HostConfig:
     shifts: int = 1
     overlap: float = 0.25
     segment: float | None = None
+    precision: str = "fp32"
     min_duration_s: float = 1.0
     max_duration_s: float = 20 * 60
     max_input_bytes: int = 250 * 1024 * 1024
@@ -226,7 +227,7 @@ class _Host:
                     self.events.put({"type": "progress", "job": job, "fraction": fraction})
 
             started = time.monotonic()
-            options = SeparationOptions(config.shifts, config.overlap, config.segment)
+            options = SeparationOptions(config.shifts, config.overlap, config.segment, config.precision)
             if staged is not None:
                 stems = blockwise.separate_staged(staged, engine, request, options, work, progress=progress,
                                                   should_cancel=lambda: self._cancelled(job),

@@ -10,6 +10,7 @@ from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Device = Literal["auto", "cpu", "cuda"]
+Precision = Literal["fp32", "bf16", "fp16"]
 # local: the bot runs jobs on its own model host (one machine). postgres: the bot queues
 # them in PostgreSQL and `stembot worker` processes, on any number of hosts, run them.
 QueueKind = Literal["local", "postgres"]
@@ -43,6 +44,9 @@ class Settings(BaseSettings):
     shifts: int = Field(default=1, ge=0, le=20)
     overlap: float = Field(default=0.25, ge=0.0, lt=1.0)
     segment: float | None = Field(default=None, gt=0)
+    # Arithmetic of the forward passes. bf16 is faster where the hardware has it (recent
+    # GPUs, CPUs with AVX512-BF16/AMX) at a small cost in quality (docs/performance.md).
+    precision: Precision = "fp32"
     mp3_bitrate: int = Field(default=320, ge=32, le=320)
     # CPU threads per model host (default: every core, shared by a worker's CPU slots).
     threads: int | None = Field(default=None, ge=1)
@@ -115,7 +119,7 @@ class Settings(BaseSettings):
         return HostConfig(
             model=self.model, model_dir=str(self.model_dir) if self.model_dir else None,
             device=device or self.device, shifts=self.shifts, overlap=self.overlap, segment=self.segment,
-            min_duration_s=self.min_duration_s, max_duration_s=self.max_duration_s,
+            precision=self.precision, min_duration_s=self.min_duration_s, max_duration_s=self.max_duration_s,
             max_input_bytes=self.max_input_bytes, threads=threads, nice=self.model_host_nice,
         )
 

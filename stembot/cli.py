@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     sep.add_argument("--shifts", type=_positive_int, default=None, help="random shifts (0 = deterministic)")
     sep.add_argument("--overlap", type=_overlap, default=None, help="overlap between segments")
     sep.add_argument("--segment", type=float, default=None, help="segment length in seconds")
+    sep.add_argument("--precision", default=None, choices=("fp32", "bf16", "fp16"),
+                     help="arithmetic of the model (default: STEMBOT_PRECISION or fp32)")
     sep.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     sep.add_argument("--stats", type=Path, default=None, metavar="FILE",
                      help="write timings as JSON (tracks, audio seconds, wall and model seconds)")
@@ -117,6 +119,7 @@ def cmd_separate(args, parser: argparse.ArgumentParser) -> int:
         shifts=settings.shifts if args.shifts is None else args.shifts,
         overlap=settings.overlap if args.overlap is None else args.overlap,
         segment=settings.segment if args.segment is None else args.segment,
+        precision=args.precision or settings.precision,
     )
     bitrate = args.mp3_bitrate or settings.mp3_bitrate
     if not 32 <= bitrate <= 320:

@@ -114,3 +114,41 @@ def test_segment_longer_than_the_transformer_allows_is_refused(engine, mix):
 def test_warm_up_runs(engine):
     engine.warm_up()
     assert engine.forward_seconds > 0
+
+
+def _forward_counter(module):
+    count = [0]
+    handle = module.register_forward_hook(lambda *_: count.__setitem__(0, count[0] + 1))
+    return count, handle
+
+
+def test_progress_moves_inside_a_segment(engine, mix):
+    engine.warm_up()  # a first pass teaches the engine how long each block takes
+    forwards, handle = _forward_counter(engine.model)
+    seen: list[tuple[int, float]] = []
+    try:
+        engine.separate(mix, parse_stems("all", engine.sources), DETERMINISTIC,
+                        progress=lambda f: seen.append((forwards[0], f)))
+    finally:
+        handle.remove()
+    during_first = [f for done, f in seen if done == 0]
+    assert len(during_first) >= 5, "progress must move while the first segment's forward pass runs"
+    assert during_first == sorted(during_first) and 0 < during_first[0]
+    # The first of the 10-s mix's two segments covers up to the second's offset (75% of 7.8 s).
+    assert during_first[-1] <= 0.75 * 7.8 / 10 + 1e-6
+    fractions = [f for _, f in seen]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+
+
+def test_cancel_stops_inside_a_forward_pass(engine, mix):
+    engine.warm_up()
+    forwards, handle = _forward_counter(engine.model)
+    blocks, block_handle = _forward_counter(engine.model.encoder[0])
+    try:
+        with pytest.raises(JobCancelled):
+            engine.separate(mix, parse_stems("all", engine.sources), DETERMINISTIC,
+                            should_cancel=lambda: blocks[0] >= 1)
+    finally:
+        handle.remove()
+        block_handle.remove()
+    assert blocks[0] == 1 and forwards[0] == 0, "the first pass must stop right after its first block"

@@ -51,6 +51,18 @@ def test_parity_with_the_demucs_cli(tmp_path, model_dir, song):
         assert snr_db(b, a) > 40, stem
 
 
+def test_bf16_precision_from_the_environment_is_close_to_fp32(tmp_path, model_dir, song):
+    common = [str(song), "--model", "tiny", "--model-dir", str(model_dir), "--format", "wav",
+              "--wav-depth", "float", "--shifts", "0", "--quiet"]
+    exact = stembot("separate", *common, "--out", str(tmp_path / "fp32"))
+    fast = stembot("separate", *common, "--out", str(tmp_path / "bf16"), env={"STEMBOT_PRECISION": "bf16"})
+    assert exact.returncode == 0 and fast.returncode == 0, exact.stderr + fast.stderr
+    for stem in ["drums", "bass", "other", "vocals"]:
+        quality = snr_db(read_wav(tmp_path / "fp32" / "song" / f"{stem}.wav"),
+                         read_wav(tmp_path / "bf16" / "song" / f"{stem}.wav"))
+        assert 25 < quality < 100, (stem, quality)  # close, and bf16 did run
+
+
 def test_karaoke_writes_vocals_and_instrumental(tmp_path, model_dir, song):
     done = stembot("separate", str(song), "-o", str(tmp_path), "--model", "tiny", "--model-dir",
                    str(model_dir), "--stems", "karaoke", "--format", "flac", "--quiet")
