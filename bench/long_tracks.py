@@ -54,7 +54,6 @@ def _vm(field: str) -> int:
 
 def child(spec: dict) -> None:
     """One case, in this (fresh) process; prints one JSON line."""
-    import types
 
     from core.model_host import HostConfig, JobSpec, _Host
 
@@ -69,7 +68,7 @@ def child(spec: dict) -> None:
         else {"block_s": None}
     config = HostConfig(model=spec["model"], model_dir=spec["model_dir"], device="cpu", shifts=spec["shifts"],
                         overlap=spec["overlap"], max_duration_s=4 * 3600.0, max_input_bytes=2**40, **extra)
-    host = _Host(config, Events(), types.SimpleNamespace(value=0), os.getppid())
+    host = _Host(config, Events(), set(), os.getppid())
     host.boot()
     loaded = _vm("VmHWM")
     started = time.monotonic()

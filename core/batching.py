@@ -1,23 +1,21 @@
 """Separating several tracks at once: their segments share forward passes.
 
 demucs's `apply_model` runs one track's segments one after another, which leaves a
-large GPU mostly idle. This module cuts every track into exactly the segments
-`apply_model` would (same length, stride, centred padding and triangular cross-fade),
-stacks segments of all tracks into batches, and puts each result back where
-`apply_model` would have. Without random shifts (`shifts=0`) the stems equal those of
-`apply_model` track by track, up to float rounding; with shifts, each track gets its own
-random offsets as in `apply_model`.
+large GPU mostly idle. Here each track becomes a `TrackWork`: exactly the segments
+`apply_model` would cut (same length, stride, centred padding, random shifts and
+triangular cross-fade, for every model of a bag), each put back where `apply_model` would
+put it. A `SegmentBatcher` stacks pending segments of any number of tracks into one
+forward pass. Tracks may join and leave between passes, which is how the model host
+batches the segments of concurrent jobs. Without random shifts (`shifts=0`) the stems
+equal those of `apply_model` track by track, up to float rounding.
 """
 
 from __future__ import annotations
 
 import random
 from contextlib import nullcontext
-from typing import Callable
-
+from dataclasses import dataclass
 import torch
-
-Progress = Callable[[int, int], None]  # segments done, segments in all
 
 
 def _triangle(length: int, device) -> torch.Tensor:
@@ -35,114 +33,179 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def _split_batched(model, mixes: list, *, overlap: float, segment: float | None,
-                   device: torch.device, batch_size: int, precision: str, tick: Callable[[], None]
-                   ) -> list[torch.Tensor]:
-    """One model on many mixes (TensorChunks of 1 x channels x samples); returns
-    sources x channels x samples for each."""
-    from demucs.apply import TensorChunk
-    from demucs.htdemucs import HTDemucs
-    from demucs.utils import center_trim
+def _sub_models(model) -> list[tuple[torch.nn.Module, list[float] | None]]:
+    from demucs.apply import BagOfModels
 
-    seg = float(segment if segment is not None else model.segment)
-    segment_length = int(model.samplerate * seg)
-    stride = int((1 - overlap) * segment_length)
-    weight = _triangle(segment_length, device)
-    sources = len(model.sources)
-    outs = [torch.zeros(sources, m.shape[1], m.length, device=m.device) for m in mixes]
-    sums = [torch.zeros(m.length, device=m.device) for m in mixes]
+    if isinstance(model, BagOfModels):
+        return list(zip(model.models, model.weights))
+    return [(model, None)]
 
-    # (track, offset, chunk, padded length), in apply_model's order per track. Chunks
-    # of chunks read the padding from the data around them, as in apply_model.
-    pieces = []
-    for index, mix in enumerate(mixes):
-        for offset in range(0, mix.length, stride):
-            chunk = TensorChunk(mix, offset, segment_length)
+
+class _Pass:
+    """One model over one (possibly shifted) copy of the mix: apply_model's split loop."""
+
+    def __init__(self, model, chunk, segment: float | None, overlap: float, trim: int, weights):
+        from demucs.apply import TensorChunk
+        from demucs.htdemucs import HTDemucs
+
+        self.model, self.chunk, self.trim, self.weights = model, chunk, trim, weights
+        seg = float(segment if segment is not None else model.segment)
+        self.segment_length = int(model.samplerate * seg)
+        stride = int((1 - overlap) * self.segment_length)
+        self.pieces: list[Piece] = []
+        for offset in range(0, chunk.length, stride):
+            piece = TensorChunk(chunk, offset, self.segment_length)
             if isinstance(model, HTDemucs) and segment is not None:
                 valid = int(segment * model.samplerate)
             elif hasattr(model, "valid_length"):
-                valid = model.valid_length(chunk.length)
+                valid = model.valid_length(piece.length)
             else:
-                valid = chunk.length
-            pieces.append((index, offset, chunk, valid))
-    # Only segments padded to the same length can share a batch (HTDemucs: all of them).
-    by_length: dict[int, list] = {}
-    for piece in pieces:
-        by_length.setdefault(piece[3], []).append(piece)
-    for valid, group in by_length.items():
-        for start in range(0, len(group), batch_size):
-            batch = group[start:start + batch_size]
-            inputs = torch.cat([chunk.padded(valid) for _, _, chunk, _ in batch]).to(device)
-            with torch.no_grad(), autocast(device, precision):
-                result = model(inputs)
-            result = result.float()
-            for row, (index, offset, chunk, _) in enumerate(batch):
-                out = center_trim(result[row], chunk.length)
-                n = out.shape[-1]
-                outs[index][..., offset:offset + segment_length] += (weight[:n] * out).to(outs[index].device)
-                sums[index][offset:offset + segment_length] += weight[:n].to(sums[index].device)
-                tick()
-    for out, total in zip(outs, sums):
-        out /= total
-    return outs
+                valid = piece.length
+            self.pieces.append(Piece(self, offset, piece, valid))
+        self.remaining = len(self.pieces)
+        self.out: torch.Tensor | None = None
+        self.sums: torch.Tensor | None = None
+
+    def accept(self, piece: "Piece", result: torch.Tensor, weight: torch.Tensor) -> None:
+        from demucs.utils import center_trim
+
+        if self.out is None:
+            where = self.chunk.tensor.device
+            self.out = torch.zeros(len(self.model.sources), self.chunk.shape[1], self.chunk.length, device=where)
+            self.sums = torch.zeros(self.chunk.length, device=where)
+        out = center_trim(result, piece.chunk.length)
+        n = out.shape[-1]
+        end = piece.offset + self.segment_length
+        self.out[..., piece.offset:end] += (weight[:n] * out).to(self.out.device)
+        self.sums[piece.offset:end] += weight[:n].to(self.sums.device)
+        self.remaining -= 1
+
+    def result(self) -> torch.Tensor:
+        out = self.out / self.sums
+        self.out = self.sums = None
+        return out[..., self.trim:]
 
 
-def _with_shifts(model, mixes, *, shifts: int, tick, **kwargs) -> list[torch.Tensor]:
-    from demucs.apply import TensorChunk
+@dataclass(eq=False)
+class Piece:
+    """One segment: what it is cut from, where, and the length it is padded to."""
 
-    if not shifts:
-        return _split_batched(model, [TensorChunk(m[None]) for m in mixes], tick=tick, **kwargs)
-    max_shift = int(0.5 * model.samplerate)
-    totals = [0.0] * len(mixes)
-    for _ in range(shifts):
-        shifted, offsets = [], []
-        for mix in mixes:
-            length = mix.shape[-1]
-            padded = TensorChunk(mix[None]).padded(length + 2 * max_shift)
-            offset = random.randint(0, max_shift)
-            shifted.append(TensorChunk(padded, offset, length + max_shift - offset))
-            offsets.append(offset)
-        results = _split_batched(model, shifted, tick=tick, **kwargs)
-        for index, (result, offset) in enumerate(zip(results, offsets)):
-            totals[index] = totals[index] + result[..., max_shift - offset:]
-    return [total / shifts for total in totals]
+    owner: _Pass
+    offset: int
+    chunk: object  # demucs.apply.TensorChunk
+    valid: int
+
+    @property
+    def key(self) -> tuple[int, int]:
+        # Only segments for the same model, padded alike, can share a forward pass.
+        return id(self.owner.model), self.valid
 
 
-def count_segments(model, lengths: list[int], overlap: float, segment: float | None, shifts: int) -> int:
-    """How many segment forward passes `separate_batch` will report through `progress`."""
-    from demucs.apply import BagOfModels
+class TrackWork:
+    """One track (channels x samples, normalised as the caller likes) through `model` (a
+    model or a bag): its segments, computed in any order and batch, and its stems
+    (sources x channels x samples) once all are done."""
 
-    models = model.models if isinstance(model, BagOfModels) else [model]
-    total = 0
-    for sub in models:
-        seg = float(segment if segment is not None else sub.segment)
-        stride = int((1 - overlap) * int(sub.samplerate * seg))
-        extra = int(0.5 * sub.samplerate) if shifts else 0
-        per = sum(-(-(n + extra) // stride) for n in lengths)  # an upper bound with shifts
-        total += per * max(1, shifts)
-    return total
+    def __init__(self, model, mix: torch.Tensor, *, shifts: int = 0, overlap: float = 0.25,
+                 segment: float | None = None):
+        from demucs.apply import TensorChunk
+
+        self.length = mix.shape[-1]
+        self.shifts = shifts
+        self.passes: list[_Pass] = []
+        for sub, weights in _sub_models(model):
+            if not shifts:
+                self.passes.append(_Pass(sub, TensorChunk(mix[None]), segment, overlap, 0, weights))
+                continue
+            max_shift = int(0.5 * sub.samplerate)
+            padded = TensorChunk(mix[None]).padded(self.length + 2 * max_shift)
+            for _ in range(shifts):
+                offset = random.randint(0, max_shift)
+                shifted = TensorChunk(padded, offset, self.length + max_shift - offset)
+                self.passes.append(_Pass(sub, shifted, segment, overlap, max_shift - offset, weights))
+        self._queue = [piece for p in self.passes for piece in p.pieces]
+        self.total = len(self._queue)
+        self._next = 0
+
+    @property
+    def done(self) -> int:
+        return self.total - sum(p.remaining for p in self.passes)
+
+    @property
+    def finished(self) -> bool:
+        return all(p.remaining == 0 for p in self.passes)
+
+    def peek(self) -> Piece | None:
+        return self._queue[self._next] if self._next < len(self._queue) else None
+
+    def take(self) -> Piece:
+        piece = self._queue[self._next]
+        self._next += 1
+        return piece
+
+    def result(self) -> torch.Tensor:
+        """The stems; call once, when `finished`."""
+        estimate = None
+        totals = None
+        shifts = max(1, self.shifts)
+        for index in range(0, len(self.passes), shifts):
+            group = self.passes[index:index + shifts]
+            average = sum(p.result() for p in group) / shifts
+            weights = group[0].weights
+            if weights is None:
+                return average
+            scale = torch.tensor(weights, dtype=torch.float32).view(-1, 1, 1).to(average.device)
+            estimate = average * scale if estimate is None else estimate + average * scale
+            totals = list(weights) if totals is None else [a + b for a, b in zip(totals, weights)]
+        divisor = torch.tensor(totals, dtype=torch.float32).view(-1, 1, 1).to(estimate.device)
+        return estimate / divisor
 
 
-def separate_batch(model, mixes: list[torch.Tensor], *, shifts: int = 0, overlap: float = 0.25,
-                   segment: float | None = None, device: torch.device | str = "cpu", batch_size: int = 8,
-                   precision: str = "fp32", tick: Callable[[], None] = lambda: None) -> list[torch.Tensor]:
-    """`apply_model` for many mixes at once (each channels x samples, normalised as the
-    caller likes); a bag of models is weighted per source as in `apply_model`."""
-    from demucs.apply import BagOfModels
+class SegmentBatcher:
+    """Runs forward passes over the pending segments of several tracks, up to
+    `batch_size` segments a pass, taking from the tracks in turn."""
 
-    device = torch.device(device)
-    kwargs = dict(shifts=shifts, overlap=overlap, segment=segment, device=device, batch_size=batch_size,
-                  precision=precision, tick=tick)
-    if not isinstance(model, BagOfModels):
-        return _with_shifts(model, mixes, **kwargs)
-    estimates = [0.0] * len(mixes)
-    totals = [0.0] * len(model.sources)
-    for sub, weights in zip(model.models, model.weights):
-        results = _with_shifts(sub, mixes, **kwargs)
-        scale = torch.tensor(weights, dtype=torch.float32).view(-1, 1, 1)
-        for index, result in enumerate(results):
-            estimates[index] = estimates[index] + result * scale.to(result.device)
-        for k, w in enumerate(weights):
-            totals[k] += w
-    divisor = torch.tensor(totals, dtype=torch.float32).view(-1, 1, 1)
-    return [estimate / divisor.to(estimate.device) for estimate in estimates]
+    def __init__(self, device: torch.device | str = "cpu", batch_size: int = 8, precision: str = "fp32"):
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+        self.precision = precision
+        self._weights: dict[int, torch.Tensor] = {}
+
+    def _next_batch(self, works: list[TrackWork]) -> list[tuple[TrackWork, Piece]]:
+        heads = [w for w in works if w.peek() is not None]
+        if not heads:
+            return []
+        key = heads[0].peek().key
+        batch: list[tuple[TrackWork, Piece]] = []
+        while len(batch) < self.batch_size:
+            added = False
+            for work in heads:
+                head = work.peek()
+                if head is not None and head.key == key and len(batch) < self.batch_size:
+                    batch.append((work, work.take()))
+                    added = True
+            if not added:
+                break
+        return batch
+
+    def step(self, works: list[TrackWork]) -> list[TrackWork]:
+        """One forward pass; returns the tracks it advanced (each once, in order)."""
+        batch = self._next_batch(works)
+        if not batch:
+            return []
+        model = batch[0][1].owner.model
+        valid = batch[0][1].valid
+        inputs = torch.cat([piece.chunk.padded(valid) for _, piece in batch]).to(self.device)
+        with torch.inference_mode(), autocast(self.device, self.precision):
+            results = model(inputs)
+        results = results.float()
+        length = batch[0][1].owner.segment_length
+        weight = self._weights.get(length)
+        if weight is None:
+            weight = self._weights[length] = _triangle(length, self.device)
+        advanced: list[TrackWork] = []
+        for row, (work, piece) in enumerate(batch):
+            piece.owner.accept(piece, results[row], weight)
+            if work not in advanced:
+                advanced.append(work)
+        return advanced

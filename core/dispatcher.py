@@ -56,7 +56,8 @@ class DispatcherConfig:
 
 
 class Dispatcher:
-    """Embedded mode: jobs run one at a time on the bot's own model host (`worker`)."""
+    """Embedded mode: jobs run on the bot's own model host (`worker`), as many at once as
+    it takes (one on a CPU; on a GPU several, their segments batched)."""
 
     def __init__(self, store: JobStore, worker: LocalWorker | None, storage: LocalStorage, notifier: Notifier,
                  config: DispatcherConfig = DispatcherConfig(), metrics=None):
@@ -73,6 +74,7 @@ class Dispatcher:
         self._background: set[asyncio.Task] = set()
         self._reported: set[int] = set()  # jobs whose end was already reported
         self._deliveries: set[asyncio.Task] = set()
+        self._running: set[asyncio.Task] = set()
         self.paused = False
 
     # -- life cycle --------------------------------------------------------------------
@@ -100,10 +102,12 @@ class Dispatcher:
     async def stop(self, delivery_grace_s: float = 30.0) -> None:
         """Stop taking jobs. A delivery under way is allowed to finish: stopping half-way
         would leave stems sent but the job still `delivering`, to be sent again."""
-        if self._task is not None:
-            self._task.cancel()
+        for task in [self._task, *self._running]:
+            if task is None:
+                continue
+            task.cancel()
             try:
-                await self._task
+                await task
             except (asyncio.CancelledError, Exception):  # noqa: BLE001 - shutting down
                 pass
         if self._deliveries:
@@ -134,7 +138,7 @@ class Dispatcher:
         if state is None:
             return False
         self.worker.cancel(job_id)
-        if self.worker.current_job != job_id:
+        if job_id not in self.worker.current_jobs:
             # Not on the worker: nobody else will report it.
             await self._ended(await self.store.get(job_id))
         return True
@@ -142,26 +146,38 @@ class Dispatcher:
     # -- the loop ----------------------------------------------------------------------
 
     async def _run(self) -> None:
+        # A job is claimed only when the worker has room for it, so the fair order
+        # decides at the last moment.
+        seats = asyncio.Semaphore(self.worker.capacity if self.worker is not None else 1)
         while True:
+            await seats.acquire()
             job = None if self.paused else await self.store.claim_next(self.config.worker_name)
             if job is None:
+                seats.release()
                 self._wake.clear()
                 try:
                     await asyncio.wait_for(self._wake.wait(), timeout=5.0)
                 except TimeoutError:
                     pass
                 continue
-            try:
-                await self._process(job)
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # noqa: BLE001 - one job must never stop the queue
-                log.exception("job %s: unexpected failure", job.id)
-                await self._fail(job.id, "something went wrong on our side; please try again", "internal")
-            # Jobs behind it moved up one place.
-            for queued in await self.store.unfinished():
-                if queued.job_state is JobState.queued:
-                    self._spawn(self._notify(queued))
+            task = asyncio.create_task(self._run_one(job, seats), name=f"job {job.id}")
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _run_one(self, job: Job, seats: asyncio.Semaphore) -> None:
+        try:
+            await self._process(job)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - one job must never stop the queue
+            log.exception("job %s: unexpected failure", job.id)
+            await self._fail(job.id, "something went wrong on our side; please try again", "internal")
+        finally:
+            seats.release()
+        # Jobs behind it moved up one place.
+        for queued in await self.store.unfinished():
+            if queued.job_state is JobState.queued:
+                self._spawn(self._notify(queued))
 
     async def _process(self, job: Job) -> None:
         await self._notify(job)

@@ -27,6 +27,8 @@ class WorkerSlot(Base):
     model: Mapped[str] = mapped_column(String(64))
     state: Mapped[str] = mapped_column(String(16))  # starting, ready, draining
     job_id: Mapped[int | None] = mapped_column(Integer)
+    # Jobs the slot runs at once (a GPU host batches several jobs' segments).
+    capacity: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
     started_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     seen_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
 
@@ -40,6 +42,7 @@ class SlotView:
     state: str
     job_id: int | None
     seen_s_ago: float
+    capacity: int = 1
 
 
 class Fleet:
@@ -70,11 +73,11 @@ class Fleet:
                 query = query.where(WorkerSlot.seen_at > now - timedelta(seconds=self.stale_s))
             rows = list(await session.scalars(query))
         return [SlotView(r.name, r.host, r.device, r.model, r.state, r.job_id,
-                         (now - _aware(r.seen_at)).total_seconds()) for r in rows]
+                         (now - _aware(r.seen_at)).total_seconds(), r.capacity) for r in rows]
 
     async def ready_slots(self) -> int:
-        """Live slots that take jobs (not starting, not draining)."""
-        return sum(1 for slot in await self.slots() if slot.state == "ready")
+        """Jobs the live slots that take jobs (not starting, not draining) can run at once."""
+        return sum(slot.capacity for slot in await self.slots() if slot.state == "ready")
 
     async def forget_stale(self, older_than_s: float = 3600.0) -> int:
         """Drop rows of workers gone for a long while (they stay visible for a time first)."""

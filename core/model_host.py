@@ -1,9 +1,12 @@
 """The model host: a spawned child process that owns the Demucs model.
 
-It loads the model once, warms it up, then runs jobs one at a time: decode -> separate
--> encode, reporting each stage and the progress on an event queue. It is started with
-the `spawn` method (never `fork` a process that may touch CUDA) and exits by itself
-when its parent dies, so a killed bot leaves no orphan holding the GPU.
+It loads the model once, warms it up, then runs jobs: decode -> separate -> encode,
+reporting each stage and the progress on an event queue. On a CPU it runs one job at a
+time (`_Host`). On a GPU it runs several (`_BatchingHost`): they decode and encode in
+threads while the main thread stacks the segments of all jobs being separated into
+shared forward passes. It is started with the `spawn` method (never `fork` a process that
+may touch CUDA) and exits by itself when its parent dies, so a killed bot leaves no
+orphan holding the GPU.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import threading
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
@@ -49,6 +53,11 @@ class HostConfig:
     # Added to the host's niceness: on a shared CPU the bot's event loop (and a worker's
     # heartbeats) then run first, and the separation takes what is left.
     nice: int = 0
+    # Jobs in the host at once, their segments batched together (None: 4 on a GPU, 1 on
+    # a CPU, where batching and overlapping encodes were measured slower).
+    batch_jobs: int | None = None
+    # Segments per forward pass when several jobs share the host.
+    batch_segments: int = 16
     log_level: int = logging.INFO
 
 
@@ -70,19 +79,47 @@ class JobSpec:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def host_main(config: HostConfig, requests, events, cancel_job) -> None:
-    """Entry point of the child process. `cancel_job` is a shared integer: the id of the
-    job to stop (0 for none)."""
+class CancelBoard:
+    """The ids of jobs to stop, shared by a worker and its host (a small ring in shared
+    memory; a host holds at most a few jobs)."""
+
+    SIZE = 32
+
+    def __init__(self, ctx):
+        self._ids = ctx.Array("q", self.SIZE)
+        self._next = ctx.Value("i", 0)
+
+    def add(self, job_id: int) -> None:
+        with self._ids.get_lock():
+            if job_id not in self._ids[:]:
+                self._ids[self._next.value % self.SIZE] = job_id
+                self._next.value += 1
+
+    def discard(self, job_id: int) -> None:
+        with self._ids.get_lock():
+            for index, value in enumerate(self._ids[:]):
+                if value == job_id:
+                    self._ids[index] = 0
+
+    def __contains__(self, job_id: int) -> bool:
+        return job_id in self._ids[:]
+
+
+def host_main(config: HostConfig, requests, events, cancelled: CancelBoard) -> None:
+    """Entry point of the child process."""
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s model-host: %(message)s")
     parent = os.getppid()
     _die_with_parent(parent)
     if config.nice:
         os.nice(config.nice)
-    host = _Host(config, events, cancel_job, parent)
+    host = _Host(config, events, cancelled, parent)
     try:
         host.boot()
     except Exception as exc:  # noqa: BLE001 - reported to the parent, which decides
         events.put({"type": "fatal", "reason": _reason(exc), "kind": getattr(exc, "kind", "error")})
+        return
+    if host.capacity > 1:
+        _BatchingHost(host).serve(requests)
         return
     while True:
         try:
@@ -119,13 +156,37 @@ def _reason(exc: BaseException) -> str:
     return f"internal error ({exc.__class__.__name__})"
 
 
+@dataclass
+class _Prepared:
+    """A decoded job, ready to separate."""
+
+    spec: JobSpec
+    engine: Any
+    request: Any
+    duration_s: float
+    mix: Any = None  # channels x samples, or None when `staged` (a long track on disk)
+    staged: Any = None
+    work: Path | None = None  # scratch folder of a long track
+
+    def cleanup(self) -> None:
+        import shutil
+
+        if self.work is not None:
+            shutil.rmtree(self.work, ignore_errors=True)
+            self.work = None
+
+
 class _Host:
-    def __init__(self, config: HostConfig, events, cancel_job, parent: int):
+    """One job at a time; also the job steps `_BatchingHost` runs concurrently."""
+
+    def __init__(self, config: HostConfig, events, cancelled, parent: int):
         self.config = config
         self.parent = parent
         self.events = events
-        self.cancel_job = cancel_job
+        self.cancelled = cancelled  # supports `job_id in cancelled`
         self.engines: dict[str, Any] = {}
+        self.capacity = 1
+        self._engines_lock = threading.Lock()
 
     def boot(self) -> None:
         started = time.monotonic()
@@ -137,23 +198,28 @@ class _Host:
         loaded = time.monotonic()
         if self.config.warm_up:
             engine.warm_up()
+        if self.config.batch_jobs is not None:
+            self.capacity = self.config.batch_jobs
+        else:
+            self.capacity = 4 if engine.device.type == "cuda" else 1
         self.events.put({
             "type": "ready", "model": self.config.model, "device": str(engine.device), "pid": os.getpid(),
-            "load_s": loaded - started, "warmup_s": time.monotonic() - loaded,
+            "load_s": loaded - started, "warmup_s": time.monotonic() - loaded, "capacity": self.capacity,
         })
 
     def engine(self, name: str):
         from .separation import SeparationEngine
 
-        if name in self.engines:
-            self.engines[name] = self.engines.pop(name)  # most recently used last
-            return self.engines[name]
-        while len(self.engines) >= self.config.max_loaded_models:
-            self.engines.pop(next(iter(self.engines)))
-        model_dir = Path(self.config.model_dir) if self.config.model_dir else None
-        engine = SeparationEngine.load(name, model_dir, self.config.device)
-        self.engines[name] = engine
-        return engine
+        with self._engines_lock:  # decoding threads ask for engines too
+            if name in self.engines:
+                self.engines[name] = self.engines.pop(name)  # most recently used last
+                return self.engines[name]
+            while len(self.engines) >= self.config.max_loaded_models:
+                self.engines.pop(next(iter(self.engines)))
+            model_dir = Path(self.config.model_dir) if self.config.model_dir else None
+            engine = SeparationEngine.load(name, model_dir, self.config.device)
+            self.engines[name] = engine
+            return engine
 
     def run(self, spec: JobSpec) -> None:
         from .errors import JobCancelled
@@ -174,7 +240,7 @@ class _Host:
     def _cancelled(self, job_id: int) -> bool:
         if os.getppid() != self.parent:
             os._exit(0)  # the bot is gone: nobody will read the result
-        return self.cancel_job.value == job_id
+        return job_id in self.cancelled
 
     def _stage(self, job_id: int, stage: str, **extra) -> None:
         from .errors import JobCancelled
@@ -184,13 +250,23 @@ class _Host:
         self.events.put({"type": "stage", "job": job_id, "stage": stage, **extra})
 
     def _separate(self, spec: JobSpec) -> dict:
+        prepared = self._prepare(spec)
+        try:
+            self._stage(spec.job_id, "separating", duration_s=prepared.duration_s)
+            started = time.monotonic()
+            stems, names = self._separate_prepared(prepared)
+            separation_s = time.monotonic() - started
+            self._stage(spec.job_id, "encoding")
+            return self._finish(prepared, stems, names, separation_s)
+        finally:
+            prepared.cleanup()
+
+    def _prepare(self, spec: JobSpec) -> _Prepared:
+        """Probe and decode (a long track: to a scratch folder, in blocks)."""
         import shutil
 
         from . import blockwise
-        from .audio import Limits, OutputFormat, decode, probe
-        from .delivery import fits, links_note, plan_delivery, too_large_error
-        from .pipeline import write_track
-        from .separation import SeparationOptions
+        from .audio import Limits, decode, probe
         from .stems import parse_stems
 
         job = spec.job_id
@@ -202,58 +278,85 @@ class _Host:
         input_path = Path(spec.input_path)
         stems_dir = Path(spec.stems_dir)
         info = probe(input_path, limits)
-        work = staged = None
+        prepared = _Prepared(spec, engine, request, 0.0)
         try:
             if blockwise.use_blocks(info.duration_s, config.block_s, config.blocks_above_s):
                 # Long, or of unknown length: decoded to disk, and kept there if long.
-                work = blockwise.work_dir(stems_dir.parent, stems_dir.name)
-                staged = blockwise.stage_input(input_path, engine, limits, work, info)
+                prepared.work = blockwise.work_dir(stems_dir.parent, stems_dir.name)
+                staged = blockwise.stage_input(input_path, engine, limits, prepared.work, info)
                 if staged.duration_s <= config.blocks_above_s:
-                    mix, staged = staged.load(), None
-                    shutil.rmtree(work, ignore_errors=True)
-                    work = None
+                    prepared.mix = staged.load()
+                    shutil.rmtree(prepared.work, ignore_errors=True)
+                    prepared.work = None
+                else:
+                    prepared.staged = staged
             else:
-                mix = decode(input_path, engine.samplerate, engine.audio_channels, limits, info)
-            duration = (staged.frames if staged else mix.shape[1]) / engine.samplerate
+                prepared.mix = decode(input_path, engine.samplerate, engine.audio_channels, limits, info)
+        except BaseException:
+            prepared.cleanup()
+            raise
+        frames = prepared.staged.frames if prepared.staged else prepared.mix.shape[1]
+        prepared.duration_s = frames / engine.samplerate
+        return prepared
 
-            self._stage(job, "separating", duration_s=duration)
-            last_sent = [0.0]
+    def _progress_reporter(self, job: int):
+        last_sent = [0.0]
 
-            def progress(fraction: float) -> None:
-                now = time.monotonic()
-                # The queue is cheap, but the bot only shows an update every ~2 s anyway.
-                if now - last_sent[0] >= 0.5 or fraction >= 1.0:
-                    last_sent[0] = now
-                    self.events.put({"type": "progress", "job": job, "fraction": fraction})
+        def progress(fraction: float) -> None:
+            now = time.monotonic()
+            # The queue is cheap, but the bot only shows an update every ~2 s anyway.
+            if now - last_sent[0] >= 0.5 or fraction >= 1.0:
+                last_sent[0] = now
+                self.events.put({"type": "progress", "job": job, "fraction": fraction})
+        return progress
 
-            started = time.monotonic()
-            options = SeparationOptions(config.shifts, config.overlap, config.segment, config.precision)
-            if staged is not None:
-                stems = blockwise.separate_staged(staged, engine, request, options, work, progress=progress,
-                                                  should_cancel=lambda: self._cancelled(job),
-                                                  block_s=config.block_s)
-                staged.path.unlink()
-                names = stems.names
-            else:
-                stems = engine.separate(mix, request, options, progress=progress,
-                                        should_cancel=lambda: self._cancelled(job))
-                del mix
-                names = list(stems)
-            separation_s = time.monotonic() - started
+    def _options(self):
+        from .separation import SeparationOptions
 
-            self._stage(job, "encoding")
-            requested = OutputFormat(name=spec.format, mp3_bitrate_kbps=spec.mp3_bitrate_kbps)
-            plan = plan_delivery(requested, duration, len(names), spec.attachment_limit, spec.links_available,
-                                 link_valid_hours=spec.link_valid_hours)
-            shutil.rmtree(stems_dir, ignore_errors=True)  # a retry starts clean
-            if staged is not None:
-                folder = blockwise.write_staged(stems, stems_dir.parent, stems_dir.name, plan.format)
-            else:
-                folder = write_track(stems, engine.samplerate, stems_dir.parent, stems_dir.name, plan.format)
-            del stems
-        finally:
-            if work is not None:
-                shutil.rmtree(work, ignore_errors=True)
+        config = self.config
+        return SeparationOptions(config.shifts, config.overlap, config.segment, config.precision)
+
+    def _separate_prepared(self, prepared: _Prepared):
+        """Separate one job on its own; returns its stems and their names."""
+        from . import blockwise
+
+        job = prepared.spec.job_id
+        engine = prepared.engine
+        progress = self._progress_reporter(job)
+        if prepared.staged is not None:
+            stems = blockwise.separate_staged(prepared.staged, engine, prepared.request, self._options(),
+                                              prepared.work, progress=progress,
+                                              should_cancel=lambda: self._cancelled(job),
+                                              block_s=self.config.block_s)
+            prepared.staged.path.unlink()
+            return stems, stems.names
+        stems = engine.separate(prepared.mix, prepared.request, self._options(), progress=progress,
+                                should_cancel=lambda: self._cancelled(job))
+        prepared.mix = None
+        return stems, list(stems)
+
+    def _finish(self, prepared: _Prepared, stems, names: list[str], separation_s: float) -> dict:
+        """Encode the stems, choose attachments or links, draw the preview."""
+        import shutil
+
+        from . import blockwise
+        from .audio import OutputFormat
+        from .delivery import fits, links_note, plan_delivery, too_large_error
+        from .pipeline import write_track
+
+        spec, config = prepared.spec, self.config
+        job, duration = spec.job_id, prepared.duration_s
+        stems_dir = Path(spec.stems_dir)
+        requested = OutputFormat(name=spec.format, mp3_bitrate_kbps=spec.mp3_bitrate_kbps)
+        plan = plan_delivery(requested, duration, len(names), spec.attachment_limit, spec.links_available,
+                             link_valid_hours=spec.link_valid_hours)
+        shutil.rmtree(stems_dir, ignore_errors=True)  # a retry starts clean
+        if prepared.staged is not None:
+            folder = blockwise.write_staged(stems, stems_dir.parent, stems_dir.name, plan.format)
+        else:
+            folder = write_track(stems, prepared.engine.samplerate, stems_dir.parent, stems_dir.name, plan.format)
+        del stems
+        prepared.cleanup()
         files = {name: f"{name}.{plan.format.extension}" for name in names}
         sizes = {name: (folder / file).stat().st_size for name, file in files.items()}
         mode, note = plan.mode, plan.note
@@ -276,3 +379,161 @@ class _Host:
             "files": files, "sizes": sizes, "duration_s": duration, "separation_s": separation_s,
             "format": asdict(plan.format), "mode": mode, "note": note, "preview": preview,
         }
+
+
+class _BatchingHost:
+    """Several jobs at once on one device (a GPU): each is decoded and later encoded in a
+    thread, while this process's main thread runs forward passes over the segments of
+    all jobs being separated (core.batching). A job joins the batches as soon as it is
+    decoded and leaves them when its last segment is done or it is cancelled, so a short
+    track never waits for a long one, and encoding overlaps the next separation.
+
+    Long tracks (core.blockwise) are separated alone in the main thread, block by block:
+    their memory bound matters more than sharing passes."""
+
+    def __init__(self, host: _Host):
+        from concurrent.futures import ThreadPoolExecutor
+
+        from .batching import SegmentBatcher
+
+        self.host = host
+        self.events = host.events
+        self.capacity = host.capacity
+        self.ready: queue.Queue = queue.Queue()  # decoded jobs for the main thread
+        self.decoders = ThreadPoolExecutor(self.capacity, thread_name_prefix="decode")
+        self.encoders = ThreadPoolExecutor(self.capacity, thread_name_prefix="encode")
+        self.batcher = SegmentBatcher(host.engine(host.config.model).device, host.config.batch_segments,
+                                      host.config.precision)
+        self.active: list[tuple[_Prepared, Any, Any, float]] = []  # prepared, track, progress, started
+        self.shared: dict[int, int] = {}  # job id -> most jobs in one forward pass with it
+        self.stopping = False
+
+    def serve(self, requests) -> None:
+        intake = threading.Thread(target=self._intake, args=(requests,), name="intake", daemon=True)
+        intake.start()
+        while not (self.stopping and not self.active and self.ready.empty()):
+            if os.getppid() != self.host.parent:
+                os._exit(0)  # the bot is gone: nobody will read the results
+            self._admit(block=not self.active)
+            self._drop_cancelled()
+            if self.active:
+                self._step()
+        self.decoders.shutdown(wait=True)
+        self.encoders.shutdown(wait=True)
+
+    def _intake(self, requests) -> None:
+        """Thread: new jobs go to the decoders; None means stop after the running ones."""
+        while True:
+            try:
+                message = requests.get(timeout=1.0)
+            except queue.Empty:
+                continue
+            except (EOFError, OSError):
+                message = None
+            if message is None:
+                self.stopping = True
+                self.ready.put(None)
+                return
+            spec = JobSpec(**message)
+            self.decoders.submit(self._guarded, spec, self._decode, spec)
+
+    def _guarded(self, spec: JobSpec, step, *args) -> None:
+        """Run a job step in a thread; a failure or cancellation ends the job, as in `_Host.run`."""
+        from .errors import JobCancelled
+
+        try:
+            step(*args)
+        except JobCancelled:
+            self.events.put({"type": "cancelled", "job": spec.job_id})
+        except Exception as exc:  # noqa: BLE001 - every failure is reported, the host lives on
+            if not hasattr(exc, "reason"):
+                log.error("job %s failed:\n%s", spec.job_id, traceback.format_exc())
+            self.events.put({"type": "failed", "job": spec.job_id, "reason": _reason(exc),
+                             "kind": getattr(exc, "kind", "error")})
+
+    def _decode(self, spec: JobSpec) -> None:
+        prepared = self.host._prepare(spec)
+        try:
+            self.host._stage(spec.job_id, "separating", duration_s=prepared.duration_s)
+        except BaseException:
+            prepared.cleanup()
+            raise
+        self.ready.put(prepared)
+
+    def _admit(self, block: bool) -> None:
+        """Take in the jobs decoded since the last pass (wait for one when idle)."""
+        while True:
+            try:
+                prepared = self.ready.get(timeout=1.0) if block else self.ready.get_nowait()
+            except queue.Empty:
+                return
+            block = False
+            if prepared is None:
+                continue
+            if prepared.staged is not None:
+                self._alone(prepared)
+                continue
+            track = prepared.engine.start_track(prepared.mix, prepared.request, self.host._options())
+            prepared.mix = None
+            self.active.append((prepared, track, self.host._progress_reporter(prepared.spec.job_id),
+                                time.monotonic()))
+
+    def _alone(self, prepared: _Prepared) -> None:
+        def separate() -> None:
+            started = time.monotonic()
+            try:
+                stems, names = self.host._separate_prepared(prepared)
+            except BaseException:
+                prepared.cleanup()
+                raise
+            self.encoders.submit(self._guarded, prepared.spec, self._encode, prepared, stems, names,
+                                 time.monotonic() - started)
+
+        self._guarded(prepared.spec, separate)
+
+    def _drop_cancelled(self) -> None:
+        for entry in list(self.active):
+            job = entry[0].spec.job_id
+            if self.host._cancelled(job):
+                self.active.remove(entry)
+                entry[0].cleanup()
+                self.shared.pop(job, None)
+                self.events.put({"type": "cancelled", "job": job})
+
+    def _step(self) -> None:
+        works = [track.work for _, track, _, _ in self.active]
+        try:
+            advanced = self.batcher.step(works)
+        except Exception as exc:  # noqa: BLE001 - e.g. out of GPU memory: these jobs fail, the host lives on
+            log.error("a shared forward pass failed:\n%s", traceback.format_exc())
+            for prepared, _, _, _ in self.active:
+                prepared.cleanup()
+                self.shared.pop(prepared.spec.job_id, None)
+                self.events.put({"type": "failed", "job": prepared.spec.job_id, "reason": _reason(exc),
+                                 "kind": getattr(exc, "kind", "error")})
+            self.active.clear()
+            return
+        for entry in list(self.active):
+            prepared, track, progress, started = entry
+            work = track.work
+            if work in advanced:
+                job = prepared.spec.job_id
+                self.shared[job] = max(self.shared.get(job, 1), len(advanced))
+            if not work.finished:
+                progress(min(work.done / max(1, work.total), 0.999))
+                continue
+            self.active.remove(entry)
+            progress(1.0)
+            separation_s = time.monotonic() - started
+            stems = track.stems()
+            self.encoders.submit(self._guarded, prepared.spec, self._encode, prepared, stems, list(stems),
+                                 separation_s)
+
+    def _encode(self, prepared: _Prepared, stems, names: list[str], separation_s: float) -> None:
+        job = prepared.spec.job_id
+        try:
+            self.host._stage(job, "encoding")
+            result = self.host._finish(prepared, stems, names, separation_s)
+        finally:
+            prepared.cleanup()
+        self.events.put({"type": "done", "job": job, **result, "batched_jobs": self.shared.pop(job, 1)})

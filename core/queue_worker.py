@@ -18,7 +18,7 @@ import logging
 import os
 import shutil
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import StembotError
@@ -103,8 +103,13 @@ class Slot:
     device: str
     host: object  # core.worker.LocalWorker
     runner: object = None  # core.runner.JobRunner
-    job_id: int | None = None
+    job_ids: set[int] = field(default_factory=set)
     task: asyncio.Task | None = None
+
+    @property
+    def job_id(self) -> int | None:
+        """One running job, for the slot's row (None: idle)."""
+        return min(self.job_ids) if self.job_ids else None
 
 
 class QueueWorker:
@@ -163,7 +168,7 @@ class QueueWorker:
             async with app.open_async():
                 for slot in self.slots:
                     slot.task = asyncio.create_task(app.run_worker_async(
-                        queues=[QUEUE], name=slot.name, concurrency=1, wait=True,
+                        queues=[QUEUE], name=slot.name, concurrency=slot.host.capacity, wait=True,
                         additional_context={"run": self._runner_of(slot)},
                         install_signal_handlers=False, listen_notify=True,
                         # LISTEN/NOTIFY wakes a slot at once; the poll covers a notification
@@ -181,8 +186,8 @@ class QueueWorker:
                 self.draining = True
                 for slot in self.slots:
                     await self._beat(fleet, slot, "draining")
-                    if slot.job_id is not None:
-                        log.info("draining: waiting for job %s on %s", slot.job_id, slot.device)
+                    if slot.job_ids:
+                        log.info("draining: waiting for job(s) %s on %s", sorted(slot.job_ids), slot.device)
                     # Cancelling procrastinate's worker stops it taking jobs and waits
                     # for the running one to finish (no graceful time-out is set).
                     slot.task.cancel()
@@ -203,7 +208,7 @@ class QueueWorker:
 
     def _runner_of(self, slot: Slot):
         async def run(job_id: int):
-            slot.job_id = job_id
+            slot.job_ids.add(job_id)
             try:
                 outcome = await slot.runner.run(job_id)
                 log.info("job %s on %s: %s", job_id, slot.device, outcome.value)
@@ -212,12 +217,13 @@ class QueueWorker:
                 log.info("job %s on %s: aborted", job_id, slot.device)
                 raise
             finally:
-                slot.job_id = None
+                slot.job_ids.discard(job_id)
         return run
 
     async def _beat(self, fleet, slot: Slot, state: str) -> None:
         await fleet.beat(slot.name, host=socket.gethostname()[:255], pid=os.getpid(), device=slot.device,
-                         model=self.settings.model, state=state, job_id=slot.job_id)
+                         model=self.settings.model, state=state, job_id=slot.job_id,
+                         capacity=slot.host.capacity)
 
     async def _heartbeats(self, fleet, app) -> None:
         """Refresh the slots' rows, and take over the jobs of workers that stopped beating

@@ -208,6 +208,19 @@ class SeparationEngine:
                 results[name] = (wav - estimates[name[3:]]).numpy()
         return results
 
+    def start_track(self, mix: np.ndarray, request: StemRequest,
+                    options: SeparationOptions = SeparationOptions()) -> "TrackSeparation":
+        """`mix` as segments that a `core.batching.SegmentBatcher` may compute together
+        with other tracks' (of this engine or another on the same device)."""
+        from .batching import TrackWork
+
+        plan = self._plan(request.direct_sources)
+        wav = torch.from_numpy(np.ascontiguousarray(mix, dtype=np.float32))
+        mean, std = _mono_stats(wav)
+        work = TrackWork(plan.model, (wav - mean) / std, shifts=options.shifts, overlap=options.overlap,
+                         segment=options.segment)
+        return TrackSeparation(self, work, wav, (mean, std), plan, request)
+
     def separate_many(
         self,
         mixes: list[np.ndarray],
@@ -217,36 +230,38 @@ class SeparationEngine:
         progress: ProgressCallback | None = None,
         should_cancel: CancelCheck | None = None,
     ) -> list[dict[str, np.ndarray]]:
-        """Separate several mixes together, their segments sharing forward passes (see
-        core.batching). With `shifts=0` each result equals `separate` of that mix alone."""
-        from .batching import count_segments, separate_batch
+        """Separate several mixes together, their segments sharing forward passes. With
+        `shifts=0` each result equals `separate` of that mix alone, up to float rounding."""
+        from .batching import SegmentBatcher
 
-        plan = self._plan(request.direct_sources)
-        wavs = [torch.from_numpy(np.ascontiguousarray(m, dtype=np.float32)) for m in mixes]
-        stats = [_mono_stats(wav) for wav in wavs]
-        normalised = [(wav - mean) / std for wav, (mean, std) in zip(wavs, stats)]
-        total = max(1, count_segments(plan.model, [w.shape[-1] for w in wavs], options.overlap, options.segment,
-                                      options.shifts))
-        done = [0]
-
-        def tick() -> None:
-            done[0] += 1
+        tracks = [self.start_track(mix, request, options) for mix in mixes]
+        works = [track.work for track in tracks]
+        batcher = SegmentBatcher(self.device, batch_size, options.precision)
+        total = max(1, sum(work.total for work in works))
+        started = time.monotonic()
+        while not all(work.finished for work in works):
+            batcher.step(works)
             if should_cancel is not None and should_cancel():
                 raise JobCancelled()
             if progress is not None:
-                progress(min(done[0] / total, 0.999))
-
-        started = time.monotonic()
-        with torch.inference_mode():
-            outs = separate_batch(plan.model, normalised, shifts=options.shifts, overlap=options.overlap,
-                                  segment=options.segment, device=self.device, batch_size=batch_size,
-                                  precision=options.precision, tick=tick)
+                progress(min(sum(work.done for work in works) / total, 0.999))
         self.forward_seconds += time.monotonic() - started
-        results = [self._outputs(out * std + mean, wav, plan, request)
-                   for out, wav, (mean, std) in zip(outs, wavs, stats)]
+        results = [track.stems() for track in tracks]
         if progress is not None:
             progress(1.0)
         return results
+
+
+class TrackSeparation:
+    """One mix on its way through shared forward passes; `stems()` once its work is done."""
+
+    def __init__(self, engine: SeparationEngine, work, wav: torch.Tensor, stats, plan: _Plan,
+                 request: StemRequest):
+        self.engine, self.work, self.wav, self.stats, self.plan, self.request = engine, work, wav, stats, plan, request
+
+    def stems(self) -> dict[str, np.ndarray]:
+        mean, std = self.stats
+        return self.engine._outputs(self.work.result() * std + mean, self.wav, self.plan, self.request)
 
 
 def _mono_stats(wav: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -47,6 +47,10 @@ class Settings(BaseSettings):
     # Arithmetic of the forward passes. bf16 is faster where the hardware has it (recent
     # GPUs, CPUs with AVX512-BF16/AMX) at a small cost in quality (docs/performance.md).
     precision: Precision = "fp32"
+    # Jobs a model host runs at once, their segments sharing forward passes (default: 4 on
+    # a GPU, 1 on a CPU, where it was measured slower), and segments per forward pass.
+    batch_jobs: int | None = Field(default=None, ge=1, le=32)
+    batch_segments: int = Field(default=16, ge=1, le=256)
     mp3_bitrate: int = Field(default=320, ge=32, le=320)
     # CPU threads per model host (default: every core, shared by a worker's CPU slots).
     threads: int | None = Field(default=None, ge=1)
@@ -119,7 +123,8 @@ class Settings(BaseSettings):
         return HostConfig(
             model=self.model, model_dir=str(self.model_dir) if self.model_dir else None,
             device=device or self.device, shifts=self.shifts, overlap=self.overlap, segment=self.segment,
-            precision=self.precision, min_duration_s=self.min_duration_s, max_duration_s=self.max_duration_s,
+            precision=self.precision, batch_jobs=self.batch_jobs, batch_segments=self.batch_segments,
+            min_duration_s=self.min_duration_s, max_duration_s=self.max_duration_s,
             max_input_bytes=self.max_input_bytes, threads=threads, nice=self.model_host_nice,
         )
 

@@ -1,8 +1,9 @@
 """The local worker: supervises the model host child process from asyncio.
 
-It spawns the host, waits until the model is loaded and warmed up, hands it one job at
-a time, relays its events, cancels within a segment, and notices when the host dies
-(killed, out of memory) so the job can be retried on a fresh host.
+It spawns the host, waits until the model is loaded and warmed up, hands it jobs (one
+at a time on a CPU; on a GPU up to the host's `capacity`, whose segments it batches),
+relays each job's events to its caller, cancels within a segment, and notices when the
+host dies (killed, out of memory) so its jobs can be retried on a fresh host.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dataclasses import asdict
 from typing import Awaitable, Callable
 
 from .errors import StembotError
-from .model_host import HostConfig, JobSpec, host_main
+from .model_host import CancelBoard, HostConfig, JobSpec, host_main
 
 log = logging.getLogger(__name__)
 
@@ -40,14 +41,18 @@ class LocalWorker:
         self._process = None
         self._requests = None
         self._events = None
-        self._cancel = self._ctx.Value("q", 0)
+        self._cancel = CancelBoard(self._ctx)
         self._inbox: asyncio.Queue | None = None
         self._reader: threading.Thread | None = None
+        self._router: asyncio.Task | None = None
         self._stop_reader = threading.Event()
-        self._lock = asyncio.Lock()
+        self._restart_lock = asyncio.Lock()
+        self._seats: asyncio.Semaphore | None = None
+        self._listeners: dict[int, asyncio.Queue] = {}  # job id -> its events
         self.ready = False
         self.info: dict = {}
-        self.current_job: int | None = None
+        self.capacity = 1  # jobs at once, as the host says when ready
+        self.current_jobs: set[int] = set()
 
     @property
     def pid(self) -> int | None:
@@ -63,7 +68,6 @@ class LocalWorker:
         self._inbox = asyncio.Queue()
         self._requests = self._ctx.Queue()
         self._events = self._ctx.Queue()
-        self._cancel.value = 0
         self._process = self._ctx.Process(
             target=host_main, args=(self.config, self._requests, self._events, self._cancel),
             name="stembot-model-host", daemon=True,
@@ -80,6 +84,10 @@ class LocalWorker:
             raise WorkerUnavailable(event.get("reason", "the model host did not start"))
         self.ready = True
         self.info = {**event, "start_s": time.monotonic() - started}
+        self.capacity = int(event.get("capacity", 1))
+        if self._seats is None:
+            self._seats = asyncio.Semaphore(self.capacity)
+        self._router = asyncio.create_task(self._route(self._inbox), name="model-host-router")
         log.info("model host ready: %s on %s in %.1f s (load %.1f s, warm-up %.1f s)", event["model"],
                  event["device"], self.info["start_s"], event["load_s"], event["warmup_s"])
         return self.info
@@ -113,23 +121,47 @@ class LocalWorker:
             log.warning("model host died (exit code %s)", event.get("exitcode"))
         return event
 
+    async def _route(self, inbox: asyncio.Queue) -> None:
+        """Hand each event to its job's caller; the host's death to every caller."""
+        while True:
+            event = await inbox.get()
+            if event["type"] == "died":
+                self.ready = False
+                log.warning("model host died (exit code %s)", event.get("exitcode"))
+                self._tell_all_died(event)
+                return
+            listener = self._listeners.get(event.get("job"))
+            if listener is not None:  # else: a late event of an abandoned job
+                listener.put_nowait(event)
+
+    def _tell_all_died(self, event: dict) -> None:
+        for listener in self._listeners.values():
+            listener.put_nowait(event)
+
+    async def _ensure_started(self) -> None:
+        async with self._restart_lock:  # several jobs may find the host dead at once
+            if not self.alive() or not self.ready:
+                await self.restart()
+
     async def run(self, spec: JobSpec, on_event: EventHandler | None = None) -> dict:
         """Run one job on the host; returns its final event (done, failed or cancelled).
         Raises WorkerCrashed when the host died meanwhile (it is restarted first)."""
-        async with self._lock:
-            if not self.alive() or not self.ready:
-                await self.restart()
-            self.current_job = spec.job_id
-            self._cancel.value = 0
+        if self._seats is None:
+            self._seats = asyncio.Semaphore(self.capacity)
+        async with self._seats:
+            await self._ensure_started()
+            job = spec.job_id
+            events: asyncio.Queue = asyncio.Queue()
+            self._listeners[job] = events
+            self.current_jobs.add(job)
+            self._cancel.discard(job)  # a retry of a job abandoned here before
             self._requests.put(asdict(spec))
             try:
                 while True:
-                    event = await self._next_event()
+                    event = await events.get()
                     if event["type"] == "died":
-                        await self.restart()
+                        await self._ensure_started()
                         raise WorkerCrashed(f"the model host died (exit code {event.get('exitcode')})")
-                    if event.get("job") != spec.job_id:
-                        continue  # a late event of an earlier job
                     if event["type"] in ("done", "failed", "cancelled"):
                         return event
                     if on_event is not None:
@@ -139,30 +171,30 @@ class LocalWorker:
             except asyncio.CancelledError:
                 # Our caller gave up on the job (aborted, shutting down): stop the host's
                 # work too, or it would still be separating when the next job arrives.
-                await asyncio.shield(self._abandon(spec.job_id))
+                await asyncio.shield(self._abandon(job, events))
                 raise
             finally:
-                self.current_job = None
+                self._listeners.pop(job, None)
+                self.current_jobs.discard(job)
 
-    async def _abandon(self, job_id: int, timeout_s: float = 30.0) -> None:
-        """Cancel `job_id` on the host and wait until it says it stopped (it checks between
+    async def _abandon(self, job_id: int, events: asyncio.Queue, timeout_s: float = 30.0) -> None:
+        """Cancel `job_id` on the host and wait until it says it stopped (it checks within
         segments); a host that does not answer in time is stopped (the next job starts a
         fresh one)."""
-        self._cancel.value = job_id
+        self._cancel.add(job_id)
         try:
             async with asyncio.timeout(timeout_s):
                 while True:
-                    event = await self._next_event()
-                    if event["type"] == "died" or (
-                            event.get("job") == job_id and event["type"] in ("done", "failed", "cancelled")):
+                    event = await events.get()
+                    if event["type"] in ("died", "done", "failed", "cancelled"):
                         return
         except TimeoutError:
             log.warning("job %s: the model host did not stop in %.0f s; stopping it", job_id, timeout_s)
             await self.stop()
 
     def cancel(self, job_id: int) -> None:
-        """Ask the host to stop `job_id` at its next segment (no-op if it is not running it)."""
-        self._cancel.value = job_id
+        """Ask the host to stop `job_id` soon (no-op if it is not running it)."""
+        self._cancel.add(job_id)
 
     async def restart(self) -> None:
         await self.stop()
@@ -185,3 +217,8 @@ class LocalWorker:
                 await asyncio.to_thread(process.join, 5)
         if self._reader is not None:
             await asyncio.to_thread(self._reader.join, 2)
+        if self._router is not None:
+            self._router.cancel()
+            self._router = None
+        # Jobs still waiting on this host will hear nothing more from it.
+        self._tell_all_died({"type": "died", "exitcode": process.exitcode})

@@ -291,7 +291,7 @@ def _host_run(model_dir, source: Path, out: Path, **config) -> tuple[dict, list[
     events = _Events()
     host = _Host(HostConfig(model="tiny", model_dir=str(model_dir), device="cpu", shifts=0, warm_up=False,
                             log_level=logging.WARNING, **config),
-                 events, types.SimpleNamespace(value=0), parent=os.getppid())
+                 events, set(), parent=os.getppid())
     spec = JobSpec(job_id=7, input_path=str(source), stems_dir=str(out / "stems"), model="tiny", stems="all",
                    format="flac")
     host.run(spec)
@@ -323,7 +323,7 @@ def test_the_model_host_gives_the_same_files_with_blocks(model_dir, track, tmp_p
 
 def test_the_model_host_cleans_up_a_cancelled_long_job(model_dir, track, tmp_path):
     events = _Events()
-    cancel = types.SimpleNamespace(value=0)
+    cancel: set[int] = set()
     host = _Host(HostConfig(model="tiny", model_dir=str(model_dir), device="cpu", shifts=0, warm_up=False,
                             block_s=BLOCK_S, blocks_above_s=30.0),
                  events, cancel, parent=os.getppid())
@@ -332,7 +332,7 @@ def test_the_model_host_cleans_up_a_cancelled_long_job(model_dir, track, tmp_pat
     def put(item: dict) -> None:
         original(item)
         if item["type"] == "progress":
-            cancel.value = 9  # cancel once it is under way
+            cancel.add(9)  # cancel once it is under way
 
     events.put = put
     host.run(JobSpec(job_id=9, input_path=str(track), stems_dir=str(tmp_path / "stems"), model="tiny",

@@ -230,7 +230,7 @@ async def test_a_killed_host_raises_worker_crashed_and_is_replaced(worker, media
     assert worker.alive() and worker.ready
     assert worker.pid is not None and worker.pid != old_pid
     assert worker.info["pid"] == worker.pid
-    assert worker.current_job is None
+    assert not worker.current_jobs
     # The old process is gone for good (reaped, not a zombie left to the test run).
     with pytest.raises(ProcessLookupError):
         os.kill(old_pid, 0)

@@ -237,7 +237,10 @@ async def test_cancel_reaches_the_worker_and_sigterm_drains(distributed, tmp_pat
                 "split", [attachment_option("file", song(fake, tmp_path, "b.wav", 20.0))], user=users[1])
             worker.process.send_signal(signal.SIGTERM)
             assert await asyncio.wait_for(worker.process.wait(), 120) == 0
-            assert done(fake.messages_for(running)), "the running job must finish before the worker exits"
+            finished = await query(url, "SELECT state FROM jobs WHERE id = :a", a=job_a)
+            assert finished[0].state in ("delivering", "done"), "the running job must finish before the worker exits"
+            await final_message(fake, running, timeout=30)
+            assert done(fake.messages_for(running))
             rows = await query(url, "SELECT id, state FROM jobs WHERE id > :a ORDER BY id", a=job_a)
             assert [r.state for r in rows] == ["queued"], "a draining worker takes no new job"
 

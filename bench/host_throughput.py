@@ -1,0 +1,101 @@
+"""Benchmark: jobs per minute of the model host with concurrent jobs, against `python -m demucs`.
+
+Files in, mp3 stems out on both sides. demucs gets all tracks in one invocation (as a
+user would run it); stembot's side is the real `LocalWorker` with its spawned model host
+(already started and warmed up, as a running bot's is), given all tracks at once as
+concurrent jobs, once per `--batch-jobs` value (1: one job at a time; more: jobs decode
+and encode in threads while their segments share forward passes). Same model folder,
+same settings (shifts=1, overlap 0.25), same device. The model is htdemucs-sized with
+random weights (speed does not depend on the weights).
+
+    python bench/host_throughput.py --tracks 8 --seconds 240 --batch-jobs 1 4 8      # on a GPU
+    python bench/host_throughput.py --tracks 2 --seconds 20 --batch-jobs 1 2 --model tiny   # a quick check
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shutil
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.separate_vs_demucs import build_model, make_tracks, run  # noqa: E402
+from core.model_host import HostConfig, JobSpec  # noqa: E402
+from core.worker import LocalWorker  # noqa: E402
+
+
+async def host_side(models: Path, name: str, device: str, batch_jobs: int, tracks: list[Path], out: Path,
+                    segments: int) -> tuple[float, float, int]:
+    """(wall of all jobs, real-time factor of the first job, most jobs in one pass)."""
+    worker = LocalWorker(HostConfig(model=name, model_dir=str(models), device=device, batch_jobs=batch_jobs,
+                                    batch_segments=segments, max_duration_s=3600.0))
+    await worker.start()
+    try:
+        specs = [JobSpec(job_id=k + 1, input_path=str(track), stems_dir=str(out / f"job{k + 1}"), model=name,
+                         stems="all", format="mp3", attachment_limit=2**40, preview=False)
+                 for k, track in enumerate(tracks)]
+        started = time.monotonic()
+        results = await asyncio.gather(*(worker.run(spec) for spec in specs))
+        wall = time.monotonic() - started
+    finally:
+        await worker.stop()
+    failed = [r for r in results if r["type"] != "done"]
+    if failed:
+        sys.exit(f"stembot jobs failed: {failed}")
+    first = results[0]
+    return wall, first["duration_s"] / first["separation_s"], max(r.get("batched_jobs", 1) for r in results)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tracks", type=int, default=8)
+    parser.add_argument("--seconds", type=float, default=240.0)
+    parser.add_argument("--batch-jobs", type=int, nargs="+", default=[1, 4, 8])
+    parser.add_argument("--segments", type=int, default=16, help="segments per forward pass")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--model", default="htdemucs", choices=("htdemucs", "tiny"),
+                        help="htdemucs-sized random weights, or the tests' tiny model")
+    parser.add_argument("--work", type=Path, default=ROOT / "bench" / "out")
+    args = parser.parse_args()
+
+    models = args.work / "models"
+    if args.model == "tiny":
+        from tests.support.models import save_th, tiny_htdemucs
+
+        name = "tiny"
+        if not (models / "tiny.th").exists():
+            models.mkdir(parents=True, exist_ok=True)
+            save_th(tiny_htdemucs(seed=0), models, "tiny")
+    else:
+        name = "htdemucsrand"
+        build_model(models, name)
+    tracks = make_tracks(args.work / "tracks", args.tracks, args.seconds)
+    audio_s = args.tracks * args.seconds
+    device = args.device
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    out = args.work / "demucs"
+    shutil.rmtree(out, ignore_errors=True)
+    demucs_wall = run([sys.executable, "-m", "demucs", "--repo", str(models), "-n", name, "--mp3", "-d", device,
+                       "-o", str(out), *map(str, tracks)])
+    print(f"{args.tracks} x {args.seconds:.0f} s on {device}; python -m demucs: {demucs_wall:.1f} s = "
+          f"{60 * args.tracks / demucs_wall:.1f} jobs/min, {audio_s / demucs_wall:.1f}x real time", flush=True)
+    for batch_jobs in args.batch_jobs:
+        out = args.work / "host"
+        shutil.rmtree(out, ignore_errors=True)
+        wall, first_rtf, shared = asyncio.run(host_side(models, name, device, batch_jobs, tracks, out, args.segments))
+        print(f"stembot host, {batch_jobs} job(s) at once: {wall:.1f} s = {60 * args.tracks / wall:.1f} jobs/min, "
+              f"{demucs_wall / wall:.2f}x demucs's throughput; first job separated at {first_rtf:.1f}x real time; "
+              f"up to {shared} jobs in one forward pass", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""A model host that takes several jobs at once (as on a GPU) and batches their segments:
+a real spawned host with the tiny model, on the CPU."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+import pytest_asyncio
+
+from core.audio import Limits, decode
+from core.model_host import HostConfig, JobSpec
+from core.worker import LocalWorker, WorkerCrashed
+from tests.support.media import music, snr_db
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+SOURCES = ("drums", "bass", "other", "vocals")
+
+
+def config(model_dir, batch_jobs: int) -> HostConfig:
+    return HostConfig(model="tiny", model_dir=str(model_dir), device="cpu", shifts=0, min_duration_s=1.0,
+                      batch_jobs=batch_jobs, batch_segments=8)
+
+
+@pytest.fixture(scope="module")
+def songs(tmp_path_factory) -> list[Path]:
+    folder = tmp_path_factory.mktemp("songs")
+    return [music(folder / f"song{k}.wav", seconds=seconds, tone=tone)
+            for k, (seconds, tone) in enumerate([(20.0, 220.0), (12.0, 330.0), (25.0, 275.0)])]
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def batching(model_dir):
+    worker = LocalWorker(config(model_dir, batch_jobs=3), start_timeout_s=60)
+    await worker.start()
+    yield worker
+    await worker.stop()
+
+
+_ids = iter(range(1, 10_000))
+
+
+def spec_for(path: Path, out: Path) -> JobSpec:
+    job_id = next(_ids)
+    return JobSpec(job_id=job_id, input_path=str(path), stems_dir=str(out / f"job{job_id}"), model="tiny",
+                   stems="all", format="wav", preview=False)
+
+
+def stems_of(spec: JobSpec) -> dict[str, np.ndarray]:
+    return {name: decode(Path(spec.stems_dir) / f"{name}.wav", 44100, 2, Limits(min_duration_s=0))
+            for name in SOURCES}
+
+
+async def test_concurrent_jobs_share_forward_passes_and_match_one_at_a_time(batching, model_dir, songs, tmp_path):
+    assert batching.capacity == 3 and batching.info["capacity"] == 3
+    specs = [spec_for(song, tmp_path / "together") for song in songs]
+    events: dict[int, list[dict]] = {s.job_id: [] for s in specs}
+    results = await asyncio.wait_for(asyncio.gather(
+        *(batching.run(spec, events[spec.job_id].append) for spec in specs)), 120)
+    assert [r["type"] for r in results] == ["done"] * 3, results
+    assert max(r["batched_jobs"] for r in results) >= 2, "segments of different jobs must share passes"
+    for spec in specs:
+        stages = [e["stage"] for e in events[spec.job_id] if e["type"] == "stage"]
+        assert stages == ["decoding", "separating", "encoding"]
+        fractions = [e["fraction"] for e in events[spec.job_id] if e["type"] == "progress"]
+        assert fractions == sorted(fractions) and fractions[-1] == 1.0
+
+    alone = LocalWorker(config(model_dir, batch_jobs=1), start_timeout_s=60)
+    await alone.start()
+    try:
+        assert alone.capacity == 1
+        for song, spec in zip(songs, specs):
+            single = spec_for(song, tmp_path / "alone")
+            result = await asyncio.wait_for(alone.run(single), 120)
+            assert result["type"] == "done" and "batched_jobs" not in result
+            batched, reference = stems_of(spec), stems_of(single)
+            for name in SOURCES:
+                assert snr_db(reference[name], batched[name]) > 60, (song.name, name)
+    finally:
+        await alone.stop()
+
+
+async def test_cancelling_one_job_leaves_the_others_running(batching, songs, tmp_path):
+    keep, drop = spec_for(songs[0], tmp_path), spec_for(songs[2], tmp_path)
+
+    def on_event(event: dict) -> None:
+        if event["type"] == "progress":
+            batching.cancel(drop.job_id)
+
+    results = await asyncio.wait_for(asyncio.gather(batching.run(keep), batching.run(drop, on_event)), 120)
+    assert results[0]["type"] == "done" and results[1] == {"type": "cancelled", "job": drop.job_id}
+    assert sorted(p.name for p in Path(keep.stems_dir).iterdir()) == [f"{n}.wav" for n in sorted(SOURCES)]
+    assert not Path(drop.stems_dir).exists()
+
+
+async def test_a_bad_input_fails_alone(batching, songs, tmp_path):
+    bad = tmp_path / "notes.mp3"
+    bad.write_text("not a song\n" * 500)
+    results = await asyncio.wait_for(asyncio.gather(
+        batching.run(spec_for(songs[1], tmp_path)), batching.run(spec_for(bad, tmp_path))), 120)
+    assert results[0]["type"] == "done"
+    assert results[1]["type"] == "failed" and results[1]["kind"] != "error"
+
+
+async def test_a_killed_host_fails_every_job_it_held_and_is_replaced(batching, songs, tmp_path):
+    old_pid = batching.pid
+
+    def kill_once_separating(event: dict) -> None:
+        if event["type"] == "progress" and batching.pid == old_pid:
+            os.kill(old_pid, signal.SIGKILL)
+
+    outcomes = await asyncio.wait_for(asyncio.gather(
+        batching.run(spec_for(songs[0], tmp_path), kill_once_separating),
+        batching.run(spec_for(songs[2], tmp_path)), return_exceptions=True), 120)
+    assert all(isinstance(o, WorkerCrashed) for o in outcomes), outcomes
+    assert batching.alive() and batching.ready and batching.pid != old_pid
+    assert not batching.current_jobs
+    result = await asyncio.wait_for(batching.run(spec_for(songs[1], tmp_path)), 120)
+    assert result["type"] == "done"
