@@ -124,3 +124,25 @@ async def test_no_ready_slot_no_handover(setup):
         assert handed.state == "fetching" and handed.queue_job_id is not None and handed.transfer is None
     finally:
         await dispatcher.stop()
+
+
+async def test_a_slot_that_batches_gets_as_many_jobs_as_it_takes(setup):
+    store, fleet, queue, storage, song = setup
+    await fleet.beat("w/cuda:0", host="h", pid=1, device="cuda:0", model="tiny", state="ready", job_id=None,
+                     capacity=3)
+    assert await fleet.ready_slots() == 3
+    jobs = [await add_job(store, storage, song, guild=1, user=k) for k in range(5)]
+    dispatcher = QueueDispatcher(store, queue, fleet, storage, Silent(), DispatcherConfig(worker_name="bot"),
+                                 prefetch=0)
+    await dispatcher.start()
+    try:
+        for _ in range(100):
+            if await queue.in_flight() >= 3:
+                break
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(1.0)  # and no more than that
+        assert await queue.in_flight() == 3
+        states = [(await store.get(job)).state for job in jobs]
+        assert states.count("queued") == 2
+    finally:
+        await dispatcher.stop()
