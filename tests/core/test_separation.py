@@ -94,9 +94,14 @@ def test_progress_counts_shifts(engine, mix):
     assert seen == sorted(seen) and max(seen[:-1]) < 1.0 and seen[-1] == 1.0
 
 
+def _forward_counter(module):
+    count = [0]
+    handle = module.register_forward_hook(lambda *_: count.__setitem__(0, count[0] + 1))
+    return count, handle
+
+
 def test_cancel_stops_at_the_next_segment(engine, mix):
-    forwards = [0]
-    handle = engine.model.register_forward_hook(lambda *_: forwards.__setitem__(0, forwards[0] + 1))
+    forwards, handle = _forward_counter(engine.model)
     try:
         with pytest.raises(JobCancelled):
             engine.separate(mix, parse_stems("all", engine.sources), DETERMINISTIC,
@@ -115,11 +120,6 @@ def test_warm_up_runs(engine):
     engine.warm_up()
     assert engine.forward_seconds > 0
 
-
-def _forward_counter(module):
-    count = [0]
-    handle = module.register_forward_hook(lambda *_: count.__setitem__(0, count[0] + 1))
-    return count, handle
 
 
 def test_progress_moves_inside_a_segment(engine, mix):
