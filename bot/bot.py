@@ -88,6 +88,13 @@ class StemBot(commands.Bot):
     async def on_disconnect(self) -> None:
         self.gateway_ready.clear()
 
+    def dispatch(self, event_name: str, /, *args, **kwargs) -> None:
+        # discord.py's reconnect loop can report a failed attempt after close() finished
+        # and dropped the event loop (a SIGTERM during a reconnect): nobody listens then.
+        if self.is_closed():
+            return
+        super().dispatch(event_name, *args, **kwargs)
+
     async def close(self) -> None:
         services, self.services = self.services, None  # stop them once, however often close() runs
         try:

@@ -438,7 +438,8 @@ class _BatchingHost:
             self.decoders.submit(self._guarded, spec, self._decode, spec)
 
     def _guarded(self, spec: JobSpec, step, *args) -> None:
-        """Run a job step in a thread; a failure or cancellation ends the job, as in `_Host.run`."""
+        """Run a job step (in a thread, or the main one); a failure or cancellation ends the
+        job, as in `_Host.run`."""
         from .errors import JobCancelled
 
         try:
@@ -473,10 +474,12 @@ class _BatchingHost:
             if prepared.staged is not None:
                 self._alone(prepared)
                 continue
-            track = prepared.engine.start_track(prepared.mix, prepared.request, self.host._options())
-            prepared.mix = None
-            self.active.append((prepared, track, self.host._progress_reporter(prepared.spec.job_id),
-                                time.monotonic()))
+            def join(prepared: _Prepared = prepared) -> None:
+                track = prepared.engine.start_track(prepared.mix, prepared.request, self.host._options())
+                prepared.mix = None
+                self.active.append((prepared, track, self.host._progress_reporter(prepared.spec.job_id),
+                                    time.monotonic()))
+            self._guarded(prepared.spec, join)
 
     def _alone(self, prepared: _Prepared) -> None:
         def separate() -> None:
@@ -525,9 +528,12 @@ class _BatchingHost:
             self.active.remove(entry)
             progress(1.0)
             separation_s = time.monotonic() - started
-            stems = track.stems()
-            self.encoders.submit(self._guarded, prepared.spec, self._encode, prepared, stems, list(stems),
-                                 separation_s)
+
+            def hand_over(prepared: _Prepared = prepared, track=track, separation_s: float = separation_s) -> None:
+                stems = track.stems()
+                self.encoders.submit(self._guarded, prepared.spec, self._encode, prepared, stems, list(stems),
+                                     separation_s)
+            self._guarded(prepared.spec, hand_over)
 
     def _encode(self, prepared: _Prepared, stems, names: list[str], separation_s: float) -> None:
         job = prepared.spec.job_id

@@ -24,14 +24,15 @@ SOURCES = ("drums", "bass", "other", "vocals")
 
 def config(model_dir, batch_jobs: int) -> HostConfig:
     return HostConfig(model="tiny", model_dir=str(model_dir), device="cpu", shifts=0, min_duration_s=1.0,
-                      batch_jobs=batch_jobs, batch_segments=8)
+                      batch_jobs=batch_jobs, batch_segments=2)
 
 
 @pytest.fixture(scope="module")
 def songs(tmp_path_factory) -> list[Path]:
     folder = tmp_path_factory.mktemp("songs")
+    # Several forward passes each (two segments a pass), so all three are in the host at once.
     return [music(folder / f"song{k}.wav", seconds=seconds, tone=tone)
-            for k, (seconds, tone) in enumerate([(20.0, 220.0), (12.0, 330.0), (25.0, 275.0)])]
+            for k, (seconds, tone) in enumerate([(60.0, 220.0), (45.0, 330.0), (50.0, 275.0)])]
 
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
@@ -48,7 +49,7 @@ _ids = iter(range(1, 10_000))
 def spec_for(path: Path, out: Path) -> JobSpec:
     job_id = next(_ids)
     return JobSpec(job_id=job_id, input_path=str(path), stems_dir=str(out / f"job{job_id}"), model="tiny",
-                   stems="all", format="wav", preview=False)
+                   stems="all", format="wav", preview=False, attachment_limit=2**30)
 
 
 def stems_of(spec: JobSpec) -> dict[str, np.ndarray]:

@@ -36,6 +36,8 @@ async def test_two_members_jobs_run_at_once_and_both_deliver(tmp_path, model_dir
                     lambda i=interaction: [m for m in fake.messages_for(i) if "Done" in m.content],
                     timeout=120, what="the stems")
                 assert len(done[0].attachments) == 5  # four stems and the preview
-            assert [row[0] for row in database.execute("SELECT state FROM jobs")] == ["done", "done"]
+            # The row says done just after the message is sent.
+            await fake.wait_for(lambda: [r[0] for r in database.execute("SELECT state FROM jobs")] == ["done"] * 2,
+                                timeout=10, what="both jobs done")
         finally:
             await bot.stop()
