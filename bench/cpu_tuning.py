@@ -31,11 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.separate_vs_demucs import build_model  # noqa: E402
-
-
-def snr_db(reference: torch.Tensor, estimate: torch.Tensor) -> float:
-    error = (reference - estimate).pow(2).sum()
-    return float("inf") if error == 0 else float(10 * torch.log10(reference.pow(2).sum() / error))
+from tests.support.media import snr_db  # noqa: E402
 
 
 def main() -> None:
@@ -84,7 +80,7 @@ def main() -> None:
     for variant in variants:
         median = statistics.median(times[variant])
         print(f"{variant:14} {median:6.3f} s  ratio {median / base:5.3f}  "
-              f"SNR to demucs {snr_db(outputs['demucs'], outputs[variant]):6.1f} dB")
+              f"SNR to demucs {snr_db(outputs['demucs'].numpy(), outputs[variant].numpy()):6.1f} dB")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.separate_vs_demucs import build_model, make_tracks, run  # noqa: E402
+from bench.separate_vs_demucs import bench_model, make_tracks, run  # noqa: E402
 from core.model_host import HostConfig, JobSpec  # noqa: E402
 from core.worker import LocalWorker  # noqa: E402
 
@@ -64,16 +64,7 @@ def main() -> None:
     args = parser.parse_args()
 
     models = args.work / "models"
-    if args.model == "tiny":
-        from tests.support.models import save_th, tiny_htdemucs
-
-        name = "tiny"
-        if not (models / "tiny.th").exists():
-            models.mkdir(parents=True, exist_ok=True)
-            save_th(tiny_htdemucs(seed=0), models, "tiny")
-    else:
-        name = "htdemucsrand"
-        build_model(models, name)
+    name = bench_model(models, args.model)
     tracks = make_tracks(args.work / "tracks", args.tracks, args.seconds)
     audio_s = args.tracks * args.seconds
     device = args.device

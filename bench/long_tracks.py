@@ -32,19 +32,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def build_models(folder: Path, which: str) -> str:
-    if which == "tiny":
-        from tests.support.models import save_th, tiny_htdemucs
-
-        if not (folder / "tiny.th").exists():
-            save_th(tiny_htdemucs(seed=0), folder, "tiny")
-        return "tiny"
-    from bench.separate_vs_demucs import build_model
-
-    build_model(folder, "htdemucsrand")
-    return "htdemucsrand"
-
-
 def _vm(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
@@ -113,8 +100,9 @@ def main() -> None:
     from core.blockwise import BLOCK_S, BLOCKS_ABOVE_S
 
     models = args.work / "models"
-    name = build_models(models, args.model)
-    from bench.separate_vs_demucs import make_track
+    from bench.separate_vs_demucs import bench_model, make_track
+
+    name = bench_model(models, args.model)
 
     short = make_track(args.work / "tracks" / f"{args.short_min:g}min.mp3", args.short_min * 60, seed=1)
     long = make_track(args.work / "tracks" / f"{args.long_min:g}min.mp3", args.long_min * 60, seed=1)

@@ -40,6 +40,21 @@ def build_model(folder: Path, name: str) -> None:
     print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
 
 
+def bench_model(folder: Path, which: str) -> str:
+    """The model a benchmark asks for, made once in `folder`: "htdemucs" (htdemucs-sized,
+    random weights) or "tiny" (the tests' model, to check a benchmark quickly). Returns
+    its name there."""
+    if which == "tiny":
+        from tests.support.models import save_th, tiny_htdemucs
+
+        if not (folder / "tiny.th").exists():
+            folder.mkdir(parents=True, exist_ok=True)
+            save_th(tiny_htdemucs(seed=0), folder, "tiny")
+        return "tiny"
+    build_model(folder, "htdemucsrand")
+    return "htdemucsrand"
+
+
 def make_track(path: Path, seconds: float, base: float = 220.0, seed: int = 0) -> Path:
     """A song-like mp3: two tones, pink noise, a pulsing volume (made once, then reused)."""
     if not path.exists():

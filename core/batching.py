@@ -33,12 +33,19 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def _sub_models(model) -> list[tuple[torch.nn.Module, list[float] | None]]:
+def sub_models(model) -> list[tuple[torch.nn.Module, list[float] | None]]:
+    """The models of a bag with their per-source weights; a lone model, unweighted."""
     from demucs.apply import BagOfModels
 
     if isinstance(model, BagOfModels):
         return list(zip(model.models, model.weights))
     return [(model, None)]
+
+
+def segment_and_stride(model, segment: float | None, overlap: float) -> tuple[int, int]:
+    """apply_model's segment length and step between segments, in samples."""
+    length = int(model.samplerate * float(segment if segment is not None else model.segment))
+    return length, int((1 - overlap) * length)
 
 
 class _Pass:
@@ -49,9 +56,7 @@ class _Pass:
         from demucs.htdemucs import HTDemucs
 
         self.model, self.chunk, self.trim, self.weights = model, chunk, trim, weights
-        seg = float(segment if segment is not None else model.segment)
-        self.segment_length = int(model.samplerate * seg)
-        stride = int((1 - overlap) * self.segment_length)
+        self.segment_length, stride = segment_and_stride(model, segment, overlap)
         self.pieces: list[Piece] = []
         for offset in range(0, chunk.length, stride):
             piece = TensorChunk(chunk, offset, self.segment_length)
@@ -110,18 +115,18 @@ class TrackWork:
                  segment: float | None = None):
         from demucs.apply import TensorChunk
 
-        self.length = mix.shape[-1]
+        length = mix.shape[-1]
         self.shifts = shifts
         self.passes: list[_Pass] = []
-        for sub, weights in _sub_models(model):
+        for sub, weights in sub_models(model):
             if not shifts:
                 self.passes.append(_Pass(sub, TensorChunk(mix[None]), segment, overlap, 0, weights))
                 continue
             max_shift = int(0.5 * sub.samplerate)
-            padded = TensorChunk(mix[None]).padded(self.length + 2 * max_shift)
+            padded = TensorChunk(mix[None]).padded(length + 2 * max_shift)
             for _ in range(shifts):
                 offset = random.randint(0, max_shift)
-                shifted = TensorChunk(padded, offset, self.length + max_shift - offset)
+                shifted = TensorChunk(padded, offset, length + max_shift - offset)
                 self.passes.append(_Pass(sub, shifted, segment, overlap, max_shift - offset, weights))
         self._queue = [piece for p in self.passes for piece in p.pieces]
         self.total = len(self._queue)
@@ -133,7 +138,7 @@ class TrackWork:
 
     @property
     def finished(self) -> bool:
-        return all(p.remaining == 0 for p in self.passes)
+        return self.done == self.total
 
     def peek(self) -> Piece | None:
         return self._queue[self._next] if self._next < len(self._queue) else None

@@ -148,7 +148,7 @@ class Dispatcher:
     async def _run(self) -> None:
         # A job is claimed only when the worker has room for it, so the fair order
         # decides at the last moment.
-        seats = asyncio.Semaphore(self.worker.capacity if self.worker is not None else 1)
+        seats = asyncio.Semaphore(self.worker.capacity)
         while True:
             await seats.acquire()
             job = None if self.paused else await self.store.claim_next(self.config.worker_name)

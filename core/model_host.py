@@ -222,20 +222,29 @@ class _Host:
             return engine
 
     def run(self, spec: JobSpec) -> None:
+        def separate() -> None:
+            result = self._separate(spec)
+            self.events.put({"type": "done", "job": spec.job_id, **result})
+
+        self.guarded(spec.job_id, separate)
+
+    def guarded(self, job_id: int, step, *args) -> None:
+        """Run a step of a job; its cancellation or failure ends the job, reported as such,
+        and the host lives on."""
         from .errors import JobCancelled
 
-        job = spec.job_id
         try:
-            result = self._separate(spec)
+            step(*args)
         except JobCancelled:
-            self.events.put({"type": "cancelled", "job": job})
+            self.events.put({"type": "cancelled", "job": job_id})
         except Exception as exc:  # noqa: BLE001 - every failure is reported, the host lives on
-            if not hasattr(exc, "reason"):
-                log.error("job %s failed:\n%s", job, traceback.format_exc())
-            self.events.put({"type": "failed", "job": job, "reason": _reason(exc),
-                             "kind": getattr(exc, "kind", "error")})
-        else:
-            self.events.put({"type": "done", "job": job, **result})
+            self.fail(job_id, exc)
+
+    def fail(self, job_id: int, exc: Exception) -> None:
+        if not hasattr(exc, "reason"):
+            log.error("job %s failed:\n%s", job_id, traceback.format_exc())
+        self.events.put({"type": "failed", "job": job_id, "reason": _reason(exc),
+                         "kind": getattr(exc, "kind", "error")})
 
     def _cancelled(self, job_id: int) -> bool:
         if os.getppid() != self.parent:
@@ -435,22 +444,7 @@ class _BatchingHost:
                 self.ready.put(None)
                 return
             spec = JobSpec(**message)
-            self.decoders.submit(self._guarded, spec, self._decode, spec)
-
-    def _guarded(self, spec: JobSpec, step, *args) -> None:
-        """Run a job step (in a thread, or the main one); a failure or cancellation ends the
-        job, as in `_Host.run`."""
-        from .errors import JobCancelled
-
-        try:
-            step(*args)
-        except JobCancelled:
-            self.events.put({"type": "cancelled", "job": spec.job_id})
-        except Exception as exc:  # noqa: BLE001 - every failure is reported, the host lives on
-            if not hasattr(exc, "reason"):
-                log.error("job %s failed:\n%s", spec.job_id, traceback.format_exc())
-            self.events.put({"type": "failed", "job": spec.job_id, "reason": _reason(exc),
-                             "kind": getattr(exc, "kind", "error")})
+            self.decoders.submit(self.host.guarded, spec.job_id, self._decode, spec)
 
     def _decode(self, spec: JobSpec) -> None:
         prepared = self.host._prepare(spec)
@@ -479,7 +473,7 @@ class _BatchingHost:
                 prepared.mix = None
                 self.active.append((prepared, track, self.host._progress_reporter(prepared.spec.job_id),
                                     time.monotonic()))
-            self._guarded(prepared.spec, join)
+            self.host.guarded(prepared.spec.job_id, join)
 
     def _alone(self, prepared: _Prepared) -> None:
         def separate() -> None:
@@ -489,10 +483,10 @@ class _BatchingHost:
             except BaseException:
                 prepared.cleanup()
                 raise
-            self.encoders.submit(self._guarded, prepared.spec, self._encode, prepared, stems, names,
+            self.encoders.submit(self.host.guarded, prepared.spec.job_id, self._encode, prepared, stems, names,
                                  time.monotonic() - started)
 
-        self._guarded(prepared.spec, separate)
+        self.host.guarded(prepared.spec.job_id, separate)
 
     def _drop_cancelled(self) -> None:
         for entry in list(self.active):
@@ -508,12 +502,10 @@ class _BatchingHost:
         try:
             advanced = self.batcher.step(works)
         except Exception as exc:  # noqa: BLE001 - e.g. out of GPU memory: these jobs fail, the host lives on
-            log.error("a shared forward pass failed:\n%s", traceback.format_exc())
             for prepared, _, _, _ in self.active:
                 prepared.cleanup()
                 self.shared.pop(prepared.spec.job_id, None)
-                self.events.put({"type": "failed", "job": prepared.spec.job_id, "reason": _reason(exc),
-                                 "kind": getattr(exc, "kind", "error")})
+                self.host.fail(prepared.spec.job_id, exc)
             self.active.clear()
             return
         for entry in list(self.active):
@@ -531,9 +523,9 @@ class _BatchingHost:
 
             def hand_over(prepared: _Prepared = prepared, track=track, separation_s: float = separation_s) -> None:
                 stems = track.stems()
-                self.encoders.submit(self._guarded, prepared.spec, self._encode, prepared, stems, list(stems),
-                                     separation_s)
-            self._guarded(prepared.spec, hand_over)
+                self.encoders.submit(self.host.guarded, prepared.spec.job_id, self._encode, prepared, stems,
+                                     list(stems), separation_s)
+            self.host.guarded(prepared.spec.job_id, hand_over)
 
     def _encode(self, prepared: _Prepared, stems, names: list[str], separation_s: float) -> None:
         job = prepared.spec.job_id

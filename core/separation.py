@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from . import models
+from .batching import SegmentBatcher, TrackWork, autocast, segment_and_stride, sub_models
 from .errors import BadRequestError, DeviceUnavailableError, JobCancelled
 from .stems import StemRequest
 
@@ -82,7 +83,7 @@ class SeparationEngine:
         self.device = device
         self.forward_seconds = 0.0
         self._plans: dict[frozenset[str], _Plan] = {}
-        self._clocks = [_ForwardClock(sub) for sub in _sub_models(self.model)]
+        self._clocks = [_ForwardClock(sub) for sub, _ in sub_models(self.model)]
 
     @classmethod
     def load(cls, name: str, model_dir: Path | None = None, device: str = "auto") -> "SeparationEngine":
@@ -168,11 +169,9 @@ class SeparationEngine:
             mean, std = _mono_stats(wav)
         else:
             mean, std = (torch.tensor(value, dtype=torch.float32) for value in stats)
-        strides = [_stride(sub, options) for sub in _sub_models(plan.model)]
+        strides = [_stride(sub, options) for sub, _ in sub_models(plan.model)]
         tracker = _ProgressTracker(length, strides, progress, should_cancel)
         started = time.monotonic()
-        from .batching import autocast
-
         with torch.inference_mode(), autocast(self.device, options.precision), _listening(self._clocks, tracker):
             out = apply_model(
                 plan.model,
@@ -212,8 +211,6 @@ class SeparationEngine:
                     options: SeparationOptions = SeparationOptions()) -> "TrackSeparation":
         """`mix` as segments that a `core.batching.SegmentBatcher` may compute together
         with other tracks' (of this engine or another on the same device)."""
-        from .batching import TrackWork
-
         plan = self._plan(request.direct_sources)
         wav = torch.from_numpy(np.ascontiguousarray(mix, dtype=np.float32))
         mean, std = _mono_stats(wav)
@@ -232,8 +229,6 @@ class SeparationEngine:
     ) -> list[dict[str, np.ndarray]]:
         """Separate several mixes together, their segments sharing forward passes. With
         `shifts=0` each result equals `separate` of that mix alone, up to float rounding."""
-        from .batching import SegmentBatcher
-
         tracks = [self.start_track(mix, request, options) for mix in mixes]
         works = [track.work for track in tracks]
         batcher = SegmentBatcher(self.device, batch_size, options.precision)
@@ -252,12 +247,16 @@ class SeparationEngine:
         return results
 
 
+@dataclass
 class TrackSeparation:
     """One mix on its way through shared forward passes; `stems()` once its work is done."""
 
-    def __init__(self, engine: SeparationEngine, work, wav: torch.Tensor, stats, plan: _Plan,
-                 request: StemRequest):
-        self.engine, self.work, self.wav, self.stats, self.plan, self.request = engine, work, wav, stats, plan, request
+    engine: SeparationEngine
+    work: TrackWork
+    wav: torch.Tensor
+    stats: tuple[torch.Tensor, torch.Tensor]
+    plan: _Plan
+    request: StemRequest
 
     def stems(self) -> dict[str, np.ndarray]:
         mean, std = self.stats
@@ -271,18 +270,11 @@ def _mono_stats(wav: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return ref.mean(), ref.std() + 1e-8
 
 
-def _sub_models(model) -> list[torch.nn.Module]:
-    from demucs.apply import BagOfModels
-
-    return list(model.models) if isinstance(model, BagOfModels) else [model]
-
-
 def _stride(model, options: SeparationOptions) -> int:
-    """apply_model's step between segments, in samples."""
-    segment = options.segment if options.segment is not None else getattr(model, "segment", None)
-    if segment is None:
+    """apply_model's step between segments, in samples (0: a model that is not split)."""
+    if options.segment is None and getattr(model, "segment", None) is None:
         return 0
-    return int((1 - options.overlap) * int(model.samplerate * float(segment)))
+    return segment_and_stride(model, options.segment, options.overlap)[1]
 
 
 class _ForwardClock:

@@ -87,7 +87,7 @@ class LocalWorker:
         self.capacity = int(event.get("capacity", 1))
         if self._seats is None:
             self._seats = asyncio.Semaphore(self.capacity)
-        self._router = asyncio.create_task(self._route(self._inbox), name="model-host-router")
+        self._router = asyncio.create_task(self._route(), name="model-host-router")
         log.info("model host ready: %s on %s in %.1f s (load %.1f s, warm-up %.1f s)", event["model"],
                  event["device"], self.info["start_s"], event["load_s"], event["warmup_s"])
         return self.info
@@ -121,13 +121,11 @@ class LocalWorker:
             log.warning("model host died (exit code %s)", event.get("exitcode"))
         return event
 
-    async def _route(self, inbox: asyncio.Queue) -> None:
+    async def _route(self) -> None:
         """Hand each event to its job's caller; the host's death to every caller."""
         while True:
-            event = await inbox.get()
+            event = await self._next_event()
             if event["type"] == "died":
-                self.ready = False
-                log.warning("model host died (exit code %s)", event.get("exitcode"))
                 self._tell_all_died(event)
                 return
             listener = self._listeners.get(event.get("job"))
@@ -147,7 +145,7 @@ class LocalWorker:
         """Run one job on the host; returns its final event (done, failed or cancelled).
         Raises WorkerCrashed when the host died meanwhile (it is restarted first)."""
         if self._seats is None:
-            self._seats = asyncio.Semaphore(self.capacity)
+            await self._ensure_started()  # the host says how many jobs it takes
         async with self._seats:
             await self._ensure_started()
             job = spec.job_id

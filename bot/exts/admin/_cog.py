@@ -259,10 +259,7 @@ class Admin(commands.Cog):
         worker = self.services.worker
         info = worker.info
         state = "ready" if worker.ready and worker.alive() else "not ready"
-        running = sorted(worker.current_jobs)
-        current = ", ".join(f"job #{job}" for job in running) if running else "idle"
-        if worker.capacity > 1:
-            current += f" (takes {worker.capacity} at once)"
+        current = _occupancy(sorted(worker.current_jobs), worker.capacity)
         await self._reply(interaction, (
             f"**local** (pid {worker.pid}): {state}, {current}; model {info.get('model', '?')} on "
             f"{info.get('device', '?')}, started in {info.get('start_s', 0):.1f} s.\n"
@@ -271,7 +268,10 @@ class Admin(commands.Cog):
 
 def _slot_line(slot, stale_s: float) -> str:
     state = slot.state if slot.seen_s_ago <= stale_s else f"silent for {slot.seen_s_ago:.0f} s"
-    job = f"job #{slot.job_id}" if slot.job_id else "idle"
-    if slot.capacity > 1:
-        job += f" (takes {slot.capacity} at once)"
+    job = _occupancy([slot.job_id] if slot.job_id else [], slot.capacity)
     return f"**{slot.name}** on {slot.host}: {state}, {job}; model {slot.model}"
+
+
+def _occupancy(jobs: list[int], capacity: int) -> str:
+    text = ", ".join(f"job #{job}" for job in jobs) if jobs else "idle"
+    return text + (f" (takes {capacity} at once)" if capacity > 1 else "")
