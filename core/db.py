@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import logging
+import sqlite3
+import time
+from contextlib import closing
 from datetime import datetime, timezone
 from pathlib import Path
 
 from sqlalchemy import DateTime, MetaData, TypeDecorator, event
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase
+
+log = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 
@@ -49,12 +56,12 @@ def utcnow() -> datetime:
 def make_engine(url: str) -> AsyncEngine:
     if url.startswith("sqlite"):
         _ensure_sqlite_folder(url)
+        ensure_wal(url)
         engine = create_async_engine(url, connect_args={"timeout": 30})
 
         @event.listens_for(engine.sync_engine, "connect")
         def _sqlite_pragmas(dbapi_connection, _record):
             cursor = dbapi_connection.cursor()
-            cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA busy_timeout=30000")
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.close()
@@ -75,6 +82,36 @@ def make_engine(url: str) -> AsyncEngine:
 
 def make_sessions(engine: AsyncEngine) -> async_sessionmaker:
     return async_sessionmaker(engine, expire_on_commit=False)
+
+
+def ensure_wal(url: str, timeout_s: float = 30.0) -> None:
+    """Put a SQLite database file in WAL mode (readers never wait for the writer).
+
+    The mode is stored in the file, so this runs once per engine, before its pool opens
+    any connection. Switching asks for an exclusive lock while holding a read lock, and
+    SQLite then fails at once with "database is locked" instead of waiting (its busy
+    timeout does not apply); when each pooled connection switched for itself, the first
+    ones to open on a freshly migrated database failed that way now and then. So: one
+    switch here, retried while another process (the bot and a worker starting together)
+    holds the file."""
+    path = make_url(url).database
+    if not path or path == ":memory:" or path.startswith("file:"):
+        return
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with closing(sqlite3.connect(path, timeout=timeout_s)) as db:
+                mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+            continue
+        if mode != "wal":
+            # A file system without shared memory, say: SQLite keeps its rollback journal,
+            # which works, with readers and the writer taking turns.
+            log.warning("SQLite kept journal mode %s for %s (WAL unavailable)", mode, path)
+        return
 
 
 def _ensure_sqlite_folder(url: str) -> None:
