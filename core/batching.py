@@ -148,6 +148,10 @@ class TrackWork:
         self._next += 1
         return piece
 
+    def give_back(self, count: int) -> None:
+        """Return the last `count` segments taken (their forward pass failed)."""
+        self._next -= count
+
     def result(self) -> torch.Tensor:
         """The stems; call once, when `finished`."""
         estimate = None
@@ -164,6 +168,22 @@ class TrackWork:
             totals = list(weights) if totals is None else [a + b for a, b in zip(totals, weights)]
         divisor = torch.tensor(totals, dtype=torch.float32).view(-1, 1, 1).to(estimate.device)
         return estimate / divisor
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether `exc` is the device (or the host) running out of memory."""
+    text = str(exc).lower()
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text
+
+
+class PassFailed(Exception):
+    """A forward pass failed. Its segments went back to their tracks, to be run again."""
+
+    def __init__(self, cause: Exception, works: list[TrackWork], segments: int):
+        super().__init__(f"forward pass over {segments} segment(s) of {len(works)} track(s) failed: {cause!r}")
+        self.cause = cause
+        self.works = works
+        self.segments = segments
 
 
 class SegmentBatcher:
@@ -194,16 +214,23 @@ class SegmentBatcher:
         return batch
 
     def step(self, works: list[TrackWork]) -> list[TrackWork]:
-        """One forward pass; returns the tracks it advanced (each once, in order)."""
+        """One forward pass; returns the tracks it advanced (each once, in order). Raises
+        `PassFailed` with the segments given back when the pass fails."""
         batch = self._next_batch(works)
         if not batch:
             return []
         model = batch[0][1].owner.model
         valid = batch[0][1].valid
-        inputs = torch.cat([piece.chunk.padded(valid) for _, piece in batch]).to(self.device)
-        with torch.inference_mode(), autocast(self.device, self.precision):
-            results = model(inputs)
-        results = results.float()
+        try:
+            inputs = torch.cat([piece.chunk.padded(valid) for _, piece in batch]).to(self.device)
+            with torch.inference_mode(), autocast(self.device, self.precision):
+                results = model(inputs)
+            results = results.float()
+        except Exception as exc:
+            works = list(dict.fromkeys(work for work, _ in batch))
+            for work in works:
+                work.give_back(sum(1 for taken, _ in batch if taken is work))
+            raise PassFailed(exc, works, len(batch)) from exc
         length = batch[0][1].owner.segment_length
         weight = self._weights.get(length)
         if weight is None:

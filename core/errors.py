@@ -81,6 +81,12 @@ class DeviceUnavailableError(StembotError):
     kind = "device_unavailable"
 
 
+class DeviceOutOfMemoryError(StembotError):
+    """The worker's device ran out of memory even on a single segment of the track."""
+
+    kind = "out_of_memory"
+
+
 class JobCancelled(StembotError):
     """Raised from a progress callback to stop a separation promptly."""
 

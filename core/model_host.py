@@ -148,6 +148,16 @@ def _die_with_parent(parent: int) -> None:
         os._exit(0)
 
 
+def _user_facing(exc: Exception) -> Exception:
+    """Running out of memory is a limit of this worker, not a bug: say so in words."""
+    from .batching import out_of_memory
+    from .errors import DeviceOutOfMemoryError, StembotError
+
+    if not isinstance(exc, StembotError) and out_of_memory(exc):
+        return DeviceOutOfMemoryError("the worker ran out of memory separating this track; try again later")
+    return exc
+
+
 def _reason(exc: BaseException) -> str:
     from .errors import StembotError
 
@@ -243,8 +253,16 @@ class _Host:
     def fail(self, job_id: int, exc: Exception) -> None:
         if not hasattr(exc, "reason"):
             log.error("job %s failed:\n%s", job_id, traceback.format_exc())
+        exc = _user_facing(exc)
         self.events.put({"type": "failed", "job": job_id, "reason": _reason(exc),
                          "kind": getattr(exc, "kind", "error")})
+
+    def free_device_memory(self) -> None:
+        """Hand the blocks PyTorch caches back to the GPU (after running out of memory)."""
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def _cancelled(self, job_id: int) -> bool:
         if os.getppid() != self.parent:
@@ -492,21 +510,28 @@ class _BatchingHost:
         for entry in list(self.active):
             job = entry[0].spec.job_id
             if self.host._cancelled(job):
-                self.active.remove(entry)
-                entry[0].cleanup()
-                self.shared.pop(job, None)
+                self._leave(entry)
                 self.events.put({"type": "cancelled", "job": job})
 
+    def _leave(self, entry) -> None:
+        """A job leaves the passes before its end (cancelled or failed)."""
+        self.active.remove(entry)
+        entry[0].cleanup()
+        self.shared.pop(entry[0].spec.job_id, None)
+
     def _step(self) -> None:
+        from .batching import PassFailed
+
         works = [track.work for _, track, _, _ in self.active]
         try:
             advanced = self.batcher.step(works)
-        except Exception as exc:  # noqa: BLE001 - e.g. out of GPU memory: these jobs fail, the host lives on
-            for prepared, _, _, _ in self.active:
-                prepared.cleanup()
-                self.shared.pop(prepared.spec.job_id, None)
-                self.host.fail(prepared.spec.job_id, exc)
-            self.active.clear()
+        except PassFailed as failure:
+            self._recover(failure)
+            return
+        except Exception as exc:  # noqa: BLE001 - past the forward pass, a bug: these jobs fail, the host lives on
+            for entry in list(self.active):
+                self._leave(entry)
+                self.host.fail(entry[0].spec.job_id, exc)
             return
         for entry in list(self.active):
             prepared, track, progress, started = entry
@@ -526,6 +551,36 @@ class _BatchingHost:
                 self.encoders.submit(self.host.guarded, prepared.spec.job_id, self._encode, prepared, stems,
                                      list(stems), separation_s)
             self.host.guarded(prepared.spec.job_id, hand_over)
+
+    def _recover(self, failure) -> None:
+        """A forward pass failed and its segments were given back: only the jobs to blame
+        fail, the others go on."""
+        from .batching import PassFailed, out_of_memory
+
+        if out_of_memory(failure.cause) and failure.segments > 1:
+            # Too many segments at once for this device: fewer a pass from now on.
+            self.batcher.batch_size = max(1, failure.segments // 2)
+            log.warning("a forward pass over %d segments ran out of memory; %d segments a pass from now on",
+                        failure.segments, self.batcher.batch_size)
+            self.host.free_device_memory()
+            return
+        if out_of_memory(failure.cause) or len(failure.works) == 1:
+            for work in failure.works:
+                self._fail_work(work, failure.cause)
+            return
+        # Something else: run each track's next segments alone to find the one(s) to blame.
+        for work in failure.works:
+            try:
+                self.batcher.step([work])
+            except PassFailed as alone:
+                self._fail_work(work, alone.cause)
+
+    def _fail_work(self, work, exc: Exception) -> None:
+        for entry in self.active:
+            if entry[1].work is work:
+                self._leave(entry)
+                self.host.fail(entry[0].spec.job_id, exc)
+                return
 
     def _encode(self, prepared: _Prepared, stems, names: list[str], separation_s: float) -> None:
         job = prepared.spec.job_id

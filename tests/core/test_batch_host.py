@@ -15,7 +15,7 @@ import pytest_asyncio
 from core.audio import Limits, decode
 from core.model_host import HostConfig, JobSpec
 from core.worker import LocalWorker, WorkerCrashed
-from tests.support.media import music, snr_db
+from tests.support.media import ffmpeg, music, snr_db
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -46,9 +46,9 @@ async def batching(model_dir):
 _ids = iter(range(1, 10_000))
 
 
-def spec_for(path: Path, out: Path) -> JobSpec:
+def spec_for(path: Path, out: Path, model: str = "tiny") -> JobSpec:
     job_id = next(_ids)
-    return JobSpec(job_id=job_id, input_path=str(path), stems_dir=str(out / f"job{job_id}"), model="tiny",
+    return JobSpec(job_id=job_id, input_path=str(path), stems_dir=str(out / f"job{job_id}"), model=model,
                    stems="all", format="wav", preview=False, attachment_limit=2**30)
 
 
@@ -123,3 +123,65 @@ async def test_a_killed_host_fails_every_job_it_held_and_is_replaced(batching, s
     assert not batching.current_jobs
     result = await asyncio.wait_for(batching.run(spec_for(songs[1], tmp_path)), 120)
     assert result["type"] == "done"
+
+
+@pytest.fixture(scope="module")
+def faulty_dir(tmp_path_factory) -> Path:
+    """`tiny` and models with its weights that fail as models can on a GPU."""
+    from tests.support import models as tiny
+    from tests.support.faulty_models import AlwaysOutOfMemory, BreaksOnTrueStereo, OutOfMemoryAbove2
+
+    folder = tmp_path_factory.mktemp("faulty")
+    tiny.save_th(tiny.tiny_htdemucs(seed=0), folder, "tiny")
+    tiny.save_th(tiny.tiny_htdemucs(seed=0, klass=OutOfMemoryAbove2), folder, "tinyoom")
+    tiny.save_th(tiny.tiny_htdemucs(seed=0, klass=AlwaysOutOfMemory), folder, "tinynomem")
+    tiny.save_th(tiny.tiny_htdemucs(seed=0, klass=BreaksOnTrueStereo), folder, "tinystereo")
+    return folder
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def faulty_host(faulty_dir):
+    # Four segments a pass to begin with: more than OutOfMemoryAbove2 takes.
+    worker = LocalWorker(HostConfig(model="tiny", model_dir=str(faulty_dir), device="cpu", shifts=0,
+                                    min_duration_s=1.0, batch_jobs=3, batch_segments=4), start_timeout_s=60)
+    await worker.start()
+    yield worker
+    await worker.stop()
+
+
+@pytest.fixture(scope="module")
+def short_songs(tmp_path_factory) -> list[Path]:
+    folder = tmp_path_factory.mktemp("short")
+    return [music(folder / f"short{k}.wav", seconds=20.0, tone=tone) for k, tone in enumerate((220.0, 330.0))]
+
+
+async def test_running_out_of_memory_shrinks_the_passes_and_fails_no_job(faulty_host, short_songs, tmp_path):
+    specs = [spec_for(song, tmp_path / "oom", model="tinyoom") for song in short_songs]
+    results = await asyncio.wait_for(asyncio.gather(*(faulty_host.run(spec) for spec in specs)), 120)
+    assert [r["type"] for r in results] == ["done"] * 2, results
+    assert max(r["batched_jobs"] for r in results) == 2  # still sharing passes, two segments each
+    for song, spec in zip(short_songs, specs):
+        alone = spec_for(song, tmp_path / "alone")
+        assert (await asyncio.wait_for(faulty_host.run(alone), 120))["type"] == "done"
+        reference, recovered = stems_of(alone), stems_of(spec)
+        for name in SOURCES:
+            assert snr_db(reference[name], recovered[name]) > 60, (song.name, name)
+
+
+async def test_a_pass_that_fails_for_one_track_fails_that_job_only(faulty_host, short_songs, tmp_path):
+    culprit = tmp_path / "stereo.wav"
+    ffmpeg("-f", "lavfi", "-i", "sine=f=220:d=20", "-f", "lavfi", "-i", "sine=f=330:d=20",
+           "-filter_complex", "[0][1]join=inputs=2:channel_layout=stereo", "-ar", "44100", str(culprit))
+    specs = [spec_for(path, tmp_path, model="tinystereo") for path in (*short_songs, culprit)]
+    pid = faulty_host.pid
+    results = await asyncio.wait_for(asyncio.gather(*(faulty_host.run(spec) for spec in specs)), 120)
+    assert [r["type"] for r in results] == ["done", "done", "failed"], results
+    assert results[2]["reason"] == "internal error (RuntimeError)"
+    assert faulty_host.pid == pid and faulty_host.alive()
+
+
+async def test_a_track_too_big_even_one_segment_a_pass_fails_with_a_clear_reason(faulty_host, short_songs, tmp_path):
+    result = await asyncio.wait_for(faulty_host.run(spec_for(short_songs[0], tmp_path, model="tinynomem")), 120)
+    assert result["type"] == "failed" and result["kind"] == "out_of_memory", result
+    assert result["reason"] == "the worker ran out of memory separating this track; try again later"
+    assert (await asyncio.wait_for(faulty_host.run(spec_for(short_songs[1], tmp_path)), 120))["type"] == "done"

@@ -67,3 +67,49 @@ def test_progress_and_cancel(engine, mixes):
         engine.separate_many(mixes, parse_stems("all", engine.sources), EXACT, batch_size=1,
                              should_cancel=cancel_after_two)
     assert calls[0] == 3
+
+
+def test_a_failed_pass_gives_its_segments_back(model_dir, mixes):
+    import torch
+
+    from core.batching import PassFailed, SegmentBatcher, TrackWork
+    from tests.support.faulty_models import OutOfMemoryAbove2
+    from tests.support.models import tiny_htdemucs
+
+    model = tiny_htdemucs(seed=0, klass=OutOfMemoryAbove2).eval()
+    works = [TrackWork(model, torch.from_numpy(mix)) for mix in mixes[1:]]
+    firsts = [work.peek() for work in works]
+    batcher = SegmentBatcher("cpu", batch_size=4)
+    with pytest.raises(PassFailed) as failed:
+        batcher.step(works)
+    assert failed.value.segments == 4 and failed.value.works == works
+    assert isinstance(failed.value.cause, torch.OutOfMemoryError)
+    assert [work.peek() for work in works] == firsts and all(work.done == 0 for work in works)
+
+    batcher.batch_size = 2
+    while not all(work.finished for work in works):
+        batcher.step(works)
+    # The same weights in plain HTDemucs, one segment a pass: the same stems.
+    reference, one = tiny_htdemucs(seed=0).eval(), SegmentBatcher("cpu", batch_size=1)
+    for mix, work in zip(mixes[1:], works):
+        alone = TrackWork(reference, torch.from_numpy(mix))
+        while not alone.finished:
+            one.step([alone])
+        torch.testing.assert_close(work.result(), alone.result(), atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("error, expected", [
+    ("torch", True),
+    (RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"), True),
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"), True),
+    (RuntimeError("shape mismatch"), False),
+    (ValueError("out of range"), False),
+])
+def test_out_of_memory_is_told_apart(error, expected):
+    import torch
+
+    from core.batching import out_of_memory
+
+    if error == "torch":
+        error = torch.OutOfMemoryError("boom")
+    assert out_of_memory(error) is expected

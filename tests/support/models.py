@@ -16,14 +16,15 @@ import torch
 SOURCES = ["drums", "bass", "other", "vocals"]
 
 
-def tiny_htdemucs(seed: int = 0, sources: list[str] = SOURCES, **overrides):
+def tiny_htdemucs(seed: int = 0, sources: list[str] = SOURCES, klass=None, **overrides):
+    """`klass`: HTDemucs or a subclass of it (the same weights for the same seed)."""
     from demucs.htdemucs import HTDemucs
 
     torch.manual_seed(seed)
     kwargs = dict(channels=8, depth=4, nfft=4096, t_layers=1, t_heads=1, dconv_comp=4,
                   segment=Fraction(39, 5))
     kwargs.update(overrides)
-    return HTDemucs(sources=list(sources), **kwargs)
+    return (klass or HTDemucs)(sources=list(sources), **kwargs)
 
 
 def package(model) -> dict:
