@@ -228,6 +228,84 @@ class StagedStems:
         return list(self.paths)
 
 
+class BlockStitcher:
+    """A staged mix's blocks, separated one after another by any means: each block's
+    stems are cross-faded into the previous block's and appended to one file per stem in
+    `work`. Holds one block's audio at a time."""
+
+    def __init__(self, mix: StagedMix, engine: "SeparationEngine", request: "StemRequest",
+                 options: "SeparationOptions", work: Path, block_s: float = BLOCK_S,
+                 crossfade_s: float = CROSSFADE_S):
+        stride, context = model_grid(engine, request, options)
+        self.mix = mix
+        self.work = Path(work)
+        self.crossfade = 2 * max(1, int(crossfade_s * mix.sample_rate) // 2)
+        self.blocks = plan_blocks(mix.frames, int(block_s * mix.sample_rate), context, self.crossfade, stride)
+        self.total = sum(b.stop - b.start for b in self.blocks)
+        self.fade_in = ((np.arange(self.crossfade, dtype=np.float64) + 0.5) / self.crossfade).astype(np.float32)
+        self.fade_out = np.float32(1) - self.fade_in
+        self.index = 0  # the next block to separate
+        self.done = 0  # frames of the blocks added
+        self.paths: dict[str, Path] = {}
+        self.peak = 0.0
+        self._tail: dict[str, np.ndarray] = {}
+        self._files = ExitStack()
+        self._outputs: dict[str, BinaryIO] = {}
+
+    @property
+    def finished(self) -> bool:
+        return self.index == len(self.blocks)
+
+    @property
+    def stats(self) -> tuple[float, float]:
+        """The whole track's mean and spread: every block is normalised by them."""
+        return self.mix.mean, self.mix.std
+
+    def audio(self) -> np.ndarray:
+        """The next block's mix, its context included."""
+        block = self.blocks[self.index]
+        return self.mix.read(block.start, block.stop)
+
+    def fraction(self, within: float) -> float:
+        """The whole track's share done when the next block is `within` done."""
+        block = self.blocks[self.index]
+        return min((self.done + within * (block.stop - block.start)) / self.total, 0.999)
+
+    def add(self, stems: dict[str, np.ndarray]) -> None:
+        """The next block's stems; they are popped from `stems` as they are written."""
+        block = self.blocks[self.index]
+        crossfade = self.crossfade
+        if not self._outputs:
+            for name in stems:
+                self.paths[name] = self.work / f"{name}.f32"
+                self._outputs[name] = self._files.enter_context(open(self.paths[name], "wb"))
+        first, last = self.index == 0, self.index == len(self.blocks) - 1
+        for name in list(stems):
+            # Popped, so that no view of this block's output outlives this call and
+            # doubles the memory held while the next block is separated.
+            kept = stems.pop(name)[:, block.keep_from - block.start:block.keep_to - block.start]
+            if not first:
+                faded = self._tail.pop(name) * self.fade_out + kept[:, :crossfade] * self.fade_in
+                self.peak = _append(self._outputs[name], faded, self.peak)
+                kept = kept[:, crossfade:]
+            if not last:
+                self._tail[name] = kept[:, -crossfade:].copy()
+                kept = kept[:, :-crossfade]
+            self.peak = _append(self._outputs[name], kept, self.peak)
+            del kept
+        self.index += 1
+        self.done += block.stop - block.start
+
+    def close(self) -> None:
+        self._files.close()
+
+    def result(self) -> StagedStems:
+        """The stems on disk, once `finished`."""
+        self.close()
+        mix = self.mix
+        return StagedStems(self.paths, mix.frames, mix.channels, mix.sample_rate, self.peak)
+
+
 def separate_staged(
     mix: StagedMix,
     engine: "SeparationEngine",
@@ -244,52 +322,23 @@ def separate_staged(
     around every model segment (JobCancelled)."""
     from .errors import JobCancelled
 
-    rate = mix.sample_rate
-    stride, context = model_grid(engine, request, options)
-    crossfade = 2 * max(1, int(crossfade_s * rate) // 2)
-    blocks = plan_blocks(mix.frames, int(block_s * rate), context, crossfade, stride)
-    total = sum(b.stop - b.start for b in blocks)
-    fade_in = ((np.arange(crossfade, dtype=np.float64) + 0.5) / crossfade).astype(np.float32)
-    fade_out = np.float32(1) - fade_in
-    paths: dict[str, Path] = {}
-    peak = 0.0
-    tail: dict[str, np.ndarray] = {}
-    done = 0
-    with ExitStack() as files:
-        outputs: dict[str, BinaryIO] = {}
-        for index, block in enumerate(blocks):
+    stitcher = BlockStitcher(mix, engine, request, options, work, block_s, crossfade_s)
+
+    def block_progress(fraction: float) -> None:
+        progress(stitcher.fraction(fraction))
+
+    try:
+        while not stitcher.finished:
             if should_cancel is not None and should_cancel():
                 raise JobCancelled()
-            length = block.stop - block.start
-
-            def block_progress(fraction: float, done: int = done, length: int = length) -> None:
-                progress(min((done + fraction * length) / total, 0.999))
-
-            audio = mix.read(block.start, block.stop)
-            stems = engine.separate(audio, request, options, progress=block_progress if progress else None,
-                                    should_cancel=should_cancel, stats=(mix.mean, mix.std))
-            del audio
-            if not outputs:
-                for name in stems:
-                    paths[name] = Path(work) / f"{name}.f32"
-                    outputs[name] = files.enter_context(open(paths[name], "wb"))
-            last = index == len(blocks) - 1
-            for name in list(stems):
-                # Popped, so that no view of this block's output outlives the loop and
-                # doubles the memory held while the next block is separated.
-                kept = stems.pop(name)[:, block.keep_from - block.start:block.keep_to - block.start]
-                if index > 0:
-                    peak = _append(outputs[name], tail.pop(name) * fade_out + kept[:, :crossfade] * fade_in, peak)
-                    kept = kept[:, crossfade:]
-                if not last:
-                    tail[name] = kept[:, -crossfade:].copy()
-                    kept = kept[:, :-crossfade]
-                peak = _append(outputs[name], kept, peak)
-                del kept
-            done += length
+            stitcher.add(engine.separate(stitcher.audio(), request, options,
+                                         progress=block_progress if progress else None,
+                                         should_cancel=should_cancel, stats=stitcher.stats))
+    finally:
+        stitcher.close()
     if progress is not None:
         progress(1.0)
-    return StagedStems(paths, mix.frames, mix.channels, rate, peak)
+    return stitcher.result()
 
 
 def _append(file: BinaryIO, audio: np.ndarray, peak: float) -> float:

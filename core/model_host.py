@@ -408,6 +408,28 @@ class _Host:
         }
 
 
+@dataclass(eq=False)
+class _Separating:
+    """A job in a batching host's shared passes: its track is the whole mix, or for a long
+    track the block being separated (`blocks` stitches them together on disk)."""
+
+    prepared: _Prepared
+    track: Any  # core.separation.TrackSeparation
+    progress: Any  # fraction -> None
+    started: float
+    blocks: Any = None  # core.blockwise.BlockStitcher
+
+    @property
+    def job(self) -> int:
+        return self.prepared.spec.job_id
+
+    @property
+    def fraction(self) -> float:
+        work = self.track.work
+        within = work.done / max(1, work.total)
+        return self.blocks.fraction(within) if self.blocks is not None else min(within, 0.999)
+
+
 class _BatchingHost:
     """Several jobs at once on one device (a GPU): each is decoded and later encoded in a
     thread, while this process's main thread runs forward passes over the segments of
@@ -415,8 +437,9 @@ class _BatchingHost:
     decoded and leaves them when its last segment is done or it is cancelled, so a short
     track never waits for a long one, and encoding overlaps the next separation.
 
-    Long tracks (core.blockwise) are separated alone in the main thread, block by block:
-    their memory bound matters more than sharing passes."""
+    A long track (core.blockwise) joins one block at a time: the next block starts when
+    the last one's segments are done and its stems are on disk, so memory stays bounded
+    by a block while its segments share passes with the other jobs'."""
 
     def __init__(self, host: _Host):
         from concurrent.futures import ThreadPoolExecutor
@@ -431,7 +454,7 @@ class _BatchingHost:
         self.encoders = ThreadPoolExecutor(self.capacity, thread_name_prefix="encode")
         self.batcher = SegmentBatcher(host.engine(host.config.model).device, host.config.batch_segments,
                                       host.config.precision)
-        self.active: list[tuple[_Prepared, Any, Any, float]] = []  # prepared, track, progress, started
+        self.active: list[_Separating] = []
         self.shared: dict[int, int] = {}  # job id -> most jobs in one forward pass with it
         self.stopping = False
 
@@ -475,6 +498,8 @@ class _BatchingHost:
 
     def _admit(self, block: bool) -> None:
         """Take in the jobs decoded since the last pass (wait for one when idle)."""
+        from .blockwise import BlockStitcher
+
         while True:
             try:
                 prepared = self.ready.get(timeout=1.0) if block else self.ready.get_nowait()
@@ -483,46 +508,52 @@ class _BatchingHost:
             block = False
             if prepared is None:
                 continue
-            if prepared.staged is not None:
-                self._alone(prepared)
-                continue
+
             def join(prepared: _Prepared = prepared) -> None:
-                track = prepared.engine.start_track(prepared.mix, prepared.request, self.host._options())
-                prepared.mix = None
-                self.active.append((prepared, track, self.host._progress_reporter(prepared.spec.job_id),
-                                    time.monotonic()))
+                blocks = None
+                if prepared.staged is not None:
+                    blocks = BlockStitcher(prepared.staged, prepared.engine, prepared.request,
+                                           self.host._options(), prepared.work, self.host.config.block_s)
+                entry = _Separating(prepared, None, self.host._progress_reporter(prepared.spec.job_id),
+                                    time.monotonic(), blocks)
+                try:
+                    self._next_track(entry)
+                except BaseException:
+                    self._leave(entry)
+                    raise
+                self.active.append(entry)
             self.host.guarded(prepared.spec.job_id, join)
 
-    def _alone(self, prepared: _Prepared) -> None:
-        def separate() -> None:
-            started = time.monotonic()
-            try:
-                stems, names = self.host._separate_prepared(prepared)
-            except BaseException:
-                prepared.cleanup()
-                raise
-            self.encoders.submit(self.host.guarded, prepared.spec.job_id, self._encode, prepared, stems, names,
-                                 time.monotonic() - started)
-
-        self.host.guarded(prepared.spec.job_id, separate)
+    def _next_track(self, entry: _Separating) -> None:
+        """Start the whole mix, or the next block of a long track."""
+        prepared = entry.prepared
+        options = self.host._options()
+        if entry.blocks is None:
+            entry.track = prepared.engine.start_track(prepared.mix, prepared.request, options)
+            prepared.mix = None
+        else:
+            entry.track = prepared.engine.start_track(entry.blocks.audio(), prepared.request, options,
+                                                      stats=entry.blocks.stats)
 
     def _drop_cancelled(self) -> None:
         for entry in list(self.active):
-            job = entry[0].spec.job_id
-            if self.host._cancelled(job):
+            if self.host._cancelled(entry.job):
                 self._leave(entry)
-                self.events.put({"type": "cancelled", "job": job})
+                self.events.put({"type": "cancelled", "job": entry.job})
 
-    def _leave(self, entry) -> None:
-        """A job leaves the passes before its end (cancelled or failed)."""
-        self.active.remove(entry)
-        entry[0].cleanup()
-        self.shared.pop(entry[0].spec.job_id, None)
+    def _leave(self, entry: _Separating) -> None:
+        """A job leaves before its end (cancelled or failed)."""
+        if entry in self.active:
+            self.active.remove(entry)
+        if entry.blocks is not None:
+            entry.blocks.close()
+        entry.prepared.cleanup()
+        self.shared.pop(entry.job, None)
 
     def _step(self) -> None:
         from .batching import PassFailed
 
-        works = [track.work for _, track, _, _ in self.active]
+        works = [entry.track.work for entry in self.active]
         try:
             advanced = self.batcher.step(works)
         except PassFailed as failure:
@@ -531,26 +562,38 @@ class _BatchingHost:
         except Exception as exc:  # noqa: BLE001 - past the forward pass, a bug: these jobs fail, the host lives on
             for entry in list(self.active):
                 self._leave(entry)
-                self.host.fail(entry[0].spec.job_id, exc)
+                self.host.fail(entry.job, exc)
             return
         for entry in list(self.active):
-            prepared, track, progress, started = entry
-            work = track.work
+            work = entry.track.work
             if work in advanced:
-                job = prepared.spec.job_id
-                self.shared[job] = max(self.shared.get(job, 1), len(advanced))
+                self.shared[entry.job] = max(self.shared.get(entry.job, 1), len(advanced))
             if not work.finished:
-                progress(min(work.done / max(1, work.total), 0.999))
+                entry.progress(entry.fraction)
                 continue
             self.active.remove(entry)
-            progress(1.0)
-            separation_s = time.monotonic() - started
+            # Back in the passes once its next block is read, or off to the encoders.
+            self.host.guarded(entry.job, self._track_done, entry)
 
-            def hand_over(prepared: _Prepared = prepared, track=track, separation_s: float = separation_s) -> None:
-                stems = track.stems()
-                self.encoders.submit(self.host.guarded, prepared.spec.job_id, self._encode, prepared, stems,
-                                     list(stems), separation_s)
-            self.host.guarded(prepared.spec.job_id, hand_over)
+    def _track_done(self, entry: _Separating) -> None:
+        stems = entry.track.stems()
+        entry.track = None
+        try:
+            if entry.blocks is not None:
+                entry.blocks.add(stems)
+                if not entry.blocks.finished:
+                    self._next_track(entry)
+                    self.active.append(entry)
+                    return
+                stems = entry.blocks.result()
+                entry.prepared.staged.path.unlink()
+        except BaseException:
+            self._leave(entry)
+            raise
+        entry.progress(1.0)
+        names = stems.names if entry.blocks is not None else list(stems)
+        self.encoders.submit(self.host.guarded, entry.job, self._encode, entry.prepared, stems, names,
+                             time.monotonic() - entry.started)
 
     def _recover(self, failure) -> None:
         """A forward pass failed and its segments were given back: only the jobs to blame
@@ -577,9 +620,9 @@ class _BatchingHost:
 
     def _fail_work(self, work, exc: Exception) -> None:
         for entry in self.active:
-            if entry[1].work is work:
+            if entry.track.work is work:
                 self._leave(entry)
-                self.host.fail(entry[0].spec.job_id, exc)
+                self.host.fail(entry.job, exc)
                 return
 
     def _encode(self, prepared: _Prepared, stems, names: list[str], separation_s: float) -> None:

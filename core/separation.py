@@ -165,10 +165,7 @@ class SeparationEngine:
         wav = torch.from_numpy(np.ascontiguousarray(mix, dtype=np.float32))
         length = wav.shape[-1]
 
-        if stats is None:
-            mean, std = _mono_stats(wav)
-        else:
-            mean, std = (torch.tensor(value, dtype=torch.float32) for value in stats)
+        mean, std = _normalisation(wav, stats)
         strides = [_stride(sub, options) for sub, _ in sub_models(plan.model)]
         tracker = _ProgressTracker(length, strides, progress, should_cancel)
         started = time.monotonic()
@@ -208,12 +205,14 @@ class SeparationEngine:
         return results
 
     def start_track(self, mix: np.ndarray, request: StemRequest,
-                    options: SeparationOptions = SeparationOptions()) -> "TrackSeparation":
+                    options: SeparationOptions = SeparationOptions(),
+                    stats: tuple[float, float] | None = None) -> "TrackSeparation":
         """`mix` as segments that a `core.batching.SegmentBatcher` may compute together
-        with other tracks' (of this engine or another on the same device)."""
+        with other tracks' (of this engine or another on the same device). `stats`: as
+        for `separate`."""
         plan = self._plan(request.direct_sources)
         wav = torch.from_numpy(np.ascontiguousarray(mix, dtype=np.float32))
-        mean, std = _mono_stats(wav)
+        mean, std = _normalisation(wav, stats)
         work = TrackWork(plan.model, (wav - mean) / std, shifts=options.shifts, overlap=options.overlap,
                          segment=options.segment)
         return TrackSeparation(self, work, wav, (mean, std), plan, request)
@@ -268,6 +267,14 @@ def _mono_stats(wav: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     results match `python -m demucs`."""
     ref = wav.mean(0)
     return ref.mean(), ref.std() + 1e-8
+
+
+def _normalisation(wav: torch.Tensor, stats: tuple[float, float] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mix's own stats, or the given ones (a block of a longer track)."""
+    if stats is None:
+        return _mono_stats(wav)
+    mean, std = stats
+    return torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
 
 
 def _stride(model, options: SeparationOptions) -> int:

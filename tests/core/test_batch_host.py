@@ -22,9 +22,14 @@ pytestmark = pytest.mark.asyncio(loop_scope="module")
 SOURCES = ("drums", "bass", "other", "vocals")
 
 
-def config(model_dir, batch_jobs: int) -> HostConfig:
-    return HostConfig(model="tiny", model_dir=str(model_dir), device="cpu", shifts=0, min_duration_s=1.0,
-                      batch_jobs=batch_jobs, batch_segments=2)
+def config(model_dir, batch_jobs: int, **overrides) -> HostConfig:
+    settings = dict(model="tiny", model_dir=str(model_dir), device="cpu", shifts=0, min_duration_s=1.0,
+                    batch_jobs=batch_jobs, batch_segments=2)
+    return HostConfig(**{**settings, **overrides})
+
+
+# Blocks short enough that a one-minute song goes blockwise, in four blocks.
+SHORT_BLOCKS = dict(block_s=16.0, blocks_above_s=30.0)
 
 
 @pytest.fixture(scope="module")
@@ -142,8 +147,7 @@ def faulty_dir(tmp_path_factory) -> Path:
 @pytest_asyncio.fixture(loop_scope="module")
 async def faulty_host(faulty_dir):
     # Four segments a pass to begin with: more than OutOfMemoryAbove2 takes.
-    worker = LocalWorker(HostConfig(model="tiny", model_dir=str(faulty_dir), device="cpu", shifts=0,
-                                    min_duration_s=1.0, batch_jobs=3, batch_segments=4), start_timeout_s=60)
+    worker = LocalWorker(config(faulty_dir, batch_jobs=3, batch_segments=4), start_timeout_s=60)
     await worker.start()
     yield worker
     await worker.stop()
@@ -185,3 +189,46 @@ async def test_a_track_too_big_even_one_segment_a_pass_fails_with_a_clear_reason
     assert result["type"] == "failed" and result["kind"] == "out_of_memory", result
     assert result["reason"] == "the worker ran out of memory separating this track; try again later"
     assert (await asyncio.wait_for(faulty_host.run(spec_for(short_songs[1], tmp_path)), 120))["type"] == "done"
+
+
+async def test_a_long_track_shares_passes_block_by_block(model_dir, short_songs, tmp_path):
+    long_song = music(tmp_path / "long.wav", seconds=60.0, tone=275.0)
+    outcomes = {}
+    for label, batch_jobs in (("together", 3), ("alone", 1)):
+        worker = LocalWorker(config(model_dir, batch_jobs, **SHORT_BLOCKS), start_timeout_s=60)
+        await worker.start()
+        try:
+            specs = [spec_for(long_song, tmp_path / label), spec_for(short_songs[0], tmp_path / label)]
+            events: list[dict] = []
+            results = await asyncio.wait_for(asyncio.gather(
+                worker.run(specs[0], events.append), worker.run(specs[1])), 180)
+        finally:
+            await worker.stop()
+        assert [r["type"] for r in results] == ["done", "done"], results
+        assert results[0]["duration_s"] == pytest.approx(60.0, abs=0.01)
+        fractions = [e["fraction"] for e in events if e["type"] == "progress"]
+        assert fractions == sorted(fractions) and fractions[-1] == 1.0
+        assert [p.name for p in (tmp_path / label).iterdir() if "partial" in p.name] == []
+        outcomes[label] = (results, [stems_of(spec) for spec in specs])
+    assert outcomes["together"][0][0]["batched_jobs"] == 2  # the long track's blocks shared passes
+    for together, alone in zip(outcomes["together"][1], outcomes["alone"][1]):
+        for name in SOURCES:
+            assert snr_db(alone[name], together[name]) > 60, name
+
+
+async def test_cancelling_a_long_track_between_blocks_cleans_up(model_dir, short_songs, tmp_path):
+    long_song = music(tmp_path / "long.wav", seconds=60.0, tone=275.0)
+    worker = LocalWorker(config(model_dir, batch_jobs=3, **SHORT_BLOCKS), start_timeout_s=60)
+    await worker.start()
+    try:
+        drop, keep = spec_for(long_song, tmp_path / "out"), spec_for(short_songs[1], tmp_path / "out")
+
+        def on_event(event: dict) -> None:
+            if event["type"] == "progress" and event["fraction"] > 0.4:  # past the first block
+                worker.cancel(drop.job_id)
+
+        results = await asyncio.wait_for(asyncio.gather(worker.run(drop, on_event), worker.run(keep)), 180)
+    finally:
+        await worker.stop()
+    assert results[0] == {"type": "cancelled", "job": drop.job_id} and results[1]["type"] == "done"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [Path(keep.stems_dir).name]
