@@ -94,8 +94,8 @@ def ensure_wal(url: str, timeout_s: float = 30.0) -> None:
     ones to open on a freshly migrated database failed that way now and then. So: one
     switch here, retried while another process (the bot and a worker starting together)
     holds the file."""
-    path = make_url(url).database
-    if not path or path == ":memory:" or path.startswith("file:"):
+    path = _sqlite_file(url)
+    if path is None:
         return
     deadline = time.monotonic() + timeout_s
     while True:
@@ -114,10 +114,18 @@ def ensure_wal(url: str, timeout_s: float = 30.0) -> None:
         return
 
 
+def _sqlite_file(url: str) -> Path | None:
+    """The database file of a SQLite URL; None for an in-memory database or a `file:` URI."""
+    path = make_url(url).database
+    if not path or path == ":memory:" or path.startswith("file:"):
+        return None
+    return Path(path)
+
+
 def _ensure_sqlite_folder(url: str) -> None:
-    path = url.split(":///", 1)[-1]
-    if path and path != ":memory:":
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    path = _sqlite_file(url)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
 
 
 def alembic_config(url: str):

@@ -25,7 +25,10 @@ def _overlap(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from typing import get_args
+
     from core.audio import OUTPUT_FORMATS
+    from core.settings import Precision
 
     parser = argparse.ArgumentParser(prog="stembot", description="Split music into stems with Demucs.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
@@ -46,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     sep.add_argument("--shifts", type=_positive_int, default=None, help="random shifts (0 = deterministic)")
     sep.add_argument("--overlap", type=_overlap, default=None, help="overlap between segments")
     sep.add_argument("--segment", type=float, default=None, help="segment length in seconds")
-    sep.add_argument("--precision", default=None, choices=("fp32", "bf16", "fp16"),
+    sep.add_argument("--precision", default=None, choices=get_args(Precision),
                      help="arithmetic of the model (default: STEMBOT_PRECISION or fp32)")
     sep.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     sep.add_argument("--stats", type=Path, default=None, metavar="FILE",

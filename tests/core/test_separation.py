@@ -121,7 +121,6 @@ def test_warm_up_runs(engine):
     assert engine.forward_seconds > 0
 
 
-
 def test_progress_moves_inside_a_segment(engine, mix):
     engine.warm_up()  # a first pass teaches the engine how long each block takes
     forwards, handle = _forward_counter(engine.model)
