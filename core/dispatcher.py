@@ -166,12 +166,7 @@ class Dispatcher:
 
     async def _run_one(self, job: Job, seats: asyncio.Semaphore) -> None:
         try:
-            await self._process(job)
-        except asyncio.CancelledError:
-            raise
-        except Exception:  # noqa: BLE001 - one job must never stop the queue
-            log.exception("job %s: unexpected failure", job.id)
-            await self._fail(job.id, "something went wrong on our side; please try again", "internal")
+            await self._or_fail(job.id, self._process(job), "unexpected failure")
         finally:
             seats.release()
         # Jobs behind it moved up one place.
@@ -278,6 +273,16 @@ class Dispatcher:
         self._finish_metrics(await self.store.get(job.id))
 
     # -- endings -----------------------------------------------------------------------
+
+    async def _or_fail(self, job_id: int, step, what: str) -> None:
+        """Await `step`; an unexpected error fails the job: one job must never stop the others."""
+        try:
+            await step
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - logged in full, the user gets a short message
+            log.exception("job %s: %s", job_id, what)
+            await self._fail(job_id, "something went wrong on our side; please try again", "internal")
 
     async def _fail(self, job_id: int, reason: str, kind: str | None) -> None:
         if await self.store.transition(job_id, JobState.failed, error=reason, error_kind=kind or "error"):
@@ -421,24 +426,22 @@ class QueueDispatcher(Dispatcher):
 
     async def _hand_over(self, job: Job) -> None:
         try:
-            await self._notify(job)
-            if not await self._prepare(job):
-                return
-            transfer = await self.storage.publish_input(job)
-            await self.store.update(job.id, transfer=transfer)
-            queue_job_id = await self.queue.enqueue(job.id, job.priority)
-            if queue_job_id is not None:
-                await self.store.update(job.id, queue_job_id=queue_job_id)
-            current = await self.store.get(job.id)
-            if current.job_state is JobState.cancelled and queue_job_id is not None:
-                await self.queue.abort(queue_job_id)  # cancelled while it was being handed over
-        except asyncio.CancelledError:
-            raise
-        except Exception:  # noqa: BLE001 - one job must never stop the others
-            log.exception("job %s: could not be handed to a worker", job.id)
-            await self._fail(job.id, "something went wrong on our side; please try again", "internal")
+            await self._or_fail(job.id, self._enqueue(job), "could not be handed to a worker")
         finally:
             self._preparing.discard(job.id)
+
+    async def _enqueue(self, job: Job) -> None:
+        await self._notify(job)
+        if not await self._prepare(job):
+            return
+        transfer = await self.storage.publish_input(job)
+        await self.store.update(job.id, transfer=transfer)
+        queue_job_id = await self.queue.enqueue(job.id, job.priority)
+        if queue_job_id is not None:
+            await self.store.update(job.id, queue_job_id=queue_job_id)
+        current = await self.store.get(job.id)
+        if current.job_state is JobState.cancelled and queue_job_id is not None:
+            await self.queue.abort(queue_job_id)  # cancelled while it was being handed over
 
     # -- watching what the workers do --------------------------------------------------
 

@@ -146,3 +146,35 @@ async def test_a_slot_that_batches_gets_as_many_jobs_as_it_takes(setup):
         assert states.count("queued") == 2
     finally:
         await dispatcher.stop()
+
+
+class StorageFailingFor(LocalStorage):
+    """The bot's disk, failing to publish one job's input (a bug or a broken store)."""
+
+    def __init__(self, root, job_id: int):
+        super().__init__(root)
+        self.job_id = job_id
+
+    async def publish_input(self, job):
+        if job.id == self.job_id:
+            raise OSError("the store refused the upload")
+        return await super().publish_input(job)
+
+
+async def test_a_job_that_cannot_be_handed_over_fails_and_the_next_one_goes_on(setup):
+    store, fleet, queue, storage, song = setup
+    await fleet.beat("w/cpu", host="h", pid=1, device="cpu", model="tiny", state="ready", job_id=None)
+    broken = await add_job(store, storage, song, guild=1, user=1)
+    fine = await add_job(store, storage, song, guild=2, user=2)
+    dispatcher = QueueDispatcher(store, queue, fleet, StorageFailingFor(storage.root, broken), Silent(),
+                                 DispatcherConfig(worker_name="bot"), prefetch=0)
+    await dispatcher.start()
+    try:
+        worker = await queue.app.job_manager.register_worker()
+        handed = await next_run(queue, worker)
+    finally:
+        await dispatcher.stop()
+    assert handed.task_kwargs["job_id"] == fine
+    failed = await store.get(broken)
+    assert failed.state == "failed" and failed.error_kind == "internal"
+    assert failed.error == "something went wrong on our side; please try again"
