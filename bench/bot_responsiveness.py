@@ -30,12 +30,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import aiohttp  # noqa: E402
+import aiohttp
 
-from bench.separate_vs_demucs import build_model  # noqa: E402
-from tests.bot.conftest import BotProcess  # noqa: E402
-from tests.support.fake_discord import FakeDiscord, attachment_option  # noqa: E402
-from tests.support.media import music  # noqa: E402
+from bench.separate_vs_demucs import build_model
+from tests.bot.conftest import BotProcess
+from tests.support.fake_discord import FakeDiscord, attachment_option
+from tests.support.media import music
 
 PERCENT = re.compile(r"`\s*(\d+)%")
 
@@ -81,7 +81,7 @@ async def one_round(args, work: Path, models: Path, nice: int) -> None:
     work.mkdir(parents=True)
     async with FakeDiscord() as fake:
         # The fake's CDN is on loopback, which the fetcher opens only inside a test harness
-        # (core.fetch): this benchmark is one, so it says so the way pytest does.
+        # (core.net.fetcher): this benchmark is one, so it says so the way pytest does.
         bot = BotProcess(fake, work / "bot", models, STEMBOT_MODEL="htdemucsrand", STEMBOT_SHIFTS="0",
                          STEMBOT_MODEL_HOST_NICE=str(nice), PYTEST_CURRENT_TEST="bench/bot_responsiveness.py (call)")
         await bot.start(ready_timeout=180)  # ready = the model host loaded and warmed up

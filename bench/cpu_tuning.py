@@ -1,4 +1,4 @@
-"""Benchmark: the CPU speed-ups of core.separation.tune_for_cpu, one by one, side by side.
+"""Benchmark: the CPU speed-ups of core.separation.engine.tune_for_cpu, one by one, side by side.
 
 Times one forward pass of an htdemucs-sized model (42M parameters, random weights: speed
 does not depend on the weights) on one 7.8-s segment, in one process, rounds alternating
@@ -30,8 +30,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.separate_vs_demucs import build_model  # noqa: E402
-from tests.support.media import snr_db  # noqa: E402
+from bench.separate_vs_demucs import build_model
+from tests.support.media import snr_db
 
 
 def main() -> None:

@@ -29,8 +29,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from core.separation import SeparationEngine, SeparationOptions  # noqa: E402
-from core.stems import parse_stems  # noqa: E402
+from core.separation.engine import SeparationEngine, SeparationOptions
+from core.separation.stems import parse_stems
 
 
 def build_model():

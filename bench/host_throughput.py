@@ -1,7 +1,7 @@
 """Benchmark: jobs per minute of the model host with concurrent jobs, against `python -m demucs`.
 
 Files in, mp3 stems out on both sides. demucs gets all tracks in one invocation (as a
-user would run it); stembot's side is the real `LocalWorker` with its spawned model host
+user would run it); stembot's side is the real `HostHandle` with its spawned model host
 (already started and warmed up, as a running bot's is), given all tracks at once as
 concurrent jobs, once per `--batch-jobs` value (1: one job at a time; more: jobs decode
 and encode in threads while their segments share forward passes). Same model folder,
@@ -24,15 +24,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.separate_vs_demucs import bench_model, make_tracks, run  # noqa: E402
-from core.model_host import HostConfig, JobSpec  # noqa: E402
-from core.worker import LocalWorker  # noqa: E402
+from bench.separate_vs_demucs import bench_model, make_tracks, run
+from core.host.child import HostConfig, JobSpec
+from core.host.handle import HostHandle
 
 
 async def host_side(models: Path, name: str, device: str, batch_jobs: int, tracks: list[Path], out: Path,
                     segments: int) -> tuple[float, float, int]:
     """(wall of all jobs, real-time factor of the first job, most jobs in one pass)."""
-    worker = LocalWorker(HostConfig(model=name, model_dir=str(models), device=device, batch_jobs=batch_jobs,
+    worker = HostHandle(HostConfig(model=name, model_dir=str(models), device=device, batch_jobs=batch_jobs,
                                     batch_segments=segments, max_duration_s=3600.0))
     await worker.start()
     try:

@@ -42,7 +42,7 @@ def _vm(field: str) -> int:
 def child(spec: dict) -> None:
     """One case, in this (fresh) process; prints one JSON line."""
 
-    from core.model_host import HostConfig, JobSpec, _Host
+    from core.host.child import HostConfig, JobSpec, _Host
 
     class Events:
         def __init__(self):
@@ -97,7 +97,7 @@ def main() -> None:
         child(json.loads(args.child))
         return
 
-    from core.blockwise import BLOCK_S, BLOCKS_ABOVE_S
+    from core.separation.blockwise import BLOCK_S, BLOCKS_ABOVE_S
 
     models = args.work / "models"
     from bench.separate_vs_demucs import bench_model, make_track

@@ -15,13 +15,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.separate_vs_demucs import build_model  # noqa: E402
-from core.model_host import HostConfig  # noqa: E402
-from core.worker import LocalWorker  # noqa: E402
+from bench.separate_vs_demucs import build_model
+from core.host.child import HostConfig
+from core.host.handle import HostHandle
 
 
 async def once(model_dir: Path, name: str) -> dict:
-    worker = LocalWorker(HostConfig(model=name, model_dir=str(model_dir), device="cpu"))
+    worker = HostHandle(HostConfig(model=name, model_dir=str(model_dir), device="cpu"))
     try:
         return await worker.start()
     finally:
@@ -39,7 +39,7 @@ def main() -> None:
     for key, label in (("start_s", "ready"), ("load_s", "model load"), ("warmup_s", "warm-up")):
         values = [r[key] for r in results]
         print(f"{label:10}: {', '.join(f'{v:.2f}' for v in values)} s (median {statistics.median(values):.2f} s)")
-    print("ready = spawn + imports + load + warm-up, as reported by LocalWorker.start()")
+    print("ready = spawn + imports + load + warm-up, as reported by HostHandle.start()")
 
 
 if __name__ == "__main__":

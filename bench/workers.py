@@ -29,19 +29,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sqlalchemy import text  # noqa: E402
+from sqlalchemy import text
 
-from core.db import make_engine, make_sessions  # noqa: E402
-from core.dispatcher import DispatcherConfig, QueueDispatcher  # noqa: E402
-from core.fleet import Fleet  # noqa: E402
-from core.jobs import JobState, JobStore  # noqa: E402
-from core.objectstore import ObjectStore, S3Config  # noqa: E402
-from core.queue import JobQueue  # noqa: E402
-from core.storage import ObjectStorage  # noqa: E402
-from tests.support.media import music  # noqa: E402
-from tests.support.models import save_th, tiny_htdemucs  # noqa: E402
-from tests.support.postgres import reset_database, temporary_server  # noqa: E402
-from tests.support.s3 import temporary_s3  # noqa: E402
+from core.db import make_engine, make_sessions
+from core.distributed.fleet import Fleet
+from core.distributed.queue import JobQueue
+from core.jobs.dispatcher import DispatcherConfig, QueueDispatcher
+from core.jobs.job import JobState
+from core.jobs.store import JobStore
+from core.storage.s3_client import S3Client, S3Config
+from core.storage.s3_storage import S3Storage
+from tests.support.media import music
+from tests.support.models import save_th, tiny_htdemucs
+from tests.support.postgres import reset_database, temporary_server
+from tests.support.s3 import temporary_s3
 
 
 class Recorder:
@@ -87,7 +88,7 @@ async def run_round(workers: int, songs: list[Path], url: str, s3: str, model_di
     sessions = make_sessions(engine)
     store, fleet, queue = JobStore(sessions), Fleet(sessions), JobQueue(url)
     bucket = f"bench-{random.randrange(1 << 30)}"
-    storage = ObjectStorage(work / "bot", ObjectStore(S3Config(bucket=bucket, endpoint_url=s3, access_key_id="bench",
+    storage = S3Storage(work / "bot", S3Client(S3Config(bucket=bucket, endpoint_url=s3, access_key_id="bench",
                                                                secret_access_key="bench")),
                             transfer_ttl_s=3600, max_output_bytes=1 << 30)
     recorder = Recorder()

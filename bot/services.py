@@ -9,20 +9,21 @@ from pathlib import Path
 
 from sqlalchemy import text
 
-from core import models
 from core.challenges import ChallengeStore
 from core.db import make_engine, make_sessions
-from core.dispatcher import Dispatcher, DispatcherConfig, QueueDispatcher
-from core.fleet import Fleet
-from core.jobs import JobStore
-from core.looplag import LoopLagMonitor
-from core.links import LinkSigner, load_or_create_secret
-from core.quotas import QuotaBook
+from core.distributed.fleet import Fleet
+from core.host.handle import HostHandle
+from core.jobs.dispatcher import Dispatcher, DispatcherConfig, QueueDispatcher
+from core.jobs.quotas import QuotaBook
+from core.jobs.store import JobStore
+from core.jobs.sweeper import Sweeper
+from core.ops.looplag import LoopLagMonitor
+from core.ops.web import HealthChecks, Metrics, build_app, start_web, stop_web
+from core.separation import catalogue
 from core.settings import Settings
-from core.storage import LocalStorage, ObjectStorage
-from core.sweeper import Sweeper
-from core.web import HealthChecks, Metrics, build_app, start_web, stop_web
-from core.worker import LocalWorker
+from core.storage.local import LocalStorage
+from core.storage.s3_storage import S3Storage
+from core.storage.signed_links import LinkSigner, load_or_create_secret
 
 log = logging.getLogger(__name__)
 
@@ -44,15 +45,15 @@ def make_storage(settings: Settings) -> LocalStorage:
     root = Path(settings.data_dir) / "jobs"
     if not settings.s3_bucket:
         return LocalStorage(root)
-    from core.objectstore import ObjectStore, S3Config
+    from core.storage.s3_client import S3Client, S3Config
 
-    store = ObjectStore(S3Config(bucket=settings.s3_bucket, endpoint_url=settings.s3_endpoint_url,
+    store = S3Client(S3Config(bucket=settings.s3_bucket, endpoint_url=settings.s3_endpoint_url,
                                  public_endpoint_url=settings.s3_public_endpoint_url, region=settings.s3_region,
                                  prefix=settings.s3_prefix, access_key_id=settings.aws_access_key_id,
                                  secret_access_key=settings.aws_secret_access_key.get_secret_value()
                                  if settings.aws_secret_access_key else None))
     # Presigned transfer URLs live as long as a job may wait for a free worker.
-    return ObjectStorage(root, store, transfer_ttl_s=settings.retention_hours * 3600,
+    return S3Storage(root, store, transfer_ttl_s=settings.retention_hours * 3600,
                          max_output_bytes=4 * settings.max_input_bytes)
 
 
@@ -75,7 +76,7 @@ class Services:
         self.link_ttl_s = settings.retention_hours * 3600
         self.distributed = settings.queue == "postgres"
         # Embedded mode: the bot's own model host. Distributed: `stembot worker`s run jobs.
-        self.worker = None if self.distributed else LocalWorker(settings.host_config(threads=settings.threads))
+        self.worker = None if self.distributed else HostHandle(settings.host_config(threads=settings.threads))
         self.fleet = Fleet(sessions, settings.worker_stale_s)
         self.queue = None
         self.notifier = None
@@ -91,7 +92,7 @@ class Services:
     def available_models(self) -> list[str]:
         """Models this bot can run without downloading: the default first."""
         if self._models is None:
-            names = [e.name for e in models.list_models(self.settings.model_dir) if e.available]
+            names = [e.name for e in catalogue.list_models(self.settings.model_dir) if e.available]
             self._models = [self.settings.model] + [n for n in names if n != self.settings.model]
         return self._models
 
@@ -107,7 +108,7 @@ class Services:
             link_valid_hours=self.settings.retention_hours,
         )
         if self.distributed:
-            from core.queue import JobQueue
+            from core.distributed.queue import JobQueue
 
             self.queue = JobQueue(self.settings.resolved_database_url)
             self.dispatcher = QueueDispatcher(self.store, self.queue, self.fleet, self.storage, self.notifier,
@@ -130,7 +131,7 @@ class Services:
     async def _start_worker(self) -> None:
         if self.distributed:
             # Storage and database may still be starting (docker compose): wait for them.
-            if isinstance(self.storage, ObjectStorage):
+            if isinstance(self.storage, S3Storage):
                 await _retry("the object store", self.storage.start)
             await _retry("the job queue", self.queue.open)
         else:
@@ -188,7 +189,7 @@ class Services:
                 counts = await self.store.counts_by_state()
                 self.metrics.set_states(counts)
                 self.metrics.set_queue_length(counts.get("queued", 0))
-            except Exception:  # noqa: BLE001 - metrics must not take the bot down
+            except Exception:
                 log.warning("metrics refresh failed", exc_info=True)
             await asyncio.sleep(interval_s)
 
@@ -201,7 +202,7 @@ class Services:
         for service in reversed(self._extras):
             try:
                 await service.stop()
-            except Exception:  # noqa: BLE001 - the rest must still stop
+            except Exception:
                 log.exception("stopping %r failed", service)
         await self.loop_lag.stop()
         for task in (self._boot, self._metrics_task, self._sweeper_task):
@@ -214,7 +215,7 @@ class Services:
             steps.insert(0, self.worker.stop)
         if self.queue is not None:
             steps.insert(0, self.queue.close)
-        if isinstance(self.storage, ObjectStorage):
+        if isinstance(self.storage, S3Storage):
             steps.insert(0, self.storage.close)
         if self._web is not None:
             steps.insert(1, lambda: stop_web(self._web))
@@ -223,5 +224,5 @@ class Services:
         for step in steps:
             try:
                 await step()
-            except Exception:  # noqa: BLE001 - shutting down: log and go on
+            except Exception:
                 log.exception("shutdown step %r failed", step)

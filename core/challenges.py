@@ -64,9 +64,9 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlalchemy.orm import Mapped, mapped_column
 
-from .db import Base, UTCDateTime, utcnow
-from .errors import StembotError
-from .jobs import FINAL, Job
+from core.db import Base, UTCDateTime, utcnow
+from core.errors import StembotError
+from core.jobs.job import FINAL, Job
 
 
 class ChallengeState(str, enum.Enum):

@@ -110,15 +110,15 @@ class Settings(BaseSettings):
 
     @property
     def limits(self):
-        """The limits on what users send, for core.audio."""
-        from .audio import Limits
+        """The limits on what users send, for core.media.audio."""
+        from core.media.audio import Limits
 
         return Limits(self.min_duration_s, self.max_duration_s, self.max_input_bytes)
 
     def host_config(self, device: str | None = None, threads: int | None = None):
-        """What a model host needs, for core.model_host: these settings, on `device`
+        """What a model host needs, for core.host.child: these settings, on `device`
         (default STEMBOT_DEVICE) with `threads` CPU threads (None: PyTorch's default)."""
-        from .model_host import HostConfig
+        from core.host.child import HostConfig
 
         return HostConfig(
             model=self.model, model_dir=str(self.model_dir) if self.model_dir else None,
@@ -129,7 +129,7 @@ class Settings(BaseSettings):
         )
 
     def default_policy(self):
-        from .quotas import Policy
+        from core.jobs.quotas import Policy
 
         return Policy(
             user_minutes_per_day=self.quota_user_minutes_per_day,

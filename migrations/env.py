@@ -10,9 +10,9 @@ from alembic import context
 from sqlalchemy.ext.asyncio import create_async_engine
 
 import core.challenges  # noqa: F401 - registers the tables on Base.metadata
-import core.fleet  # noqa: F401
-import core.jobs  # noqa: F401
-import core.quotas  # noqa: F401
+import core.distributed.fleet  # noqa: F401
+import core.jobs.job  # noqa: F401
+import core.jobs.quotas  # noqa: F401
 from core.db import Base
 
 config = context.config

@@ -27,7 +27,7 @@ def _overlap(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     from typing import get_args
 
-    from core.audio import OUTPUT_FORMATS
+    from core.media.audio import OUTPUT_FORMATS
     from core.settings import Precision
 
     parser = argparse.ArgumentParser(prog="stembot", description="Split music into stems with Demucs.")
@@ -108,12 +108,12 @@ def _fail(message: str) -> int:
 
 
 def cmd_separate(args, parser: argparse.ArgumentParser) -> int:
-    from core.audio import OutputFormat
     from core.errors import StembotError
-    from core.pipeline import BatchSeparator
-    from core.separation import SeparationEngine, SeparationOptions
+    from core.media.audio import OutputFormat
+    from core.separation.engine import SeparationEngine, SeparationOptions
+    from core.separation.file_separator import FileSeparator
+    from core.separation.stems import parse_stems
     from core.settings import get_settings
-    from core.stems import parse_stems
 
     settings = get_settings()
     model_name = args.model or settings.model
@@ -143,7 +143,7 @@ def cmd_separate(args, parser: argparse.ArgumentParser) -> int:
         parser.error(f"--segment: at most {engine.max_segment:g} s for model {model_name}")
 
     display = _ProgressDisplay(len(args.inputs), quiet=args.quiet)
-    batch = BatchSeparator(engine, request, fmt, options, limits)
+    batch = FileSeparator(engine, request, fmt, options, limits)
     results = batch.run(args.inputs, args.out, display)
     display.close()
 
@@ -217,8 +217,8 @@ def _token(settings) -> str | None:
 def cmd_run(args, parser) -> int:
     import asyncio
 
-    from core import db, models
     from core.errors import StembotError
+    from core.separation import catalogue
     from core.settings import get_settings
 
     settings = get_settings()
@@ -227,7 +227,7 @@ def cmd_run(args, parser) -> int:
         print(NO_TOKEN, file=sys.stderr)
         return 1
     try:
-        models.locate(settings.model, settings.model_dir)
+        catalogue.locate(settings.model, settings.model_dir)
     except StembotError as exc:
         return _fail(exc.reason)
     try:
@@ -249,7 +249,7 @@ def _upgrade_database(settings) -> None:
                          "(STEMBOT_DATABASE_URL=postgresql+asyncpg://user:password@host/db)")
     db.upgrade(url)
     if url.startswith("postgresql"):
-        from core.queue import install_schema
+        from core.distributed.queue import install_schema
 
         if asyncio.run(install_schema(url)):
             print("installed the job queue's tables", file=sys.stderr)
@@ -276,7 +276,7 @@ async def _run_worker(settings, name: str | None, devices: list[str] | None) -> 
     import asyncio
     import signal
 
-    from core.queue_worker import QueueWorker
+    from core.distributed.queue_worker import QueueWorker
 
     worker = QueueWorker(settings, name=name, devices=devices)
     loop = asyncio.get_running_loop()
@@ -378,7 +378,7 @@ def cmd_db_upgrade(args, parser) -> int:
 
 
 def cmd_models_list(args, parser) -> int:
-    from core.models import list_models
+    from core.separation.catalogue import list_models
     from core.settings import get_settings
 
     model_dir = args.model_dir or get_settings().model_dir
@@ -390,7 +390,7 @@ def cmd_models_list(args, parser) -> int:
 
 def cmd_models_pull(args, parser) -> int:
     from core.errors import StembotError
-    from core.models import pull
+    from core.separation.catalogue import pull
 
     try:
         location = pull(args.name)

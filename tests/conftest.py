@@ -83,11 +83,11 @@ def database_url(request):
 def s3_server():
     """An `S3Config` for a fresh, not yet created bucket on a real S3 server on loopback:
     `STEMBOT_TEST_S3_ENDPOINT`, or a throwaway moto server. Missing in CI is a failure,
-    not a skip. Call `ObjectStore.ensure_bucket()` before use."""
+    not a skip. Call `S3Client.ensure_bucket()` before use."""
     import os
     import uuid
 
-    from core.objectstore import S3Config
+    from core.storage.s3_client import S3Config
     from tests.support.s3 import moto_available, temporary_s3
 
     def config(endpoint: str, key: str, secret: str) -> S3Config:

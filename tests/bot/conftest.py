@@ -37,7 +37,7 @@ class BotProcess:
             "STEMBOT_SHIFTS": "0",
             "STEMBOT_WEB_PORT": str(self.web_port),
             "PYTHONUNBUFFERED": "1",
-            # The fake's CDN is on loopback; honoured only under pytest (see core.fetch).
+            # The fake's CDN is on loopback; honoured only under pytest (see core.net.fetcher).
             "STEMBOT_ALLOW_LOOPBACK_FETCH_FOR_TESTS": "1",
             **env,
         }

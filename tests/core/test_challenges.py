@@ -10,16 +10,10 @@ from datetime import timedelta
 import pytest
 import pytest_asyncio
 
-from core.challenges import (
-    ChallengeState,
-    ChallengeStore,
-    Closed,
-    OwnEntry,
-    UnknownEntry,
-    parse_duration,
-)
+from core.challenges import ChallengeState, ChallengeStore, Closed, OwnEntry, UnknownEntry, parse_duration
 from core.db import make_engine, make_sessions, utcnow
-from core.jobs import JobState, JobStore
+from core.jobs.job import JobState
+from core.jobs.store import JobStore
 
 T0 = utcnow().replace(microsecond=0)
 SUBMIT = T0 + timedelta(hours=1)

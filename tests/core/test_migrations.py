@@ -4,7 +4,7 @@ on SQLite and PostgreSQL, keeps existing rows, and leaves no drift from the mode
 from __future__ import annotations
 
 import asyncio
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 from alembic import command
@@ -14,8 +14,8 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
-import core.jobs  # noqa: F401 - registers the tables
-import core.quotas  # noqa: F401
+import core.jobs.job  # noqa: F401 - registers the tables
+import core.jobs.quotas  # noqa: F401
 from core.db import Base, alembic_config, upgrade
 
 
@@ -61,7 +61,7 @@ def test_every_revision_in_order_keeps_rows_and_ends_without_drift(empty_url):
     _run(empty_url, "INSERT INTO jobs (created_at, updated_at, user_id, attachment_size_limit, source_kind, "
                     "source_url, source_name, model, stems, format, priority, state, progress, attempts, "
                     "cancel_requested) VALUES (:t, :t, 42, 10, 'attachment', 'u', 'old.mp3', 'htdemucs', 'all', "
-                    "'mp3', 0, 'done', 1.0, 1, false)", t=datetime(2026, 1, 1, tzinfo=timezone.utc))
+                    "'mp3', 0, 'done', 1.0, 1, false)", t=datetime(2026, 1, 1, tzinfo=UTC))
     for revision in revisions[1:]:
         upgrade(empty_url, revision)
     rows = _run(empty_url, "SELECT user_id, source_name, slot_state, quota_state, reserved_s, cache_hit FROM jobs")

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from core.audio import Limits, decode, probe
+from core.media.audio import Limits, decode, probe
 from tests.support.media import ffmpeg, music, snr_db
 
 RATE = 44100

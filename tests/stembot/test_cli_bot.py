@@ -7,7 +7,6 @@ import os
 import sqlite3
 import sys
 
-
 from tests.support.fake_discord import FakeDiscord
 
 

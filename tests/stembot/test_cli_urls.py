@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from core.pipeline import is_link, link_output_name, output_name
+from core.net.urls import is_link, link_output_name, output_name
 from tests.stembot.test_cli import stembot
 from tests.support.media import music
 

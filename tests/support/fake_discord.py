@@ -30,9 +30,10 @@ import socket
 import time
 import urllib.parse
 import zlib
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from typing import Any, AsyncIterator, Callable, Iterator, Sequence, TypeVar
+from datetime import UTC, datetime
+from typing import Any, TypeVar
 
 import discord
 import yarl
@@ -290,7 +291,7 @@ def _json_response(body: Any, status: int = 200, headers: dict[str, str] | None 
 
 
 def _now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat()
+    return datetime.now(UTC).isoformat()
 
 
 def _is_truthy_query(value: str | None) -> bool:

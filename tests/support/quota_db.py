@@ -12,8 +12,9 @@ from datetime import date
 from sqlalchemy import select, text
 
 from core.db import make_engine, make_sessions
-from core.jobs import Job, JobStore
-from core.quotas import Policy, QuotaBook, QuotaSlot, QuotaUsage
+from core.jobs.job import Job
+from core.jobs.quotas import Policy, QuotaBook, QuotaSlot, QuotaUsage
+from core.jobs.store import JobStore
 
 FIELDS = dict(source_kind="attachment", source_url="https://cdn.example/a.mp3", source_name="a.mp3",
               model="tiny", stems="all", format="mp3")

@@ -10,9 +10,9 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from core.audio import OUTPUT_FORMATS, format_duration
 from core.db import utcnow
-from core.stats import server_stats
+from core.jobs.stats import server_stats
+from core.media.audio import OUTPUT_FORMATS, format_duration
 
 log = logging.getLogger(__name__)
 

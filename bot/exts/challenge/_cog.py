@@ -39,13 +39,13 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from core.audio import Limits, format_duration, probe
 from core.challenges import ACTIVE, Challenge, ChallengeError, ChallengeState, parse_duration
 from core.db import utcnow
-from core.delivery import human_size
 from core.errors import InputError
-from core.fetch import download
-from core.storage import safe_filename
+from core.media.audio import Limits, format_duration, probe
+from core.media.upload_plan import human_size
+from core.net.fetcher import download
+from core.storage.local import safe_filename
 
 from ..split._cog import MEDIA_EXTENSIONS, FormatChoice, StemsChoice, _role_ids, _source, is_media, quota_refusal
 from ._scheduler import ChallengeScheduler, render_results, when
@@ -269,7 +269,7 @@ class Challenges(commands.Cog):
         if (file is None) == (url is None):
             return "Attach your remix with `file:` or give a link with `url:` (one of the two)."
         if url is not None:
-            from core import ytdl
+            from core.net import ytdl
 
             if ytdl.is_streaming_link(url.strip()):
                 return "YouTube and SoundCloud links can't be entries; attach the file or link to it directly."

@@ -30,11 +30,11 @@ from pathlib import Path
 
 import discord
 
-from core.audio import format_duration
 from core.challenges import POSTING, Challenge, ChallengeEntry, ChallengeState, Standing
 from core.db import utcnow
-from core.jobs import JobState
-from core.storage import safe_filename
+from core.jobs.job import JobState
+from core.media.audio import format_duration
+from core.storage.local import safe_filename
 
 from ._views import vote_view
 
@@ -110,14 +110,14 @@ class ChallengeScheduler:
                 await self.run_due()
             except asyncio.CancelledError:
                 raise
-            except Exception:  # noqa: BLE001 - try again next round
+            except Exception:
                 log.exception("challenge scheduler round failed")
             delay = self.poll_s
             try:
                 upcoming = await self.store.next_deadline()
                 if upcoming is not None:
                     delay = min(delay, (upcoming - utcnow()).total_seconds())
-            except Exception:  # noqa: BLE001 - the database may be briefly away
+            except Exception:
                 log.warning("could not read the next challenge deadline", exc_info=True)
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout=max(delay, 0.05))
@@ -138,7 +138,7 @@ class ChallengeScheduler:
                 log.warning("challenge %s: its thread %s is unusable (%s); cancelling it", challenge.id,
                             challenge.thread_id, exc)
                 await self.cancel(challenge, "its thread is gone or closed to stembot", post=False)
-            except Exception:  # noqa: BLE001 - one challenge must not hold up the others
+            except Exception:
                 log.exception("challenge %s: acting on its deadline failed", challenge.id)
 
     async def _act(self, challenge: Challenge) -> None:

@@ -13,10 +13,9 @@ import time
 
 import discord
 
-from core.audio import format_duration
-from core.audio import OutputFormat
-from core.delivery import describe_format, links_note, too_large_error
-from core.jobs import Job, JobState
+from core.jobs.job import Job, JobState
+from core.media.audio import OutputFormat, format_duration
+from core.media.upload_plan import describe_format, links_note, too_large_error
 
 from ._status import StatusBoard, StatusView, render_status
 from ._views import cancel_view, link_view
@@ -27,7 +26,7 @@ PAYLOAD_TOO_LARGE = 40005
 
 
 class DiscordNotifier:
-    """Implements core.dispatcher.Notifier for Discord."""
+    """Implements core.jobs.dispatcher.Notifier for Discord."""
 
     def __init__(self, bot, services):
         self.bot = bot

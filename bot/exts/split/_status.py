@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Awaitable, Callable
 
-from core.audio import format_duration
-from core.jobs import Job, JobState
+from core.jobs.job import Job, JobState
+from core.media.audio import format_duration
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ class StatusBoard:
                 self._editing.add(job_id)
                 try:
                     await self.editor(job, text)
-                except Exception:  # noqa: BLE001 - a missed progress edit is harmless
+                except Exception:
                     log.warning("job %s: status edit failed", job_id, exc_info=True)
                 finally:
                     self._editing.discard(job_id)

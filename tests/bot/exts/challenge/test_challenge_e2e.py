@@ -7,7 +7,7 @@ import asyncio
 import random
 import sqlite3
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 
@@ -205,8 +205,8 @@ async def test_results_post_once_after_a_restart_between_the_deadlines(fake, bot
     await bot.stop()
     deadline = database(bot).execute("SELECT vote_deadline FROM challenges WHERE thread_id = ?",
                                      (thread_id,)).fetchone()[0]
-    deadline = datetime.fromisoformat(deadline).replace(tzinfo=timezone.utc)
-    await asyncio.sleep(max(0.0, (deadline - datetime.now(timezone.utc)).total_seconds()) + 1.0)
+    deadline = datetime.fromisoformat(deadline).replace(tzinfo=UTC)
+    await asyncio.sleep(max(0.0, (deadline - datetime.now(UTC)).total_seconds()) + 1.0)
     assert not in_thread(fake, thread_id, "Results"), "nobody posts while the bot is down"
 
     await bot.start()

@@ -9,7 +9,7 @@ import time
 import aiohttp
 import pytest
 
-from core.audio import probe
+from core.media.audio import probe
 from tests.bot.helpers import final_message, upload
 from tests.support.fake_discord import attachment_option, string_option
 

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from bot.exts.split._status import StatusBoard, StatusView, eta_seconds, progress_bar, render_status
-from core.jobs import Job, JobState
+from core.jobs.job import Job, JobState
 
 FULL, EMPTY = "▰", "▱"
 

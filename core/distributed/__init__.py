@@ -1,0 +1,1 @@
+"""Distributed mode: the PostgreSQL job queue, `stembot worker`, and the fleet of worker slots."""

@@ -1,0 +1,245 @@
+"""`stembot worker`: takes jobs from the queue and runs them on this host's devices.
+
+One slot per device (GPU, or the CPU): each slot has its own model host process and its
+own procrastinate worker with `concurrency=1`, so a GPU never runs two jobs at once.
+The slots heartbeat in `worker_slots` (the bot hands out only as many jobs as there are
+ready slots) and through procrastinate (a slot that stops beating has its job retried
+by another worker). SIGTERM drains: the slots take no new job, finish the one they run,
+then stop. A user's cancel aborts the running job within a segment.
+
+Workers hold no storage credentials: they read the input and write the stems through
+the presigned URLs the bot put in the job row (`core.storage.transfer`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from core.errors import StembotError
+from core.jobs.job import Job
+
+log = logging.getLogger(__name__)
+
+
+class StorageUnreachable(StembotError):
+    kind = "storage"
+
+
+class RemoteJobFiles:
+    """A run's files on a worker: the input downloaded, the stems uploaded, through the
+    job's presigned URLs; or in place, when bot and worker share a disk (no object store)."""
+
+    def __init__(self, work_dir: Path, shared_root: Path, max_input_bytes: int):
+        self.work_dir = Path(work_dir)
+        self.max_input_bytes = max_input_bytes
+        from core.storage.local import LocalJobFiles, LocalStorage
+
+        self.shared = LocalJobFiles(LocalStorage(shared_root))
+
+    @staticmethod
+    def _remote(job: Job) -> bool:
+        return bool(job.transfer and job.transfer.get("input_url"))
+
+    async def input_file(self, job: Job) -> Path:
+        if not self._remote(job):
+            return await self.shared.input_file(job)
+        from core.storage.transfer import TransferError, download
+
+        dest = self.work_dir / str(job.id) / f"input{job.transfer.get('input_suffix', '')}"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            await download(job.transfer["input_url"], dest, self.max_input_bytes)
+        except TransferError as exc:
+            raise StorageUnreachable(f"the worker could not read the track from storage ({exc})") from exc
+        return dest
+
+    def stems_dir(self, job: Job) -> Path:
+        if not self._remote(job):
+            return self.shared.stems_dir(job)
+        return self.work_dir / str(job.id) / "stems"
+
+    async def publish(self, job: Job, artifacts: dict) -> None:
+        if not self._remote(job):
+            return
+        from core.storage.transfer import TransferError, upload
+
+        names = list(artifacts.get("files", {}).values())
+        if artifacts.get("preview"):
+            names.append(artifacts["preview"])
+        folder = self.stems_dir(job)
+        try:
+            for name in names:
+                await upload(job.transfer["stems_post"], name, folder / name)
+        except TransferError as exc:
+            raise StorageUnreachable(f"the worker could not store the stems ({exc})") from exc
+
+    async def discard(self, job: Job) -> None:
+        await asyncio.to_thread(shutil.rmtree, self.work_dir / str(job.id), True)
+
+
+def default_devices(device: str) -> list[str]:
+    """Every visible GPU, one slot each; else one CPU slot."""
+    if device == "cpu":
+        return ["cpu"]
+    import torch
+
+    count = torch.cuda.device_count()
+    if count == 0:
+        if device == "cuda":
+            raise StembotError("STEMBOT_DEVICE=cuda but no CUDA device is visible")
+        return ["cpu"]
+    return [f"cuda:{i}" for i in range(count)]
+
+
+@dataclass
+class Slot:
+    name: str
+    device: str
+    host: object  # core.host.handle.HostHandle
+    runner: object = None  # core.jobs.runner.JobRunner
+    job_ids: set[int] = field(default_factory=set)
+    task: asyncio.Task | None = None
+
+    @property
+    def job_id(self) -> int | None:
+        """One running job, for the slot's row (None: idle)."""
+        return min(self.job_ids) if self.job_ids else None
+
+
+class QueueWorker:
+    def __init__(self, settings, name: str | None = None, devices: list[str] | None = None,
+                 heartbeat_s: float = 5.0, stale_s: float | None = None):
+        self.settings = settings
+        self.name = (name or settings.worker_name or f"{socket.gethostname()}-{os.getpid()}")[:48]
+        self.devices = devices or default_devices(settings.device)
+        self.heartbeat_s = heartbeat_s
+        self.stale_s = stale_s or settings.worker_stale_s
+        self.slots: list[Slot] = []
+        self.draining = False
+        self._stop = asyncio.Event()
+
+    def stop(self) -> None:
+        """Drain: take no new job, finish the running ones, then return from `run`."""
+        self._stop.set()
+
+    async def run(self) -> None:
+        from core.db import make_engine, make_sessions
+        from core.distributed.fleet import Fleet
+        from core.distributed.queue import QUEUE, make_app, schema_installed
+        from core.host.handle import HostHandle
+        from core.jobs.quotas import QuotaBook
+        from core.jobs.runner import JobRunner, RunConfig
+        from core.jobs.store import JobStore
+
+        settings = self.settings
+        url = settings.resolved_database_url
+        if not await schema_installed(url):
+            raise StembotError("the job queue's tables are missing: run `stembot db upgrade` first")
+        engine = make_engine(url)
+        sessions = make_sessions(engine)
+        store = JobStore(sessions, QuotaBook(sessions, settings.default_policy()))
+        fleet = Fleet(sessions, self.stale_s)
+        files = RemoteJobFiles(Path(settings.data_dir) / "worker" / self.name, Path(settings.data_dir) / "jobs",
+                               settings.max_input_bytes)
+        run_config = RunConfig(max_attempts=settings.max_attempts, mp3_bitrate_kbps=settings.mp3_bitrate,
+                               links_available=settings.download_links_available,
+                               link_valid_hours=settings.retention_hours,
+                               progress_write_interval_s=min(2.0, self.heartbeat_s))
+        cpu_slots = sum(1 for d in self.devices if d == "cpu")
+        threads = settings.threads or (max(1, (os.cpu_count() or 1) // cpu_slots) if cpu_slots > 1 else None)
+        for device in self.devices:
+            host = HostHandle(settings.host_config(device, threads if device == "cpu" else None))
+            slot = Slot(name=f"{self.name}/{device}"[:64], device=device, host=host)
+            slot.runner = JobRunner(store, host, files, slot.name, run_config)
+            self.slots.append(slot)
+        app = make_app(url)
+        beats = None
+        try:
+            for slot in self.slots:
+                await self._beat(fleet, slot, "starting")
+            # Load the models side by side (one per device), then start taking jobs.
+            await asyncio.gather(*(slot.host.start() for slot in self.slots))
+            async with app.open_async():
+                for slot in self.slots:
+                    slot.task = asyncio.create_task(app.run_worker_async(
+                        queues=[QUEUE], name=slot.name, concurrency=slot.host.capacity, wait=True,
+                        additional_context={"run": self._runner_of(slot)},
+                        install_signal_handlers=False, listen_notify=True,
+                        # LISTEN/NOTIFY wakes a slot at once; the poll covers a notification
+                        # missed while the listener was (re)connecting.
+                        fetch_job_polling_interval=1.0, abort_job_polling_interval=1.0,
+                        update_heartbeat_interval=self.heartbeat_s, stalled_worker_timeout=self.stale_s,
+                        delete_jobs="never",  # kept for a while (history, timings); the bot prunes them
+                    ), name=f"slot {slot.name}")
+                    await self._beat(fleet, slot, "ready")
+                log.info("worker %s ready: %s", self.name, ", ".join(s.device for s in self.slots))
+                beats = asyncio.create_task(self._heartbeats(fleet, app))
+                stop = asyncio.create_task(self._stop.wait())
+                await asyncio.wait([stop, *(s.task for s in self.slots)], return_when=asyncio.FIRST_COMPLETED)
+                stop.cancel()
+                self.draining = True
+                for slot in self.slots:
+                    await self._beat(fleet, slot, "draining")
+                    if slot.job_ids:
+                        log.info("draining: waiting for job(s) %s on %s", sorted(slot.job_ids), slot.device)
+                    # Cancelling procrastinate's worker stops it taking jobs and waits
+                    # for the running one to finish (no graceful time-out is set).
+                    slot.task.cancel()
+                results = await asyncio.gather(*(s.task for s in self.slots), return_exceptions=True)
+                for slot, result in zip(self.slots, results):
+                    if isinstance(result, Exception):
+                        log.error("slot %s stopped with %r", slot.name, result)
+        finally:
+            if beats is not None:
+                beats.cancel()
+            for slot in self.slots:
+                await slot.host.stop()
+                try:
+                    await fleet.leave(slot.name)
+                except Exception:
+                    log.warning("could not remove slot %s", slot.name, exc_info=True)
+            await engine.dispose()
+
+    def _runner_of(self, slot: Slot):
+        async def run(job_id: int):
+            slot.job_ids.add(job_id)
+            try:
+                outcome = await slot.runner.run(job_id)
+                log.info("job %s on %s: %s", job_id, slot.device, outcome.value)
+                return outcome
+            except asyncio.CancelledError:
+                log.info("job %s on %s: aborted", job_id, slot.device)
+                raise
+            finally:
+                slot.job_ids.discard(job_id)
+        return run
+
+    async def _beat(self, fleet, slot: Slot, state: str) -> None:
+        await fleet.beat(slot.name, host=socket.gethostname()[:255], pid=os.getpid(), device=slot.device,
+                         model=self.settings.model, state=state, job_id=slot.job_id,
+                         capacity=slot.host.capacity)
+
+    async def _heartbeats(self, fleet, app) -> None:
+        """Refresh the slots' rows, and take over the jobs of workers that stopped beating
+        (every worker does this, so recovery needs no bot)."""
+        from core.distributed.queue import JobQueue
+
+        queue = JobQueue(app=app)
+        while True:
+            for slot in self.slots:
+                try:
+                    alive = slot.host.alive() or slot.job_id is None
+                    await self._beat(fleet, slot, "draining" if self.draining else ("ready" if alive else "starting"))
+                except Exception:
+                    log.warning("heartbeat of %s failed", slot.name, exc_info=True)
+            try:
+                await queue.retry_stalled(self.stale_s)
+            except Exception:
+                log.warning("could not check for stalled jobs", exc_info=True)
+            await asyncio.sleep(self.heartbeat_s)

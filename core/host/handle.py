@@ -1,0 +1,222 @@
+"""The local worker: supervises the model host child process from asyncio.
+
+It spawns the host, waits until the model is loaded and warmed up, hands it jobs (one
+at a time on a CPU; on a GPU up to the host's `capacity`, whose segments it batches),
+relays each job's events to its caller, cancels within a segment, and notices when the
+host dies (killed, out of memory) so its jobs can be retried on a fresh host.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing as mp
+import queue
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict
+
+from core.errors import StembotError
+from core.host.child import CancelBoard, HostConfig, JobSpec, host_main
+
+log = logging.getLogger(__name__)
+
+EventHandler = Callable[[dict], Awaitable[None] | None]
+
+
+class HostCrashed(Exception):
+    """The model host died while it had a job."""
+
+
+class HostUnavailable(StembotError):
+    kind = "worker_unavailable"
+
+
+class HostHandle:
+    def __init__(self, config: HostConfig, start_timeout_s: float = 600.0):
+        self.config = config
+        self.start_timeout_s = start_timeout_s
+        self._ctx = mp.get_context("spawn")
+        self._process = None
+        self._requests = None
+        self._events = None
+        self._cancel = CancelBoard(self._ctx)
+        self._inbox: asyncio.Queue | None = None
+        self._reader: threading.Thread | None = None
+        self._router: asyncio.Task | None = None
+        self._stop_reader = threading.Event()
+        self._restart_lock = asyncio.Lock()
+        self._seats: asyncio.Semaphore | None = None
+        self._listeners: dict[int, asyncio.Queue] = {}  # job id -> its events
+        self.ready = False
+        self.info: dict = {}
+        self.capacity = 1  # jobs at once, as the host says when ready
+        self.current_jobs: set[int] = set()
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    def alive(self) -> bool:
+        return self._process is not None and self._process.is_alive()
+
+    async def start(self) -> dict:
+        """Spawn the host and wait for it to report ready. Raises HostUnavailable with
+        the host's reason when the model cannot be loaded."""
+        loop = asyncio.get_running_loop()
+        self._inbox = asyncio.Queue()
+        self._requests = self._ctx.Queue()
+        self._events = self._ctx.Queue()
+        self._process = self._ctx.Process(
+            target=host_main, args=(self.config, self._requests, self._events, self._cancel),
+            name="stembot-model-host", daemon=True,
+        )
+        started = time.monotonic()
+        self._process.start()
+        self._stop_reader = threading.Event()
+        self._reader = threading.Thread(target=self._read_events, args=(loop, self._events, self._stop_reader),
+                                        name="model-host-events", daemon=True)
+        self._reader.start()
+        event = await self._next_event(timeout=self.start_timeout_s)
+        if event.get("type") != "ready":
+            await self.stop()
+            raise HostUnavailable(event.get("reason", "the model host did not start"))
+        self.ready = True
+        self.info = {**event, "start_s": time.monotonic() - started}
+        self.capacity = int(event.get("capacity", 1))
+        if self._seats is None:
+            self._seats = asyncio.Semaphore(self.capacity)
+        self._router = asyncio.create_task(self._route(), name="model-host-router")
+        log.info("model host ready: %s on %s in %.1f s (load %.1f s, warm-up %.1f s)", event["model"],
+                 event["device"], self.info["start_s"], event["load_s"], event["warmup_s"])
+        return self.info
+
+    def _read_events(self, loop: asyncio.AbstractEventLoop, events, stop: threading.Event) -> None:
+        """Thread: move events from the process queue into the asyncio inbox; report
+        the host's death as an event too."""
+        process = self._process
+        inbox = self._inbox
+        while not stop.is_set():
+            try:
+                event = events.get(timeout=0.2)
+            except queue.Empty:
+                if not process.is_alive():
+                    event = {"type": "died", "exitcode": process.exitcode}
+                else:
+                    continue
+            except (EOFError, OSError):
+                event = {"type": "died", "exitcode": process.exitcode}
+            try:
+                loop.call_soon_threadsafe(inbox.put_nowait, event)
+            except RuntimeError:  # loop closed
+                return
+            if event["type"] == "died":
+                return
+
+    async def _next_event(self, timeout: float | None = None) -> dict:
+        event = await asyncio.wait_for(self._inbox.get(), timeout)
+        if event["type"] == "died":
+            self.ready = False
+            log.warning("model host died (exit code %s)", event.get("exitcode"))
+        return event
+
+    async def _route(self) -> None:
+        """Hand each event to its job's caller; the host's death to every caller."""
+        while True:
+            event = await self._next_event()
+            if event["type"] == "died":
+                self._tell_all_died(event)
+                return
+            listener = self._listeners.get(event.get("job"))
+            if listener is not None:  # else: a late event of an abandoned job
+                listener.put_nowait(event)
+
+    def _tell_all_died(self, event: dict) -> None:
+        for listener in self._listeners.values():
+            listener.put_nowait(event)
+
+    async def _ensure_started(self) -> None:
+        async with self._restart_lock:  # several jobs may find the host dead at once
+            if not self.alive() or not self.ready:
+                await self.restart()
+
+    async def run(self, spec: JobSpec, on_event: EventHandler | None = None) -> dict:
+        """Run one job on the host; returns its final event (done, failed or cancelled).
+        Raises HostCrashed when the host died meanwhile (it is restarted first)."""
+        if self._seats is None:
+            await self._ensure_started()  # the host says how many jobs it takes
+        async with self._seats:
+            await self._ensure_started()
+            job = spec.job_id
+            events: asyncio.Queue = asyncio.Queue()
+            self._listeners[job] = events
+            self.current_jobs.add(job)
+            self._cancel.discard(job)  # a retry of a job abandoned here before
+            self._requests.put(asdict(spec))
+            try:
+                while True:
+                    event = await events.get()
+                    if event["type"] == "died":
+                        await self._ensure_started()
+                        raise HostCrashed(f"the model host died (exit code {event.get('exitcode')})")
+                    if event["type"] in ("done", "failed", "cancelled"):
+                        return event
+                    if on_event is not None:
+                        result = on_event(event)
+                        if asyncio.iscoroutine(result):
+                            await result
+            except asyncio.CancelledError:
+                # Our caller gave up on the job (aborted, shutting down): stop the host's
+                # work too, or it would still be separating when the next job arrives.
+                await asyncio.shield(self._abandon(job, events))
+                raise
+            finally:
+                self._listeners.pop(job, None)
+                self.current_jobs.discard(job)
+
+    async def _abandon(self, job_id: int, events: asyncio.Queue, timeout_s: float = 30.0) -> None:
+        """Cancel `job_id` on the host and wait until it says it stopped (it checks within
+        segments); a host that does not answer in time is stopped (the next job starts a
+        fresh one)."""
+        self._cancel.add(job_id)
+        try:
+            async with asyncio.timeout(timeout_s):
+                while True:
+                    event = await events.get()
+                    if event["type"] in ("died", "done", "failed", "cancelled"):
+                        return
+        except TimeoutError:
+            log.warning("job %s: the model host did not stop in %.0f s; stopping it", job_id, timeout_s)
+            await self.stop()
+
+    def cancel(self, job_id: int) -> None:
+        """Ask the host to stop `job_id` soon (no-op if it is not running it)."""
+        self._cancel.add(job_id)
+
+    async def restart(self) -> None:
+        await self.stop()
+        await self.start()
+
+    async def stop(self) -> None:
+        self.ready = False
+        self._stop_reader.set()
+        process, self._process = self._process, None
+        if process is None:
+            return
+        if process.is_alive():
+            try:
+                self._requests.put(None)
+            except (OSError, ValueError):
+                pass
+            await asyncio.to_thread(process.join, 5)
+            if process.is_alive():
+                process.kill()
+                await asyncio.to_thread(process.join, 5)
+        if self._reader is not None:
+            await asyncio.to_thread(self._reader.join, 2)
+        if self._router is not None:
+            self._router.cancel()
+            self._router = None
+        # Jobs still waiting on this host will hear nothing more from it.
+        self._tell_all_died({"type": "died", "exitcode": process.exitcode})

@@ -1,0 +1,149 @@
+"""The job row and its state machine.
+
+    queued -> fetching -> decoding -> separating -> encoding -> delivering -> done
+    any unfinished state -> failed | cancelled; a running state -> queued (retry)
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Date,
+    Float,
+    Integer,
+    String,
+    Text,
+    and_,
+)
+from sqlalchemy.orm import Mapped, mapped_column
+
+from core.db import Base, UTCDateTime, utcnow
+
+
+class JobState(str, enum.Enum):
+    queued = "queued"
+    fetching = "fetching"
+    decoding = "decoding"
+    separating = "separating"
+    encoding = "encoding"
+    delivering = "delivering"
+    done = "done"
+    failed = "failed"
+    cancelled = "cancelled"
+
+
+RUNNING = (JobState.fetching, JobState.decoding, JobState.separating, JobState.encoding)
+FINAL = (JobState.done, JobState.failed, JobState.cancelled)
+UNFINISHED = (JobState.queued, *RUNNING, JobState.delivering)
+
+# Which states each state may be entered from.
+ALLOWED_FROM: dict[JobState, tuple[JobState, ...]] = {
+    JobState.queued: RUNNING,
+    JobState.fetching: (JobState.queued,),
+    JobState.decoding: (JobState.fetching,),
+    JobState.separating: (JobState.decoding,),
+    JobState.encoding: (JobState.separating,),
+    # From fetching directly when the results cache already has the stems.
+    JobState.delivering: (JobState.encoding, JobState.fetching),
+    JobState.done: (JobState.delivering,),
+    JobState.failed: UNFINISHED,
+    JobState.cancelled: (JobState.queued, *RUNNING),
+}
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    # Who asked, and where to answer.
+    user_id: Mapped[int] = mapped_column(BigInteger, index=True)
+    guild_id: Mapped[int | None] = mapped_column(BigInteger, index=True)
+    channel_id: Mapped[int | None] = mapped_column(BigInteger)
+    application_id: Mapped[int | None] = mapped_column(BigInteger)
+    interaction_id: Mapped[int | None] = mapped_column(BigInteger)
+    # A webhook token valid for 15 minutes: lets a restarted bot edit the reply.
+    interaction_token: Mapped[str | None] = mapped_column(Text)
+    token_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    status_message_id: Mapped[int | None] = mapped_column(BigInteger)
+    attachment_size_limit: Mapped[int] = mapped_column(BigInteger, default=10 * 1024 * 1024)
+
+    # What was asked.
+    source_kind: Mapped[str] = mapped_column(String(16))  # "attachment" or "url"
+    source_url: Mapped[str] = mapped_column(Text)
+    source_name: Mapped[str] = mapped_column(String(255))
+    source_size: Mapped[int | None] = mapped_column(BigInteger)
+    model: Mapped[str] = mapped_column(String(64))
+    stems: Mapped[str] = mapped_column(String(128))
+    format: Mapped[str] = mapped_column(String(16))
+    priority: Mapped[int] = mapped_column(Integer, default=0)  # lower runs first
+
+    # How far it got.
+    state: Mapped[str] = mapped_column(String(16), default=JobState.queued.value, index=True)
+    progress: Mapped[float] = mapped_column(Float, default=0.0)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    worker: Mapped[str | None] = mapped_column(String(64))
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Distributed mode: the queue's id for "run this job", and the presigned URLs a worker
+    # reads the input from and writes the stems to (cleared when the job ends).
+    queue_job_id: Mapped[int | None] = mapped_column(BigInteger)
+    transfer: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    error: Mapped[str | None] = mapped_column(Text)
+    error_kind: Mapped[str | None] = mapped_column(String(32))
+
+    # Quota: the limits in force when it was asked for, its slot, and its reservation
+    # (see core.jobs.quotas for the rules).
+    limits: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    slot_state: Mapped[str] = mapped_column(String(16), default="none")  # none, held, released
+    quota_state: Mapped[str] = mapped_column(String(16), default="none")  # none, reserved, charged, released
+    reserved_s: Mapped[float] = mapped_column(Float, default=0.0)
+    quota_day: Mapped[date | None] = mapped_column(Date)
+
+    # What came out.
+    input_sha256: Mapped[str | None] = mapped_column(String(64), index=True)
+    cache_hit: Mapped[bool] = mapped_column(Boolean, default=False)
+    artifacts_deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    duration_s: Mapped[float | None] = mapped_column(Float)
+    separation_s: Mapped[float | None] = mapped_column(Float)
+    artifacts: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    @property
+    def job_state(self) -> JobState:
+        return JobState(self.state)
+
+    @property
+    def is_final(self) -> bool:
+        return self.job_state in FINAL
+
+    def token_usable(self, now: datetime | None = None, margin: timedelta = timedelta(seconds=60)) -> bool:
+        """Whether the interaction token still has time to edit the reply or follow up."""
+        if not self.interaction_token or self.token_expires_at is None:
+            return False
+        return (now or utcnow()) + margin < self.token_expires_at
+
+
+@dataclass(frozen=True)
+class Lease:
+    """Which worker runs a job, and in which attempt. Every write of that run is fenced by
+    it, so a worker presumed dead cannot move a job that another worker has taken over."""
+
+    worker: str
+    attempt: int
+
+    def where(self):
+        return and_(Job.worker == self.worker, Job.attempts == self.attempt)
+
+

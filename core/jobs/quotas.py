@@ -1,0 +1,326 @@
+"""Per-server policies, role tiers, and quotas that cannot be overrun.
+
+Rules (documented for server owners in the README):
+- Minutes are counted per calendar day in UTC; a day's allowance resets at 00:00 UTC.
+- A job holds a *slot* from the moment it is queued until it ends: the per-user
+  "concurrent jobs" and the per-server "queued jobs" limits count slots.
+- Its audio minutes are *reserved* once its length is known (after download and probe),
+  turned into *usage* when the stems are delivered, and released when it fails, is
+  cancelled, or is refused. A retried job keeps its one reservation.
+- Every slot and reservation is taken with one guarded UPDATE (`... WHERE used +
+  reserved + n <= limit`), so concurrent requests can never exceed a limit, on SQLite
+  and on PostgreSQL alike. Each job's quota state moves once (guarded too), so nothing
+  is charged or released twice.
+- Results served from the cache cost no minutes (no separation runs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+from datetime import UTC, date, datetime, time, timedelta
+
+from sqlalchemy import BigInteger, Boolean, Date, Float, Integer, String, Text, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import async_sessionmaker
+from sqlalchemy.orm import Mapped, mapped_column
+
+from core.db import Base, utcnow
+from core.errors import InputError
+
+SERVER = 0  # the user id of a server's own usage row and slot counter
+DM = 0  # the guild id of jobs outside any server
+
+
+class QuotaExceeded(InputError):
+    kind = "quota_exceeded"
+
+
+class GuildPolicy(Base):
+    """A server's settings; NULL means "the bot's default"."""
+
+    __tablename__ = "guild_policies"
+
+    guild_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    user_minutes_per_day: Mapped[float | None] = mapped_column(Float)
+    guild_minutes_per_day: Mapped[float | None] = mapped_column(Float)
+    user_concurrent_jobs: Mapped[int | None] = mapped_column(Integer)
+    guild_queued_jobs: Mapped[int | None] = mapped_column(Integer)
+    max_track_minutes: Mapped[float | None] = mapped_column(Float)
+    allowed_models: Mapped[str | None] = mapped_column(Text)  # comma-separated; NULL = all
+    allowed_formats: Mapped[str | None] = mapped_column(Text)
+    links_allowed: Mapped[bool | None] = mapped_column(Boolean)
+    streaming_links_allowed: Mapped[bool | None] = mapped_column(Boolean)  # YouTube, SoundCloud
+    allowed_channels: Mapped[str | None] = mapped_column(Text)  # comma-separated ids; NULL = all
+    default_model: Mapped[str | None] = mapped_column(String(64))
+    default_format: Mapped[str | None] = mapped_column(String(16))
+    # Who may start remix challenges besides members with Manage Server; NULL = nobody else.
+    challenge_role_id: Mapped[int | None] = mapped_column(BigInteger)
+
+
+class RoleTier(Base):
+    """A larger allowance for members with a role (the largest of a member's tiers wins)."""
+
+    __tablename__ = "role_tiers"
+
+    guild_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    role_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    user_minutes_per_day: Mapped[float | None] = mapped_column(Float)
+    user_concurrent_jobs: Mapped[int | None] = mapped_column(Integer)
+    max_track_minutes: Mapped[float | None] = mapped_column(Float)
+
+
+class QuotaUsage(Base):
+    """Seconds of audio used and reserved on one UTC day, by a user (or a whole server,
+    user_id 0) in one server."""
+
+    __tablename__ = "quota_usage"
+
+    guild_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    user_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    day: Mapped[date] = mapped_column(Date, primary_key=True)
+    used_s: Mapped[float] = mapped_column(Float, default=0.0)
+    reserved_s: Mapped[float] = mapped_column(Float, default=0.0)
+
+
+class QuotaSlot(Base):
+    """Jobs a user (or a whole server, user_id 0) has queued or running."""
+
+    __tablename__ = "quota_slots"
+
+    guild_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    user_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    active: Mapped[int] = mapped_column(Integer, default=0)
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The limits in force for one member of one server."""
+
+    user_minutes_per_day: float
+    guild_minutes_per_day: float
+    user_concurrent_jobs: int
+    guild_queued_jobs: int
+    max_track_minutes: float
+    allowed_models: tuple[str, ...] | None = None
+    allowed_formats: tuple[str, ...] | None = None
+    links_allowed: bool = True
+    streaming_links_allowed: bool = False
+    allowed_channels: tuple[int, ...] | None = None
+    default_model: str | None = None
+    default_format: str | None = None
+    challenge_role_id: int | None = None
+
+    def as_limits(self) -> dict:
+        """What a job keeps of its policy (the limits at the time it was asked for)."""
+        return {"user_s": self.user_minutes_per_day * 60, "guild_s": self.guild_minutes_per_day * 60,
+                "max_track_s": self.max_track_minutes * 60}
+
+
+POLICY_FIELDS = ("user_minutes_per_day", "guild_minutes_per_day", "user_concurrent_jobs", "guild_queued_jobs",
+                 "max_track_minutes")
+
+
+def _split(text: str | None, kind=str) -> tuple | None:
+    if text is None:
+        return None
+    return tuple(kind(part) for part in (p.strip() for p in text.split(",")) if part)
+
+
+def effective_policy(defaults: Policy, guild: GuildPolicy | None, tiers: Iterable[RoleTier] = ()) -> Policy:
+    """Defaults, overridden by the server's settings, raised by the member's role tiers."""
+    policy = defaults
+    if guild is not None:
+        changes = {name: getattr(guild, name) for name in POLICY_FIELDS if getattr(guild, name) is not None}
+        for name in ("allowed_models", "allowed_formats"):
+            if getattr(guild, name) is not None:
+                changes[name] = _split(getattr(guild, name))
+        if guild.allowed_channels is not None:
+            changes["allowed_channels"] = _split(guild.allowed_channels, int) or None
+        for name in ("links_allowed", "streaming_links_allowed", "default_model", "default_format",
+                     "challenge_role_id"):
+            if getattr(guild, name) is not None:
+                changes[name] = getattr(guild, name)
+        policy = replace(policy, **changes)
+    for tier in tiers:
+        changes = {}
+        for name in ("user_minutes_per_day", "user_concurrent_jobs", "max_track_minutes"):
+            value = getattr(tier, name)
+            if value is not None and value > getattr(policy, name):
+                changes[name] = value
+        policy = replace(policy, **changes)
+    return policy
+
+
+def utc_day(moment: datetime | None = None) -> date:
+    return (moment or utcnow()).astimezone(UTC).date()
+
+
+def next_reset(moment: datetime | None = None) -> datetime:
+    day = utc_day(moment)
+    return datetime.combine(day + timedelta(days=1), time(0), tzinfo=UTC)
+
+
+@dataclass
+class QuotaStatus:
+    """What /quota shows."""
+
+    day: date
+    user_used_s: float
+    user_reserved_s: float
+    guild_used_s: float
+    guild_reserved_s: float
+    user_active: int
+    guild_active: int
+    resets_at: datetime
+    policy: Policy = field(repr=False, default=None)
+
+    @property
+    def user_left_s(self) -> float:
+        return max(0.0, self.policy.user_minutes_per_day * 60 - self.user_used_s - self.user_reserved_s)
+
+    @property
+    def guild_left_s(self) -> float:
+        return max(0.0, self.policy.guild_minutes_per_day * 60 - self.guild_used_s - self.guild_reserved_s)
+
+
+class QuotaBook:
+    """Policies, slots and minutes in SQL."""
+
+    def __init__(self, sessions: async_sessionmaker, defaults: Policy):
+        self.sessions = sessions
+        self.defaults = defaults
+
+    # -- policies ----------------------------------------------------------------------
+
+    async def policy(self, guild_id: int | None, role_ids: Iterable[int] = ()) -> Policy:
+        if not guild_id:
+            return self.defaults
+        role_ids = list(role_ids)
+        async with self.sessions() as session:
+            guild = await session.get(GuildPolicy, guild_id)
+            tiers = []
+            if role_ids:
+                tiers = list(await session.scalars(
+                    select(RoleTier).where(RoleTier.guild_id == guild_id, RoleTier.role_id.in_(role_ids))))
+        return effective_policy(self.defaults, guild, tiers)
+
+    async def guild_settings(self, guild_id: int) -> GuildPolicy:
+        async with self.sessions() as session:
+            return await session.get(GuildPolicy, guild_id) or GuildPolicy(guild_id=guild_id)
+
+    async def set_guild(self, guild_id: int, **fields) -> None:
+        async with self.sessions() as session:
+            row = await session.get(GuildPolicy, guild_id)
+            if row is None:
+                row = GuildPolicy(guild_id=guild_id)
+                session.add(row)
+            for name, value in fields.items():
+                if not hasattr(GuildPolicy, name) or name == "guild_id":
+                    raise ValueError(f"unknown setting {name}")
+                setattr(row, name, value)
+            await session.commit()
+
+    async def tiers(self, guild_id: int) -> list[RoleTier]:
+        async with self.sessions() as session:
+            return list(await session.scalars(select(RoleTier).where(RoleTier.guild_id == guild_id)))
+
+    async def set_tier(self, guild_id: int, role_id: int, **fields) -> None:
+        async with self.sessions() as session:
+            row = await session.get(RoleTier, (guild_id, role_id))
+            if row is None:
+                row = RoleTier(guild_id=guild_id, role_id=role_id)
+                session.add(row)
+            for name, value in fields.items():
+                setattr(row, name, value)
+            await session.commit()
+
+    async def remove_tier(self, guild_id: int, role_id: int) -> bool:
+        async with self.sessions() as session:
+            row = await session.get(RoleTier, (guild_id, role_id))
+            if row is None:
+                return False
+            await session.delete(row)
+            await session.commit()
+            return True
+
+    # -- slots ---------------------------------------------------------------------------
+
+    @staticmethod
+    async def _ensure(session, model, **key) -> None:
+        """Create a counter row if missing (concurrent creators: one wins, others go on)."""
+        if await session.get(model, tuple(key.values())) is not None:
+            return
+        try:
+            async with session.begin_nested():
+                session.add(model(**key))
+        except IntegrityError:
+            pass
+
+    async def take_slots(self, session, guild_id: int, user_id: int, policy: Policy) -> str | None:
+        """Inside the caller's transaction: count one more active job for the user and the
+        server, or return why not (then the caller must roll back)."""
+        for who, limit, refusal in (
+            (user_id, policy.user_concurrent_jobs,
+             f"you already have {policy.user_concurrent_jobs} job(s) in progress; wait for one to finish"),
+            (SERVER, policy.guild_queued_jobs,
+             f"this server's queue is full ({policy.guild_queued_jobs} jobs); try again in a few minutes"),
+        ):
+            await self._ensure(session, QuotaSlot, guild_id=guild_id, user_id=who)
+            result = await session.execute(
+                update(QuotaSlot).where(QuotaSlot.guild_id == guild_id, QuotaSlot.user_id == who,
+                                        QuotaSlot.active < limit).values(active=QuotaSlot.active + 1))
+            if result.rowcount != 1:
+                return refusal
+        return None
+
+    async def release_slots(self, session, guild_id: int, user_id: int) -> None:
+        for who in (user_id, SERVER):
+            await session.execute(
+                update(QuotaSlot).where(QuotaSlot.guild_id == guild_id, QuotaSlot.user_id == who,
+                                        QuotaSlot.active > 0).values(active=QuotaSlot.active - 1))
+
+    # -- minutes -------------------------------------------------------------------------
+
+    async def reserve(self, session, guild_id: int, user_id: int, seconds: float, limits: dict,
+                      day: date) -> str | None:
+        """Inside the caller's transaction: reserve `seconds` on the user's and the
+        server's day, or return why not (then the caller must roll back)."""
+        for who, limit, whose in ((user_id, limits["user_s"], "your"), (SERVER, limits["guild_s"], "this server's")):
+            await self._ensure(session, QuotaUsage, guild_id=guild_id, user_id=who, day=day)
+            result = await session.execute(
+                update(QuotaUsage).where(
+                    QuotaUsage.guild_id == guild_id, QuotaUsage.user_id == who, QuotaUsage.day == day,
+                    QuotaUsage.used_s + QuotaUsage.reserved_s + seconds <= limit,
+                ).values(reserved_s=QuotaUsage.reserved_s + seconds))
+            if result.rowcount != 1:
+                row = await session.get(QuotaUsage, (guild_id, who, day), populate_existing=True)
+                left = max(0.0, limit - row.used_s - row.reserved_s) if row else limit
+                return (f"this track is {seconds / 60:.1f} min but {whose} daily allowance has "
+                        f"{left / 60:.1f} min left (resets at 00:00 UTC)")
+        return None
+
+    async def settle(self, session, guild_id: int, user_id: int, seconds: float, day: date, charge: bool) -> None:
+        """Inside the caller's transaction: turn a reservation into usage, or drop it."""
+        for who in (user_id, SERVER):
+            values = {"reserved_s": QuotaUsage.reserved_s - seconds}
+            if charge:
+                values["used_s"] = QuotaUsage.used_s + seconds
+            await session.execute(
+                update(QuotaUsage).where(QuotaUsage.guild_id == guild_id, QuotaUsage.user_id == who,
+                                         QuotaUsage.day == day).values(**values))
+
+    async def status(self, guild_id: int | None, user_id: int, policy: Policy) -> QuotaStatus:
+        guild_id = guild_id or DM
+        day = utc_day()
+        async with self.sessions() as session:
+            mine = await session.get(QuotaUsage, (guild_id, user_id, day))
+            server = await session.get(QuotaUsage, (guild_id, SERVER, day))
+            my_slots = await session.get(QuotaSlot, (guild_id, user_id))
+            server_slots = await session.get(QuotaSlot, (guild_id, SERVER))
+        return QuotaStatus(
+            day=day, user_used_s=mine.used_s if mine else 0.0, user_reserved_s=mine.reserved_s if mine else 0.0,
+            guild_used_s=server.used_s if server else 0.0, guild_reserved_s=server.reserved_s if server else 0.0,
+            user_active=my_slots.active if my_slots else 0, guild_active=server_slots.active if server_slots else 0,
+            resets_at=next_reset(), policy=policy,
+        )

@@ -1,0 +1,380 @@
+"""The job row, its state machine, and the queries on it.
+
+The row is the source of truth: who asked, where to reply, what was asked, how far it
+got, and what came out. Every state change is one guarded, committed UPDATE (`WHERE
+state IN (...)`), so two processes can never both move a job, and a restarted bot
+finds every job where it was left.
+
+    queued -> fetching -> decoding -> separating -> encoding -> delivering -> done
+    any unfinished state -> failed | cancelled; a running state -> queued (retry)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import (
+    and_,
+    case,
+    false,
+    func,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.ext.asyncio import async_sessionmaker
+
+from core.db import utcnow
+from core.jobs.fair_order import QueuedJob, fair_order
+from core.jobs.job import ALLOWED_FROM, FINAL, RUNNING, UNFINISHED, Job, JobState, Lease
+
+
+@dataclass(frozen=True)
+class QueueSnapshot:
+    position: int | None  # 1-based among queued jobs, None when not queued
+    length: int
+
+
+# A job asked for through an interaction may start only once its status message exists:
+# until then there is nothing to show its progress or its end in.
+_attached = or_(Job.interaction_token.is_(None), Job.status_message_id.is_not(None))
+
+
+class JobStore:
+    """Queries and guarded transitions on job rows. Every method commits.
+
+    With a QuotaBook, jobs are admitted against their slots, reserve their minutes once
+    their length is known, and settle both in the same transaction that ends the job.
+    """
+
+    def __init__(self, sessions: async_sessionmaker, quotas=None):
+        self.sessions = sessions
+        self.quotas = quotas
+
+    async def create(self, **fields) -> Job:
+        async with self.sessions() as session:
+            job = Job(**fields)
+            session.add(job)
+            await session.commit()
+            return job
+
+    async def admit(self, policy, **fields) -> tuple[Job | None, str | None]:
+        """Create a queued job if the user and the server have a free slot; else return
+        the reason why not. Atomic: concurrent requests never exceed the limits."""
+        if self.quotas is None:
+            return await self.create(**fields), None
+        async with self.sessions() as session:
+            refusal = await self.quotas.take_slots(session, fields.get("guild_id") or 0, fields["user_id"], policy)
+            if refusal is not None:
+                await session.rollback()
+                return None, refusal
+            job = Job(**fields, slot_state="held", limits=policy.as_limits())
+            session.add(job)
+            await session.commit()
+            return job, None
+
+    async def reserve(self, job_id: int, seconds: float) -> None:
+        """Reserve the job's audio minutes (once; a retried job keeps its reservation).
+        Raises TooLongError or QuotaExceeded, reserving nothing."""
+        from core.errors import TooLongError
+        from core.jobs.quotas import QuotaExceeded, utc_day
+        from core.media.audio import format_duration
+
+        if self.quotas is None:
+            return
+        async with self.sessions() as session:
+            job = await session.get(Job, job_id)
+            # A job that already ended (e.g. cancelled during its download) reserves nothing:
+            # it was settled when it ended, so nothing would release this reservation.
+            if job is None or job.quota_state != "none" or not job.limits or job.is_final:
+                return
+            if seconds > job.limits["max_track_s"]:
+                raise TooLongError(f"the track is {format_duration(seconds)} long; this server allows up to "
+                                   f"{format_duration(job.limits['max_track_s'])}")
+            day = utc_day()
+            moved = await session.execute(
+                update(Job).where(Job.id == job_id, Job.quota_state == "none",
+                                  Job.state.in_([s.value for s in UNFINISHED])).values(
+                    quota_state="reserved", reserved_s=seconds, quota_day=day))
+            if moved.rowcount != 1:
+                await session.rollback()
+                return
+            refusal = await self.quotas.reserve(session, job.guild_id or 0, job.user_id, seconds, job.limits, day)
+            if refusal is not None:
+                await session.rollback()
+                raise QuotaExceeded(refusal)
+            await session.commit()
+
+    async def _settle(self, session, job_id: int) -> None:
+        """Inside a transaction that just ended the job: charge or release its minutes and
+        free its slot, each at most once."""
+        if self.quotas is None:
+            return
+        job = await session.get(Job, job_id, populate_existing=True)
+        if job is None or not job.is_final:
+            return
+        guild = job.guild_id or 0
+        if job.quota_state == "reserved":
+            charge = job.job_state is JobState.done and not job.cache_hit
+            moved = await session.execute(update(Job).where(Job.id == job_id, Job.quota_state == "reserved")
+                                          .values(quota_state="charged" if charge else "released"))
+            if moved.rowcount == 1:
+                await self.quotas.settle(session, guild, job.user_id, job.reserved_s, job.quota_day, charge)
+        if job.slot_state == "held":
+            moved = await session.execute(update(Job).where(Job.id == job_id, Job.slot_state == "held")
+                                          .values(slot_state="released"))
+            if moved.rowcount == 1:
+                await self.quotas.release_slots(session, guild, job.user_id)
+
+    async def cancel_unattached(self, before: datetime) -> list[int]:
+        """Sweeper: cancel queued jobs whose status message never came (the reply to the
+        interaction failed), so they release their slot instead of waiting for ever."""
+        async with self.sessions() as session:
+            ids = list(await session.scalars(select(Job.id).where(
+                Job.state == JobState.queued.value, ~_attached, Job.created_at < before)))
+        return [i for i in ids if await self.transition(i, JobState.cancelled, error="the reply to Discord failed",
+                                                        error_kind="cancelled")]
+
+    async def settle_finished(self) -> list[int]:
+        """Sweeper: settle finished jobs that still hold a slot or a reservation."""
+        async with self.sessions() as session:
+            ids = list(await session.scalars(select(Job.id).where(
+                Job.state.in_([s.value for s in FINAL]),
+                or_(Job.quota_state == "reserved", Job.slot_state == "held"))))
+            for job_id in ids:
+                # One transaction per job: it then locks counters in the same order as an
+                # admission (the user's, then the server's), so the two cannot deadlock.
+                await self._settle(session, job_id)
+                await session.commit()
+            return ids
+
+    async def get(self, job_id: int) -> Job | None:
+        async with self.sessions() as session:
+            return await session.get(Job, job_id)
+
+    async def update(self, job_id: int, lease: Lease | None = None, in_state: JobState | None = None,
+                     **fields) -> bool:
+        """Set fields without changing the state (progress, message ids, artifacts). With a
+        lease (and `in_state`), only while that run still holds the job (in that state).
+        Returns whether the row was written."""
+        condition = Job.id == job_id
+        if lease is not None:
+            condition = and_(condition, lease.where())
+        if in_state is not None:
+            condition = and_(condition, Job.state == in_state.value)
+        async with self.sessions() as session:
+            result = await session.execute(update(Job).where(condition).values(updated_at=utcnow(), **fields))
+            await session.commit()
+            return result.rowcount == 1
+
+    async def transition(self, job_id: int, to: JobState, lease: Lease | None = None, **fields) -> bool:
+        """Move the job to `to` if its current state allows it (and, with a lease, that run
+        still holds it). Returns whether it moved. Ending a job settles its quota in the
+        same transaction."""
+        values: dict[str, Any] = {"state": to.value, "updated_at": utcnow(), **fields}
+        if to in FINAL:
+            values.setdefault("finished_at", utcnow())
+            values.setdefault("transfer", None)  # presigned URLs are of no use any more
+        if to in RUNNING:
+            values.setdefault("progress", 0.0)
+        allowed = [s.value for s in ALLOWED_FROM[to]]
+        condition = and_(Job.id == job_id, Job.state.in_(allowed))
+        if lease is not None:
+            condition = and_(condition, lease.where())
+        async with self.sessions() as session:
+            result = await session.execute(update(Job).where(condition).values(**values))
+            moved = result.rowcount == 1
+            if moved and to in FINAL:
+                await self._settle(session, job_id)
+            await session.commit()
+            return moved
+
+    async def _queued(self, session) -> tuple[list[QueuedJob], dict, dict]:
+        rows = (await session.execute(
+            select(Job.id, Job.priority, Job.created_at, Job.guild_id, Job.user_id)
+            .where(Job.state == JobState.queued.value, _attached)
+            .order_by(Job.created_at, Job.id).limit(2000)
+        )).all()
+        queued = [QueuedJob(r.id, r.priority, r.created_at, r.guild_id or 0, r.user_id) for r in rows]
+        if not queued:
+            return [], {}, {}
+        since = utcnow() - timedelta(days=1)
+        guild = func.coalesce(Job.guild_id, 0)
+        served = (await session.execute(
+            select(guild, Job.user_id, func.max(Job.started_at))
+            .where(Job.started_at.is_not(None), Job.started_at > since,
+                   guild.in_({j.guild for j in queued})).group_by(guild, Job.user_id)
+        )).all()
+        last_user = {(g, u): _timestamp(t) for g, u, t in served}
+        last_guild: dict[int, float] = {}
+        for (g, _), t in last_user.items():
+            last_guild[g] = max(last_guild.get(g, t), t)
+        return queued, last_guild, last_user
+
+    async def claim_next(self, worker: str) -> Job | None:
+        """Take the next queued job in fair order (see `fair_order`) for `worker`, atomically."""
+        async with self.sessions() as session:
+            while True:
+                queued, last_guild, last_user = await self._queued(session)
+                if not queued:
+                    return None
+                candidate = fair_order(queued, last_guild, last_user)[0]
+                now = utcnow()
+                result = await session.execute(
+                    update(Job).where(Job.id == candidate, Job.state == JobState.queued.value).values(
+                        state=JobState.fetching.value, worker=worker, started_at=now, updated_at=now,
+                        heartbeat_at=now, attempts=Job.attempts + 1, progress=0.0,
+                    )
+                )
+                await session.commit()
+                if result.rowcount == 1:
+                    return await session.get(Job, candidate, populate_existing=True)
+
+    async def take(self, job_id: int, worker: str) -> tuple[Job, Lease] | None:
+        """A worker starts a job (fetching -> decoding), or takes over one whose worker
+        died (a running state -> decoding, one more attempt). None when the job is not
+        there to run (cancelled, finished, back in the queue)."""
+        now = utcnow()
+        running = [s.value for s in RUNNING]
+        async with self.sessions() as session:
+            attempt = await session.scalar(
+                update(Job).where(Job.id == job_id, Job.state.in_(running)).values(
+                    attempts=case((Job.state == JobState.fetching.value, Job.attempts), else_=Job.attempts + 1),
+                    state=JobState.decoding.value, worker=worker, heartbeat_at=now, updated_at=now, progress=0.0,
+                ).returning(Job.attempts))
+            await session.commit()
+            if attempt is None:
+                return None
+            return await session.get(Job, job_id, populate_existing=True), Lease(worker, attempt)
+
+    async def request_cancel(self, job_id: int) -> JobState | None:
+        """Cancel a queued or running job (a running one stops at its worker's next
+        segment). Returns the new state, or None when it was already too late."""
+        if await self.transition(job_id, JobState.cancelled, error="cancelled", error_kind="cancelled"):
+            return JobState.cancelled
+        return None
+
+    async def queue_snapshot(self, job_id: int) -> QueueSnapshot:
+        async with self.sessions() as session:
+            queued, last_guild, last_user = await self._queued(session)
+        order = fair_order(queued, last_guild, last_user)
+        position = order.index(job_id) + 1 if job_id in order else None
+        return QueueSnapshot(position, len(order))
+
+    async def queue_length(self) -> int:
+        async with self.sessions() as session:
+            return await session.scalar(
+                select(func.count()).select_from(Job).where(Job.state == JobState.queued.value)
+            ) or 0
+
+    async def find_cached(self, job: Job) -> Job | None:
+        """A delivered job with the same audio (content hash), model, stems and format
+        whose files are still kept."""
+        if not job.input_sha256:
+            return None
+        async with self.sessions() as session:
+            return await session.scalar(
+                select(Job).where(
+                    Job.input_sha256 == job.input_sha256, Job.model == job.model, Job.stems == job.stems,
+                    Job.format == job.format, Job.state == JobState.done.value, Job.id != job.id,
+                    Job.artifacts_deleted_at.is_(None), Job.artifacts.is_not(None),
+                ).order_by(Job.id.desc()).limit(1))
+
+    async def finished_before(self, moment: datetime, user_id: int | None = None) -> list[Job]:
+        """Finished jobs whose files are still kept, finished before `moment`."""
+        async with self.sessions() as session:
+            condition = and_(Job.state.in_([s.value for s in FINAL]), Job.artifacts_deleted_at.is_(None),
+                             Job.finished_at < moment)
+            if user_id is not None:
+                condition = and_(condition, Job.user_id == user_id)
+            return list(await session.scalars(select(Job).where(condition)))
+
+    async def reconcile_slots(self) -> None:
+        """Sweeper: recount every slot counter from the jobs that hold one, so a counter
+        can never drift for good (e.g. after a crash between two writes)."""
+        if self.quotas is None:
+            return
+        from core.jobs.quotas import SERVER, QuotaSlot
+
+        async with self.sessions() as session:
+            # Lock the counters first: an admission under way either finishes before the
+            # count (and is counted) or waits until the new counts are written.
+            if (await session.connection()).dialect.name == "sqlite":
+                # SQLite ignores FOR UPDATE, and its reads take no lock: take the database's
+                # write lock with an UPDATE that changes nothing, before counting.
+                await session.execute(update(QuotaSlot).where(false()).values(active=QuotaSlot.active))
+            # In the order admissions and endings lock them (a user's, then the server's),
+            # or PostgreSQL may find a deadlock and abort one of them.
+            slots = list(await session.scalars(
+                select(QuotaSlot).order_by(QuotaSlot.guild_id, QuotaSlot.user_id.desc()).with_for_update()))
+            guild = func.coalesce(Job.guild_id, 0)
+            held = (await session.execute(
+                select(guild, Job.user_id, func.count()).where(Job.slot_state == "held").group_by(guild, Job.user_id)
+            )).all()
+            counts: dict[tuple[int, int], int] = {}
+            for g, u, n in held:
+                counts[(g, u)] = n
+                counts[(g, SERVER)] = counts.get((g, SERVER), 0) + n
+            for slot in slots:
+                slot.active = counts.pop((slot.guild_id, slot.user_id), 0)
+            for (g, u), n in counts.items():
+                session.add(QuotaSlot(guild_id=g, user_id=u, active=n))
+            await session.commit()
+
+    async def for_user(self, user_id: int, states: Iterable[JobState] = UNFINISHED, limit: int = 10) -> list[Job]:
+        async with self.sessions() as session:
+            rows = await session.scalars(
+                select(Job).where(Job.user_id == user_id, Job.state.in_([s.value for s in states]))
+                .order_by(Job.id.desc()).limit(limit)
+            )
+            return list(rows)
+
+    async def unfinished(self) -> list[Job]:
+        async with self.sessions() as session:
+            rows = await session.scalars(
+                select(Job).where(Job.state.in_([s.value for s in UNFINISHED])).order_by(Job.id)
+            )
+            return list(rows)
+
+    async def requeue_running(self, worker: str | None = None) -> list[int]:
+        """Put jobs that were running (on `worker`, or anywhere) back in the queue, e.g.
+        after the process running them died. Their attempt count is kept."""
+        async with self.sessions() as session:
+            condition = Job.state.in_([s.value for s in RUNNING])
+            if worker is not None:
+                condition = and_(condition, Job.worker == worker)
+            ids = list(await session.scalars(select(Job.id).where(condition)))
+            if ids:
+                await session.execute(
+                    update(Job).where(Job.id.in_(ids), condition).values(
+                        state=JobState.queued.value, worker=None, progress=0.0, updated_at=utcnow()
+                    )
+                )
+                await session.commit()
+            return ids
+
+    async def requeue_preparing(self) -> list[int]:
+        """Distributed mode, at the bot's start: jobs the bot was still preparing (fetching,
+        not yet handed to the queue) go back to the queue. Jobs with a worker stay theirs."""
+        async with self.sessions() as session:
+            condition = and_(Job.state == JobState.fetching.value, Job.queue_job_id.is_(None))
+            ids = list(await session.scalars(select(Job.id).where(condition)))
+            if ids:
+                await session.execute(update(Job).where(Job.id.in_(ids), condition).values(
+                    state=JobState.queued.value, worker=None, progress=0.0, updated_at=utcnow()))
+                await session.commit()
+            return ids
+
+    async def counts_by_state(self) -> dict[str, int]:
+        async with self.sessions() as session:
+            rows = await session.execute(select(Job.state, func.count()).group_by(Job.state))
+            return {state: count for state, count in rows}
+
+
+def _timestamp(moment) -> float:
+    if moment.tzinfo is None:  # SQLite drops the zone; stored values are UTC
+        moment = moment.replace(tzinfo=UTC)
+    return moment.timestamp()

@@ -1,0 +1,96 @@
+"""The sweeper: periodic housekeeping that makes crashes and forgotten files harmless.
+
+- Settles finished jobs that still hold a slot or a reservation, and recounts the slot
+  counters from the jobs, so quota never leaks.
+- Deletes inputs and stems once they are older than the retention time (their signed
+  links stop working with them), and the leftovers of failed or cancelled jobs, of
+  jobs whose row is gone, and of interrupted encodes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+from core.db import utcnow
+from core.jobs.job import FINAL, JobState
+from core.jobs.store import JobStore
+from core.storage.local import LocalStorage
+
+log = logging.getLogger(__name__)
+
+# Leftovers younger than this may still be in use (a download, an encode in progress).
+GRACE_S = 3600.0
+# A job whose status message was never created (the reply failed) is cancelled after this.
+UNATTACHED_AFTER_S = 600.0
+
+
+@dataclass
+class SweepReport:
+    settled: list[int] = field(default_factory=list)
+    expired: list[int] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+
+
+class Sweeper:
+    def __init__(self, store: JobStore, storage: LocalStorage, retention_s: float, interval_s: float = 300.0):
+        self.store = store
+        self.storage = storage
+        self.retention_s = retention_s
+        self.interval_s = interval_s
+
+    async def run(self) -> None:
+        while True:
+            try:
+                report = await self.sweep()
+                if report.settled or report.expired or report.removed:
+                    log.info("sweeper: settled %d, expired %d, removed %d leftovers",
+                             len(report.settled), len(report.expired), len(report.removed))
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("sweeper round failed")
+            await asyncio.sleep(self.interval_s)
+
+    async def sweep(self, now: float | None = None) -> SweepReport:
+        report = SweepReport()
+        await self.store.cancel_unattached(utcnow() - timedelta(seconds=UNATTACHED_AFTER_S))
+        report.settled = await self.store.settle_finished()
+        await self.store.reconcile_slots()
+        cutoff = utcnow() - timedelta(seconds=self.retention_s)
+        for job in await self.store.finished_before(cutoff):
+            await self.storage.delete_job(job.id)
+            await self.store.update(job.id, artifacts_deleted_at=utcnow())
+            report.expired.append(job.id)
+        report.removed = await self._leftovers(time.time() if now is None else now)
+        return report
+
+    async def _leftovers(self, now: float) -> list[str]:
+        removed: list[str] = []
+        for folder in sorted(self.storage.root.iterdir()):
+            if not folder.is_dir() or not folder.name.isdigit():
+                continue
+            job = await self.store.get(int(folder.name))
+            age = now - folder.stat().st_mtime
+            if job is None:
+                if age > GRACE_S:
+                    removed.append(str(folder))
+                    await asyncio.to_thread(shutil.rmtree, folder, True)
+                continue
+            if job.job_state in (JobState.failed, JobState.cancelled):
+                removed.append(str(folder))
+                await asyncio.to_thread(shutil.rmtree, folder, True)
+                continue
+            if job.job_state in FINAL:
+                for path in folder.glob("input*"):
+                    removed.append(str(path))
+                    path.unlink(missing_ok=True)
+            for path in folder.glob(".*.partial-*"):
+                if now - path.stat().st_mtime > GRACE_S:
+                    removed.append(str(path))
+                    await asyncio.to_thread(shutil.rmtree, path, True)
+        return removed

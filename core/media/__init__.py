@@ -1,0 +1,1 @@
+"""Media files through ffmpeg: probe, decode, encode, stem folders, previews, upload plans."""

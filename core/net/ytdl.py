@@ -1,0 +1,234 @@
+"""Links to YouTube and SoundCloud pages, through yt-dlp. Optional and off by default.
+
+Needs the `links` extra (`pip install stembot[links]`, i.e. yt-dlp). Only the named
+extractors below are ever used (never `generic`, which would fetch any page), one track
+at a time (no playlists, sets or channels), with the same limits as any other input:
+the duration is checked from the page's info BEFORE anything is downloaded, and bytes
+and wall time are capped while downloading. No proxy, no cookies, no config files, no
+cache folder, no post-processing (yt-dlp would run ffmpeg on the file outside our limits;
+`core.media.audio` decodes it like any upload), and no external downloaders.
+
+What is and is not guarded against reaching a non-public address:
+- Every request yt-dlp makes goes through `YoutubeDL.urlopen`, which we override to run
+  the checks of `core.net.fetcher` (scheme, port, host form, and every DNS answer public)
+  first: the page, the site's API calls, the chosen media URL and each fragment.
+- Not covered: redirects that yt-dlp's HTTP layer follows by itself are not re-checked,
+  and yt-dlp resolves the name again when it connects, so the address is not pinned as
+  in `core.net.fetcher` (a DNS answer that changes in between is not caught). The page must be
+  on YouTube or SoundCloud and media comes from their CDNs, so both need those sites'
+  DNS to turn hostile. Where that matters, run the bot with an egress firewall that drops
+  private ranges.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from core.errors import (
+    LinkNotAllowedError,
+    NotAudioError,
+    StembotError,
+    TimedOutError,
+    TooLargeError,
+    TooLongError,
+    UnreachableError,
+)
+from core.media.audio import Limits, format_duration
+from core.net.fetcher import check_url, loopback_allowed, resolve_target_blocking, sniff_not_media
+
+log = logging.getLogger(__name__)
+
+# yt-dlp extractor keys that take one track. Their collection siblings (YoutubeTab,
+# SoundcloudSet, SoundcloudUser, ...) are refused as playlists.
+ALLOWED_EXTRACTORS = ("Youtube", "Soundcloud")
+# Query parameters that turn a YouTube watch link into "this video, in this playlist".
+_PLAYLIST_PARAMS = ("list", "index", "start_radio", "pp")
+
+
+# Hosts whose links go through yt-dlp rather than the plain fetcher.
+STREAMING_HOSTS = ("youtube.com", "youtu.be", "youtube-nocookie.com", "soundcloud.com")
+
+
+def is_streaming_link(url: str) -> bool:
+    """Whether `url` points at YouTube or SoundCloud (cheap: no extractor is loaded)."""
+    try:
+        host = (urlsplit(url).hostname or "").rstrip(".").lower()
+    except ValueError:
+        return False
+    return any(host == h or host.endswith("." + h) for h in STREAMING_HOSTS)
+
+
+def available() -> bool:
+    """Whether yt-dlp is installed."""
+    try:
+        import yt_dlp  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def single_track_url(url: str) -> str:
+    """`url` without the playlist part of a YouTube watch link (`?v=X&list=Y` -> `?v=X`)."""
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    if not any(key == "v" for key, _ in query):
+        return url
+    kept = [(k, v) for k, v in query if k not in _PLAYLIST_PARAMS]
+    return urlunsplit(parts._replace(query=urlencode(kept)))
+
+
+def extractor_for(url: str) -> str:
+    """The key of the allowed extractor that takes `url`; LinkNotAllowedError otherwise."""
+    from yt_dlp.extractor import gen_extractor_classes
+
+    keys = [ie.ie_key() for ie in gen_extractor_classes() if ie.ie_key() != "Generic" and ie.suitable(url)]
+    for key in keys:
+        if key in ALLOWED_EXTRACTORS:
+            return key
+    if any(key.startswith(ALLOWED_EXTRACTORS) for key in keys):
+        raise LinkNotAllowedError("playlists, albums and channels are not accepted; send a link to one track")
+    raise LinkNotAllowedError("links to this site are not accepted (only YouTube and SoundCloud)")
+
+
+def check_info(info: dict, limits: Limits) -> None:
+    """Refuse what the page says before anything is downloaded."""
+    kind = info.get("_type", "video")
+    if kind in ("playlist", "multi_video"):
+        raise LinkNotAllowedError("playlists, albums and channels are not accepted; send a link to one track")
+    if kind != "video":  # a pointer to another page, which could be any site
+        raise LinkNotAllowedError("the link leads to another page; send a direct link to one track")
+    if info.get("is_live") or info.get("live_status") in ("is_live", "is_upcoming", "post_live"):
+        raise LinkNotAllowedError("live streams are not accepted")
+    duration = info.get("duration")
+    if not isinstance(duration, (int, float)) or duration <= 0:
+        raise LinkNotAllowedError("the length of this track is not known, so it is not accepted")
+    if duration > limits.max_duration_s:
+        raise TooLongError(f"the track is {format_duration(duration)} long, over the "
+                           f"{format_duration(limits.max_duration_s)} limit")
+
+
+def fetch_media(url: str, dest: Path, limits: Limits = Limits(), *, enabled: bool = False,
+                timeout_s: float = 300.0, allow_loopback_for_tests: bool | None = None) -> int:
+    """Download the audio of one YouTube or SoundCloud track to `dest`; returns its size.
+
+    Blocking (yt-dlp is synchronous): from async code, `await asyncio.to_thread(...)`.
+    Raises an InputError for anything refused; a partial file never stays behind.
+    """
+    if not enabled:
+        raise LinkNotAllowedError("links to video and music sites are turned off on this bot")
+    if not available():
+        raise LinkNotAllowedError("links to video and music sites need yt-dlp, which is not installed here")
+    allow_loopback = loopback_allowed(allow_loopback_for_tests)
+    url = single_track_url(check_url(url, allow_loopback).url)
+    key = extractor_for(url)
+    deadline = time.monotonic() + timeout_s
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".ytdl-", dir=dest.parent))
+    try:
+        return _run(url, key, dest, work, limits, deadline, allow_loopback)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def guarded_downloader(params: dict, deadline: float, allow_loopback: bool = False):
+    """A YoutubeDL with no extractors loaded whose every request is first checked like a
+    user's link (and against `deadline`, a `time.monotonic()` value)."""
+    import yt_dlp
+
+    class GuardedYoutubeDL(yt_dlp.YoutubeDL):
+        def urlopen(self, req):
+            if time.monotonic() > deadline:
+                raise TimedOutError("the download took too long")
+            target_url = req if isinstance(req, str) else getattr(req, "url", None) or req.full_url
+            resolve_target_blocking(check_url(target_url, allow_loopback), allow_loopback)
+            return super().urlopen(req)
+
+    return GuardedYoutubeDL(params, auto_init=False)
+
+
+def downloader_params(work: Path, limits: Limits, deadline: float) -> dict:
+    """yt-dlp's options: one track into `work`, within `limits` and before `deadline`."""
+
+    def on_progress(status: dict) -> None:
+        if time.monotonic() > deadline:
+            raise TimedOutError("the download took too long")
+        if (status.get("downloaded_bytes") or 0) > limits.max_input_bytes:
+            raise TooLargeError("the file is over the size limit")
+
+    return {
+        # Only protocols that yt-dlp downloads itself, through the guarded `urlopen`
+        # (rtmp, rtsp and the like would hand the URL to an external program).
+        "format": "/".join(f"{quality}[protocol^={proto}]" for quality in ("bestaudio", "best")
+                           for proto in ("http", "m3u8")),
+        "external_downloader": {"default": "native"},  # never ffmpeg or aria2c for HLS/DASH
+        "outtmpl": {"default": str(work / "media.%(ext)s")},
+        "noplaylist": True,
+        "max_filesize": limits.max_input_bytes,
+        "proxy": "",                # a direct connection, never a proxy from the environment
+        "cookiefile": None,
+        "cachedir": False,
+        "socket_timeout": 20,
+        "retries": 1,
+        "fragment_retries": 1,
+        "extractor_retries": 1,
+        "concurrent_fragment_downloads": 1,
+        "fixup": "never",           # fixups run ffmpeg on the file, outside core.media.audio's limits
+        "postprocessors": [],
+        "check_formats": False,
+        "progress_hooks": [on_progress],
+        "quiet": True,
+        "no_warnings": True,
+        "noprogress": True,
+        "logger": log,
+    }
+
+
+def _run(url: str, key: str, dest: Path, work: Path, limits: Limits, deadline: float,
+         allow_loopback: bool) -> int:
+    from yt_dlp.utils import DownloadError, ExtractorError
+
+    params = downloader_params(work, limits, deadline)
+    try:
+        with guarded_downloader(params, deadline, allow_loopback) as ydl:
+            ydl.get_info_extractor(key)  # loads this one extractor, and no other
+            info = ydl.extract_info(url, download=False, ie_key=key, process=False)
+            check_info(info, limits)
+            ydl.process_ie_result(info, download=True)
+    except StembotError:
+        raise
+    except DownloadError as exc:
+        cause = exc.exc_info[1] if exc.exc_info else None
+        if isinstance(cause, StembotError):
+            raise cause from None
+        raise UnreachableError(_short(exc.msg or str(exc))) from None
+    except ExtractorError as exc:
+        raise UnreachableError(_short(exc.msg or str(exc))) from None
+
+    files = [p for p in work.glob("media.*") if p.is_file() and not p.name.endswith((".part", ".ytdl"))]
+    if not files:  # yt-dlp skips a file over max_filesize instead of failing
+        raise TooLargeError("the file is over the size limit, or nothing could be downloaded")
+    media = files[0]
+    size = media.stat().st_size
+    if size > limits.max_input_bytes:
+        raise TooLargeError("the file is over the size limit")
+    with open(media, "rb") as f:
+        what = sniff_not_media(f.read(4096))
+    if what:
+        raise NotAudioError(f"the file is {what}, not audio or video")
+    media.replace(dest)
+    return size
+
+
+def _short(message: str) -> str:
+    """yt-dlp's message, without its `ERROR: [youtube] id:` prefix, on one short line."""
+    text = message.splitlines()[0] if message else "the site refused the link"
+    text = text.removeprefix("ERROR: ")
+    if text.startswith("[") and "] " in text:
+        text = text.split("] ", 1)[1]
+        text = text.split(": ", 1)[-1] if ": " in text[:40] else text
+    return f"the site refused the link: {text[:200]}"

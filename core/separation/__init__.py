@@ -1,0 +1,1 @@
+"""Separating a mix into stems: the engine, the model catalogue, stem selection, batching, blocks."""

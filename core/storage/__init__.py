@@ -1,0 +1,1 @@
+"""Where job files live: local disk, S3 object storage, presigned transfers, signed download links."""

@@ -1,0 +1,180 @@
+"""The bot's side of distributed mode on a real PostgreSQL and queue: jobs reach the
+queue in priority and fair order, and never more than the ready worker slots take."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import pytest_asyncio
+from procrastinate.jobs import Status
+
+from core.db import make_engine, make_sessions, upgrade
+from core.distributed.fleet import Fleet
+from core.distributed.queue import QUEUE, JobQueue, install_schema
+from core.jobs.dispatcher import DispatcherConfig, QueueDispatcher
+from core.jobs.store import JobStore
+from core.storage.local import LocalStorage
+from tests.support.media import music
+
+
+class Silent:
+    async def job_changed(self, job):
+        return None
+
+    async def deliver(self, job):
+        return None
+
+    async def job_ended(self, job):
+        return None
+
+
+@pytest.fixture
+def migrated(postgres_server):
+    from tests.support.postgres import reset_database
+
+    reset_database(postgres_server)
+    upgrade(postgres_server)
+    return postgres_server
+
+
+@pytest_asyncio.fixture
+async def setup(migrated, tmp_path):
+    await install_schema(migrated)
+    engine = make_engine(migrated)
+    sessions = make_sessions(engine)
+    store, fleet, queue = JobStore(sessions), Fleet(sessions), JobQueue(migrated)
+    await queue.open()
+    storage = LocalStorage(tmp_path / "jobs")
+    song = music(tmp_path / "song.wav", seconds=2.0)
+    yield store, fleet, queue, storage, song
+    await queue.close()
+    await engine.dispose()
+
+
+async def add_job(store, storage, song, guild: int, user: int, priority: int = 0) -> int:
+    job = await store.create(guild_id=guild, user_id=user, priority=priority, source_kind="attachment",
+                             source_url="https://cdn.invalid/x", source_name=f"g{guild}u{user}.wav",
+                             model="tiny", stems="all", format="mp3")
+    path = storage.input_path(job.id, job.source_name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(song.read_bytes())  # already fetched
+    return job.id
+
+
+async def next_run(queue: JobQueue, worker_id: int, timeout: float = 10.0):
+    """Play a worker: wait for the next queue job and take it."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while loop.time() < deadline:
+        job = await queue.app.job_manager.fetch_job(queues=[QUEUE], worker_id=worker_id)
+        if job is not None:
+            return job
+        await asyncio.sleep(0.05)
+    raise TimeoutError("no job reached the queue")
+
+
+async def test_jobs_reach_the_queue_in_fair_order_one_per_ready_slot(setup):
+    store, fleet, queue, storage, song = setup
+    await fleet.beat("w/cpu", host="h", pid=1, device="cpu", model="tiny", state="ready", job_id=None)
+    bulk = await add_job(store, storage, song, guild=3, user=30, priority=10)  # a challenge track, oldest
+    flood = [await add_job(store, storage, song, guild=1, user=10) for _ in range(3)]
+    dispatcher = QueueDispatcher(store, queue, fleet, storage, Silent(), DispatcherConfig(worker_name="bot"),
+                                 prefetch=0)
+    await dispatcher.start()
+    worker = await queue.app.job_manager.register_worker()
+    order = []
+    try:
+        first = await next_run(queue, worker)
+        order.append(first.task_kwargs["job_id"])
+        # A member of another server asks while the flood waits: they go next.
+        late = await add_job(store, storage, song, guild=2, user=20)
+        dispatcher.wake()
+        running = first
+        for _ in range(4):
+            await asyncio.sleep(0.5)
+            assert await queue.in_flight() == 1, "one ready slot: one job in the queue at a time"
+            await queue.app.job_manager.finish_job(running, status=Status.SUCCEEDED, delete_job=False)
+            await store.request_cancel(running.task_kwargs["job_id"])  # the run ended
+            running = await next_run(queue, worker)
+            order.append(running.task_kwargs["job_id"])
+    finally:
+        await dispatcher.stop()
+    assert order == [flood[0], late, flood[1], flood[2], bulk]
+
+
+async def test_no_ready_slot_no_handover(setup):
+    store, fleet, queue, storage, song = setup
+    await fleet.beat("w/cpu", host="h", pid=1, device="cpu", model="tiny", state="draining", job_id=None)
+    job_id = await add_job(store, storage, song, guild=1, user=1)
+    dispatcher = QueueDispatcher(store, queue, fleet, storage, Silent(), DispatcherConfig(worker_name="bot"))
+    await dispatcher.start()
+    try:
+        await asyncio.sleep(1.5)
+        assert await queue.in_flight() == 0
+        assert (await store.get(job_id)).state == "queued"
+        await fleet.beat("w/cpu", state="ready")
+        dispatcher.wake()
+        for _ in range(100):
+            if await queue.in_flight():
+                break
+            await asyncio.sleep(0.1)
+        assert await queue.in_flight() == 1
+        handed = await store.get(job_id)
+        assert handed.state == "fetching" and handed.queue_job_id is not None and handed.transfer is None
+    finally:
+        await dispatcher.stop()
+
+
+async def test_a_slot_that_batches_gets_as_many_jobs_as_it_takes(setup):
+    store, fleet, queue, storage, song = setup
+    await fleet.beat("w/cuda:0", host="h", pid=1, device="cuda:0", model="tiny", state="ready", job_id=None,
+                     capacity=3)
+    assert await fleet.ready_slots() == 3
+    jobs = [await add_job(store, storage, song, guild=1, user=k) for k in range(5)]
+    dispatcher = QueueDispatcher(store, queue, fleet, storage, Silent(), DispatcherConfig(worker_name="bot"),
+                                 prefetch=0)
+    await dispatcher.start()
+    try:
+        for _ in range(100):
+            if await queue.in_flight() >= 3:
+                break
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(1.0)  # and no more than that
+        assert await queue.in_flight() == 3
+        states = [(await store.get(job)).state for job in jobs]
+        assert states.count("queued") == 2
+    finally:
+        await dispatcher.stop()
+
+
+class StorageFailingFor(LocalStorage):
+    """The bot's disk, failing to publish one job's input (a bug or a broken store)."""
+
+    def __init__(self, root, job_id: int):
+        super().__init__(root)
+        self.job_id = job_id
+
+    async def publish_input(self, job):
+        if job.id == self.job_id:
+            raise OSError("the store refused the upload")
+        return await super().publish_input(job)
+
+
+async def test_a_job_that_cannot_be_handed_over_fails_and_the_next_one_goes_on(setup):
+    store, fleet, queue, storage, song = setup
+    await fleet.beat("w/cpu", host="h", pid=1, device="cpu", model="tiny", state="ready", job_id=None)
+    broken = await add_job(store, storage, song, guild=1, user=1)
+    fine = await add_job(store, storage, song, guild=2, user=2)
+    dispatcher = QueueDispatcher(store, queue, fleet, StorageFailingFor(storage.root, broken), Silent(),
+                                 DispatcherConfig(worker_name="bot"), prefetch=0)
+    await dispatcher.start()
+    try:
+        worker = await queue.app.job_manager.register_worker()
+        handed = await next_run(queue, worker)
+    finally:
+        await dispatcher.stop()
+    assert handed.task_kwargs["job_id"] == fine
+    failed = await store.get(broken)
+    assert failed.state == "failed" and failed.error_kind == "internal"
+    assert failed.error == "something went wrong on our side; please try again"

@@ -1,0 +1,242 @@
+"""A model host that takes several jobs at once (as on a GPU) and batches their segments:
+a real spawned host with the tiny model, on the CPU."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+import pytest_asyncio
+
+from core.host.child import HostConfig, JobSpec
+from core.host.handle import HostCrashed, HostHandle
+from core.media.audio import Limits, decode
+from tests.support.media import ffmpeg, music, snr_db
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+SOURCES = ("drums", "bass", "other", "vocals")
+
+
+def config(model_dir, batch_jobs: int, **overrides) -> HostConfig:
+    settings = dict(model="tiny", model_dir=str(model_dir), device="cpu", shifts=0, min_duration_s=1.0,
+                    batch_jobs=batch_jobs, batch_segments=2)
+    return HostConfig(**{**settings, **overrides})
+
+
+# Blocks short enough that a one-minute song goes blockwise, in four blocks.
+SHORT_BLOCKS = dict(block_s=16.0, blocks_above_s=30.0)
+
+
+@pytest.fixture(scope="module")
+def songs(tmp_path_factory) -> list[Path]:
+    folder = tmp_path_factory.mktemp("songs")
+    # Several forward passes each (two segments a pass), so all three are in the host at once.
+    return [music(folder / f"song{k}.wav", seconds=seconds, tone=tone)
+            for k, (seconds, tone) in enumerate([(60.0, 220.0), (45.0, 330.0), (50.0, 275.0)])]
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def batching(model_dir):
+    worker = HostHandle(config(model_dir, batch_jobs=3), start_timeout_s=60)
+    await worker.start()
+    yield worker
+    await worker.stop()
+
+
+_ids = iter(range(1, 10_000))
+
+
+def spec_for(path: Path, out: Path, model: str = "tiny") -> JobSpec:
+    job_id = next(_ids)
+    return JobSpec(job_id=job_id, input_path=str(path), stems_dir=str(out / f"job{job_id}"), model=model,
+                   stems="all", format="wav", preview=False, attachment_limit=2**30)
+
+
+def stems_of(spec: JobSpec) -> dict[str, np.ndarray]:
+    return {name: decode(Path(spec.stems_dir) / f"{name}.wav", 44100, 2, Limits(min_duration_s=0))
+            for name in SOURCES}
+
+
+async def test_concurrent_jobs_share_forward_passes_and_match_one_at_a_time(batching, model_dir, songs, tmp_path):
+    assert batching.capacity == 3 and batching.info["capacity"] == 3
+    specs = [spec_for(song, tmp_path / "together") for song in songs]
+    events: dict[int, list[dict]] = {s.job_id: [] for s in specs}
+    results = await asyncio.wait_for(asyncio.gather(
+        *(batching.run(spec, events[spec.job_id].append) for spec in specs)), 120)
+    assert [r["type"] for r in results] == ["done"] * 3, results
+    assert max(r["batched_jobs"] for r in results) >= 2, "segments of different jobs must share passes"
+    for spec in specs:
+        stages = [e["stage"] for e in events[spec.job_id] if e["type"] == "stage"]
+        assert stages == ["decoding", "separating", "encoding"]
+        fractions = [e["fraction"] for e in events[spec.job_id] if e["type"] == "progress"]
+        assert fractions == sorted(fractions) and fractions[-1] == 1.0
+
+    alone = HostHandle(config(model_dir, batch_jobs=1), start_timeout_s=60)
+    await alone.start()
+    try:
+        assert alone.capacity == 1
+        for song, spec in zip(songs, specs):
+            single = spec_for(song, tmp_path / "alone")
+            result = await asyncio.wait_for(alone.run(single), 120)
+            assert result["type"] == "done" and "batched_jobs" not in result
+            batched, reference = stems_of(spec), stems_of(single)
+            for name in SOURCES:
+                assert snr_db(reference[name], batched[name]) > 60, (song.name, name)
+    finally:
+        await alone.stop()
+
+
+async def test_cancelling_one_job_leaves_the_others_running(batching, songs, tmp_path):
+    keep, drop = spec_for(songs[0], tmp_path), spec_for(songs[2], tmp_path)
+
+    def on_event(event: dict) -> None:
+        if event["type"] == "progress":
+            batching.cancel(drop.job_id)
+
+    results = await asyncio.wait_for(asyncio.gather(batching.run(keep), batching.run(drop, on_event)), 120)
+    assert results[0]["type"] == "done" and results[1] == {"type": "cancelled", "job": drop.job_id}
+    assert sorted(p.name for p in Path(keep.stems_dir).iterdir()) == [f"{n}.wav" for n in sorted(SOURCES)]
+    assert not Path(drop.stems_dir).exists()
+
+
+async def test_a_bad_input_fails_alone(batching, songs, tmp_path):
+    bad = tmp_path / "notes.mp3"
+    bad.write_text("not a song\n" * 500)
+    results = await asyncio.wait_for(asyncio.gather(
+        batching.run(spec_for(songs[1], tmp_path)), batching.run(spec_for(bad, tmp_path))), 120)
+    assert results[0]["type"] == "done"
+    assert results[1]["type"] == "failed" and results[1]["kind"] != "error"
+
+
+async def test_a_killed_host_fails_every_job_it_held_and_is_replaced(batching, songs, tmp_path):
+    old_pid = batching.pid
+
+    def kill_once_separating(event: dict) -> None:
+        if event["type"] == "progress" and batching.pid == old_pid:
+            os.kill(old_pid, signal.SIGKILL)
+
+    outcomes = await asyncio.wait_for(asyncio.gather(
+        batching.run(spec_for(songs[0], tmp_path), kill_once_separating),
+        batching.run(spec_for(songs[2], tmp_path)), return_exceptions=True), 120)
+    assert all(isinstance(o, HostCrashed) for o in outcomes), outcomes
+    assert batching.alive() and batching.ready and batching.pid != old_pid
+    assert not batching.current_jobs
+    result = await asyncio.wait_for(batching.run(spec_for(songs[1], tmp_path)), 120)
+    assert result["type"] == "done"
+
+
+@pytest.fixture(scope="module")
+def faulty_dir(tmp_path_factory) -> Path:
+    """`tiny` and models with its weights that fail as models can on a GPU."""
+    from tests.support import models as tiny
+    from tests.support.faulty_models import AlwaysOutOfMemory, BreaksOnTrueStereo, OutOfMemoryAbove2
+
+    folder = tmp_path_factory.mktemp("faulty")
+    tiny.save_th(tiny.tiny_htdemucs(seed=0), folder, "tiny")
+    tiny.save_th(tiny.tiny_htdemucs(seed=0, klass=OutOfMemoryAbove2), folder, "tinyoom")
+    tiny.save_th(tiny.tiny_htdemucs(seed=0, klass=AlwaysOutOfMemory), folder, "tinynomem")
+    tiny.save_th(tiny.tiny_htdemucs(seed=0, klass=BreaksOnTrueStereo), folder, "tinystereo")
+    return folder
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def faulty_host(faulty_dir):
+    # Four segments a pass to begin with: more than OutOfMemoryAbove2 takes.
+    worker = HostHandle(config(faulty_dir, batch_jobs=3, batch_segments=4), start_timeout_s=60)
+    await worker.start()
+    yield worker
+    await worker.stop()
+
+
+@pytest.fixture(scope="module")
+def short_songs(tmp_path_factory) -> list[Path]:
+    folder = tmp_path_factory.mktemp("short")
+    return [music(folder / f"short{k}.wav", seconds=20.0, tone=tone) for k, tone in enumerate((220.0, 330.0))]
+
+
+async def test_running_out_of_memory_shrinks_the_passes_and_fails_no_job(faulty_host, short_songs, tmp_path):
+    specs = [spec_for(song, tmp_path / "oom", model="tinyoom") for song in short_songs]
+    results = await asyncio.wait_for(asyncio.gather(*(faulty_host.run(spec) for spec in specs)), 120)
+    assert [r["type"] for r in results] == ["done"] * 2, results
+    for song, spec in zip(short_songs, specs):
+        alone = spec_for(song, tmp_path / "alone")
+        assert (await asyncio.wait_for(faulty_host.run(alone), 120))["type"] == "done"
+        reference, recovered = stems_of(alone), stems_of(spec)
+        for name in SOURCES:
+            assert snr_db(reference[name], recovered[name]) > 60, (song.name, name)
+
+
+async def test_a_pass_that_fails_for_one_track_fails_that_job_only(faulty_host, short_songs, tmp_path):
+    culprit = tmp_path / "stereo.wav"
+    ffmpeg("-f", "lavfi", "-i", "sine=f=220:d=20", "-f", "lavfi", "-i", "sine=f=330:d=20",
+           "-filter_complex", "[0][1]join=inputs=2:channel_layout=stereo", "-ar", "44100", str(culprit))
+    specs = [spec_for(path, tmp_path, model="tinystereo") for path in (*short_songs, culprit)]
+    pid = faulty_host.pid
+    results = await asyncio.wait_for(asyncio.gather(*(faulty_host.run(spec) for spec in specs)), 120)
+    assert [r["type"] for r in results] == ["done", "done", "failed"], results
+    assert results[2]["reason"] == "internal error (RuntimeError)"
+    assert faulty_host.pid == pid and faulty_host.alive()
+
+
+async def test_a_track_too_big_even_one_segment_a_pass_fails_with_a_clear_reason(faulty_host, short_songs, tmp_path):
+    result = await asyncio.wait_for(faulty_host.run(spec_for(short_songs[0], tmp_path, model="tinynomem")), 120)
+    assert result["type"] == "failed" and result["kind"] == "out_of_memory", result
+    assert result["reason"] == "the worker ran out of memory separating this track; try again later"
+    assert (await asyncio.wait_for(faulty_host.run(spec_for(short_songs[1], tmp_path)), 120))["type"] == "done"
+
+
+async def test_a_long_track_shares_passes_block_by_block(model_dir, short_songs, tmp_path):
+    long_song = music(tmp_path / "long.wav", seconds=60.0, tone=275.0)
+    outcomes = {}
+    for label, batch_jobs in (("together", 3), ("alone", 1)):
+        worker = HostHandle(config(model_dir, batch_jobs, **SHORT_BLOCKS), start_timeout_s=60)
+        await worker.start()
+        try:
+            specs = [spec_for(long_song, tmp_path / label), spec_for(short_songs[0], tmp_path / label)]
+            events: list[dict] = []
+            separating = asyncio.Event()
+
+            def on_event(event: dict) -> None:
+                events.append(event)
+                if event["type"] == "progress":
+                    separating.set()
+
+            # The short song comes once the long one is in the passes, with blocks to go.
+            long_run = asyncio.ensure_future(worker.run(specs[0], on_event))
+            await asyncio.wait_for(separating.wait(), 60)
+            results = await asyncio.wait_for(asyncio.gather(long_run, worker.run(specs[1])), 180)
+        finally:
+            await worker.stop()
+        assert [r["type"] for r in results] == ["done", "done"], results
+        assert results[0]["duration_s"] == pytest.approx(60.0, abs=0.01)
+        fractions = [e["fraction"] for e in events if e["type"] == "progress"]
+        assert fractions == sorted(fractions) and fractions[-1] == 1.0
+        assert [p.name for p in (tmp_path / label).iterdir() if "partial" in p.name] == []
+        outcomes[label] = (results, [stems_of(spec) for spec in specs])
+    assert outcomes["together"][0][0]["batched_jobs"] == 2  # the long track's blocks shared passes
+    for together, alone in zip(outcomes["together"][1], outcomes["alone"][1]):
+        for name in SOURCES:
+            assert snr_db(alone[name], together[name]) > 60, name
+
+
+async def test_cancelling_a_long_track_between_blocks_cleans_up(model_dir, short_songs, tmp_path):
+    long_song = music(tmp_path / "long.wav", seconds=60.0, tone=275.0)
+    worker = HostHandle(config(model_dir, batch_jobs=3, **SHORT_BLOCKS), start_timeout_s=60)
+    await worker.start()
+    try:
+        drop, keep = spec_for(long_song, tmp_path / "out"), spec_for(short_songs[1], tmp_path / "out")
+
+        def on_event(event: dict) -> None:
+            if event["type"] == "progress" and event["fraction"] > 0.4:  # past the first block
+                worker.cancel(drop.job_id)
+
+        results = await asyncio.wait_for(asyncio.gather(worker.run(drop, on_event), worker.run(keep)), 180)
+    finally:
+        await worker.stop()
+    assert results[0] == {"type": "cancelled", "job": drop.job_id} and results[1]["type"] == "done"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [Path(keep.stems_dir).name]

@@ -1,0 +1,161 @@
+"""core.net.ytdl: the refusal paths, without any network (yt-dlp's extraction is faked where a
+test needs a page's info)."""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from core.errors import LinkNotAllowedError, NotAudioError, TimedOutError, TooLongError
+from core.media.audio import Limits
+from core.net import ytdl
+
+needs_yt_dlp = pytest.mark.skipif(not ytdl.available(), reason="yt-dlp (the `links` extra) is not installed")
+LIMITS = Limits(max_duration_s=600, max_input_bytes=10 * 2**20)
+VIDEO = "https://www.youtube.com/watch?v=dQw4w9WgXcQ"
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"network access attempted: {args[:2]}")
+
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+def test_off_by_default(tmp_path):
+    with pytest.raises(LinkNotAllowedError, match="turned off"):
+        ytdl.fetch_media(VIDEO, tmp_path / "song", LIMITS)
+
+
+def test_refused_when_yt_dlp_is_missing(tmp_path, monkeypatch):
+    monkeypatch.setattr(ytdl, "available", lambda: False)
+    with pytest.raises(LinkNotAllowedError, match="not installed"):
+        ytdl.fetch_media(VIDEO, tmp_path / "song", LIMITS, enabled=True)
+
+
+@needs_yt_dlp
+@pytest.mark.parametrize("url,words", [
+    ("http://example.com/song.mp3", "only YouTube and SoundCloud"),
+    ("https://vimeo.com/76979871", "only YouTube and SoundCloud"),
+    ("https://www.youtube.com/playlist?list=PLFgquLnL59alCl_2TQvOiD5Vgm1hCaGSI", "playlists"),
+    ("https://www.youtube.com/@SomeChannel/videos", "playlists"),
+    ("https://soundcloud.com/artist/sets/an-album", "playlists"),
+    ("https://soundcloud.com/artist", "playlists"),
+    ("https://www.youtube.com:8080/watch?v=dQw4w9WgXcQ", "standard web ports"),
+    ("http://127.0.0.1/watch?v=dQw4w9WgXcQ", "loopback"),
+    ("file:///etc/passwd", "only http and https"),
+])
+def test_links_other_than_one_track_are_refused(tmp_path, url, words):
+    started = time.monotonic()
+    with pytest.raises(LinkNotAllowedError, match=words):
+        ytdl.fetch_media(url, tmp_path / "song", LIMITS, enabled=True, allow_loopback_for_tests=False)
+    assert time.monotonic() - started < 5
+    assert list(tmp_path.iterdir()) == []
+
+
+@needs_yt_dlp
+def test_a_watch_link_inside_a_playlist_means_that_one_video():
+    url = ytdl.single_track_url(VIDEO + "&list=PL123&index=4&t=42")
+    assert url == VIDEO + "&t=42"
+    assert ytdl.extractor_for(url) == "Youtube"
+    assert ytdl.extractor_for("https://soundcloud.com/artist/a-track") == "Soundcloud"
+
+
+@pytest.mark.parametrize("info,error,words", [
+    ({"_type": "playlist", "entries": []}, LinkNotAllowedError, "playlists"),
+    ({"_type": "url", "url": "http://10.0.0.1/"}, LinkNotAllowedError, "another page"),
+    ({"_type": "url_transparent", "url": "http://example.com/"}, LinkNotAllowedError, "another page"),
+    ({"duration": 100, "is_live": True}, LinkNotAllowedError, "live"),
+    ({"duration": 100, "live_status": "is_upcoming"}, LinkNotAllowedError, "live"),
+    ({}, LinkNotAllowedError, "not known"),
+    ({"duration": 601}, TooLongError, "over the 10:00 limit"),
+])
+def test_the_page_info_is_checked(info, error, words):
+    with pytest.raises(error, match=words):
+        ytdl.check_info(info, LIMITS)
+
+
+@needs_yt_dlp
+def test_every_request_yt_dlp_makes_is_vetted_first():
+    ydl = ytdl.guarded_downloader({"quiet": True}, time.monotonic() + 60)
+    for url in ("http://169.254.169.254/latest/meta-data/", "http://[::1]/", "http://10.0.0.1/a.m4a",
+                "https://rr1---sn.googlevideo.com:8443/videoplayback", "ftp://example.com/x"):
+        with pytest.raises(LinkNotAllowedError):
+            ydl.urlopen(url)
+        with pytest.raises(LinkNotAllowedError):
+            ydl.urlopen(_request(url))
+    late = ytdl.guarded_downloader({"quiet": True}, time.monotonic() - 1)
+    with pytest.raises(TimedOutError):
+        late.urlopen("https://www.youtube.com/")
+
+
+@needs_yt_dlp
+def test_options_are_locked_down(tmp_path):
+    params = ytdl.downloader_params(tmp_path, LIMITS, time.monotonic() + 60)
+    assert params["proxy"] == "" and params["cookiefile"] is None and params["cachedir"] is False
+    assert params["noplaylist"] is True and params["max_filesize"] == LIMITS.max_input_bytes
+    assert params["external_downloader"] == {"default": "native"} and params["fixup"] == "never"
+    assert params["postprocessors"] == []
+    ydl = ytdl.guarded_downloader(params, time.monotonic() + 60)
+    assert ydl.proxies == {"all": "__noproxy__"}
+    assert ydl._ies == {}  # no extractor loaded, least of all `generic`
+    ydl.build_format_selector(params["format"])  # the format spec parses
+
+
+def _request(url: str):
+    from yt_dlp.networking import Request
+
+    return Request(url)
+
+
+class FakeSite:
+    """Stands in for yt-dlp's network side: what the page says, and what gets written."""
+
+    def __init__(self, monkeypatch, info: dict, body: bytes = b""):
+        self.info = info
+        self.body = body
+        self.downloads = 0
+        site = self
+
+        def extract_info(ydl, url, download=True, ie_key=None, process=True, **kwargs):
+            assert ie_key == "Youtube" and download is False and process is False
+            assert list(ydl._ies) == ["Youtube"]
+            return dict(site.info)
+
+        def process_ie_result(ydl, info, download=True, extra_info=None):
+            site.downloads += 1
+            Path(ydl.params["outtmpl"]["default"].replace("%(ext)s", "m4a")).write_bytes(site.body)
+            return info
+
+        monkeypatch.setattr("yt_dlp.YoutubeDL.extract_info", extract_info)
+        monkeypatch.setattr("yt_dlp.YoutubeDL.process_ie_result", process_ie_result)
+
+
+@needs_yt_dlp
+def test_duration_is_checked_before_anything_is_downloaded(tmp_path, monkeypatch):
+    site = FakeSite(monkeypatch, {"id": "x", "duration": 3600, "title": "a long mix"})
+    with pytest.raises(TooLongError):
+        ytdl.fetch_media(VIDEO, tmp_path / "song", LIMITS, enabled=True)
+    assert site.downloads == 0 and list(tmp_path.iterdir()) == []
+
+
+@needs_yt_dlp
+def test_a_track_is_downloaded_to_dest_and_the_work_folder_removed(tmp_path, monkeypatch):
+    body = b"\x00\x00\x00\x20ftypM4A " + bytes(5000)
+    site = FakeSite(monkeypatch, {"id": "x", "duration": 200}, body)
+    size = ytdl.fetch_media(VIDEO, tmp_path / "song", LIMITS, enabled=True)
+    assert size == len(body) and (tmp_path / "song").read_bytes() == body and site.downloads == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["song"]
+
+
+@needs_yt_dlp
+def test_a_download_that_is_not_media_is_refused(tmp_path, monkeypatch):
+    FakeSite(monkeypatch, {"id": "x", "duration": 200}, b"<!DOCTYPE html><html>consent</html>")
+    with pytest.raises(NotAudioError, match="web page"):
+        ytdl.fetch_media(VIDEO, tmp_path / "song", LIMITS, enabled=True)
+    assert list(tmp_path.iterdir()) == []
