@@ -25,8 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.separate_vs_demucs import bench_model, make_tracks, run
-from core.host.child import HostConfig, JobSpec
 from core.host.handle import HostHandle
+from core.host.protocol import HostConfig, JobSpec
 
 
 async def host_side(models: Path, name: str, device: str, batch_jobs: int, tracks: list[Path], out: Path,

@@ -42,7 +42,8 @@ def _vm(field: str) -> int:
 def child(spec: dict) -> None:
     """One case, in this (fresh) process; prints one JSON line."""
 
-    from core.host.child import HostConfig, JobSpec, _Host
+    from core.host.child import _Host
+    from core.host.protocol import HostConfig, JobSpec
 
     class Events:
         def __init__(self):

@@ -16,8 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.separate_vs_demucs import build_model
-from core.host.child import HostConfig
 from core.host.handle import HostHandle
+from core.host.protocol import HostConfig
 
 
 async def once(model_dir: Path, name: str) -> dict:

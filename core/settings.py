@@ -118,7 +118,7 @@ class Settings(BaseSettings):
     def host_config(self, device: str | None = None, threads: int | None = None):
         """What a model host needs, for core.host.child: these settings, on `device`
         (default STEMBOT_DEVICE) with `threads` CPU threads (None: PyTorch's default)."""
-        from core.host.child import HostConfig
+        from core.host.protocol import HostConfig
 
         return HostConfig(
             model=self.model, model_dir=str(self.model_dir) if self.model_dir else None,

@@ -17,92 +17,13 @@ import queue
 import threading
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from core.separation.blockwise import BLOCK_S, BLOCKS_ABOVE_S
+from core.host.protocol import CancelBoard, HostConfig, JobSpec
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class HostConfig:
-    """What the host needs to start; plain data, so it pickles across `spawn`."""
-
-    model: str
-    model_dir: str | None
-    device: str = "auto"
-    shifts: int = 1
-    overlap: float = 0.25
-    segment: float | None = None
-    precision: str = "fp32"
-    min_duration_s: float = 1.0
-    max_duration_s: float = 20 * 60
-    max_input_bytes: int = 250 * 1024 * 1024
-    warm_up: bool = True
-    max_loaded_models: int = 2
-    # CPU threads for the model (None: PyTorch's default, every core). Several model
-    # hosts on one machine must share the cores: oversubscribed, PyTorch's spinning
-    # threads slowed two 2-thread hosts on 2 cores about 7x (bench/workers.py).
-    threads: int | None = None
-    # Tracks longer than `blocks_above_s` are decoded, separated and encoded in blocks of
-    # `block_s` seconds, in bounded memory (core.separation.blockwise); None: always whole tracks.
-    block_s: float | None = BLOCK_S
-    blocks_above_s: float = BLOCKS_ABOVE_S
-    # Added to the host's niceness: on a shared CPU the bot's event loop (and a worker's
-    # heartbeats) then run first, and the separation takes what is left.
-    nice: int = 0
-    # Jobs in the host at once, their segments batched together (None: 4 on a GPU, 1 on
-    # a CPU, where batching and overlapping encodes were measured slower).
-    batch_jobs: int | None = None
-    # Segments per forward pass when several jobs share the host.
-    batch_segments: int = 16
-    log_level: int = logging.INFO
-
-
-@dataclass(frozen=True)
-class JobSpec:
-    """One separation, as the host receives it."""
-
-    job_id: int
-    input_path: str
-    stems_dir: str
-    model: str
-    stems: str
-    format: str
-    mp3_bitrate_kbps: int = 320
-    attachment_limit: int = 10 * 1024 * 1024
-    links_available: bool = False
-    link_valid_hours: float = 24.0
-    preview: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-class CancelBoard:
-    """The ids of jobs to stop, shared by a worker and its host (a small ring in shared
-    memory; a host holds at most a few jobs)."""
-
-    SIZE = 32
-
-    def __init__(self, ctx):
-        self._ids = ctx.Array("q", self.SIZE)
-        self._next = ctx.Value("i", 0)
-
-    def add(self, job_id: int) -> None:
-        with self._ids.get_lock():
-            if job_id not in self._ids[:]:
-                self._ids[self._next.value % self.SIZE] = job_id
-                self._next.value += 1
-
-    def discard(self, job_id: int) -> None:
-        with self._ids.get_lock():
-            for index, value in enumerate(self._ids[:]):
-                if value == job_id:
-                    self._ids[index] = 0
-
-    def __contains__(self, job_id: int) -> bool:
-        return job_id in self._ids[:]
 
 
 def host_main(config: HostConfig, requests, events, cancelled: CancelBoard) -> None:

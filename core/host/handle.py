@@ -18,7 +18,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 
 from core.errors import StembotError
-from core.host.child import CancelBoard, HostConfig, JobSpec, host_main
+from core.host.child import host_main
+from core.host.protocol import CancelBoard, HostConfig, JobSpec
 
 log = logging.getLogger(__name__)
 

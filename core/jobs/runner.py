@@ -18,8 +18,8 @@ from typing import Protocol
 
 from core.db import utcnow
 from core.errors import InputError, StembotError
-from core.host.child import JobSpec
 from core.host.handle import HostCrashed, HostHandle
+from core.host.protocol import JobSpec
 from core.jobs.job import Job, JobState, Lease
 from core.jobs.store import JobStore
 

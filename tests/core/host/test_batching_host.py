@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import pytest_asyncio
 
-from core.host.child import HostConfig, JobSpec
 from core.host.handle import HostCrashed, HostHandle
+from core.host.protocol import HostConfig, JobSpec
 from core.media.audio import Limits, decode
 from tests.support.media import ffmpeg, music, snr_db
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from core.host.child import HostConfig, JobSpec
 from core.host.handle import HostCrashed, HostHandle, HostUnavailable
+from core.host.protocol import HostConfig, JobSpec
 from core.media.audio import Limits, decode, probe
 from tests.support.media import music
 

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from core.errors import CorruptMediaError, JobCancelled
-from core.host.child import HostConfig, JobSpec, _Host
+from core.host.child import _Host
+from core.host.protocol import HostConfig, JobSpec
 from core.media.audio import Limits, OutputFormat, decode
 from core.media.stem_files import write_track
 from core.separation import blockwise
