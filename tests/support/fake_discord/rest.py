@@ -72,6 +72,8 @@ class RestApi:
         self._gateway_url = gateway_url
         self._routes = self._build_routes()
 
+    # ------------------------------------------------------------------ routing
+
     def _build_routes(self) -> list[tuple[str, re.Pattern[str], str, Callable[..., Any]]]:
         snowflake, token = r"(?P<{}>\d+)", r"(?P<token>[^/]+)"
         table = [
@@ -158,7 +160,7 @@ class RestApi:
         record.response = {"message": "404: Not Found", "code": 0}
         return json_response(record.response, 404)
 
-    # ------------------------------------------------------------------ REST routes
+    # ------------------------------------------------------------------ gateway, users, application
 
     def _get_gateway(self, record: RecordedRequest) -> dict[str, Any]:
         return {"url": self._gateway_url()}
@@ -204,6 +206,8 @@ class RestApi:
             "avatar": None,
         }
         return self.state.dm_channel_for(recipient)
+
+    # ------------------------------------------------------------------ interaction callbacks and followups
 
     def _interaction_by_token(self, token: str) -> FakeInteraction:
         interaction = self.state.interactions_by_token.get(token)
@@ -305,6 +309,8 @@ class RestApi:
             self.state.apply_message_payload(message, record.json or {}, record.files, editing=True)
         return message.to_payload()
 
+    # ------------------------------------------------------------------ channels, messages, threads
+
     def _channel(self, channel_id: str) -> dict[str, Any]:
         channel = self.state.channels.get(int(channel_id))
         if channel is None:
@@ -376,6 +382,8 @@ class RestApi:
     def _typing(self, record: RecordedRequest, channel_id: str) -> Any:
         self._channel(channel_id)
         return NO_CONTENT
+
+    # ------------------------------------------------------------------ application commands
 
     def _commands(self, record: RecordedRequest, app_id: str, guild_id: str | None = None) -> list[dict[str, Any]]:
         if int(app_id) != self.state.application_id:
