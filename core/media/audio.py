@@ -169,7 +169,7 @@ def spawn_limited(args: list[str], cpu_s: int, memory_bytes: int | None = None, 
 
 def _limit_running(pid: int, cpu_s: int, memory_bytes: int) -> None:
     try:
-        import resource
+        import resource  # noqa: PLC0415 - Unix-only; its ImportError is handled below
 
         resource.prlimit(pid, resource.RLIMIT_CPU, (cpu_s, cpu_s))
         resource.prlimit(pid, resource.RLIMIT_AS, (memory_bytes, memory_bytes))
