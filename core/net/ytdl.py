@@ -27,6 +27,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from core.errors import (
@@ -135,13 +136,13 @@ def fetch_media(url: str, dest: Path, limits: Limits = Limits(), *, enabled: boo
         shutil.rmtree(work, ignore_errors=True)
 
 
-def guarded_downloader(params: dict, deadline: float, allow_loopback: bool = False):
+def guarded_downloader(params: dict[str, Any], deadline: float, allow_loopback: bool = False) -> Any:  # yt-dlp: untyped
     """A YoutubeDL with no extractors loaded whose every request is first checked like a
     user's link (and against `deadline`, a `time.monotonic()` value)."""
     import yt_dlp  # noqa: PLC0415 - yt-dlp is an optional extra
 
     class GuardedYoutubeDL(yt_dlp.YoutubeDL):
-        def urlopen(self, req):
+        def urlopen(self, req: Any) -> Any:
             if time.monotonic() > deadline:
                 raise TimedOutError("the download took too long")
             target_url = req if isinstance(req, str) else getattr(req, "url", None) or req.full_url

@@ -23,6 +23,7 @@ import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 from aiobotocore.config import AioConfig
@@ -108,8 +109,9 @@ class S3Client:
         self.bucket = config.bucket
         self.prefix = prefix
         self._stack: contextlib.AsyncExitStack | None = None
-        self._client = None
-        self._presigner = None
+        # aiobotocore's clients are untyped.
+        self._client: Any = None
+        self._presigner: Any = None
 
     async def start(self) -> None:
         """Open the clients (no network yet)."""
@@ -145,7 +147,7 @@ class S3Client:
         await self.start()
         return self
 
-    async def __aexit__(self, *exc_info) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
     def _client_args(self, endpoint_url: str | None) -> dict:
@@ -174,7 +176,7 @@ class S3Client:
         }
 
     @property
-    def client(self):
+    def client(self) -> Any:
         if self._client is None:
             raise RuntimeError("S3Client is not started")
         return self._client
