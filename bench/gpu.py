@@ -121,8 +121,8 @@ def main() -> None:
     print(f"{args.tracks} tracks, demucs path: {many_demucs:.2f} s = {60 * args.tracks / many_demucs:.1f} jobs/min",
           flush=True)
     for batch in args.batch:
-        _, ours = sync_time(lambda: engine.separate_many(tracks, request, SeparationOptions(shifts=1),
-                                                          batch_size=batch))
+        _, ours = sync_time(lambda batch=batch: engine.separate_many(tracks, request, SeparationOptions(shifts=1),
+                                                                      batch_size=batch))
         report["many"][f"stembot_batch{batch}_s"] = ours
         print(f"{args.tracks} tracks, stembot batch {batch}: {ours:.2f} s = {60 * args.tracks / ours:.1f} jobs/min, "
               f"{many_demucs / ours:.2f}x demucs's throughput, {audio_s / ours:.0f}x real time", flush=True)
@@ -131,7 +131,7 @@ def main() -> None:
     exact = SeparationOptions(shifts=0)
     batched = engine.separate_many(tracks[:3], request, exact, batch_size=16)
     alone = [engine.separate(m, request, exact) for m in tracks[:3]]
-    worst = max(float(np.max(np.abs(b[s] - a[s]))) for b, a in zip(batched, alone) for s in a)
+    worst = max(float(np.max(np.abs(b[s] - a[s]))) for b, a in zip(batched, alone, strict=True) for s in a)
     report["batched_max_abs_diff"] = worst
     print(f"batched vs one at a time (shifts=0): max abs difference {worst:.2e}", flush=True)
 
@@ -142,13 +142,13 @@ def main() -> None:
     for precision in ("bf16", "fp16"):
         options = SeparationOptions(shifts=0, precision=precision)
         try:
-            _, took = sync_time(lambda: engine.separate_many(tracks, request, options, batch_size=16))
+            _, took = sync_time(lambda options=options: engine.separate_many(tracks, request, options, batch_size=16))
             low = engine.separate_many(tracks[:2], request, options, batch_size=16)
         except Exception as exc:  # noqa: BLE001 - report what broke and go on
             print(f"{precision}: failed: {exc!r}", flush=True)
             report["precision"][precision] = {"error": repr(exc)}
             continue
-        snrs = [snr_db(r[s], l[s]) for r, l in zip(reference, low) for s in r]
+        snrs = [snr_db(r[s], lo[s]) for r, lo in zip(reference, low, strict=True) for s in r]
         report["precision"][precision] = {"seconds": took, "speedup": fp32_s / took, "snr_min_db": min(snrs),
                                           "snr_mean_db": float(np.mean(snrs))}
         print(f"{precision}: {took:.2f} s ({fp32_s / took:.2f}x fp32), SNR vs fp32 min {min(snrs):.1f} dB, "

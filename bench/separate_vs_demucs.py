@@ -71,7 +71,8 @@ def make_track(path: Path, seconds: float, base: float = 220.0, seed: int = 0) -
 
 
 def make_tracks(folder: Path, count: int, seconds: float) -> list[Path]:
-    return [make_track(folder / f"track{k}-{seconds:g}s.mp3", seconds, base=110 * (k + 2), seed=k) for k in range(count)]
+    return [make_track(folder / f"track{k}-{seconds:g}s.mp3", seconds, base=110 * (k + 2), seed=k)
+            for k in range(count)]
 
 
 def run(cmd: list[str]) -> float:

@@ -41,8 +41,10 @@ from __future__ import annotations
 import enum
 import random
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import (
     BigInteger,
@@ -61,15 +63,16 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import async_sessionmaker
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.orm import InstrumentedAttribute, Mapped, mapped_column
+from sqlalchemy.sql.selectable import ScalarSelect
 
-from core.db import Base, UTCDateTime, utcnow
+from core.db import Base, UTCDateTime, as_utc, rowcount, utcnow
 from core.errors import StembotError
 from core.jobs.job import FINAL, Job
 
 
-class ChallengeState(str, enum.Enum):
+class ChallengeState(str, enum.Enum):  # noqa: UP042 - StrEnum would change str()/f-strings of members (logs, messages)
     splitting = "splitting"
     open = "open"
     voting = "voting"
@@ -233,12 +236,12 @@ class Standing:
 class ChallengeStore:
     """Queries and guarded transitions on challenges, entries and votes. Every method commits."""
 
-    def __init__(self, sessions: async_sessionmaker):
+    def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
         self.sessions = sessions
 
     # -- challenges --------------------------------------------------------------------------
 
-    async def create(self, **fields) -> Challenge:
+    async def create(self, **fields: Any) -> Challenge:
         async with self.sessions() as session:
             challenge = Challenge(**fields)
             session.add(challenge)
@@ -249,14 +252,14 @@ class ChallengeStore:
         async with self.sessions() as session:
             return await session.get(Challenge, challenge_id)
 
-    async def update(self, challenge_id: int, **fields) -> None:
+    async def update(self, challenge_id: int, **fields: Any) -> None:
         """Set fields without changing the state (message ids, the job id)."""
         async with self.sessions() as session:
             await session.execute(update(Challenge).where(Challenge.id == challenge_id)
                                   .values(updated_at=utcnow(), **fields))
             await session.commit()
 
-    async def transition(self, challenge_id: int, to: ChallengeState, **fields) -> bool:
+    async def transition(self, challenge_id: int, to: ChallengeState, **fields: Any) -> bool:
         """Move the challenge to `to` if its state allows it. Returns whether it moved;
         only the caller that moved it may act on the move (post, clean up)."""
         values = {"state": to.value, "updated_at": utcnow(), **fields}
@@ -267,9 +270,10 @@ class ChallengeStore:
             moved = await session.execute(
                 update(Challenge).where(Challenge.id == challenge_id, Challenge.state.in_(allowed)).values(**values))
             await session.commit()
-            return moved.rowcount == 1
+            return rowcount(moved) == 1
 
-    async def for_guild(self, guild_id: int, states=None, limit: int = 10) -> list[Challenge]:
+    async def for_guild(self, guild_id: int, states: Iterable[ChallengeState | str] | None = None,
+                        limit: int = 10) -> list[Challenge]:
         """The server's challenges, newest first."""
         async with self.sessions() as session:
             query = select(Challenge).where(Challenge.guild_id == guild_id)
@@ -310,20 +314,21 @@ class ChallengeStore:
                                           .where(Challenge.state == ChallengeState.open.value))
             vote = await session.scalar(select(func.min(Challenge.vote_deadline))
                                         .where(Challenge.state == ChallengeState.voting.value))
-        moments = [UTCDateTime().process_result_value(m, None) for m in (submit, vote) if m is not None]
+        moments = [as_utc(m) for m in (submit, vote) if m is not None]
         return min(moments) if moments else None
 
     # -- entries -------------------------------------------------------------------------------
 
     @staticmethod
-    async def _guard(session, challenge_id, state: ChallengeState, deadline, now: datetime) -> bool:
+    async def _guard(session: AsyncSession, challenge_id: int | ScalarSelect[int], state: ChallengeState,
+                     deadline: InstrumentedAttribute[datetime], now: datetime) -> bool:
         """Inside the caller's transaction: a write on the challenge's row that succeeds only
         in `state` before `deadline`. It also locks the row (PostgreSQL) or the database
         (SQLite) until commit, so a transition cannot slip in between check and write."""
         moved = await session.execute(
             update(Challenge).where(Challenge.id == challenge_id, Challenge.state == state.value, deadline > now)
             .values(updated_at=now))
-        return moved.rowcount == 1
+        return rowcount(moved) == 1
 
     async def submit_entry(self, challenge_id: int, user_id: int, *, file_path: str, original_name: str,
                            duration_s: float | None = None, size_bytes: int | None = None,
@@ -383,10 +388,11 @@ class ChallengeStore:
                 update(Challenge).where(Challenge.id == challenge_id, Challenge.state == ChallengeState.open.value,
                                         Challenge.submit_deadline <= now)
                 .values(state=ChallengeState.voting.value, updated_at=now))
-            if moved.rowcount != 1:
+            if rowcount(moved) != 1:
                 await session.rollback()
                 return None
             challenge = await session.get(Challenge, challenge_id)
+            assert challenge is not None, "its row just moved, in this transaction"
             entries = list(await session.scalars(
                 select(ChallengeEntry).where(ChallengeEntry.challenge_id == challenge_id)
                 .order_by(ChallengeEntry.submitted_at, ChallengeEntry.id)))
@@ -403,7 +409,7 @@ class ChallengeStore:
             moved = await session.execute(update(ChallengeEntry).where(
                 ChallengeEntry.id == entry_id, ChallengeEntry.message_id.is_(None)).values(message_id=POSTING))
             await session.commit()
-            return moved.rowcount == 1
+            return rowcount(moved) == 1
 
     async def set_entry_message(self, entry_id: int, message_id: int) -> None:
         async with self.sessions() as session:

@@ -8,11 +8,19 @@ import time
 from contextlib import closing
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+from alembic import command
+from alembic.config import Config
 from sqlalchemy import DateTime, MetaData, TypeDecorator, event
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import CursorResult, Result, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Connection, Dialect
+    from sqlalchemy.engine.interfaces import DBAPIConnection
+    from sqlalchemy.pool import ConnectionPoolEntry
 
 log = logging.getLogger(__name__)
 
@@ -32,25 +40,35 @@ class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING)
 
 
-class UTCDateTime(TypeDecorator):
+class UTCDateTime(TypeDecorator[datetime]):
     """Timezone-aware UTC datetimes on every backend (SQLite stores naive values)."""
 
     impl = DateTime(timezone=True)
     cache_ok = True
 
-    def process_bind_param(self, value, dialect):
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
         if value is not None and value.tzinfo is None:
             raise ValueError("naive datetime given; use datetime.now(timezone.utc)")
         return value.astimezone(UTC) if value is not None else None
 
-    def process_result_value(self, value, dialect):
-        if value is not None and value.tzinfo is None:
-            value = value.replace(tzinfo=UTC)
-        return value
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        return None if value is None else as_utc(value)
+
+
+def as_utc(value: datetime) -> datetime:
+    """A datetime read from the database, timezone-aware (SQLite drops the zone; stored values are UTC)."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
 
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def rowcount(result: Result[Any]) -> int:
+    """The rows an UPDATE or DELETE run with `session.execute` matched (its result is a
+    CursorResult, though typed as a plain Result)."""
+    assert isinstance(result, CursorResult), type(result)
+    return result.rowcount
 
 
 def make_engine(url: str) -> AsyncEngine:
@@ -60,7 +78,7 @@ def make_engine(url: str) -> AsyncEngine:
         engine = create_async_engine(url, connect_args={"timeout": 30})
 
         @event.listens_for(engine.sync_engine, "connect")
-        def _sqlite_pragmas(dbapi_connection, _record):
+        def _sqlite_pragmas(dbapi_connection: DBAPIConnection, _record: ConnectionPoolEntry) -> None:
             cursor = dbapi_connection.cursor()
             cursor.execute("PRAGMA busy_timeout=30000")
             cursor.execute("PRAGMA foreign_keys=ON")
@@ -69,7 +87,7 @@ def make_engine(url: str) -> AsyncEngine:
             dbapi_connection.isolation_level = None
 
         @event.listens_for(engine.sync_engine, "begin")
-        def _begin_immediate(connection):
+        def _begin_immediate(connection: Connection) -> None:
             # A deferred transaction that reads, then writes, fails at once with "database
             # is locked" when another writer got in between (the busy timeout does not
             # apply to that upgrade). Taking the write lock up front makes concurrent
@@ -128,9 +146,7 @@ def _ensure_sqlite_folder(url: str) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
 
 
-def alembic_config(url: str):
-    from alembic.config import Config
-
+def alembic_config(url: str) -> Config:
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
     config.set_main_option("sqlalchemy.url", url)
@@ -139,8 +155,6 @@ def alembic_config(url: str):
 
 def upgrade(url: str, revision: str = "head") -> None:
     """Apply Alembic migrations up to `revision` (creates the schema on a new database)."""
-    from alembic import command
-
     if url.startswith("sqlite"):
         _ensure_sqlite_folder(url)
     command.upgrade(alembic_config(url), revision)

@@ -9,11 +9,13 @@ import asyncio
 from alembic import context
 from sqlalchemy.ext.asyncio import create_async_engine
 
-import core.challenges  # noqa: F401 - registers the tables on Base.metadata
-import core.distributed.fleet  # noqa: F401
-import core.jobs.job  # noqa: F401
-import core.jobs.quotas  # noqa: F401
+# Imported for their tables, which they register on Base.metadata.
+import core.challenges
+import core.distributed.fleet
+import core.jobs.job
+import core.jobs.quotas  # noqa: F401 - only `core` is bound; these imports register tables
 from core.db import Base
+from core.settings import get_settings
 
 config = context.config
 target_metadata = Base.metadata
@@ -23,8 +25,6 @@ def _url() -> str:
     url = config.get_main_option("sqlalchemy.url")
     if url:
         return url
-    from core.settings import get_settings
-
     return get_settings().resolved_database_url
 
 

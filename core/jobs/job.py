@@ -23,11 +23,12 @@ from sqlalchemy import (
     and_,
 )
 from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.sql.elements import ColumnElement
 
 from core.db import Base, UTCDateTime, utcnow
 
 
-class JobState(str, enum.Enum):
+class JobState(str, enum.Enum):  # noqa: UP042 - StrEnum would change str()/f-strings of members (logs, messages)
     queued = "queued"
     fetching = "fetching"
     decoding = "decoding"
@@ -143,7 +144,7 @@ class Lease:
     worker: str
     attempt: int
 
-    def where(self):
+    def where(self) -> ColumnElement[bool]:
         return and_(Job.worker == self.worker, Job.attempts == self.attempt)
 
 

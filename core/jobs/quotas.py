@@ -16,16 +16,17 @@ Rules (documented for server owners in the README):
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, time, timedelta
+from typing import Any
 
 from sqlalchemy import BigInteger, Boolean, Date, Float, Integer, String, Text, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Mapped, mapped_column
 
-from core.db import Base, utcnow
+from core.db import Base, rowcount, utcnow
 from core.errors import InputError
 
 SERVER = 0  # the user id of a server's own usage row and slot counter
@@ -111,7 +112,7 @@ class Policy:
     default_format: str | None = None
     challenge_role_id: int | None = None
 
-    def as_limits(self) -> dict:
+    def as_limits(self) -> dict[str, float]:
         """What a job keeps of its policy (the limits at the time it was asked for)."""
         return {"user_s": self.user_minutes_per_day * 60, "guild_s": self.guild_minutes_per_day * 60,
                 "max_track_s": self.max_track_minutes * 60}
@@ -121,7 +122,7 @@ POLICY_FIELDS = ("user_minutes_per_day", "guild_minutes_per_day", "user_concurre
                  "max_track_minutes")
 
 
-def _split(text: str | None, kind=str) -> tuple | None:
+def _split(text: str | None, kind: Callable[[str], object] = str) -> tuple[object, ...] | None:
     if text is None:
         return None
     return tuple(kind(part) for part in (p.strip() for p in text.split(",")) if part)
@@ -173,7 +174,7 @@ class QuotaStatus:
     user_active: int
     guild_active: int
     resets_at: datetime
-    policy: Policy = field(repr=False, default=None)
+    policy: Policy = field(repr=False)
 
     @property
     def user_left_s(self) -> float:
@@ -209,7 +210,7 @@ class QuotaBook:
         async with self.sessions() as session:
             return await session.get(GuildPolicy, guild_id) or GuildPolicy(guild_id=guild_id)
 
-    async def set_guild(self, guild_id: int, **fields) -> None:
+    async def set_guild(self, guild_id: int, **fields: Any) -> None:
         async with self.sessions() as session:
             row = await session.get(GuildPolicy, guild_id)
             if row is None:
@@ -225,7 +226,7 @@ class QuotaBook:
         async with self.sessions() as session:
             return list(await session.scalars(select(RoleTier).where(RoleTier.guild_id == guild_id)))
 
-    async def set_tier(self, guild_id: int, role_id: int, **fields) -> None:
+    async def set_tier(self, guild_id: int, role_id: int, **fields: Any) -> None:
         async with self.sessions() as session:
             row = await session.get(RoleTier, (guild_id, role_id))
             if row is None:
@@ -247,7 +248,7 @@ class QuotaBook:
     # -- slots ---------------------------------------------------------------------------
 
     @staticmethod
-    async def _ensure(session, model, **key) -> None:
+    async def _ensure(session: AsyncSession, model: type[Base], **key: int | date) -> None:
         """Create a counter row if missing (concurrent creators: one wins, others go on)."""
         if await session.get(model, tuple(key.values())) is not None:
             return
@@ -257,7 +258,7 @@ class QuotaBook:
         except IntegrityError:
             pass
 
-    async def take_slots(self, session, guild_id: int, user_id: int, policy: Policy) -> str | None:
+    async def take_slots(self, session: AsyncSession, guild_id: int, user_id: int, policy: Policy) -> str | None:
         """Inside the caller's transaction: count one more active job for the user and the
         server, or return why not (then the caller must roll back)."""
         for who, limit, refusal in (
@@ -270,11 +271,11 @@ class QuotaBook:
             result = await session.execute(
                 update(QuotaSlot).where(QuotaSlot.guild_id == guild_id, QuotaSlot.user_id == who,
                                         QuotaSlot.active < limit).values(active=QuotaSlot.active + 1))
-            if result.rowcount != 1:
+            if rowcount(result) != 1:
                 return refusal
         return None
 
-    async def release_slots(self, session, guild_id: int, user_id: int) -> None:
+    async def release_slots(self, session: AsyncSession, guild_id: int, user_id: int) -> None:
         for who in (user_id, SERVER):
             await session.execute(
                 update(QuotaSlot).where(QuotaSlot.guild_id == guild_id, QuotaSlot.user_id == who,
@@ -282,7 +283,7 @@ class QuotaBook:
 
     # -- minutes -------------------------------------------------------------------------
 
-    async def reserve(self, session, guild_id: int, user_id: int, seconds: float, limits: dict,
+    async def reserve(self, session: AsyncSession, guild_id: int, user_id: int, seconds: float, limits: dict,
                       day: date) -> str | None:
         """Inside the caller's transaction: reserve `seconds` on the user's and the
         server's day, or return why not (then the caller must roll back)."""
@@ -293,14 +294,15 @@ class QuotaBook:
                     QuotaUsage.guild_id == guild_id, QuotaUsage.user_id == who, QuotaUsage.day == day,
                     QuotaUsage.used_s + QuotaUsage.reserved_s + seconds <= limit,
                 ).values(reserved_s=QuotaUsage.reserved_s + seconds))
-            if result.rowcount != 1:
+            if rowcount(result) != 1:
                 row = await session.get(QuotaUsage, (guild_id, who, day), populate_existing=True)
                 left = max(0.0, limit - row.used_s - row.reserved_s) if row else limit
                 return (f"this track is {seconds / 60:.1f} min but {whose} daily allowance has "
                         f"{left / 60:.1f} min left (resets at 00:00 UTC)")
         return None
 
-    async def settle(self, session, guild_id: int, user_id: int, seconds: float, day: date, charge: bool) -> None:
+    async def settle(self, session: AsyncSession, guild_id: int, user_id: int, seconds: float, day: date,
+                     charge: bool) -> None:
         """Inside the caller's transaction: turn a reservation into usage, or drop it."""
         for who in (user_id, SERVER):
             values = {"reserved_s": QuotaUsage.reserved_s - seconds}

@@ -25,11 +25,16 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.ext.asyncio import async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.sql.elements import ColumnElement
 
-from core.db import utcnow
+from core.db import rowcount, utcnow
+from core.errors import TooLongError
+from core.jobs import quotas
 from core.jobs.fair_order import QueuedJob, fair_order
 from core.jobs.job import ALLOWED_FROM, FINAL, RUNNING, UNFINISHED, Job, JobState, Lease
+from core.jobs.quotas import SERVER, Policy, QuotaBook, QuotaExceeded, QuotaSlot
+from core.media.audio import format_duration
 
 
 @dataclass(frozen=True)
@@ -50,18 +55,18 @@ class JobStore:
     their length is known, and settle both in the same transaction that ends the job.
     """
 
-    def __init__(self, sessions: async_sessionmaker, quotas=None):
+    def __init__(self, sessions: async_sessionmaker[AsyncSession], quotas: QuotaBook | None = None) -> None:
         self.sessions = sessions
         self.quotas = quotas
 
-    async def create(self, **fields) -> Job:
+    async def create(self, **fields: Any) -> Job:
         async with self.sessions() as session:
             job = Job(**fields)
             session.add(job)
             await session.commit()
             return job
 
-    async def admit(self, policy, **fields) -> tuple[Job | None, str | None]:
+    async def admit(self, policy: Policy, **fields: Any) -> tuple[Job | None, str | None]:
         """Create a queued job if the user and the server have a free slot; else return
         the reason why not. Atomic: concurrent requests never exceed the limits."""
         if self.quotas is None:
@@ -79,10 +84,6 @@ class JobStore:
     async def reserve(self, job_id: int, seconds: float) -> None:
         """Reserve the job's audio minutes (once; a retried job keeps its reservation).
         Raises TooLongError or QuotaExceeded, reserving nothing."""
-        from core.errors import TooLongError
-        from core.jobs.quotas import QuotaExceeded, utc_day
-        from core.media.audio import format_duration
-
         if self.quotas is None:
             return
         async with self.sessions() as session:
@@ -94,12 +95,12 @@ class JobStore:
             if seconds > job.limits["max_track_s"]:
                 raise TooLongError(f"the track is {format_duration(seconds)} long; this server allows up to "
                                    f"{format_duration(job.limits['max_track_s'])}")
-            day = utc_day()
+            day = quotas.utc_day()  # looked up when called: tests move the day
             moved = await session.execute(
                 update(Job).where(Job.id == job_id, Job.quota_state == "none",
                                   Job.state.in_([s.value for s in UNFINISHED])).values(
                     quota_state="reserved", reserved_s=seconds, quota_day=day))
-            if moved.rowcount != 1:
+            if rowcount(moved) != 1:
                 await session.rollback()
                 return
             refusal = await self.quotas.reserve(session, job.guild_id or 0, job.user_id, seconds, job.limits, day)
@@ -108,7 +109,7 @@ class JobStore:
                 raise QuotaExceeded(refusal)
             await session.commit()
 
-    async def _settle(self, session, job_id: int) -> None:
+    async def _settle(self, session: AsyncSession, job_id: int) -> None:
         """Inside a transaction that just ended the job: charge or release its minutes and
         free its slot, each at most once."""
         if self.quotas is None:
@@ -121,12 +122,13 @@ class JobStore:
             charge = job.job_state is JobState.done and not job.cache_hit
             moved = await session.execute(update(Job).where(Job.id == job_id, Job.quota_state == "reserved")
                                           .values(quota_state="charged" if charge else "released"))
-            if moved.rowcount == 1:
+            if rowcount(moved) == 1:
+                assert job.quota_day is not None, "a reservation sets its day"
                 await self.quotas.settle(session, guild, job.user_id, job.reserved_s, job.quota_day, charge)
         if job.slot_state == "held":
             moved = await session.execute(update(Job).where(Job.id == job_id, Job.slot_state == "held")
                                           .values(slot_state="released"))
-            if moved.rowcount == 1:
+            if rowcount(moved) == 1:
                 await self.quotas.release_slots(session, guild, job.user_id)
 
     async def cancel_unattached(self, before: datetime) -> list[int]:
@@ -156,7 +158,7 @@ class JobStore:
             return await session.get(Job, job_id)
 
     async def update(self, job_id: int, lease: Lease | None = None, in_state: JobState | None = None,
-                     **fields) -> bool:
+                     **fields: Any) -> bool:
         """Set fields without changing the state (progress, message ids, artifacts). With a
         lease (and `in_state`), only while that run still holds the job (in that state).
         Returns whether the row was written."""
@@ -168,9 +170,9 @@ class JobStore:
         async with self.sessions() as session:
             result = await session.execute(update(Job).where(condition).values(updated_at=utcnow(), **fields))
             await session.commit()
-            return result.rowcount == 1
+            return rowcount(result) == 1
 
-    async def transition(self, job_id: int, to: JobState, lease: Lease | None = None, **fields) -> bool:
+    async def transition(self, job_id: int, to: JobState, lease: Lease | None = None, **fields: Any) -> bool:
         """Move the job to `to` if its current state allows it (and, with a lease, that run
         still holds it). Returns whether it moved. Ending a job settles its quota in the
         same transaction."""
@@ -186,13 +188,14 @@ class JobStore:
             condition = and_(condition, lease.where())
         async with self.sessions() as session:
             result = await session.execute(update(Job).where(condition).values(**values))
-            moved = result.rowcount == 1
+            moved = rowcount(result) == 1
             if moved and to in FINAL:
                 await self._settle(session, job_id)
             await session.commit()
             return moved
 
-    async def _queued(self, session) -> tuple[list[QueuedJob], dict, dict]:
+    async def _queued(self, session: AsyncSession
+                      ) -> tuple[list[QueuedJob], dict[int, float], dict[tuple[int, int], float]]:
         rows = (await session.execute(
             select(Job.id, Job.priority, Job.created_at, Job.guild_id, Job.user_id)
             .where(Job.state == JobState.queued.value, _attached)
@@ -208,7 +211,7 @@ class JobStore:
             .where(Job.started_at.is_not(None), Job.started_at > since,
                    guild.in_({j.guild for j in queued})).group_by(guild, Job.user_id)
         )).all()
-        last_user = {(g, u): _timestamp(t) for g, u, t in served}
+        last_user = {(g, u): _timestamp(t) for g, u, t in served if t is not None}  # None: filtered above
         last_guild: dict[int, float] = {}
         for (g, _), t in last_user.items():
             last_guild[g] = max(last_guild.get(g, t), t)
@@ -230,7 +233,7 @@ class JobStore:
                     )
                 )
                 await session.commit()
-                if result.rowcount == 1:
+                if rowcount(result) == 1:
                     return await session.get(Job, candidate, populate_existing=True)
 
     async def take(self, job_id: int, worker: str) -> tuple[Job, Lease] | None:
@@ -248,7 +251,8 @@ class JobStore:
             await session.commit()
             if attempt is None:
                 return None
-            return await session.get(Job, job_id, populate_existing=True), Lease(worker, attempt)
+            job = await session.get(Job, job_id, populate_existing=True)
+            return None if job is None else (job, Lease(worker, attempt))
 
     async def request_cancel(self, job_id: int) -> JobState | None:
         """Cancel a queued or running job (a running one stops at its worker's next
@@ -297,8 +301,6 @@ class JobStore:
         can never drift for good (e.g. after a crash between two writes)."""
         if self.quotas is None:
             return
-        from core.jobs.quotas import SERVER, QuotaSlot
-
         async with self.sessions() as session:
             # Lock the counters first: an admission under way either finishes before the
             # count (and is counted) or waits until the new counts are written.
@@ -343,7 +345,7 @@ class JobStore:
         """Put jobs that were running (on `worker`, or anywhere) back in the queue, e.g.
         after the process running them died. Their attempt count is kept."""
         async with self.sessions() as session:
-            condition = Job.state.in_([s.value for s in RUNNING])
+            condition: ColumnElement[bool] = Job.state.in_([s.value for s in RUNNING])
             if worker is not None:
                 condition = and_(condition, Job.worker == worker)
             ids = list(await session.scalars(select(Job.id).where(condition)))
@@ -374,7 +376,7 @@ class JobStore:
             return {state: count for state, count in rows}
 
 
-def _timestamp(moment) -> float:
+def _timestamp(moment: datetime) -> float:
     if moment.tzinfo is None:  # SQLite drops the zone; stored values are UTC
         moment = moment.replace(tzinfo=UTC)
     return moment.timestamp()

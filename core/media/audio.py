@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import ffmpeg
 import numpy as np
@@ -149,7 +149,8 @@ def _prlimit_command() -> str | None:
     return path if done.returncode == 0 else None
 
 
-def spawn_limited(args: list[str], cpu_s: int, memory_bytes: int | None = None, **popen) -> subprocess.Popen:
+def spawn_limited(args: list[str], cpu_s: int, memory_bytes: int | None = None,
+                  **popen: Any) -> subprocess.Popen[bytes]:
     """Start `args` with at most `cpu_s` seconds of CPU time and `memory_bytes` of address space.
 
     Past the CPU limit the kernel kills the process (SIGKILL; soft and hard limits are
@@ -169,7 +170,7 @@ def spawn_limited(args: list[str], cpu_s: int, memory_bytes: int | None = None, 
 
 def _limit_running(pid: int, cpu_s: int, memory_bytes: int) -> None:
     try:
-        import resource
+        import resource  # noqa: PLC0415 - Unix-only; its ImportError is handled below
 
         resource.prlimit(pid, resource.RLIMIT_CPU, (cpu_s, cpu_s))
         resource.prlimit(pid, resource.RLIMIT_AS, (memory_bytes, memory_bytes))
@@ -234,8 +235,10 @@ def probe(path: Path, limits: Limits = Limits()) -> MediaInfo:
     )
 
 
-def _first_float(*values) -> float | None:
+def _first_float(*values: str | float | None) -> float | None:
     for value in values:
+        if value is None:
+            continue
         try:
             number = float(value)
         except (TypeError, ValueError):
@@ -319,6 +322,7 @@ def decode_stream(
     proc = spawn_limited(args, DECODE_CPU_LIMIT_S, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE)
     _lower_priority(proc.pid, BACKGROUND_NICE)
+    assert proc.stdout is not None and proc.stderr is not None  # both PIPEs
     # Why we killed it, if we did: a kill we did not make is the CPU limit (or the OOM killer).
     stopped: list[str] = []
 
@@ -328,7 +332,8 @@ def decode_stream(
 
     max_bytes = int(cap_s * sample_rate) * channels * 4
     stderr_chunks: list[bytes] = []
-    stderr_reader = threading.Thread(target=lambda: stderr_chunks.append(proc.stderr.read()), daemon=True)
+    stderr = proc.stderr
+    stderr_reader = threading.Thread(target=lambda: stderr_chunks.append(stderr.read()), daemon=True)
     stderr_reader.start()
     received = 0
     timer = threading.Timer(DECODE_TIMEOUT_S, stop, args=("timeout",))
@@ -437,8 +442,10 @@ def encode_stream(chunks: Iterable[bytes], channels: int, sample_rate: int, path
     )
     proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _lower_priority(proc.pid, BACKGROUND_NICE)
+    assert proc.stdin is not None and proc.stderr is not None  # both PIPEs
     stderr_chunks: list[bytes] = []
-    reader = threading.Thread(target=lambda: stderr_chunks.append(proc.stderr.read()), daemon=True)
+    stderr = proc.stderr
+    reader = threading.Thread(target=lambda: stderr_chunks.append(stderr.read()), daemon=True)
     reader.start()
     try:
         for chunk in chunks:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import subprocess
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -99,7 +100,7 @@ def write_peaks(path: Path, out: Path, frames: int | None = None) -> Path:
 
 
 class _PeakSink:
-    def __init__(self, file, frames: int):
+    def __init__(self, file: BinaryIO, frames: int) -> None:
         self.file = file
         self.frames = frames
         self.pending = b""

@@ -141,7 +141,8 @@ def plan_upload(
 
     if stem_count > MAX_ATTACHMENTS:
         if links_available:
-            note = f"There are more than {MAX_ATTACHMENTS} stems, so here are download links (valid {link_valid_hours:g} h)."
+            note = (f"There are more than {MAX_ATTACHMENTS} stems, so here are download links "
+                    f"(valid {link_valid_hours:g} h).")
             return UploadPlan(requested, "links", False, note)
         raise DeliveryTooLargeError(
             f"{stem_count} stems are more than the {MAX_ATTACHMENTS} files Discord takes in one message; "
@@ -159,7 +160,8 @@ def plan_upload(
         if attachable(fmt):
             if fmt == requested:
                 return UploadPlan(fmt, "attach", False)
-            note = f"Files were too large for this server's {limit_text} upload limit, so they are {describe_format(fmt)}."
+            note = (f"Files were too large for this server's {limit_text} upload limit, "
+                    f"so they are {describe_format(fmt)}.")
             return UploadPlan(fmt, "attach", True, note)
     if links_available:
         return UploadPlan(requested, "links", False, links_note(limit_bytes, link_valid_hours))

@@ -27,6 +27,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from core.errors import (
@@ -66,7 +67,7 @@ def is_streaming_link(url: str) -> bool:
 def available() -> bool:
     """Whether yt-dlp is installed."""
     try:
-        import yt_dlp  # noqa: F401
+        import yt_dlp  # noqa: F401, PLC0415 - yt-dlp is an optional extra: is it installed?
     except ImportError:
         return False
     return True
@@ -84,7 +85,7 @@ def single_track_url(url: str) -> str:
 
 def extractor_for(url: str) -> str:
     """The key of the allowed extractor that takes `url`; LinkNotAllowedError otherwise."""
-    from yt_dlp.extractor import gen_extractor_classes
+    from yt_dlp.extractor import gen_extractor_classes  # noqa: PLC0415 - yt-dlp is an optional extra
 
     keys = [ie.ie_key() for ie in gen_extractor_classes() if ie.ie_key() != "Generic" and ie.suitable(url)]
     for key in keys:
@@ -135,13 +136,13 @@ def fetch_media(url: str, dest: Path, limits: Limits = Limits(), *, enabled: boo
         shutil.rmtree(work, ignore_errors=True)
 
 
-def guarded_downloader(params: dict, deadline: float, allow_loopback: bool = False):
+def guarded_downloader(params: dict[str, Any], deadline: float, allow_loopback: bool = False) -> Any:  # yt-dlp: untyped
     """A YoutubeDL with no extractors loaded whose every request is first checked like a
     user's link (and against `deadline`, a `time.monotonic()` value)."""
-    import yt_dlp
+    import yt_dlp  # noqa: PLC0415 - yt-dlp is an optional extra
 
     class GuardedYoutubeDL(yt_dlp.YoutubeDL):
-        def urlopen(self, req):
+        def urlopen(self, req: Any) -> Any:
             if time.monotonic() > deadline:
                 raise TimedOutError("the download took too long")
             target_url = req if isinstance(req, str) else getattr(req, "url", None) or req.full_url
@@ -190,7 +191,7 @@ def downloader_params(work: Path, limits: Limits, deadline: float) -> dict:
 
 def _run(url: str, key: str, dest: Path, work: Path, limits: Limits, deadline: float,
          allow_loopback: bool) -> int:
-    from yt_dlp.utils import DownloadError, ExtractorError
+    from yt_dlp.utils import DownloadError, ExtractorError  # noqa: PLC0415 - yt-dlp is an optional extra
 
     params = downloader_params(work, limits, deadline)
     try:

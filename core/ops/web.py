@@ -20,6 +20,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from core.ops.looplag import LAG_BUCKETS_S
 from core.storage.signed_links import LinkError, LinkSigner, is_safe_path
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ class HealthChecks:
         """Every check's result, run concurrently."""
         names = list(self._checks)
         results = await asyncio.gather(*(self._run_one(name) for name in names))
-        return dict(zip(names, results))
+        return dict(zip(names, results, strict=True))
 
     async def _run_one(self, name: str) -> bool:
         try:
@@ -68,7 +69,8 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.jobs_total = Counter("stembot_jobs", "Jobs finished, by final state.", ["state"], registry=self.registry)
-        self.failures_total = Counter("stembot_failures", "Failed jobs, by error kind.", ["kind"], registry=self.registry)
+        self.failures_total = Counter("stembot_failures", "Failed jobs, by error kind.", ["kind"],
+                                      registry=self.registry)
         self.jobs_in_state = Gauge("stembot_jobs_in_state", "Jobs currently in each state.", ["state"],
                                    registry=self.registry)
         self.queue_length = Gauge("stembot_queue_length", "Jobs waiting for the worker.", registry=self.registry)
@@ -76,8 +78,6 @@ class Metrics:
                                             buckets=SEPARATION_BUCKETS_S, registry=self.registry)
         self.audio_minutes_total = Counter("stembot_audio_minutes", "Minutes of audio separated.",
                                            registry=self.registry)
-        from core.ops.looplag import LAG_BUCKETS_S
-
         self.loop_lag_seconds = Histogram("stembot_event_loop_lag_seconds",
                                           "How late the bot's event loop ran a task due now.",
                                           buckets=LAG_BUCKETS_S, registry=self.registry)

@@ -36,10 +36,10 @@ def autocast(device: torch.device, precision: str):
 
 def sub_models(model) -> list[tuple[torch.nn.Module, list[float] | None]]:
     """The models of a bag with their per-source weights; a lone model, unweighted."""
-    from demucs.apply import BagOfModels
+    from demucs.apply import BagOfModels  # noqa: PLC0415 - demucs loads only when a model runs
 
     if isinstance(model, BagOfModels):
-        return list(zip(model.models, model.weights))
+        return list(zip(model.models, model.weights, strict=True))
     return [(model, None)]
 
 
@@ -53,8 +53,8 @@ class _Pass:
     """One model over one (possibly shifted) copy of the mix: apply_model's split loop."""
 
     def __init__(self, model, chunk, segment: float | None, overlap: float, trim: int, weights):
-        from demucs.apply import TensorChunk
-        from demucs.htdemucs import HTDemucs
+        from demucs.apply import TensorChunk  # noqa: PLC0415 - demucs loads only when a model runs
+        from demucs.htdemucs import HTDemucs  # noqa: PLC0415 - demucs loads only when a model runs
 
         self.model, self.chunk, self.trim, self.weights = model, chunk, trim, weights
         self.segment_length, stride = segment_and_stride(model, segment, overlap)
@@ -73,7 +73,7 @@ class _Pass:
         self.sums: torch.Tensor | None = None
 
     def accept(self, piece: Piece, result: torch.Tensor, weight: torch.Tensor) -> None:
-        from demucs.utils import center_trim
+        from demucs.utils import center_trim  # noqa: PLC0415 - demucs loads only when a model runs
 
         if self.out is None:
             where = self.chunk.tensor.device
@@ -114,7 +114,7 @@ class TrackWork:
 
     def __init__(self, model, mix: torch.Tensor, *, shifts: int = 0, overlap: float = 0.25,
                  segment: float | None = None):
-        from demucs.apply import TensorChunk
+        from demucs.apply import TensorChunk  # noqa: PLC0415 - demucs loads only when a model runs
 
         length = mix.shape[-1]
         self.shifts = shifts
@@ -166,7 +166,7 @@ class TrackWork:
                 return average
             scale = torch.tensor(weights, dtype=torch.float32).view(-1, 1, 1).to(average.device)
             estimate = average * scale if estimate is None else estimate + average * scale
-            totals = list(weights) if totals is None else [a + b for a, b in zip(totals, weights)]
+            totals = list(weights) if totals is None else [a + b for a, b in zip(totals, weights, strict=True)]
         divisor = torch.tensor(totals, dtype=torch.float32).view(-1, 1, 1).to(estimate.device)
         return estimate / divisor
 

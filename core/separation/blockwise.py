@@ -37,10 +37,15 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
+
+from core.errors import JobCancelled
+from core.media.audio import decode_stream, encode_stream, gain_for_peak, probe
+from core.media.stem_files import publish_folder
 
 if TYPE_CHECKING:
     from core.media.audio import Limits, MediaInfo, OutputFormat
@@ -136,8 +141,6 @@ class _Stats:
 def stage_input(path: Path, engine: SeparationEngine, limits: Limits, work: Path,
                 info: MediaInfo | None = None) -> StagedMix:
     """Decode `path` for `engine`'s model into `work/mix.f32`, with the whole track's stats."""
-    from core.media.audio import decode_stream, probe
-
     info = info or probe(Path(path), limits)
     target = Path(work) / "mix.f32"
     with open(target, "wb") as file:
@@ -192,7 +195,7 @@ def plan_blocks(frames: int, block: int, context: int, crossfade: int, stride: i
         keep_to = frames if last else starts[k + 1] + context + crossfade
         stop = frames if last else min(frames, keep_to + context)
         blocks.append(Block(start, stop, keep_from, keep_to))
-    for before, after in zip(blocks, blocks[1:]):
+    for before, after in pairwise(blocks):
         if not (before.keep_from + crossfade <= after.keep_from and before.keep_to + crossfade <= after.keep_to):
             raise ValueError(f"blocks of {block} frames are too short for {frames} frames")
     return blocks
@@ -203,7 +206,7 @@ def model_grid(engine: SeparationEngine, request: StemRequest, options: Separati
     """(stride, context) in frames for the models that `engine` runs for `request`:
     `apply_model`'s segment stride of the first model, and the longest segment plus the
     largest random shift."""
-    from demucs.apply import BagOfModels
+    from demucs.apply import BagOfModels  # noqa: PLC0415 - demucs loads only when a model runs
 
     model = engine._plan(request.direct_sources).model
     subs = list(model.models) if isinstance(model, BagOfModels) else [model]
@@ -321,8 +324,6 @@ def separate_staged(
     """Separate a staged mix block by block into `work/<stem>.f32`. `progress` gets the
     fraction of the whole track's blocks; `should_cancel` is checked between blocks and
     around every model segment (JobCancelled)."""
-    from core.errors import JobCancelled
-
     stitcher = BlockStitcher(mix, engine, request, options, work, block_s, crossfade_s)
 
     def block_progress(fraction: float) -> None:
@@ -359,8 +360,6 @@ def _append(file: BinaryIO, audio: np.ndarray, peak: float) -> float:
 def encode_staged(stems: StagedStems, folder: Path, fmt: OutputFormat) -> dict[str, Path]:
     """Write each stem to `folder/<stem>.<ext>` with one shared anti-clip gain (as
     `core.separation.file_separator.finish_stems`), one ffmpeg per stem, all at once."""
-    from core.media.audio import encode_stream, gain_for_peak
-
     gain = gain_for_peak(stems.peak)
     folder.mkdir(parents=True, exist_ok=True)
     targets = {name: folder / f"{name}.{fmt.extension}" for name in stems.paths}
@@ -387,8 +386,6 @@ def _chunks(path: Path, channels: int, sample_rate: int, gain: float) -> Iterato
 
 def write_staged(stems: StagedStems, out_dir: Path, name: str, fmt: OutputFormat) -> Path:
     """`core.separation.file_separator.write_track` for staged stems: encode into `out_dir/name/`, atomically."""
-    from core.media.stem_files import publish_folder
-
     return publish_folder(Path(out_dir), name, lambda staging: encode_staged(stems, staging, fmt))
 
 

@@ -32,7 +32,7 @@ NETWORK_PROBE_TIMEOUT_S = 1.5
 
 
 def _demucs_remote_root() -> Path:
-    from demucs.pretrained import REMOTE_ROOT
+    from demucs.pretrained import REMOTE_ROOT  # noqa: PLC0415 - demucs loads only when a model runs
 
     return Path(REMOTE_ROOT)
 
@@ -61,14 +61,14 @@ class ModelLocation:
 
 def _local_repo_names(model_dir: Path) -> set[str]:
     """What demucs's LocalRepo/BagOnlyRepo would find in `model_dir`."""
-    from demucs.repo import BagOnlyRepo, LocalRepo
+    from demucs.repo import BagOnlyRepo, LocalRepo  # noqa: PLC0415 - demucs loads only when a model runs
 
     repo = LocalRepo(model_dir)
     return set(repo.list_model()) | set(BagOnlyRepo(model_dir, repo).list_model())
 
 
 def _hf_repo_id(name: str) -> str:
-    from demucs.hf import DEFAULT_NAMESPACE, hf_repo_name
+    from demucs.hf import DEFAULT_NAMESPACE, hf_repo_name  # noqa: PLC0415 - demucs loads only when a model runs
 
     namespace, _, bare = name.rpartition("/")
     return f"{namespace or DEFAULT_NAMESPACE}/{hf_repo_name(bare)}"
@@ -76,7 +76,7 @@ def _hf_repo_id(name: str) -> str:
 
 def _hf_cached_files(name: str) -> tuple[Path, list[Path]] | None:
     """The cached bag yaml and safetensors of `name`, or None when any is missing."""
-    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub import try_to_load_from_cache  # noqa: PLC0415 - the bot imports this module for the model list
 
     repo_id = _hf_repo_id(name)
     bare = name.rpartition("/")[2]
@@ -95,7 +95,7 @@ def _hf_cached_files(name: str) -> tuple[Path, list[Path]] | None:
 
 
 def _torch_checkpoints_dir() -> Path:
-    import torch.hub
+    import torch.hub  # noqa: PLC0415 - torch: the bot imports this module for the model list
 
     return Path(torch.hub.get_dir()) / "checkpoints"
 
@@ -117,7 +117,7 @@ def _torch_cached_files(name: str) -> list[Path] | None:
 
 def _hub_reachable() -> tuple[bool, str]:
     """Whether the HuggingFace hub answers quickly; never waits more than a second or two."""
-    from huggingface_hub import constants
+    from huggingface_hub import constants  # noqa: PLC0415 - the bot imports this module for the model list
 
     if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
         return False, "offline mode (HF_HUB_OFFLINE) is on"
@@ -145,7 +145,7 @@ def locate(name: str, model_dir: Path | None = None) -> ModelLocation:
     else:
         looked.append("model folder (not set)")
 
-    from huggingface_hub import constants
+    from huggingface_hub import constants  # noqa: PLC0415 - the bot imports this module for the model list
 
     official = name in official_models() or "/" in name
     if official:
@@ -167,7 +167,8 @@ def locate(name: str, model_dir: Path | None = None) -> ModelLocation:
             "access (it fills the HuggingFace cache, which can be copied or mounted), or put "
             "its files in a folder and point --model-dir / STEMBOT_MODEL_DIR at it."
         )
-    known = sorted(set(official_models()) | (_local_repo_names(model_dir) if model_dir and model_dir.is_dir() else set()))
+    local = _local_repo_names(model_dir) if model_dir and model_dir.is_dir() else set()
+    known = sorted(set(official_models()) | local)
     raise ModelUnavailableError(
         f"unknown model '{name}'. Looked in: {'; '.join(looked)}. Known models: {', '.join(known)}."
     )
@@ -197,14 +198,14 @@ def load(name: str, model_dir: Path | None = None):
 
 
 def _load_from(location: ModelLocation, model_dir: Path | None):
-    from demucs import pretrained
+    from demucs import pretrained  # noqa: PLC0415 - demucs loads only when a model runs
 
     name = location.name
     if location.source == "model-dir":
         return pretrained.get_model(name, repo=Path(model_dir))
     if location.source == "hf-cache":
-        from demucs.apply import BagOfModels
-        from demucs.hf import load_safetensors_model
+        from demucs.apply import BagOfModels  # noqa: PLC0415 - demucs loads only when a model runs
+        from demucs.hf import load_safetensors_model  # noqa: PLC0415 - demucs loads only when a model runs
 
         yaml_path, weights = _hf_cached_files(name)
         with open(yaml_path) as file:
@@ -212,7 +213,7 @@ def _load_from(location: ModelLocation, model_dir: Path | None):
         models = [load_safetensors_model(path) for path in weights]
         return BagOfModels(models, bag.get("weights"), bag.get("segment"))
     if location.source == "torch-cache":
-        from demucs.repo import BagOnlyRepo, LocalRepo
+        from demucs.repo import BagOnlyRepo, LocalRepo  # noqa: PLC0415 - demucs loads only when a model runs
 
         checkpoints = LocalRepo(_torch_checkpoints_dir())
         return BagOnlyRepo(_demucs_remote_root(), checkpoints).get_model(name)

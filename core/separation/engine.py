@@ -104,8 +104,8 @@ class SeparationEngine:
 
     @property
     def max_segment(self) -> float:
-        from demucs.apply import BagOfModels
-        from demucs.htdemucs import HTDemucs
+        from demucs.apply import BagOfModels  # noqa: PLC0415 - demucs loads only when a model runs
+        from demucs.htdemucs import HTDemucs  # noqa: PLC0415 - demucs loads only when a model runs
 
         if isinstance(self.model, BagOfModels):
             return float(self.model.max_allowed_segment)
@@ -120,7 +120,7 @@ class SeparationEngine:
 
     def _plan(self, needed: frozenset[str]) -> _Plan:
         """The smallest part of a bag of per-stem specialists that estimates `needed`."""
-        from demucs.apply import BagOfModels
+        from demucs.apply import BagOfModels  # noqa: PLC0415 - demucs loads only when a model runs
 
         if needed in self._plans:
             return self._plans[needed]
@@ -153,7 +153,7 @@ class SeparationEngine:
         `stats` (mean, spread) normalise the mix instead of its own (see `_mono_stats`):
         a part of a track separated with the whole track's stats gives what the whole
         track would there (core.separation.blockwise)."""
-        from demucs.apply import apply_model
+        from demucs.apply import apply_model  # noqa: PLC0415 - demucs loads only when a model runs
 
         if options.segment is not None and options.segment > self.max_segment:
             raise BadRequestError(
@@ -188,7 +188,8 @@ class SeparationEngine:
             progress(1.0)
         return self._outputs(out, wav, plan, request)
 
-    def _outputs(self, out: torch.Tensor, wav: torch.Tensor, plan: _Plan, request: StemRequest) -> dict[str, np.ndarray]:
+    def _outputs(self, out: torch.Tensor, wav: torch.Tensor, plan: _Plan, request: StemRequest
+                 ) -> dict[str, np.ndarray]:
         """The requested stems from the model's estimates (sources x channels x samples)."""
         estimates = {name: out[k] for k, name in enumerate(self.sources) if name in plan.sources}
         results: dict[str, np.ndarray] = {}

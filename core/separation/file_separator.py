@@ -25,6 +25,7 @@ import numpy as np
 from core.errors import StembotError
 from core.media.audio import Limits, MediaInfo, OutputFormat, decode, probe
 from core.media.stem_files import write_track
+from core.net.fetcher import download
 from core.net.urls import is_link, output_name
 from core.separation import blockwise
 from core.separation.engine import SeparationEngine, SeparationOptions
@@ -89,8 +90,6 @@ def prepare(path: str | Path, engine: SeparationEngine, limits: Limits,
 
 def fetch_link(url: str, dest: Path, limits: Limits) -> int:
     """Download `url` to `dest` with the safe fetcher (from a worker thread: its own loop)."""
-    from core.net.fetcher import download
-
     return asyncio.run(download(url, dest, limits.max_input_bytes))
 
 

@@ -9,6 +9,7 @@ import shutil
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any, Protocol
 
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -75,10 +76,20 @@ class LocalStorage:
         """Download links the storage signs itself; None: the bot's web server serves them."""
         return None
 
-    async def publish_input(self, job) -> dict | None:
+    async def publish_input(self, job: JobFilesOf) -> dict[str, Any] | None:
         """What a worker needs to reach the input: nothing, it shares this disk (workers
         on the bot's machine, STEMBOT_DATA_DIR the same)."""
         return None
+
+
+class JobFilesOf(Protocol):
+    """What storage reads of a job (a core.jobs.job.Job; storage sits below core.jobs)."""
+
+    @property
+    def id(self) -> int: ...
+
+    @property
+    def source_name(self) -> str: ...
 
 
 def _link_or_copy(source: Path, target: Path) -> None:
@@ -92,19 +103,19 @@ class LocalJobFiles:
     """A run's files in embedded mode: the model host shares the bot's disk, so it reads
     the input and writes the stems in place."""
 
-    def __init__(self, storage: LocalStorage):
+    def __init__(self, storage: LocalStorage) -> None:
         self.storage = storage
 
-    async def input_file(self, job) -> Path:
+    async def input_file(self, job: JobFilesOf) -> Path:
         return self.storage.input_path(job.id, job.source_name)
 
-    def stems_dir(self, job) -> Path:
+    def stems_dir(self, job: JobFilesOf) -> Path:
         return self.storage.stems_dir(job.id)
 
-    async def publish(self, job, artifacts: dict) -> None:
+    async def publish(self, job: JobFilesOf, artifacts: dict[str, Any]) -> None:
         return None  # already where the bot delivers from
 
-    async def discard(self, job) -> None:
+    async def discard(self, job: JobFilesOf) -> None:
         return None  # the bot removes the job's folder when the job ends
 
 

@@ -23,6 +23,7 @@ import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 from aiobotocore.config import AioConfig
@@ -108,8 +109,9 @@ class S3Client:
         self.bucket = config.bucket
         self.prefix = prefix
         self._stack: contextlib.AsyncExitStack | None = None
-        self._client = None
-        self._presigner = None
+        # aiobotocore's clients are untyped.
+        self._client: Any = None
+        self._presigner: Any = None
 
     async def start(self) -> None:
         """Open the clients (no network yet)."""
@@ -145,7 +147,7 @@ class S3Client:
         await self.start()
         return self
 
-    async def __aexit__(self, *exc_info) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
     def _client_args(self, endpoint_url: str | None) -> dict:
@@ -174,7 +176,7 @@ class S3Client:
         }
 
     @property
-    def client(self):
+    def client(self) -> Any:
         if self._client is None:
             raise RuntimeError("S3Client is not started")
         return self._client
@@ -223,7 +225,7 @@ class S3Client:
         args: dict = {"Bucket": self.bucket, "Key": key, "ContentMD5": md5}
         if content_type:
             args["ContentType"] = content_type
-        with open(path, "rb") as body:
+        with open(path, "rb") as body:  # noqa: ASYNC230 - a local file, read or written chunk by chunk as the network goes
             # The file object is streamed (aiohttp reads it in a thread); the store checks
             # Content-MD5, so a body damaged on the way is refused, not kept.
             await self.client.put_object(Body=body, **args)
@@ -242,7 +244,7 @@ class S3Client:
                 raise
             size = 0
             async with response["Body"] as stream:
-                with open(partial, "wb") as out:
+                with open(partial, "wb") as out:  # noqa: ASYNC230 - a local file, read or written chunk by chunk as the network goes
                     while chunk := await stream.read(CHUNK):
                         out.write(chunk)
                         size += len(chunk)

@@ -7,8 +7,12 @@ import shutil
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from core.storage.local import LocalStorage, safe_filename
+from core.storage.local import JobFilesOf, LocalStorage, safe_filename
+
+if TYPE_CHECKING:
+    from core.storage.s3_client import S3Client
 
 
 class S3Storage(LocalStorage):
@@ -20,9 +24,9 @@ class S3Storage(LocalStorage):
     input and a POST limited to the job's stems prefix. They hold no credentials.
     """
 
-    def __init__(self, root: Path, store, transfer_ttl_s: float, max_output_bytes: int):
+    def __init__(self, root: Path, store: S3Client, transfer_ttl_s: float, max_output_bytes: int) -> None:
         super().__init__(root)
-        self.store = store  # core.storage.s3_client.S3Client
+        self.store = store
         self.transfer_ttl_s = transfer_ttl_s
         self.max_output_bytes = max_output_bytes
 
@@ -33,7 +37,7 @@ class S3Storage(LocalStorage):
     async def close(self) -> None:
         await self.store.close()
 
-    async def publish_input(self, job) -> dict:
+    async def publish_input(self, job: JobFilesOf) -> dict[str, Any]:
         """Upload the job's input; return the presigned URLs a worker needs."""
         path = self.input_path(job.id, job.source_name)
         key = self.store.input_key(job.id, path.suffix)

@@ -14,8 +14,9 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
-import core.jobs.job  # noqa: F401 - registers the tables
-import core.jobs.quotas  # noqa: F401
+# Imported for the tables they register.
+import core.jobs.job
+import core.jobs.quotas  # noqa: F401 - only `core` is bound; these imports register tables
 from core.db import Base, alembic_config, upgrade
 
 

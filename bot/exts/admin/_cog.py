@@ -94,7 +94,8 @@ class Admin(commands.Cog):
     async def limit(self, interaction: discord.Interaction, name: LimitName, value: float | None = None) -> None:
         if value is not None:
             if value < 0 or (name in INTEGER_LIMITS and (value < 1 or value != int(value))):
-                await self._reply(interaction, f"`{name}` must be a {'whole number ≥ 1' if name in INTEGER_LIMITS else 'number ≥ 0'}.")
+                wanted = "whole number ≥ 1" if name in INTEGER_LIMITS else "number ≥ 0"
+                await self._reply(interaction, f"`{name}` must be a {wanted}.")
                 return
             if name in INTEGER_LIMITS:
                 value = int(value)
@@ -162,7 +163,8 @@ class Admin(commands.Cog):
     async def defaults(self, interaction: discord.Interaction, model: str | None = None,
                        format: Literal["mp3", "opus", "flac", "wav"] | None = None) -> None:
         if model is not None and model not in self.services.available_models():
-            await self._reply(interaction, f"Unknown model `{model}`. Available: {_csv(self.services.available_models())}.")
+            available = _csv(self.services.available_models())
+            await self._reply(interaction, f"Unknown model `{model}`. Available: {available}.")
             return
         changes = {}
         if model is not None:

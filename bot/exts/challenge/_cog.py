@@ -44,6 +44,7 @@ from core.db import utcnow
 from core.errors import InputError
 from core.media.audio import Limits, format_duration, probe
 from core.media.upload_plan import human_size
+from core.net import ytdl
 from core.net.fetcher import download
 from core.storage.local import safe_filename
 
@@ -269,8 +270,6 @@ class Challenges(commands.Cog):
         if (file is None) == (url is None):
             return "Attach your remix with `file:` or give a link with `url:` (one of the two)."
         if url is not None:
-            from core.net import ytdl
-
             if ytdl.is_streaming_link(url.strip()):
                 return "YouTube and SoundCloud links can't be entries; attach the file or link to it directly."
             return self.bot.get_cog("Split").link_refusal(policy, url)

@@ -15,9 +15,13 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
+from core.errors import LinkNotAllowedError
 from core.jobs.job import RUNNING, Job, JobState
 from core.media.audio import format_duration
 from core.media.upload_plan import human_size
+from core.net import ytdl
+from core.net.fetcher import check_url
+from core.net.urls import link_output_name
 
 from ._status import STAGES
 
@@ -212,10 +216,6 @@ class Split(commands.Cog):
     @staticmethod
     def link_refusal(policy, url: str) -> str | None:
         """Refuse a link at once when it can be refused without the network."""
-        from core.errors import LinkNotAllowedError
-        from core.net import ytdl
-        from core.net.fetcher import check_url
-
         if not policy.links_allowed:
             return "Links are not allowed on this server; attach the file instead."
         try:
@@ -291,9 +291,6 @@ def _source(file: discord.Attachment | None, url: str | None) -> dict:
     if file is not None:
         return {"source_kind": "attachment", "source_url": file.url, "source_name": file.filename,
                 "source_size": file.size}
-    from core.net import ytdl
-    from core.net.urls import link_output_name
-
     url = url.strip()
     name = link_output_name(url)
     path_suffix = PurePosixPath(url.split("?", 1)[0]).suffix.lower()

@@ -214,7 +214,7 @@ async def _reserve_race(db, user_ids: list[int], policy: Policy) -> tuple[list, 
     store = db.store(policy, sessions=gate)
     results = await asyncio.gather(*(store.reserve(job.id, 60.0) for job in jobs), return_exceptions=True)
     assert gate.peak == len(jobs)
-    ok = [job for job, result in zip(jobs, results) if result is None]
+    ok = [job for job, result in zip(jobs, results, strict=True) if result is None]
     refused = [result for result in results if result is not None]
     return ok, refused
 

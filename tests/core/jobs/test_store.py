@@ -343,7 +343,7 @@ async def test_counts_by_state(store):
 
 async def test_for_user_only_theirs_newest_first_with_state_filter(store):
     mine = []
-    for k in range(4):
+    for _ in range(4):
         mine.append(await new_job(store, user_id=10))
         await new_job(store, user_id=20)
     await force_state(store, mine[0].id, JobState.done)

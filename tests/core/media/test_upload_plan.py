@@ -104,7 +104,8 @@ def test_ladder_never_goes_above_the_requested_quality():
     low_mp3 = OutputFormat("mp3", mp3_bitrate_kbps=96)
     ladder = lossy_ladder(low_mp3, last_resort=True)
     assert ladder[0] == low_mp3
-    assert [(f.name, f.opus_bitrate_kbps) for f in ladder[1:]] == [("opus", 96), ("opus", 64), ("opus", 48), ("opus", 32)]
+    assert [(f.name, f.opus_bitrate_kbps) for f in ladder[1:]] == [("opus", 96), ("opus", 64), ("opus", 48),
+                                                                    ("opus", 32)]
     full = lossy_ladder(MP3_320)
     assert [f.mp3_bitrate_kbps for f in full if f.name == "mp3"] == [320, 256, 192, 160, 128]
     assert [f.opus_bitrate_kbps for f in full if f.name == "opus"] == [128, 96, 64]

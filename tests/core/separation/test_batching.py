@@ -28,7 +28,7 @@ def mixes():
 def test_batched_equals_one_at_a_time(engine, mixes, batch_size):
     request = parse_stems("all", engine.sources)
     together = engine.separate_many(mixes, request, EXACT, batch_size=batch_size)
-    for mix, batched in zip(mixes, together):
+    for mix, batched in zip(mixes, together, strict=True):
         alone = engine.separate(mix, request, EXACT)
         assert list(batched) == list(alone)
         for name in alone:
@@ -40,7 +40,7 @@ def test_batched_specialists_run_only_what_is_needed(model_dir, mixes):
     bag = SeparationEngine.load("tinybag", model_dir, "cpu")
     request = parse_stems("karaoke", bag.sources)
     together = bag.separate_many(mixes[:2], request, EXACT)
-    for mix, batched in zip(mixes, together):
+    for mix, batched in zip(mixes, together, strict=True):
         alone = bag.separate(mix, request, EXACT)
         np.testing.assert_allclose(batched["vocals"], alone["vocals"], atol=2e-5, rtol=0)
         np.testing.assert_allclose(batched["no_vocals"], mix - batched["vocals"], atol=1e-6)
@@ -49,7 +49,7 @@ def test_batched_specialists_run_only_what_is_needed(model_dir, mixes):
 def test_shifts_keep_shapes_and_stay_close(engine, mixes):
     request = parse_stems("vocals", engine.sources)
     shifted = engine.separate_many(mixes, request, SeparationOptions(shifts=2))
-    for mix, result in zip(mixes, shifted):
+    for mix, result in zip(mixes, shifted, strict=True):
         assert result["vocals"].shape == mix.shape and np.isfinite(result["vocals"]).all()
 
 
@@ -91,7 +91,7 @@ def test_a_failed_pass_gives_its_segments_back(model_dir, mixes):
         batcher.step(works)
     # The same weights in plain HTDemucs, one segment a pass: the same stems.
     reference, one = tiny_htdemucs(seed=0).eval(), SegmentBatcher("cpu", batch_size=1)
-    for mix, work in zip(mixes[1:], works):
+    for mix, work in zip(mixes[1:], works, strict=True):
         alone = TrackWork(reference, torch.from_numpy(mix))
         while not alone.finished:
             one.step([alone])

@@ -140,7 +140,7 @@ async def test_a_full_challenge_with_three_members(fake, bot, tmp_path):
     posts = await fake.wait_for(lambda: len(entry_posts(fake, thread_id)) == 3 and entry_posts(fake, thread_id),
                                 timeout=10, what="three entry posts")
     by_author = {}
-    for post, user, name in zip(posts, (bob, carol, alice), ("bob.wav", "carol.wav", "alice-v2.wav")):
+    for post, user, name in zip(posts, (bob, carol, alice), ("bob.wav", "carol.wav", "alice-v2.wav"), strict=True):
         assert f"by <@{user['id']}>" in post.content and name in post.content
         assert [a.filename for a in post.attachments] == [name]
         by_author[user["username"]] = post

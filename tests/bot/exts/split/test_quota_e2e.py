@@ -105,7 +105,7 @@ async def test_a_crashing_worker_is_retried_then_the_job_fails_without_charge(fa
 
     for attempt in (1, 2):  # STEMBOT_MAX_ATTEMPTS=2
         # The row, not the throttled status message, says when separation runs.
-        await fake.wait_for(lambda: state() == ("separating", attempt), timeout=60, interval=0.02,
+        await fake.wait_for(lambda attempt=attempt: state() == ("separating", attempt), timeout=60, interval=0.02,
                             what=f"attempt {attempt} separating")
         hosts = model_hosts(bot.process.pid)
         assert len(hosts) == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 
 import pytest
@@ -70,7 +71,7 @@ def test_eta_extrapolates_the_elapsed_time():
     etas = [eta_seconds(k / 10, k * 3.0) for k in range(1, 10)]
     assert all(e > 0 for e in etas)
     assert etas == sorted(etas, reverse=True)
-    assert all(e == pytest.approx(30.0 - k * 3.0) for k, e in zip(range(1, 10), etas))
+    assert all(e == pytest.approx(30.0 - k * 3.0) for k, e in zip(range(1, 10), etas, strict=True))
 
 
 # -- rendering -----------------------------------------------------------------------------
@@ -178,7 +179,7 @@ async def test_board_merges_fast_updates_and_sends_the_last_one():
     # One edit at once, then at most one per 0.5 s while updates keep coming: 3 when
     # the updates took under 1 s, as planned (a stalled test machine may take longer).
     assert 2 <= len(editor.edits) <= (3 if fed_in < 1.0 else 4)
-    assert all(b - a >= 0.5 - 0.02 for a, b in zip(times, times[1:]))
+    assert all(b - a >= 0.5 - 0.02 for a, b in itertools.pairwise(times))
     assert editor.edits[-1][2] == await render(jobs[-1])  # nothing lost at the end
     assert editor.edits[0][2] == await render(jobs[0])  # the first update is shown at once
     assert editor.edits[0][0] - start < 0.2
