@@ -63,10 +63,10 @@ async def add_job(store, storage, song, guild: int, user: int, priority: int = 0
     return job.id
 
 
-async def next_run(queue: JobQueue, worker_id: int, timeout: float = 10.0):
+async def next_run(queue: JobQueue, worker_id: int, within_s: float = 10.0):
     """Play a worker: wait for the next queue job and take it."""
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
+    deadline = loop.time() + within_s
     while loop.time() < deadline:
         job = await queue.app.job_manager.fetch_job(queues=[QUEUE], worker_id=worker_id)
         if job is not None:
