@@ -1,8 +1,8 @@
 """Benchmark: distributed mode with one and with two `stembot worker` processes.
 
 A throwaway PostgreSQL (database and queue) and a moto S3 server run on loopback; the
-bot's side is the real `QueueDispatcher` in this process (no Discord: the notifier only
-records when each job was delivered); the workers are real `stembot worker` processes
+bot's side is the real `Dispatcher` with its `QueueExecution` in this process (no Discord:
+the notifier only records when each job was delivered); the workers are real `stembot worker` processes
 with the tiny test model on the CPU. The same jobs (distinct audio, so the results cache
 never answers) run with 1 worker, then 2. Prints jobs per minute and their ratio, and
 the dispatch latency: from the bot queueing a job to a worker starting it (procrastinate's
@@ -34,7 +34,8 @@ from sqlalchemy import text
 from core.db import make_engine, make_sessions
 from core.distributed.fleet import Fleet
 from core.distributed.queue import JobQueue
-from core.jobs.dispatcher import DispatcherConfig, QueueDispatcher
+from core.distributed.queue_execution import QueueExecution
+from core.jobs.dispatcher import Dispatcher, DispatcherConfig
 from core.jobs.job import JobState
 from core.jobs.store import JobStore
 from core.storage.s3_client import S3Client, S3Config
@@ -92,8 +93,8 @@ async def run_round(workers: int, songs: list[Path], url: str, s3: str, model_di
                                                                secret_access_key="bench")),
                             transfer_ttl_s=3600, max_output_bytes=1 << 30)
     recorder = Recorder()
-    dispatcher = QueueDispatcher(store, queue, fleet, storage, recorder, DispatcherConfig(worker_name="bot"),
-                                 prefetch=prefetch)
+    dispatcher = Dispatcher(store, storage, recorder, QueueExecution(queue, fleet, prefetch=prefetch),
+                            DispatcherConfig(worker_name="bot"))
     try:
         while await fleet.ready_slots() < workers:
             await asyncio.sleep(0.2)

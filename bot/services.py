@@ -6,24 +6,29 @@ from __future__ import annotations
 import asyncio
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sqlalchemy import text
 
+from bot.exts.split._delivery import DiscordNotifier
 from core.challenges import ChallengeStore
-from core.db import make_engine, make_sessions
-from core.distributed.fleet import Fleet
+from core.db import utcnow
+from core.distributed.queue import JobQueue
+from core.distributed.queue_execution import QueueExecution
 from core.host.handle import HostHandle
-from core.jobs.dispatcher import Dispatcher, DispatcherConfig, QueueDispatcher
-from core.jobs.quotas import QuotaBook
-from core.jobs.store import JobStore
+from core.jobs.dispatcher import Dispatcher, ExecutionBackend
+from core.jobs.embedded_execution import EmbeddedExecution
 from core.jobs.sweeper import Sweeper
 from core.ops.looplag import LoopLagMonitor
 from core.ops.web import HealthChecks, Metrics, build_app, start_web, stop_web
+from core.runtime import Runtime
 from core.separation import catalogue
 from core.settings import Settings
-from core.storage.local import LocalStorage
 from core.storage.s3_storage import S3Storage
 from core.storage.signed_links import LinkSigner, load_or_create_secret
+
+if TYPE_CHECKING:
+    from bot.bot import StemBot
 
 log = logging.getLogger(__name__)
 
@@ -40,32 +45,15 @@ async def _retry(what: str, start, max_delay_s: float = 30.0) -> None:
             delay = min(delay * 2, max_delay_s)
 
 
-def make_storage(settings: Settings) -> LocalStorage:
-    """Local disk, or an S3-compatible store when STEMBOT_S3_BUCKET is set."""
-    root = Path(settings.data_dir) / "jobs"
-    if not settings.s3_bucket:
-        return LocalStorage(root)
-    from core.storage.s3_client import S3Client, S3Config
-
-    store = S3Client(S3Config(bucket=settings.s3_bucket, endpoint_url=settings.s3_endpoint_url,
-                                 public_endpoint_url=settings.s3_public_endpoint_url, region=settings.s3_region,
-                                 prefix=settings.s3_prefix, access_key_id=settings.aws_access_key_id,
-                                 secret_access_key=settings.aws_secret_access_key.get_secret_value()
-                                 if settings.aws_secret_access_key else None))
-    # Presigned transfer URLs live as long as a job may wait for a free worker.
-    return S3Storage(root, store, transfer_ttl_s=settings.retention_hours * 3600,
-                         max_output_bytes=4 * settings.max_input_bytes)
-
-
 class Services:
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.engine = make_engine(settings.resolved_database_url)
-        sessions = make_sessions(self.engine)
-        self.quotas = QuotaBook(sessions, settings.default_policy())
-        self.store = JobStore(sessions, self.quotas)
-        self.challenges = ChallengeStore(sessions)
-        self.storage = make_storage(settings)
+        self.runtime = Runtime.from_settings(settings)
+        self.engine = self.runtime.engine
+        self.quotas = self.runtime.quotas
+        self.store = self.runtime.store
+        self.challenges = ChallengeStore(self.runtime.sessions)
+        self.storage = self.runtime.storage
         self.metrics = Metrics()
         self.loop_lag = LoopLagMonitor(self.metrics.loop_lag_seconds.observe)
         self.health = HealthChecks()
@@ -76,9 +64,9 @@ class Services:
         self.link_ttl_s = settings.retention_hours * 3600
         self.distributed = settings.queue == "postgres"
         # Embedded mode: the bot's own model host. Distributed: `stembot worker`s run jobs.
-        self.worker = None if self.distributed else HostHandle(settings.host_config(threads=settings.threads))
-        self.fleet = Fleet(sessions, settings.worker_stale_s)
-        self.queue = None
+        self.worker = None if self.distributed else HostHandle(self.runtime.host_config(threads=settings.threads))
+        self.fleet = self.runtime.fleet
+        self.queue: JobQueue | None = None
         self.notifier = None
         self.dispatcher: Dispatcher | None = None
         self._web = None
@@ -96,26 +84,17 @@ class Services:
             self._models = [self.settings.model] + [n for n in names if n != self.settings.model]
         return self._models
 
-    async def start(self, bot) -> None:
-        from bot.exts.split._delivery import DiscordNotifier
-
+    async def start(self, bot: StemBot) -> None:
         self.notifier = DiscordNotifier(bot, self)
-        config = DispatcherConfig(
-            worker_name="bot" if self.distributed else "local",
-            max_attempts=self.settings.max_attempts,
-            limits=self.settings.limits,
-            mp3_bitrate_kbps=self.settings.mp3_bitrate, links_available=self.links_available,
-            link_valid_hours=self.settings.retention_hours,
-        )
+        execution: ExecutionBackend
         if self.distributed:
-            from core.distributed.queue import JobQueue
-
             self.queue = JobQueue(self.settings.resolved_database_url)
-            self.dispatcher = QueueDispatcher(self.store, self.queue, self.fleet, self.storage, self.notifier,
-                                              config, metrics=self.metrics, stale_s=self.settings.worker_stale_s)
+            execution = QueueExecution(self.queue, self.fleet, stale_s=self.settings.worker_stale_s)
         else:
-            self.dispatcher = Dispatcher(self.store, self.worker, self.storage, self.notifier, config,
-                                         metrics=self.metrics)
+            execution = EmbeddedExecution(self.worker)
+        config = self.runtime.dispatcher_config("bot" if self.distributed else "local")
+        self.dispatcher = Dispatcher(self.store, self.storage, self.notifier, execution, config,
+                                     metrics=self.metrics)
         self.health.register("gateway", self._gateway_ok(bot))
         self.health.register("database", self._database_ok)
         self.health.register("worker", self._worker_ok)
@@ -145,9 +124,7 @@ class Services:
     @property
     def worker_ready(self) -> bool:
         """Whether a model is loaded somewhere to run jobs (shown in queue messages)."""
-        if self.distributed:
-            return getattr(self.dispatcher, "ready_slots", 0) > 0
-        return self.worker.ready
+        return self.dispatcher is not None and self.dispatcher.ready
 
     @staticmethod
     def _gateway_ok(bot):
@@ -167,8 +144,6 @@ class Services:
 
     async def forget_user(self, user_id: int) -> int:
         """Delete the stored files of a user's finished jobs now (/forget)."""
-        from core.db import utcnow
-
         jobs = await self.store.finished_before(utcnow(), user_id=user_id)
         for job in jobs:
             await self.storage.delete_job(job.id)
@@ -210,15 +185,14 @@ class Services:
                 task.cancel()
         # Each step on its own: one that fails must not keep the database connections
         # (threads that would keep the process alive) or the model host open.
-        steps = [self.engine.dispose]
+        # The runtime last: it closes the object store and the database.
+        steps = [self.runtime.close]
         if self.worker is not None:
             steps.insert(0, self.worker.stop)
         if self.queue is not None:
             steps.insert(0, self.queue.close)
-        if isinstance(self.storage, S3Storage):
-            steps.insert(0, self.storage.close)
         if self._web is not None:
-            steps.insert(1, lambda: stop_web(self._web))
+            steps.insert(0, lambda: stop_web(self._web))
         if self.dispatcher is not None:
             steps.insert(0, self.dispatcher.stop)
         for step in steps:

@@ -1,4 +1,8 @@
-"""All of stembot's settings, read from the environment and `.env` (prefix `STEMBOT_`)."""
+"""All of stembot's settings, read from the environment and `.env` (prefix `STEMBOT_`).
+
+A leaf: it imports nothing from core, so every module may depend on it. What is built
+from the settings (limits, host configurations, the default policy) is in core.runtime.
+"""
 
 from __future__ import annotations
 
@@ -104,42 +108,9 @@ class Settings(BaseSettings):
                      "worker_name", "worker_devices", "s3_bucket", "s3_endpoint_url", "s3_public_endpoint_url",
                      mode="before")
     @classmethod
-    def _empty_is_none(cls, value):
+    def _empty_is_none(cls, value: object) -> object:
         # `STEMBOT_MODEL_DIR=` in a .env file means "not set", not the current folder.
         return value or None
-
-    @property
-    def limits(self):
-        """The limits on what users send, for core.media.audio."""
-        from core.media.audio import Limits
-
-        return Limits(self.min_duration_s, self.max_duration_s, self.max_input_bytes)
-
-    def host_config(self, device: str | None = None, threads: int | None = None):
-        """What a model host needs, for core.host.child: these settings, on `device`
-        (default STEMBOT_DEVICE) with `threads` CPU threads (None: PyTorch's default)."""
-        from core.host.protocol import HostConfig
-
-        return HostConfig(
-            model=self.model, model_dir=str(self.model_dir) if self.model_dir else None,
-            device=device or self.device, shifts=self.shifts, overlap=self.overlap, segment=self.segment,
-            precision=self.precision, batch_jobs=self.batch_jobs, batch_segments=self.batch_segments,
-            min_duration_s=self.min_duration_s, max_duration_s=self.max_duration_s,
-            max_input_bytes=self.max_input_bytes, threads=threads, nice=self.model_host_nice,
-        )
-
-    def default_policy(self):
-        from core.jobs.quotas import Policy
-
-        return Policy(
-            user_minutes_per_day=self.quota_user_minutes_per_day,
-            guild_minutes_per_day=self.quota_guild_minutes_per_day,
-            user_concurrent_jobs=self.quota_user_concurrent_jobs,
-            guild_queued_jobs=self.quota_guild_queued_jobs,
-            max_track_minutes=self.max_duration_s / 60,
-            links_allowed=self.links_allowed,
-            streaming_links_allowed=self.streaming_links_allowed,
-        )
 
     @property
     def download_links_available(self) -> bool:

@@ -3,11 +3,26 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
+import signal
 import sys
 import time
 from pathlib import Path
+from typing import get_args
+
+from tqdm import tqdm
+
+from core import db
+from core.distributed.queue import install_schema
+from core.distributed.queue_worker import QueueWorker
+from core.errors import StembotError
+from core.media.audio import OUTPUT_FORMATS, OutputFormat
+from core.runtime import limits_of
+from core.separation import catalogue
+from core.separation.stems import parse_stems
+from core.settings import Precision, get_settings
 
 
 def _positive_int(text: str) -> int:
@@ -25,11 +40,6 @@ def _overlap(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from typing import get_args
-
-    from core.media.audio import OUTPUT_FORMATS
-    from core.settings import Precision
-
     parser = argparse.ArgumentParser(prog="stembot", description="Split music into stems with Demucs.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -108,12 +118,8 @@ def _fail(message: str) -> int:
 
 
 def cmd_separate(args, parser: argparse.ArgumentParser) -> int:
-    from core.errors import StembotError
-    from core.media.audio import OutputFormat
-    from core.separation.engine import SeparationEngine, SeparationOptions
-    from core.separation.file_separator import FileSeparator
-    from core.separation.stems import parse_stems
-    from core.settings import get_settings
+    from core.separation.engine import SeparationEngine, SeparationOptions  # noqa: PLC0415 - loads torch; only here
+    from core.separation.file_separator import FileSeparator  # noqa: PLC0415 - torch, as above
 
     settings = get_settings()
     model_name = args.model or settings.model
@@ -128,7 +134,7 @@ def cmd_separate(args, parser: argparse.ArgumentParser) -> int:
     if not 32 <= bitrate <= 320:
         parser.error("--mp3-bitrate must be between 32 and 320")
     fmt = OutputFormat(name=args.fmt, mp3_bitrate_kbps=bitrate, wav_depth=args.wav_depth)
-    limits = settings.limits
+    limits = limits_of(settings)
 
     started = time.monotonic()
     try:
@@ -169,7 +175,6 @@ def cmd_separate(args, parser: argparse.ArgumentParser) -> int:
 
 class _ProgressDisplay:
     """One tqdm bar per track, on stderr."""
-
     def __init__(self, total: int, quiet: bool):
         self.total = total
         self.quiet = quiet
@@ -178,7 +183,6 @@ class _ProgressDisplay:
     def track_started(self, index, result):
         if self.quiet:
             return
-        from tqdm import tqdm
 
         self._bars[index] = tqdm(
             total=100, desc=f"[{index + 1}/{self.total}] {result.name}"[:40], unit="%",
@@ -215,12 +219,6 @@ def _token(settings) -> str | None:
 
 
 def cmd_run(args, parser) -> int:
-    import asyncio
-
-    from core.errors import StembotError
-    from core.separation import catalogue
-    from core.settings import get_settings
-
     settings = get_settings()
     token = _token(settings)
     if not token:
@@ -239,28 +237,17 @@ def cmd_run(args, parser) -> int:
 
 def _upgrade_database(settings) -> None:
     """Migrate the schema; on PostgreSQL also install the job queue's tables."""
-    import asyncio
-
-    from core import db
-
     url = settings.resolved_database_url
     if settings.queue == "postgres" and not url.startswith("postgresql"):
         raise ValueError("STEMBOT_QUEUE=postgres needs a PostgreSQL database "
                          "(STEMBOT_DATABASE_URL=postgresql+asyncpg://user:password@host/db)")
     db.upgrade(url)
     if url.startswith("postgresql"):
-        from core.distributed.queue import install_schema
-
         if asyncio.run(install_schema(url)):
             print("installed the job queue's tables", file=sys.stderr)
 
 
 def cmd_worker(args, parser) -> int:
-    import asyncio
-
-    from core.errors import StembotError
-    from core.settings import get_settings
-
     settings = get_settings()
     if settings.queue != "postgres" or not settings.resolved_database_url.startswith("postgresql"):
         return _fail("`stembot worker` takes jobs from the PostgreSQL queue: set STEMBOT_QUEUE=postgres and "
@@ -273,11 +260,6 @@ def cmd_worker(args, parser) -> int:
 
 
 async def _run_worker(settings, name: str | None, devices: list[str] | None) -> int:
-    import asyncio
-    import signal
-
-    from core.distributed.queue_worker import QueueWorker
-
     worker = QueueWorker(settings, name=name, devices=devices)
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
@@ -301,13 +283,10 @@ async def _run_worker(settings, name: str | None, devices: list[str] | None) -> 
 
 
 async def _run_bot(settings, token: str) -> int:
-    import asyncio
-    import signal
+    import discord  # noqa: PLC0415 - discord.py and the bot load only for the commands that talk to Discord
 
-    import discord
-
-    from bot.bot import StemBot, point_at_discord
-    from bot.services import Services
+    from bot.bot import StemBot, point_at_discord  # noqa: PLC0415 - as discord above
+    from bot.services import Services  # noqa: PLC0415 - as discord above
 
     point_at_discord(settings.discord_api_url, settings.discord_gateway_url)
     bot = StemBot(settings, Services(settings))
@@ -336,10 +315,6 @@ async def _run_bot(settings, token: str) -> int:
 
 
 def cmd_sync(args, parser) -> int:
-    import asyncio
-
-    from core.settings import get_settings
-
     settings = get_settings()
     token = _token(settings)
     if not token:
@@ -349,9 +324,9 @@ def cmd_sync(args, parser) -> int:
 
 
 async def _sync(settings, token: str, guild_id: int | None) -> int:
-    import discord
+    import discord  # noqa: PLC0415 - discord.py and the bot load only for the commands that talk to Discord
 
-    from bot.bot import StemBot, point_at_discord
+    from bot.bot import StemBot, point_at_discord  # noqa: PLC0415 - as discord above
 
     point_at_discord(settings.discord_api_url, settings.discord_gateway_url)
     bot = StemBot(settings, services=None)
@@ -367,8 +342,6 @@ async def _sync(settings, token: str, guild_id: int | None) -> int:
 
 
 def cmd_db_upgrade(args, parser) -> int:
-    from core.settings import get_settings
-
     try:
         _upgrade_database(get_settings())
     except ValueError as exc:
@@ -378,22 +351,16 @@ def cmd_db_upgrade(args, parser) -> int:
 
 
 def cmd_models_list(args, parser) -> int:
-    from core.separation.catalogue import list_models
-    from core.settings import get_settings
-
     model_dir = args.model_dir or get_settings().model_dir
-    for entry in list_models(model_dir):
+    for entry in catalogue.list_models(model_dir):
         where = entry.available or "not downloaded (stembot models pull " + entry.name + ")"
         print(f"{entry.name:24} {where}")
     return 0
 
 
 def cmd_models_pull(args, parser) -> int:
-    from core.errors import StembotError
-    from core.separation.catalogue import pull
-
     try:
-        location = pull(args.name)
+        location = catalogue.pull(args.name)
     except StembotError as exc:
         return _fail(exc.reason)
     print(f"{args.name}: available offline in {location.detail}")

@@ -15,7 +15,9 @@ import logging
 from collections.abc import Awaitable, Callable
 
 import procrastinate
+import psycopg
 from procrastinate import exceptions as pq_errors
+from sqlalchemy.engine import make_url
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +31,6 @@ logging.getLogger("procrastinate").setLevel(logging.WARNING)
 
 def conninfo(database_url: str) -> str:
     """A libpq connection string from a SQLAlchemy URL (postgresql+asyncpg://...)."""
-    from sqlalchemy.engine import make_url
-
     url = make_url(database_url)
     if url.get_backend_name() != "postgresql":
         raise ValueError("the job queue needs PostgreSQL (STEMBOT_DATABASE_URL=postgresql+asyncpg://...)")
@@ -105,7 +105,6 @@ class JobQueue:
             log.warning("jobs %s: their worker stopped answering; handed to another worker", retried)
         return retried
 
-
     async def forget_old(self, hours: float) -> None:
         """Delete the queue's records of jobs finished more than `hours` ago."""
         await self.app.job_manager.delete_old_jobs(nb_hours=max(1, round(hours)), queue=QUEUE, include_failed=True,
@@ -113,8 +112,6 @@ class JobQueue:
 
 
 async def schema_installed(database_url: str) -> bool:
-    import psycopg
-
     async with await psycopg.AsyncConnection.connect(conninfo(database_url)) as connection:
         row = await (await connection.execute("SELECT to_regclass('procrastinate_jobs')")).fetchone()
         return row[0] is not None

@@ -18,11 +18,22 @@ import logging
 import os
 import shutil
 import socket
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import procrastinate
+
+from core.distributed.fleet import Fleet
+from core.distributed.queue import QUEUE, JobQueue, make_app, schema_installed
 from core.errors import StembotError
+from core.host.handle import HostHandle
 from core.jobs.job import Job
+from core.jobs.runner import JobRunner, Outcome
+from core.runtime import Runtime
+from core.settings import Settings
+from core.storage.local import LocalJobFiles, LocalStorage
+from core.storage.transfer import TransferError, download, upload
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +49,6 @@ class RemoteJobFiles:
     def __init__(self, work_dir: Path, shared_root: Path, max_input_bytes: int):
         self.work_dir = Path(work_dir)
         self.max_input_bytes = max_input_bytes
-        from core.storage.local import LocalJobFiles, LocalStorage
-
         self.shared = LocalJobFiles(LocalStorage(shared_root))
 
     @staticmethod
@@ -49,8 +58,6 @@ class RemoteJobFiles:
     async def input_file(self, job: Job) -> Path:
         if not self._remote(job):
             return await self.shared.input_file(job)
-        from core.storage.transfer import TransferError, download
-
         dest = self.work_dir / str(job.id) / f"input{job.transfer.get('input_suffix', '')}"
         dest.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -67,8 +74,6 @@ class RemoteJobFiles:
     async def publish(self, job: Job, artifacts: dict) -> None:
         if not self._remote(job):
             return
-        from core.storage.transfer import TransferError, upload
-
         names = list(artifacts.get("files", {}).values())
         if artifacts.get("preview"):
             names.append(artifacts["preview"])
@@ -87,7 +92,7 @@ def default_devices(device: str) -> list[str]:
     """Every visible GPU, one slot each; else one CPU slot."""
     if device == "cpu":
         return ["cpu"]
-    import torch
+    import torch  # noqa: PLC0415 - loads for seconds; a worker told to use the CPU never needs it
 
     count = torch.cuda.device_count()
     if count == 0:
@@ -101,10 +106,10 @@ def default_devices(device: str) -> list[str]:
 class Slot:
     name: str
     device: str
-    host: object  # core.host.handle.HostHandle
-    runner: object = None  # core.jobs.runner.JobRunner
+    host: HostHandle
+    runner: JobRunner
     job_ids: set[int] = field(default_factory=set)
-    task: asyncio.Task | None = None
+    task: asyncio.Task[None] | None = None
 
     @property
     def job_id(self) -> int | None:
@@ -113,7 +118,7 @@ class Slot:
 
 
 class QueueWorker:
-    def __init__(self, settings, name: str | None = None, devices: list[str] | None = None,
+    def __init__(self, settings: Settings, name: str | None = None, devices: list[str] | None = None,
                  heartbeat_s: float = 5.0, stale_s: float | None = None):
         self.settings = settings
         self.name = (name or settings.worker_name or f"{socket.gethostname()}-{os.getpid()}")[:48]
@@ -129,35 +134,20 @@ class QueueWorker:
         self._stop.set()
 
     async def run(self) -> None:
-        from core.db import make_engine, make_sessions
-        from core.distributed.fleet import Fleet
-        from core.distributed.queue import QUEUE, make_app, schema_installed
-        from core.host.handle import HostHandle
-        from core.jobs.quotas import QuotaBook
-        from core.jobs.runner import JobRunner, RunConfig
-        from core.jobs.store import JobStore
-
         settings = self.settings
         url = settings.resolved_database_url
         if not await schema_installed(url):
             raise StembotError("the job queue's tables are missing: run `stembot db upgrade` first")
-        engine = make_engine(url)
-        sessions = make_sessions(engine)
-        store = JobStore(sessions, QuotaBook(sessions, settings.default_policy()))
-        fleet = Fleet(sessions, self.stale_s)
+        runtime = Runtime.from_settings(settings)
+        fleet = runtime.fleet
         files = RemoteJobFiles(Path(settings.data_dir) / "worker" / self.name, Path(settings.data_dir) / "jobs",
                                settings.max_input_bytes)
-        run_config = RunConfig(max_attempts=settings.max_attempts, mp3_bitrate_kbps=settings.mp3_bitrate,
-                               links_available=settings.download_links_available,
-                               link_valid_hours=settings.retention_hours,
-                               progress_write_interval_s=min(2.0, self.heartbeat_s))
-        cpu_slots = sum(1 for d in self.devices if d == "cpu")
-        threads = settings.threads or (max(1, (os.cpu_count() or 1) // cpu_slots) if cpu_slots > 1 else None)
-        for device in self.devices:
-            host = HostHandle(settings.host_config(device, threads if device == "cpu" else None))
-            slot = Slot(name=f"{self.name}/{device}"[:64], device=device, host=host)
-            slot.runner = JobRunner(store, host, files, slot.name, run_config)
-            self.slots.append(slot)
+        run_config = runtime.run_config(progress_write_interval_s=min(2.0, self.heartbeat_s))
+        for device, config in zip(self.devices, runtime.slot_host_configs(self.devices), strict=True):
+            host = HostHandle(config)
+            name = f"{self.name}/{device}"[:64]
+            self.slots.append(Slot(name=name, device=device, host=host,
+                                   runner=JobRunner(runtime.store, host, files, name, run_config)))
         app = make_app(url)
         beats = None
         try:
@@ -192,7 +182,7 @@ class QueueWorker:
                     # for the running one to finish (no graceful time-out is set).
                     slot.task.cancel()
                 results = await asyncio.gather(*(s.task for s in self.slots), return_exceptions=True)
-                for slot, result in zip(self.slots, results):
+                for slot, result in zip(self.slots, results, strict=True):
                     if isinstance(result, Exception):
                         log.error("slot %s stopped with %r", slot.name, result)
         finally:
@@ -204,10 +194,10 @@ class QueueWorker:
                     await fleet.leave(slot.name)
                 except Exception:
                     log.warning("could not remove slot %s", slot.name, exc_info=True)
-            await engine.dispose()
+            await runtime.close()
 
-    def _runner_of(self, slot: Slot):
-        async def run(job_id: int):
+    def _runner_of(self, slot: Slot) -> Callable[[int], Awaitable[Outcome]]:
+        async def run(job_id: int) -> Outcome:
             slot.job_ids.add(job_id)
             try:
                 outcome = await slot.runner.run(job_id)
@@ -220,16 +210,14 @@ class QueueWorker:
                 slot.job_ids.discard(job_id)
         return run
 
-    async def _beat(self, fleet, slot: Slot, state: str) -> None:
+    async def _beat(self, fleet: Fleet, slot: Slot, state: str) -> None:
         await fleet.beat(slot.name, host=socket.gethostname()[:255], pid=os.getpid(), device=slot.device,
                          model=self.settings.model, state=state, job_id=slot.job_id,
                          capacity=slot.host.capacity)
 
-    async def _heartbeats(self, fleet, app) -> None:
+    async def _heartbeats(self, fleet: Fleet, app: procrastinate.App) -> None:
         """Refresh the slots' rows, and take over the jobs of workers that stopped beating
         (every worker does this, so recovery needs no bot)."""
-        from core.distributed.queue import JobQueue
-
         queue = JobQueue(app=app)
         while True:
             for slot in self.slots:

@@ -12,7 +12,8 @@ from procrastinate.jobs import Status
 from core.db import make_engine, make_sessions, upgrade
 from core.distributed.fleet import Fleet
 from core.distributed.queue import QUEUE, JobQueue, install_schema
-from core.jobs.dispatcher import DispatcherConfig, QueueDispatcher
+from core.distributed.queue_execution import QueueExecution
+from core.jobs.dispatcher import Dispatcher, DispatcherConfig
 from core.jobs.store import JobStore
 from core.storage.local import LocalStorage
 from tests.support.media import music
@@ -62,10 +63,10 @@ async def add_job(store, storage, song, guild: int, user: int, priority: int = 0
     return job.id
 
 
-async def next_run(queue: JobQueue, worker_id: int, timeout: float = 10.0):
+async def next_run(queue: JobQueue, worker_id: int, within_s: float = 10.0):
     """Play a worker: wait for the next queue job and take it."""
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
+    deadline = loop.time() + within_s
     while loop.time() < deadline:
         job = await queue.app.job_manager.fetch_job(queues=[QUEUE], worker_id=worker_id)
         if job is not None:
@@ -79,8 +80,8 @@ async def test_jobs_reach_the_queue_in_fair_order_one_per_ready_slot(setup):
     await fleet.beat("w/cpu", host="h", pid=1, device="cpu", model="tiny", state="ready", job_id=None)
     bulk = await add_job(store, storage, song, guild=3, user=30, priority=10)  # a challenge track, oldest
     flood = [await add_job(store, storage, song, guild=1, user=10) for _ in range(3)]
-    dispatcher = QueueDispatcher(store, queue, fleet, storage, Silent(), DispatcherConfig(worker_name="bot"),
-                                 prefetch=0)
+    dispatcher = Dispatcher(store, storage, Silent(), QueueExecution(queue, fleet, prefetch=0),
+                            DispatcherConfig(worker_name="bot"))
     await dispatcher.start()
     worker = await queue.app.job_manager.register_worker()
     order = []
@@ -107,7 +108,8 @@ async def test_no_ready_slot_no_handover(setup):
     store, fleet, queue, storage, song = setup
     await fleet.beat("w/cpu", host="h", pid=1, device="cpu", model="tiny", state="draining", job_id=None)
     job_id = await add_job(store, storage, song, guild=1, user=1)
-    dispatcher = QueueDispatcher(store, queue, fleet, storage, Silent(), DispatcherConfig(worker_name="bot"))
+    dispatcher = Dispatcher(store, storage, Silent(), QueueExecution(queue, fleet),
+                            DispatcherConfig(worker_name="bot"))
     await dispatcher.start()
     try:
         await asyncio.sleep(1.5)
@@ -132,8 +134,8 @@ async def test_a_slot_that_batches_gets_as_many_jobs_as_it_takes(setup):
                      capacity=3)
     assert await fleet.ready_slots() == 3
     jobs = [await add_job(store, storage, song, guild=1, user=k) for k in range(5)]
-    dispatcher = QueueDispatcher(store, queue, fleet, storage, Silent(), DispatcherConfig(worker_name="bot"),
-                                 prefetch=0)
+    dispatcher = Dispatcher(store, storage, Silent(), QueueExecution(queue, fleet, prefetch=0),
+                            DispatcherConfig(worker_name="bot"))
     await dispatcher.start()
     try:
         for _ in range(100):
@@ -166,8 +168,8 @@ async def test_a_job_that_cannot_be_handed_over_fails_and_the_next_one_goes_on(s
     await fleet.beat("w/cpu", host="h", pid=1, device="cpu", model="tiny", state="ready", job_id=None)
     broken = await add_job(store, storage, song, guild=1, user=1)
     fine = await add_job(store, storage, song, guild=2, user=2)
-    dispatcher = QueueDispatcher(store, queue, fleet, StorageFailingFor(storage.root, broken), Silent(),
-                                 DispatcherConfig(worker_name="bot"), prefetch=0)
+    dispatcher = Dispatcher(store, StorageFailingFor(storage.root, broken), Silent(),
+                            QueueExecution(queue, fleet, prefetch=0), DispatcherConfig(worker_name="bot"))
     await dispatcher.start()
     try:
         worker = await queue.app.job_manager.register_worker()

@@ -1,0 +1,180 @@
+"""Distributed mode's execution backend: the bot prepares each job (fetch, cache,
+reservation, upload) and hands it to `stembot worker`s through the job queue; it learns
+what the workers did from the job rows, which it watches.
+
+Fairness across workers: jobs go to the queue in fair order (`JobStore.claim_next`) and
+only as many as there are ready worker slots, plus `prefetch` prepared ahead so a slot
+that frees up starts its next job at once; the queue never holds a backlog that a later
+request from a waiting server would have to stand behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+from core.distributed.fleet import Fleet
+from core.distributed.queue import JobQueue
+from core.jobs.job import Job, JobState
+
+if TYPE_CHECKING:
+    from core.jobs.dispatcher import Dispatcher
+
+log = logging.getLogger(__name__)
+
+# What of a job the user sees change: its state and progress.
+Shown = tuple[str, float]
+
+
+class QueueExecution:
+    def __init__(self, queue: JobQueue, fleet: Fleet, watch_interval_s: float = 0.5, stale_s: float = 30.0,
+                 prefetch: int = 1):
+        self.queue = queue
+        self.fleet = fleet
+        self.watch_interval_s = watch_interval_s
+        self.stale_s = stale_s
+        self.prefetch = prefetch
+        self.ready_slots = 0  # worker slots taking jobs, as of the last look
+        self._dispatcher: Dispatcher | None = None
+        self._preparing: set[int] = set()
+        self._seen: dict[int, Shown] = {}
+        self._watcher: asyncio.Task[None] | None = None
+
+    @property
+    def dispatcher(self) -> Dispatcher:
+        if self._dispatcher is None:
+            raise RuntimeError("not attached to a dispatcher")
+        return self._dispatcher
+
+    @property
+    def ready(self) -> bool:
+        return self.ready_slots > 0
+
+    def attach(self, dispatcher: Dispatcher) -> None:
+        self._dispatcher = dispatcher
+
+    async def recover(self) -> None:
+        """Only jobs the bot was still preparing: jobs with a worker stay theirs."""
+        requeued = await self.dispatcher.store.requeue_preparing()
+        if requeued:
+            log.info("requeued %d job(s) whose preparation a restart interrupted: %s", len(requeued), requeued)
+
+    def resumed(self, job: Job) -> None:
+        self._seen[job.id] = _shown(job)
+
+    async def stop(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+
+    async def cancel(self, job_id: int) -> None:
+        job = await self.dispatcher.store.get(job_id)
+        if job is not None and job.queue_job_id is not None:
+            await self.queue.abort(job.queue_job_id)  # its worker stops within a segment
+        await self.dispatcher.settle_cancelled(job_id)
+
+    # -- handing jobs to the workers ---------------------------------------------------
+
+    async def run(self) -> None:
+        """Hand jobs over as slots free up; meanwhile watch the rows of those handed over."""
+        self._watcher = asyncio.create_task(self._watch(), name="job-watcher")
+        dispatcher = self.dispatcher
+        last_stall_check = last_prune = 0.0
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                if loop.time() - last_stall_check > self.stale_s / 4:
+                    last_stall_check = loop.time()
+                    await self.queue.retry_stalled(self.stale_s)
+                if loop.time() - last_prune > 3600:
+                    last_prune = loop.time()
+                    await self.queue.forget_old(dispatcher.config.link_valid_hours)
+                self.ready_slots = await self.fleet.ready_slots()
+                if not dispatcher.paused:
+                    wanted = self.ready_slots + (self.prefetch if self.ready_slots else 0)
+                    free = wanted - await self.queue.in_flight() - len(self._preparing)
+                    while free > 0:
+                        job = await dispatcher.store.claim_next(dispatcher.config.worker_name)
+                        if job is None:
+                            break
+                        self._preparing.add(job.id)
+                        dispatcher.spawn(self._hand_over(job))
+                        free -= 1
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.warning("could not hand jobs to the workers", exc_info=True)
+            await dispatcher.idle(1.0)
+
+    async def _hand_over(self, job: Job) -> None:
+        try:
+            await self.dispatcher.or_fail(job.id, self._enqueue(job), "could not be handed to a worker")
+        finally:
+            self._preparing.discard(job.id)
+
+    async def _enqueue(self, job: Job) -> None:
+        dispatcher = self.dispatcher
+        await dispatcher.notify(job)
+        if not await dispatcher.prepare(job):
+            return
+        transfer = await dispatcher.storage.publish_input(job)
+        await dispatcher.store.update(job.id, transfer=transfer)
+        queue_job_id = await self.queue.enqueue(job.id, job.priority)
+        if queue_job_id is not None:
+            await dispatcher.store.update(job.id, queue_job_id=queue_job_id)
+        current = await dispatcher.store.get(job.id)
+        if current.job_state is JobState.cancelled and queue_job_id is not None:
+            await self.queue.abort(queue_job_id)  # cancelled while it was being handed over
+
+    # -- watching what the workers do --------------------------------------------------
+
+    async def _watch(self) -> None:
+        while True:
+            try:
+                await self._look()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.warning("could not read job changes", exc_info=True)
+            await asyncio.sleep(self.watch_interval_s)
+
+    async def _look(self) -> None:
+        """Tell the notifier what changed since the last look. Reads whole rows, not a
+        time cursor: the workers' clocks need not agree with the bot's."""
+        dispatcher = self.dispatcher
+        current = {job.id: job for job in await dispatcher.store.unfinished()}
+        queued = JobState.queued.value
+        queue_moved = False
+        notified: set[int] = set()
+        for job_id, job in current.items():
+            shown, before = _shown(job), self._seen.get(job_id)
+            if shown == before:
+                continue
+            self._seen[job_id] = shown
+            if before is not None and (before[0] == queued) != (shown[0] == queued):
+                # It left the queue, or came back (its model host crashed): places moved,
+                # and a slot may be free for the next job.
+                queue_moved = True
+            if job.job_state is JobState.delivering:
+                if not dispatcher.delivery_under_way(job_id):
+                    await dispatcher.storage.delete_input_async(job_id)
+                    dispatcher.start_delivery(job)
+            else:
+                notified.add(job_id)
+                dispatcher.spawn(dispatcher.notify(job))
+        for job_id in [j for j in self._seen if j not in current]:
+            del self._seen[job_id]
+            gone = await dispatcher.store.get(job_id)
+            if gone is not None and gone.job_state in (JobState.failed, JobState.cancelled):
+                await dispatcher.storage.delete_job(job_id)
+                await dispatcher.ended(gone)
+            queue_moved = True
+        if queue_moved:
+            dispatcher.wake()
+            for job in current.values():
+                if job.job_state is JobState.queued and job.id not in notified:
+                    dispatcher.spawn(dispatcher.notify(job))
+
+
+def _shown(job: Job) -> Shown:
+    return (job.state, round(job.progress or 0.0, 3))
