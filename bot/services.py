@@ -13,6 +13,7 @@ from sqlalchemy import text
 from bot.exts.split._delivery import DiscordNotifier
 from core.challenges import ChallengeStore
 from core.db import utcnow
+from core.distributed.fleet import Fleet
 from core.distributed.queue import JobQueue
 from core.distributed.queue_execution import QueueExecution
 from core.host.handle import HostHandle
@@ -65,7 +66,7 @@ class Services:
         self.distributed = settings.queue == "postgres"
         # Embedded mode: the bot's own model host. Distributed: `stembot worker`s run jobs.
         self.worker = None if self.distributed else HostHandle(self.runtime.host_config(threads=settings.threads))
-        self.fleet = self.runtime.fleet
+        self.fleet = Fleet(self.runtime.sessions, settings.worker_stale_s)
         self.queue: JobQueue | None = None
         self.notifier = None
         self.dispatcher: Dispatcher | None = None

@@ -1,6 +1,6 @@
 """What `stembot run` and `stembot worker` build from the settings, in one place: the
-database, the job store and quotas, the fleet, the storage, the limits on inputs, and
-the model hosts' configurations."""
+database, the job store and quotas, the storage, the limits on inputs, and the model
+hosts' configurations."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ from pathlib import Path
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
 from core.db import make_engine, make_sessions
-from core.distributed.fleet import Fleet
 from core.host.protocol import HostConfig
 from core.jobs.dispatcher import DispatcherConfig
 from core.jobs.quotas import Policy, QuotaBook
@@ -79,7 +78,6 @@ class Runtime:
         self.sessions: async_sessionmaker = make_sessions(engine)
         self.quotas = QuotaBook(self.sessions, default_policy(settings))
         self.store = JobStore(self.sessions, self.quotas)
-        self.fleet = Fleet(self.sessions, settings.worker_stale_s)
         self.limits = limits_of(settings)
         self._storage: LocalStorage | None = None
 

@@ -139,7 +139,7 @@ class QueueWorker:
         if not await schema_installed(url):
             raise StembotError("the job queue's tables are missing: run `stembot db upgrade` first")
         runtime = Runtime.from_settings(settings)
-        fleet = runtime.fleet
+        fleet = Fleet(runtime.sessions, self.stale_s)
         files = RemoteJobFiles(Path(settings.data_dir) / "worker" / self.name, Path(settings.data_dir) / "jobs",
                                settings.max_input_bytes)
         run_config = runtime.run_config(progress_write_interval_s=min(2.0, self.heartbeat_s))

@@ -19,7 +19,7 @@ import logging
 from collections.abc import Awaitable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from core.db import utcnow
 from core.errors import InputError
@@ -33,10 +33,14 @@ from core.net import ytdl
 from core.net.fetcher import download
 from core.storage.local import LocalStorage
 
-if TYPE_CHECKING:
-    from core.ops.web import Metrics
-
 log = logging.getLogger(__name__)
+
+
+class JobMetrics(Protocol):
+    """Where the dispatcher counts finished jobs (core.ops.web.Metrics, for Prometheus)."""
+
+    def job_finished(self, state: str, kind: str | None = None, separation_s: float | None = None,
+                     audio_s: float | None = None) -> None: ...
 
 
 class Notifier(Protocol):
@@ -100,7 +104,7 @@ class Dispatcher:
     """Takes jobs from the store to `execution` and their results to the notifier."""
 
     def __init__(self, store: JobStore, storage: LocalStorage, notifier: Notifier, execution: ExecutionBackend,
-                 config: DispatcherConfig | None = None, metrics: Metrics | None = None):
+                 config: DispatcherConfig | None = None, metrics: JobMetrics | None = None):
         self.store = store
         self.storage = storage
         self.notifier = notifier
