@@ -133,7 +133,8 @@ async def one_round(args, work: Path, models: Path, nice: int) -> None:
             done = [await first_time(fake, job, lambda c: "Done" in c, time.monotonic(), timeout=900) for job in jobs]
             took = [re.search(r"separated in (\d+) s", m.content) for job in jobs for m in fake.messages_for(job)
                     if "Done" in m.content]
-            print(f"under load ({args.load_s:.0f} s, model host busy at {busy_polls}/{len(replies)} asks): /queue replies "
+            print(f"under load ({args.load_s:.0f} s, model host busy at {busy_polls}/{len(replies)} asks): "
+                  "/queue replies "
                   f"n={len(replies)} p50 {statistics.median(replies) * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms, "
                   f"max {ordered[-1] * 1000:.0f} ms; event-loop lag samples n={total:.0f}, "
                   f"{within_50ms * 100:.2f}% within 50 ms (p99 < 50 ms: {within_50ms >= 0.99}), "

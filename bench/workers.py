@@ -166,7 +166,8 @@ async def main_async(args) -> None:
             result = await run_round(workers, songs, url, s3, model_dir, work, args.prefetch)
             assert not result["failed"] and result["states"] == {JobState.done.value: args.jobs}, result
             results.append(result)
-            print(f"{workers} worker(s), prefetch {args.prefetch}: {result['jobs']} jobs of {args.seconds:.0f} s in {result['wall_s']:.1f} s"
+            print(f"{workers} worker(s), prefetch {args.prefetch}: {result['jobs']} jobs of {args.seconds:.0f} s "
+                  f"in {result['wall_s']:.1f} s"
                   f" = {result['jobs_per_min']:.1f} jobs/min; to an idle worker: queued -> started max "
                   f"{result['idle_dispatch_ms']['max']:.0f} ms, admitted -> started max "
                   f"{result['idle_admission_to_start_s']['max']:.2f} s; all jobs: queued -> started p50 "

@@ -56,12 +56,12 @@ class StemBot(commands.Bot):
         self.gateway_ready = asyncio.Event()
 
     async def setup_hook(self) -> None:
-        self.tree.on_error = self.on_app_command_error
+        self.tree.error(self.on_app_command_error)
         if self.services is not None:
             await self.services.start(self)
         for extension in EXTENSIONS:
             await self.load_extension(extension)
-        if self.services is not None:
+        if self.services is not None and self.application_id is not None:
             print(f"Invite stembot to a server: {invite_url(self.application_id)}", flush=True)
 
     async def on_app_command_error(self, interaction: discord.Interaction, error: Exception) -> None:

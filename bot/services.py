@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from aiohttp import web
 from sqlalchemy import text
 
 from bot.exts.split._delivery import DiscordNotifier
@@ -68,9 +69,9 @@ class Services:
         self.worker = None if self.distributed else HostHandle(self.runtime.host_config(threads=settings.threads))
         self.fleet = Fleet(self.runtime.sessions, settings.worker_stale_s)
         self.queue: JobQueue | None = None
-        self.notifier = None
+        self.notifier: DiscordNotifier | None = None
         self.dispatcher: Dispatcher | None = None
-        self._web = None
+        self._web: web.AppRunner | None = None
         self._boot: asyncio.Task | None = None
         self._metrics_task: asyncio.Task | None = None
         self._sweeper_task: asyncio.Task | None = None
@@ -86,16 +87,16 @@ class Services:
         return self._models
 
     async def start(self, bot: StemBot) -> None:
-        self.notifier = DiscordNotifier(bot, self)
+        self.notifier = notifier = DiscordNotifier(bot, self)
         execution: ExecutionBackend
-        if self.distributed:
+        if self.worker is None:
             self.queue = JobQueue(self.settings.resolved_database_url)
             execution = QueueExecution(self.queue, self.fleet, stale_s=self.settings.worker_stale_s)
         else:
             execution = EmbeddedExecution(self.worker)
         config = self.runtime.dispatcher_config("bot" if self.distributed else "local")
-        self.dispatcher = Dispatcher(self.store, self.storage, self.notifier, execution, config,
-                                     metrics=self.metrics)
+        self.dispatcher = dispatcher = Dispatcher(self.store, self.storage, notifier, execution, config,
+                                                  metrics=self.metrics)
         self.health.register("gateway", self._gateway_ok(bot))
         self.health.register("database", self._database_ok)
         self.health.register("worker", self._worker_ok)
@@ -103,24 +104,24 @@ class Services:
         self._web = await start_web(app, self.settings.web_host, self.settings.web_port)
         log.info("web server on %s:%s", self.settings.web_host, self.settings.web_port)
         # The model loads in the background: the bot answers (and queues) meanwhile.
-        self._boot = asyncio.create_task(self._start_worker(), name="worker-boot")
+        self._boot = asyncio.create_task(self._start_worker(dispatcher), name="worker-boot")
         self._metrics_task = asyncio.create_task(self._metrics_loop(), name="metrics")
         self.loop_lag.start()
         self._sweeper_task = asyncio.create_task(self.sweeper.run(), name="sweeper")
 
-    async def _start_worker(self) -> None:
-        if self.distributed:
+    async def _start_worker(self, dispatcher: Dispatcher) -> None:
+        if self.queue is not None:
             # Storage and database may still be starting (docker compose): wait for them.
             if isinstance(self.storage, S3Storage):
                 await _retry("the object store", self.storage.start)
             await _retry("the job queue", self.queue.open)
-        else:
+        elif self.worker is not None:
             try:
                 await self.worker.start()
             except Exception:
                 log.exception("the separation worker could not start; jobs stay queued")
                 raise
-        await self.dispatcher.start()
+        await dispatcher.start()
 
     @property
     def worker_ready(self) -> bool:
@@ -139,7 +140,7 @@ class Services:
         return True
 
     async def _worker_ok(self) -> bool:
-        if self.distributed:
+        if self.worker is None:
             return await self.fleet.ready_slots() > 0
         return self.worker.ready and self.worker.alive()
 
@@ -193,7 +194,8 @@ class Services:
         if self.queue is not None:
             steps.insert(0, self.queue.close)
         if self._web is not None:
-            steps.insert(0, lambda: stop_web(self._web))
+            runner = self._web
+            steps.insert(0, lambda: stop_web(runner))
         if self.dispatcher is not None:
             steps.insert(0, self.dispatcher.stop)
         for step in steps:

@@ -178,7 +178,7 @@ class _ProgressDisplay:
     def __init__(self, total: int, quiet: bool):
         self.total = total
         self.quiet = quiet
-        self._bars: dict[int, object] = {}
+        self._bars: dict[int, tqdm] = {}
 
     def track_started(self, index, result):
         if self.quiet:
@@ -263,6 +263,7 @@ async def _run_worker(settings, name: str | None, devices: list[str] | None) -> 
     worker = QueueWorker(settings, name=name, devices=devices)
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
+    assert main is not None  # called from asyncio.run
     signals = [0]
 
     def on_signal() -> None:
@@ -292,6 +293,7 @@ async def _run_bot(settings, token: str) -> int:
     bot = StemBot(settings, Services(settings))
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
+    assert main is not None  # called from asyncio.run
     stopping = asyncio.Event()
 
     async def shutdown() -> None:

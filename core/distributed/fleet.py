@@ -50,7 +50,7 @@ class Fleet:
         self.sessions = sessions
         self.stale_s = stale_s
 
-    async def beat(self, name: str, **fields) -> None:
+    async def beat(self, name: str, **fields: object) -> None:
         """Create or refresh a slot's row."""
         now = utcnow()
         async with self.sessions() as session:

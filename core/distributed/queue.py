@@ -59,7 +59,11 @@ class JobQueue:
     """The bot's side of the queue: hand jobs over, abort them, watch the workers' jobs."""
 
     def __init__(self, database_url: str | None = None, app: procrastinate.App | None = None):
-        self.app = app or make_app(database_url)
+        if app is None:
+            if database_url is None:
+                raise ValueError("JobQueue needs a database URL or an app")
+            app = make_app(database_url)
+        self.app = app
 
     async def open(self) -> None:
         await self.app.connector.open_async()
@@ -100,7 +104,8 @@ class JobQueue:
                 await self.app.job_manager.retry_job(job)
             except pq_errors.ProcrastinateException:
                 continue  # another process retried it first, or it just finished
-            retried.append(int(job.task_kwargs.get("job_id", 0)))
+            job_id = job.task_kwargs.get("job_id", 0)
+            retried.append(job_id if isinstance(job_id, int) else 0)
         if retried:
             log.warning("jobs %s: their worker stopped answering; handed to another worker", retried)
         return retried
@@ -114,7 +119,7 @@ class JobQueue:
 async def schema_installed(database_url: str) -> bool:
     async with await psycopg.AsyncConnection.connect(conninfo(database_url)) as connection:
         row = await (await connection.execute("SELECT to_regclass('procrastinate_jobs')")).fetchone()
-        return row[0] is not None
+        return row is not None and row[0] is not None
 
 
 async def install_schema(database_url: str) -> bool:

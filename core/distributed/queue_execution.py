@@ -122,7 +122,7 @@ class QueueExecution:
         queue_job_id = await self.queue.enqueue(job.id, job.priority)
         if queue_job_id is not None:
             await dispatcher.store.update(job.id, queue_job_id=queue_job_id)
-        current = await dispatcher.store.get(job.id)
+        current = await dispatcher.store.require(job.id)
         if current.job_state is JobState.cancelled and queue_job_id is not None:
             await self.queue.abort(queue_job_id)  # cancelled while it was being handed over
 

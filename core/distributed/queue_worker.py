@@ -21,6 +21,7 @@ import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import procrastinate
 
@@ -52,27 +53,30 @@ class RemoteJobFiles:
         self.shared = LocalJobFiles(LocalStorage(shared_root))
 
     @staticmethod
-    def _remote(job: Job) -> bool:
-        return bool(job.transfer and job.transfer.get("input_url"))
+    def _transfer(job: Job) -> dict[str, Any] | None:
+        """The job's presigned URLs; None when bot and worker share a disk."""
+        return job.transfer if job.transfer and job.transfer.get("input_url") else None
 
     async def input_file(self, job: Job) -> Path:
-        if not self._remote(job):
+        transfer = self._transfer(job)
+        if transfer is None:
             return await self.shared.input_file(job)
-        dest = self.work_dir / str(job.id) / f"input{job.transfer.get('input_suffix', '')}"
+        dest = self.work_dir / str(job.id) / f"input{transfer.get('input_suffix', '')}"
         dest.parent.mkdir(parents=True, exist_ok=True)
         try:
-            await download(job.transfer["input_url"], dest, self.max_input_bytes)
+            await download(transfer["input_url"], dest, self.max_input_bytes)
         except TransferError as exc:
             raise StorageUnreachable(f"the worker could not read the track from storage ({exc})") from exc
         return dest
 
     def stems_dir(self, job: Job) -> Path:
-        if not self._remote(job):
+        if self._transfer(job) is None:
             return self.shared.stems_dir(job)
         return self.work_dir / str(job.id) / "stems"
 
     async def publish(self, job: Job, artifacts: dict) -> None:
-        if not self._remote(job):
+        transfer = self._transfer(job)
+        if transfer is None:
             return
         names = list(artifacts.get("files", {}).values())
         if artifacts.get("preview"):
@@ -80,7 +84,7 @@ class RemoteJobFiles:
         folder = self.stems_dir(job)
         try:
             for name in names:
-                await upload(job.transfer["stems_post"], name, folder / name)
+                await upload(transfer["stems_post"], name, folder / name)
         except TransferError as exc:
             raise StorageUnreachable(f"the worker could not store the stems ({exc})") from exc
 
@@ -109,7 +113,6 @@ class Slot:
     host: HostHandle
     runner: JobRunner
     job_ids: set[int] = field(default_factory=set)
-    task: asyncio.Task[None] | None = None
 
     @property
     def job_id(self) -> int | None:
@@ -156,8 +159,9 @@ class QueueWorker:
             # Load the models side by side (one per device), then start taking jobs.
             await asyncio.gather(*(slot.host.start() for slot in self.slots))
             async with app.open_async():
+                tasks: list[asyncio.Task[None]] = []
                 for slot in self.slots:
-                    slot.task = asyncio.create_task(app.run_worker_async(
+                    task = asyncio.create_task(app.run_worker_async(
                         queues=[QUEUE], name=slot.name, concurrency=slot.host.capacity, wait=True,
                         additional_context={"run": self._runner_of(slot)},
                         install_signal_handlers=False, listen_notify=True,
@@ -167,21 +171,22 @@ class QueueWorker:
                         update_heartbeat_interval=self.heartbeat_s, stalled_worker_timeout=self.stale_s,
                         delete_jobs="never",  # kept for a while (history, timings); the bot prunes them
                     ), name=f"slot {slot.name}")
+                    tasks.append(task)
                     await self._beat(fleet, slot, "ready")
                 log.info("worker %s ready: %s", self.name, ", ".join(s.device for s in self.slots))
                 beats = asyncio.create_task(self._heartbeats(fleet, app))
                 stop = asyncio.create_task(self._stop.wait())
-                await asyncio.wait([stop, *(s.task for s in self.slots)], return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait([stop, *tasks], return_when=asyncio.FIRST_COMPLETED)
                 stop.cancel()
                 self.draining = True
-                for slot in self.slots:
+                for slot, task in zip(self.slots, tasks, strict=True):
                     await self._beat(fleet, slot, "draining")
                     if slot.job_ids:
                         log.info("draining: waiting for job(s) %s on %s", sorted(slot.job_ids), slot.device)
                     # Cancelling procrastinate's worker stops it taking jobs and waits
                     # for the running one to finish (no graceful time-out is set).
-                    slot.task.cancel()
-                results = await asyncio.gather(*(s.task for s in self.slots), return_exceptions=True)
+                    task.cancel()
+                results = await asyncio.gather(*tasks, return_exceptions=True)
                 for slot, result in zip(self.slots, results, strict=True):
                     if isinstance(result, Exception):
                         log.error("slot %s stopped with %r", slot.name, result)

@@ -202,7 +202,7 @@ class Dispatcher:
                 await self.store.update(job.id, source_size=size)
             digest = await asyncio.to_thread(file_sha256, input_path)
             await self.store.update(job.id, input_sha256=digest)
-            if await self._serve_from_cache(await self.store.get(job.id)):
+            if await self._serve_from_cache(await self.store.require(job.id)):
                 return False
             info = await asyncio.to_thread(probe, input_path, self.config.limits)
             if info.duration_s is not None:
@@ -225,7 +225,7 @@ class Dispatcher:
         cached = await self.store.find_cached(job)
         if cached is None:
             return False
-        artifacts = dict(cached.artifacts)
+        artifacts = dict(cached.artifacts or {})
         names = list(artifacts.get("files", {}).values()) + ([artifacts["preview"]] if artifacts.get("preview") else [])
         if not await self.storage.has_stems(cached.id, names):
             return False
@@ -241,7 +241,7 @@ class Dispatcher:
             return True
         log.info("job %s: served from the cache of job %s", job.id, cached.id)
         await self.storage.delete_input_async(job.id)
-        await asyncio.shield(self.start_delivery(await self.store.get(job.id)))
+        await asyncio.shield(self.start_delivery(await self.store.require(job.id)))
         return True
 
     def delivery_under_way(self, job_id: int) -> bool:

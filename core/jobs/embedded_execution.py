@@ -110,7 +110,7 @@ class EmbeddedExecution:
         if outcome is Outcome.delivering:
             await dispatcher.storage.delete_input_async(job_id)
             # Shielded: a shutdown waits for it instead of cutting it off (Dispatcher.stop).
-            await asyncio.shield(dispatcher.start_delivery(await dispatcher.store.get(job_id)))
+            await asyncio.shield(dispatcher.start_delivery(await dispatcher.store.require(job_id)))
         elif outcome is Outcome.failed:
             await dispatcher.storage.delete_job(job_id)
             await dispatcher.ended(await dispatcher.store.get(job_id))

@@ -157,6 +157,13 @@ class JobStore:
         async with self.sessions() as session:
             return await session.get(Job, job_id)
 
+    async def require(self, job_id: int) -> Job:
+        """The row of a job that must exist (rows are never deleted while a job runs)."""
+        job = await self.get(job_id)
+        if job is None:
+            raise LookupError(f"job {job_id} has no row")
+        return job
+
     async def update(self, job_id: int, lease: Lease | None = None, in_state: JobState | None = None,
                      **fields: Any) -> bool:
         """Set fields without changing the state (progress, message ids, artifacts). With a

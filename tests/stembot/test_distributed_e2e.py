@@ -258,7 +258,8 @@ async def test_cancel_reaches_the_worker_and_sigterm_drains(distributed, tmp_pat
 
 def test_worker_refuses_without_the_postgres_queue(tmp_path):
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "STEMBOT_"))}
-    result = subprocess.run([sys.executable, "-m", "stembot", "worker"], env={**clean, "STEMBOT_DATA_DIR": str(tmp_path)},
+    result = subprocess.run([sys.executable, "-m", "stembot", "worker"],
+                            env={**clean, "STEMBOT_DATA_DIR": str(tmp_path)},
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
     assert "STEMBOT_QUEUE=postgres" in result.stderr and "Traceback" not in result.stderr

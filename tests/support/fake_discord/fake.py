@@ -221,7 +221,7 @@ class FakeDiscord:
         self,
         predicate: Callable[[], T],
         *,
-        timeout: float = 5.0,  # noqa: ASYNC109 (tests pass it)
+        timeout: float = 5.0,
         interval: float = 0.01,
         what: str | None = None,
     ) -> T:
@@ -242,7 +242,7 @@ class FakeDiscord:
         interaction: FakeInteraction,
         count: int = 1,
         *,
-        timeout: float = 5.0,  # noqa: ASYNC109 (tests pass it)
+        timeout: float = 5.0,
     ) -> list[FakeMessage]:
         """Wait until the interaction has `count` messages (original included) that are not loading."""
 

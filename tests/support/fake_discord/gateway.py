@@ -78,18 +78,18 @@ class Gateway:
         """The gateway session READY handed out; a RESUME must name it."""
         return self._session_id
 
-    async def wait_for_identify(self, *, timeout: float = 10.0) -> dict[str, Any]:  # noqa: ASYNC109 (tests pass it)
+    async def wait_for_identify(self, *, timeout: float = 10.0) -> dict[str, Any]:
         """Wait until the client has IDENTIFYed and been sent READY; returns the IDENTIFY data."""
         await self._wait_for(lambda: self._active is not None and self.identifies, timeout=timeout, what="IDENTIFY")
         return self.identifies[-1]
 
-    async def dispatch(self, event: str, data: dict[str, Any], *, timeout: float = 5.0) -> None:  # noqa: ASYNC109
+    async def dispatch(self, event: str, data: dict[str, Any], *, timeout: float = 5.0) -> None:
         """Send a DISPATCH (op 0) event on the live gateway connection."""
         connection = await self._wait_for(lambda: self._active, timeout=timeout, what="a live gateway connection")
         self._seq += 1
         await connection.send({"op": 0, "t": event, "s": self._seq, "d": data})
 
-    async def send_reconnect(self, *, timeout: float = 10.0) -> dict[str, Any]:  # noqa: ASYNC109 (tests pass it)
+    async def send_reconnect(self, *, timeout: float = 10.0) -> dict[str, Any]:
         """Send op 7 RECONNECT; wait for the client's RESUME (answered with RESUMED) and return it."""
         connection = await self._wait_for(lambda: self._active, timeout=timeout, what="a live gateway connection")
         resumes_before = len(self.resumes)
