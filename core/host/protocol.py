@@ -90,7 +90,7 @@ class CancelBoard:
                 if value == job_id:
                     self._ids[index] = 0
 
-    def __contains__(self, job_id: int) -> bool:
+    def __contains__(self, job_id: object) -> bool:
         return job_id in self._ids[:]
 
 
