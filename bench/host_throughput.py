@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.separate_vs_demucs import bench_model, make_tracks, run
 from core.host.handle import HostHandle
-from core.host.protocol import HostConfig, JobSpec
+from core.host.protocol import DoneEvent, HostConfig, JobSpec
 
 
 async def host_side(models: Path, name: str, device: str, batch_jobs: int, tracks: list[Path], out: Path,
@@ -44,11 +44,11 @@ async def host_side(models: Path, name: str, device: str, batch_jobs: int, track
         wall = time.monotonic() - started
     finally:
         await worker.stop()
-    failed = [r for r in results if r["type"] != "done"]
-    if failed:
-        sys.exit(f"stembot jobs failed: {failed}")
-    first = results[0]
-    return wall, first["duration_s"] / first["separation_s"], max(r.get("batched_jobs", 1) for r in results)
+    done = [r.result for r in results if isinstance(r, DoneEvent)]
+    if len(done) != len(results):
+        sys.exit(f"stembot jobs failed: {[r for r in results if not isinstance(r, DoneEvent)]}")
+    first = done[0]
+    return wall, first.duration_s / first.separation_s, max(r.batched_jobs or 1 for r in done)
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """Benchmark: peak memory of separating a long track, whole-track path vs blocks (CPU).
 
-Each case runs the model host's job path (`_Host._separate`: probe, decode, separate,
+Each case runs the model host's job path (`SerialHost.separate`: probe, decode, separate,
 encode to mp3, preview) in a fresh process, and reports that process's resident-memory
 high-water mark (VmHWM; ffmpeg's own processes are not in it). Cases:
 
@@ -42,8 +42,9 @@ def _vm(field: str) -> int:
 def child(spec: dict) -> None:
     """One case, in this (fresh) process; prints one JSON line."""
 
-    from core.host.child import _Host
     from core.host.protocol import HostConfig, JobSpec
+    from core.host.serial_host import SerialHost
+    from core.host.steps import JobSteps
 
     class Events:
         def __init__(self):
@@ -56,16 +57,17 @@ def child(spec: dict) -> None:
         else {"block_s": None}
     config = HostConfig(model=spec["model"], model_dir=spec["model_dir"], device="cpu", shifts=spec["shifts"],
                         overlap=spec["overlap"], max_duration_s=4 * 3600.0, max_input_bytes=2**40, **extra)
-    host = _Host(config, Events(), set(), os.getppid())
-    host.boot()
+    steps = JobSteps(config, Events(), set(), os.getppid())
+    steps.boot()
+    host = SerialHost(steps)
     loaded = _vm("VmHWM")
     started = time.monotonic()
-    result = host._separate(JobSpec(job_id=1, input_path=spec["input"], stems_dir=spec["out"], model=spec["model"],
+    result = host.separate(JobSpec(job_id=1, input_path=spec["input"], stems_dir=spec["out"], model=spec["model"],
                                     stems="all", format="mp3", attachment_limit=2**40))
     wall = time.monotonic() - started
     blocked = any(p.name.startswith(".") for p in Path(spec["out"]).parent.iterdir())
     print(json.dumps({"peak": _vm("VmHWM"), "after_load": loaded, "wall_s": wall,
-                      "separation_s": result["separation_s"], "duration_s": result["duration_s"],
+                      "separation_s": result.separation_s, "duration_s": result.duration_s,
                       "leftovers": blocked}), flush=True)
 
 

@@ -16,14 +16,35 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
+from typing import TYPE_CHECKING, Any
 
 from core.errors import StembotError
 from core.host.child import host_main
-from core.host.protocol import CancelBoard, HostConfig, JobSpec
+from core.host.protocol import (
+    CancelBoard,
+    CancelledEvent,
+    DiedEvent,
+    DoneEvent,
+    FailedEvent,
+    FatalEvent,
+    HostConfig,
+    HostEvent,
+    JobEndEvent,
+    JobProgressEvent,
+    JobSpec,
+    ProgressEvent,
+    ReadyEvent,
+    StageEvent,
+)
+
+if TYPE_CHECKING:
+    from multiprocessing.process import BaseProcess
+    from multiprocessing.queues import Queue
 
 log = logging.getLogger(__name__)
 
-EventHandler = Callable[[dict], Awaitable[None] | None]
+# Called with each stage and progress event of a job (awaited if it returns a coroutine).
+EventHandler = Callable[[JobProgressEvent], Awaitable[None] | None]
 
 
 class HostCrashed(Exception):
@@ -35,23 +56,26 @@ class HostUnavailable(StembotError):
 
 
 class HostHandle:
+    """The bot's side of one model host: starts it, hands it jobs, relays their events."""
+
     def __init__(self, config: HostConfig, start_timeout_s: float = 600.0):
         self.config = config
         self.start_timeout_s = start_timeout_s
         self._ctx = mp.get_context("spawn")
-        self._process = None
-        self._requests = None
-        self._events = None
+        self._process: BaseProcess | None = None
+        self._requests: Queue[JobSpec | None] | None = None
+        self._events: Queue[HostEvent] | None = None
         self._cancel = CancelBoard(self._ctx)
-        self._inbox: asyncio.Queue | None = None
+        self._inbox: asyncio.Queue[HostEvent] | None = None
         self._reader: threading.Thread | None = None
-        self._router: asyncio.Task | None = None
+        self._router: asyncio.Task[None] | None = None
         self._stop_reader = threading.Event()
         self._restart_lock = asyncio.Lock()
         self._seats: asyncio.Semaphore | None = None
-        self._listeners: dict[int, asyncio.Queue] = {}  # job id -> its events
+        self._listeners: dict[int, asyncio.Queue[HostEvent]] = {}  # job id -> its events
         self.ready = False
-        self.info: dict = {}
+        # The ready event's fields as a dict, with "type": "ready" and the seconds the start took.
+        self.info: dict[str, Any] = {}
         self.capacity = 1  # jobs at once, as the host says when ready
         self.current_jobs: set[int] = set()
 
@@ -62,7 +86,7 @@ class HostHandle:
     def alive(self) -> bool:
         return self._process is not None and self._process.is_alive()
 
-    async def start(self) -> dict:
+    async def start(self) -> dict[str, Any]:
         """Spawn the host and wait for it to report ready. Raises HostUnavailable with
         the host's reason when the model cannot be loaded."""
         loop = asyncio.get_running_loop()
@@ -79,61 +103,68 @@ class HostHandle:
         self._reader = threading.Thread(target=self._read_events, args=(loop, self._events, self._stop_reader),
                                         name="model-host-events", daemon=True)
         self._reader.start()
-        event = await self._next_event(timeout=self.start_timeout_s)
-        if event.get("type") != "ready":
+        async with asyncio.timeout(self.start_timeout_s):
+            event = await self._next_event()
+        if not isinstance(event, ReadyEvent):
             await self.stop()
-            raise HostUnavailable(event.get("reason", "the model host did not start"))
+            raise HostUnavailable(event.reason if isinstance(event, FatalEvent) else "the model host did not start")
         self.ready = True
-        self.info = {**event, "start_s": time.monotonic() - started}
-        self.capacity = int(event.get("capacity", 1))
+        self.info = {"type": "ready", **asdict(event), "start_s": time.monotonic() - started}
+        self.capacity = event.capacity
         if self._seats is None:
             self._seats = asyncio.Semaphore(self.capacity)
         self._router = asyncio.create_task(self._route(), name="model-host-router")
-        log.info("model host ready: %s on %s in %.1f s (load %.1f s, warm-up %.1f s)", event["model"],
-                 event["device"], self.info["start_s"], event["load_s"], event["warmup_s"])
+        log.info("model host ready: %s on %s in %.1f s (load %.1f s, warm-up %.1f s)", event.model,
+                 event.device, self.info["start_s"], event.load_s, event.warmup_s)
         return self.info
 
-    def _read_events(self, loop: asyncio.AbstractEventLoop, events, stop: threading.Event) -> None:
+    def _read_events(self, loop: asyncio.AbstractEventLoop, events: Queue[HostEvent],
+                     stop: threading.Event) -> None:
         """Thread: move events from the process queue into the asyncio inbox; report
         the host's death as an event too."""
         process = self._process
         inbox = self._inbox
+        assert process is not None and inbox is not None
         while not stop.is_set():
+            event: HostEvent
             try:
                 event = events.get(timeout=0.2)
             except queue.Empty:
                 if not process.is_alive():
-                    event = {"type": "died", "exitcode": process.exitcode}
+                    event = DiedEvent(process.exitcode)
                 else:
                     continue
             except (EOFError, OSError):
-                event = {"type": "died", "exitcode": process.exitcode}
+                event = DiedEvent(process.exitcode)
             try:
                 loop.call_soon_threadsafe(inbox.put_nowait, event)
             except RuntimeError:  # loop closed
                 return
-            if event["type"] == "died":
+            if isinstance(event, DiedEvent):
                 return
 
-    async def _next_event(self, timeout: float | None = None) -> dict:
-        event = await asyncio.wait_for(self._inbox.get(), timeout)
-        if event["type"] == "died":
+    async def _next_event(self) -> HostEvent:
+        assert self._inbox is not None
+        event = await self._inbox.get()
+        if isinstance(event, DiedEvent):
             self.ready = False
-            log.warning("model host died (exit code %s)", event.get("exitcode"))
+            log.warning("model host died (exit code %s)", event.exitcode)
         return event
 
     async def _route(self) -> None:
         """Hand each event to its job's caller; the host's death to every caller."""
         while True:
             event = await self._next_event()
-            if event["type"] == "died":
-                self._tell_all_died(event)
-                return
-            listener = self._listeners.get(event.get("job"))
-            if listener is not None:  # else: a late event of an abandoned job
-                listener.put_nowait(event)
+            match event:
+                case DiedEvent():
+                    self._tell_all_died(event)
+                    return
+                case StageEvent() | ProgressEvent() | DoneEvent() | FailedEvent() | CancelledEvent():
+                    listener = self._listeners.get(event.job)
+                    if listener is not None:  # else: a late event of an abandoned job
+                        listener.put_nowait(event)
 
-    def _tell_all_died(self, event: dict) -> None:
+    def _tell_all_died(self, event: DiedEvent) -> None:
         for listener in self._listeners.values():
             listener.put_nowait(event)
 
@@ -142,31 +173,34 @@ class HostHandle:
             if not self.alive() or not self.ready:
                 await self.restart()
 
-    async def run(self, spec: JobSpec, on_event: EventHandler | None = None) -> dict:
+    async def run(self, spec: JobSpec, on_event: EventHandler | None = None) -> JobEndEvent:
         """Run one job on the host; returns its final event (done, failed or cancelled).
         Raises HostCrashed when the host died meanwhile (it is restarted first)."""
         if self._seats is None:
             await self._ensure_started()  # the host says how many jobs it takes
+        assert self._seats is not None
         async with self._seats:
             await self._ensure_started()
+            assert self._requests is not None
             job = spec.job_id
-            events: asyncio.Queue = asyncio.Queue()
+            events: asyncio.Queue[HostEvent] = asyncio.Queue()
             self._listeners[job] = events
             self.current_jobs.add(job)
             self._cancel.discard(job)  # a retry of a job abandoned here before
-            self._requests.put(asdict(spec))
+            self._requests.put(spec)
             try:
                 while True:
                     event = await events.get()
-                    if event["type"] == "died":
-                        await self._ensure_started()
-                        raise HostCrashed(f"the model host died (exit code {event.get('exitcode')})")
-                    if event["type"] in ("done", "failed", "cancelled"):
-                        return event
-                    if on_event is not None:
-                        result = on_event(event)
-                        if asyncio.iscoroutine(result):
-                            await result
+                    match event:
+                        case DiedEvent():
+                            await self._ensure_started()
+                            raise HostCrashed(f"the model host died (exit code {event.exitcode})")
+                        case DoneEvent() | FailedEvent() | CancelledEvent():
+                            return event
+                        case StageEvent() | ProgressEvent() if on_event is not None:
+                            result = on_event(event)
+                            if asyncio.iscoroutine(result):
+                                await result
             except asyncio.CancelledError:
                 # Our caller gave up on the job (aborted, shutting down): stop the host's
                 # work too, or it would still be separating when the next job arrives.
@@ -176,7 +210,7 @@ class HostHandle:
                 self._listeners.pop(job, None)
                 self.current_jobs.discard(job)
 
-    async def _abandon(self, job_id: int, events: asyncio.Queue, timeout_s: float = 30.0) -> None:
+    async def _abandon(self, job_id: int, events: asyncio.Queue[HostEvent], timeout_s: float = 30.0) -> None:
         """Cancel `job_id` on the host and wait until it says it stopped (it checks within
         segments); a host that does not answer in time is stopped (the next job starts a
         fresh one)."""
@@ -185,7 +219,7 @@ class HostHandle:
             async with asyncio.timeout(timeout_s):
                 while True:
                     event = await events.get()
-                    if event["type"] in ("died", "done", "failed", "cancelled"):
+                    if isinstance(event, DiedEvent | DoneEvent | FailedEvent | CancelledEvent):
                         return
         except TimeoutError:
             log.warning("job %s: the model host did not stop in %.0f s; stopping it", job_id, timeout_s)
@@ -207,7 +241,8 @@ class HostHandle:
             return
         if process.is_alive():
             try:
-                self._requests.put(None)
+                if self._requests is not None:
+                    self._requests.put(None)
             except (OSError, ValueError):
                 pass
             await asyncio.to_thread(process.join, 5)
@@ -220,4 +255,4 @@ class HostHandle:
             self._router.cancel()
             self._router = None
         # Jobs still waiting on this host will hear nothing more from it.
-        self._tell_all_died({"type": "died", "exitcode": process.exitcode})
+        self._tell_all_died(DiedEvent(process.exitcode))

@@ -1,13 +1,18 @@
 """What the bot and its model host say to each other: the host's configuration, the jobs
-it is given, and the board of jobs to cancel. Plain data, so it pickles across `spawn`."""
+it is given, the events it reports, and the board of jobs to cancel. Plain data, so it
+pickles across `spawn` (the events are module-level dataclasses for the same reason)."""
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
+from core.errors import StembotError
 from core.separation.blockwise import BLOCK_S, BLOCKS_ABOVE_S
+
+if TYPE_CHECKING:
+    from multiprocessing.context import BaseContext
 
 
 @dataclass(frozen=True)
@@ -69,7 +74,7 @@ class CancelBoard:
 
     SIZE = 32
 
-    def __init__(self, ctx):
+    def __init__(self, ctx: BaseContext):
         self._ids = ctx.Array("q", self.SIZE)
         self._next = ctx.Value("i", 0)
 
@@ -85,5 +90,122 @@ class CancelBoard:
                 if value == job_id:
                     self._ids[index] = 0
 
-    def __contains__(self, job_id: int) -> bool:
+    def __contains__(self, job_id: object) -> bool:
         return job_id in self._ids[:]
+
+
+# -- what the host reports -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """A separated job's stems on disk and how to deliver them."""
+
+    files: dict[str, str]  # stem name -> file name in the job's stems folder
+    sizes: dict[str, int]  # stem name -> bytes
+    duration_s: float
+    separation_s: float
+    format: dict[str, Any]  # the OutputFormat written, as a dict (it goes into the job's row)
+    mode: str  # "attach" or "links"
+    note: str | None
+    preview: str | None  # file name of the waveform picture, if drawn
+    batched_jobs: int | None = None  # most jobs in one forward pass with it (a batching host only)
+
+    def artifacts(self) -> dict[str, Any]:
+        """What the job's row keeps and the bot delivers from."""
+        return {"files": self.files, "sizes": self.sizes, "format": self.format, "mode": self.mode,
+                "note": self.note, "preview": self.preview}
+
+
+@dataclass(frozen=True)
+class ReadyEvent:
+    """The host loaded and warmed up its model; it takes `capacity` jobs at once."""
+
+    model: str
+    device: str
+    pid: int
+    load_s: float
+    warmup_s: float
+    capacity: int
+
+
+@dataclass(frozen=True)
+class FatalEvent:
+    """The host could not start (the model cannot be loaded, no such device)."""
+
+    reason: str
+    kind: str
+
+    @classmethod
+    def of(cls, exc: BaseException) -> FatalEvent:
+        return cls(failure_reason(exc), getattr(exc, "kind", "error"))
+
+
+@dataclass(frozen=True)
+class StageEvent:
+    """A job entered a stage: decoding, separating (with its length), encoding."""
+
+    job: int
+    stage: str
+    duration_s: float | None = None
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    """How far a job's separation is, from 0 to 1."""
+
+    job: int
+    fraction: float
+
+
+@dataclass(frozen=True)
+class DoneEvent:
+    """A job ended with its stems on disk."""
+
+    job: int
+    result: JobResult
+
+
+@dataclass(frozen=True)
+class FailedEvent:
+    """A job ended in failure, said in words for the user."""
+
+    job: int
+    reason: str
+    kind: str
+
+    @classmethod
+    def of(cls, job: int, exc: BaseException) -> FailedEvent:
+        return cls(job, failure_reason(exc), getattr(exc, "kind", "error"))
+
+
+@dataclass(frozen=True)
+class CancelledEvent:
+    """A job stopped because it was cancelled."""
+
+    job: int
+
+
+@dataclass(frozen=True)
+class DiedEvent:
+    """The host process is gone (said by the bot's side, which saw it die)."""
+
+    exitcode: int | None
+
+
+JobProgressEvent = StageEvent | ProgressEvent
+JobEndEvent = DoneEvent | FailedEvent | CancelledEvent
+HostEvent = ReadyEvent | FatalEvent | JobProgressEvent | JobEndEvent | DiedEvent
+
+
+class EventSink(Protocol):
+    """Where a host puts its events (a multiprocessing queue to the bot)."""
+
+    def put(self, event: HostEvent, /) -> None: ...
+
+
+def failure_reason(exc: BaseException) -> str:
+    """A failure in words for the user: a StembotError's reason, else no internals."""
+    if isinstance(exc, StembotError):
+        return exc.reason
+    return f"internal error ({exc.__class__.__name__})"

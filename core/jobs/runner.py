@@ -12,21 +12,34 @@ from __future__ import annotations
 import enum
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from core.db import utcnow
 from core.errors import InputError, StembotError
 from core.host.handle import HostCrashed, HostHandle
-from core.host.protocol import JobSpec
+from core.host.protocol import (
+    CancelledEvent,
+    DoneEvent,
+    FailedEvent,
+    JobProgressEvent,
+    JobResult,
+    JobSpec,
+    ProgressEvent,
+    StageEvent,
+)
 from core.jobs.job import Job, JobState, Lease
 from core.jobs.store import JobStore
 
 log = logging.getLogger(__name__)
 
+# Awaited with a job's id after each committed change the bot shows.
+OnChange = Callable[[int], Awaitable[None]]
 
-class Outcome(str, enum.Enum):
+
+class Outcome(enum.StrEnum):
     delivering = "delivering"  # stems stored; the bot delivers them
     failed = "failed"
     cancelled = "cancelled"
@@ -43,7 +56,7 @@ class JobFiles(Protocol):
     def stems_dir(self, job: Job) -> Path:
         """The folder the model host writes the stems into."""
 
-    async def publish(self, job: Job, artifacts: dict) -> None:
+    async def publish(self, job: Job, artifacts: dict[str, Any]) -> None:
         """Store the stems where the bot delivers them from."""
 
     async def discard(self, job: Job) -> None:
@@ -68,7 +81,7 @@ class JobRunner:
         self.worker_name = worker_name
         self.config = config
 
-    async def run(self, job_id: int, on_change=None) -> Outcome:
+    async def run(self, job_id: int, on_change: OnChange | None = None) -> Outcome:
         """Run (or take over) job `job_id`. `on_change(job_id)` is awaited after each
         committed change the bot shows (stage, progress)."""
         taken = await self.store.take(job_id, self.worker_name)
@@ -87,7 +100,7 @@ class JobRunner:
         finally:
             await self.files.discard(job)
 
-    async def _run(self, job: Job, lease: Lease, notify) -> Outcome:
+    async def _run(self, job: Job, lease: Lease, notify: OnChange) -> Outcome:
         try:
             input_file = await self.files.input_file(job)
         except StembotError as exc:
@@ -104,29 +117,30 @@ class JobRunner:
         refused: list[InputError] = []
         last_write = [0.0]
 
-        async def on_event(event: dict) -> None:
-            kind = event["type"]
-            if kind == "stage" and event["stage"] == "separating":
-                try:
-                    # The container did not tell the length: reserve now that it is decoded.
-                    await self.store.reserve(job.id, event["duration_s"])
-                except InputError as exc:
-                    refused.append(exc)
-                    self.host.cancel(job.id)
+        async def on_event(event: JobProgressEvent) -> None:
+            match event:
+                case StageEvent(stage="separating", duration_s=duration_s):
+                    assert duration_s is not None  # the host says the length as separating starts
+                    try:
+                        # The container did not tell the length: reserve now that it is decoded.
+                        await self.store.reserve(job.id, duration_s)
+                    except InputError as exc:
+                        refused.append(exc)
+                        self.host.cancel(job.id)
+                        return
+                    moved = await self.store.transition(job.id, JobState.separating, lease=lease,
+                                                        duration_s=duration_s)
+                case StageEvent(stage="encoding"):
+                    moved = await self.store.transition(job.id, JobState.encoding, lease=lease)
+                case ProgressEvent(fraction=fraction):
+                    now = time.monotonic()
+                    if now - last_write[0] < self.config.progress_write_interval_s:
+                        return
+                    last_write[0] = now
+                    moved = await self.store.update(job.id, lease=lease, in_state=JobState.separating,
+                                                    progress=fraction, heartbeat_at=utcnow())
+                case _:
                     return
-                moved = await self.store.transition(job.id, JobState.separating, lease=lease,
-                                                    duration_s=event.get("duration_s"))
-            elif kind == "stage" and event["stage"] == "encoding":
-                moved = await self.store.transition(job.id, JobState.encoding, lease=lease)
-            elif kind == "progress":
-                now = time.monotonic()
-                if now - last_write[0] < self.config.progress_write_interval_s:
-                    return
-                last_write[0] = now
-                moved = await self.store.update(job.id, lease=lease, in_state=JobState.separating,
-                                                progress=event["fraction"], heartbeat_at=utcnow())
-            else:
-                return
             if not moved:
                 # Cancelled meanwhile, or taken over by another worker: stop at the next segment.
                 self.host.cancel(job.id)
@@ -146,20 +160,26 @@ class JobRunner:
         except StembotError as exc:  # the host could not be (re)started
             return await self._fail(job.id, lease, exc.reason, exc.kind)
 
-        if result["type"] == "cancelled" and refused:
-            return await self._fail(job.id, lease, refused[0].reason, refused[0].kind)
-        if result["type"] == "cancelled":
-            return Outcome.cancelled
-        if result["type"] == "failed":
-            return await self._fail(job.id, lease, result["reason"], result.get("kind"))
-        artifacts = {k: result[k] for k in ("files", "sizes", "format", "mode", "note", "preview")}
+        match result:
+            case CancelledEvent() if refused:
+                return await self._fail(job.id, lease, refused[0].reason, refused[0].kind)
+            case CancelledEvent():
+                return Outcome.cancelled
+            case FailedEvent(reason=reason, kind=kind):
+                return await self._fail(job.id, lease, reason, kind)
+            case DoneEvent(result=done):
+                return await self._deliver(job, lease, done)
+
+    async def _deliver(self, job: Job, lease: Lease, done: JobResult) -> Outcome:
+        """Publish a separated job's stems and hand it to the bot to deliver."""
+        artifacts = done.artifacts()
         try:
             await self.files.publish(job, artifacts)
         except StembotError as exc:
             return await self._fail(job.id, lease, exc.reason, exc.kind)
         if await self.store.transition(job.id, JobState.delivering, lease=lease, artifacts=artifacts,
-                                       progress=1.0, duration_s=result["duration_s"],
-                                       separation_s=result["separation_s"], transfer=None):
+                                       progress=1.0, duration_s=done.duration_s,
+                                       separation_s=done.separation_s, transfer=None):
             return Outcome.delivering
         return Outcome.cancelled
 

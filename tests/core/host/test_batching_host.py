@@ -13,7 +13,16 @@ import pytest
 import pytest_asyncio
 
 from core.host.handle import HostCrashed, HostHandle
-from core.host.protocol import HostConfig, JobSpec
+from core.host.protocol import (
+    CancelledEvent,
+    DoneEvent,
+    FailedEvent,
+    HostConfig,
+    JobProgressEvent,
+    JobSpec,
+    ProgressEvent,
+    StageEvent,
+)
 from core.media.audio import Limits, decode
 from tests.support.media import ffmpeg, music, snr_db
 
@@ -57,6 +66,14 @@ def spec_for(path: Path, out: Path, model: str = "tiny") -> JobSpec:
                    stems="all", format="wav", preview=False, attachment_limit=2**30)
 
 
+def is_done(result: object) -> bool:
+    return isinstance(result, DoneEvent)
+
+
+def fractions_of(events: list[JobProgressEvent]) -> list[float]:
+    return [e.fraction for e in events if isinstance(e, ProgressEvent)]
+
+
 def stems_of(spec: JobSpec) -> dict[str, np.ndarray]:
     return {name: decode(Path(spec.stems_dir) / f"{name}.wav", 44100, 2, Limits(min_duration_s=0))
             for name in SOURCES}
@@ -65,15 +82,16 @@ def stems_of(spec: JobSpec) -> dict[str, np.ndarray]:
 async def test_concurrent_jobs_share_forward_passes_and_match_one_at_a_time(batching, model_dir, songs, tmp_path):
     assert batching.capacity == 3 and batching.info["capacity"] == 3
     specs = [spec_for(song, tmp_path / "together") for song in songs]
-    events: dict[int, list[dict]] = {s.job_id: [] for s in specs}
+    events: dict[int, list[JobProgressEvent]] = {s.job_id: [] for s in specs}
     results = await asyncio.wait_for(asyncio.gather(
         *(batching.run(spec, events[spec.job_id].append) for spec in specs)), 120)
-    assert [r["type"] for r in results] == ["done"] * 3, results
-    assert max(r["batched_jobs"] for r in results) >= 2, "segments of different jobs must share passes"
+    assert [is_done(r) for r in results] == [True] * 3, results
+    done = [r for r in results if isinstance(r, DoneEvent)]
+    assert max(r.result.batched_jobs or 0 for r in done) >= 2, "segments of different jobs must share passes"
     for spec in specs:
-        stages = [e["stage"] for e in events[spec.job_id] if e["type"] == "stage"]
+        stages = [e.stage for e in events[spec.job_id] if isinstance(e, StageEvent)]
         assert stages == ["decoding", "separating", "encoding"]
-        fractions = [e["fraction"] for e in events[spec.job_id] if e["type"] == "progress"]
+        fractions = fractions_of(events[spec.job_id])
         assert fractions == sorted(fractions) and fractions[-1] == 1.0
 
     alone = HostHandle(config(model_dir, batch_jobs=1), start_timeout_s=60)
@@ -83,7 +101,7 @@ async def test_concurrent_jobs_share_forward_passes_and_match_one_at_a_time(batc
         for song, spec in zip(songs, specs):
             single = spec_for(song, tmp_path / "alone")
             result = await asyncio.wait_for(alone.run(single), 120)
-            assert result["type"] == "done" and "batched_jobs" not in result
+            assert isinstance(result, DoneEvent) and result.result.batched_jobs is None
             batched, reference = stems_of(spec), stems_of(single)
             for name in SOURCES:
                 assert snr_db(reference[name], batched[name]) > 60, (song.name, name)
@@ -94,12 +112,12 @@ async def test_concurrent_jobs_share_forward_passes_and_match_one_at_a_time(batc
 async def test_cancelling_one_job_leaves_the_others_running(batching, songs, tmp_path):
     keep, drop = spec_for(songs[0], tmp_path), spec_for(songs[2], tmp_path)
 
-    def on_event(event: dict) -> None:
-        if event["type"] == "progress":
+    def on_event(event: JobProgressEvent) -> None:
+        if isinstance(event, ProgressEvent):
             batching.cancel(drop.job_id)
 
     results = await asyncio.wait_for(asyncio.gather(batching.run(keep), batching.run(drop, on_event)), 120)
-    assert results[0]["type"] == "done" and results[1] == {"type": "cancelled", "job": drop.job_id}
+    assert is_done(results[0]) and results[1] == CancelledEvent(drop.job_id)
     assert sorted(p.name for p in Path(keep.stems_dir).iterdir()) == [f"{n}.wav" for n in sorted(SOURCES)]
     assert not Path(drop.stems_dir).exists()
 
@@ -109,15 +127,15 @@ async def test_a_bad_input_fails_alone(batching, songs, tmp_path):
     bad.write_text("not a song\n" * 500)
     results = await asyncio.wait_for(asyncio.gather(
         batching.run(spec_for(songs[1], tmp_path)), batching.run(spec_for(bad, tmp_path))), 120)
-    assert results[0]["type"] == "done"
-    assert results[1]["type"] == "failed" and results[1]["kind"] != "error"
+    assert is_done(results[0])
+    assert isinstance(results[1], FailedEvent) and results[1].kind != "error"
 
 
 async def test_a_killed_host_fails_every_job_it_held_and_is_replaced(batching, songs, tmp_path):
     old_pid = batching.pid
 
-    def kill_once_separating(event: dict) -> None:
-        if event["type"] == "progress" and batching.pid == old_pid:
+    def kill_once_separating(event: JobProgressEvent) -> None:
+        if isinstance(event, ProgressEvent) and batching.pid == old_pid:
             os.kill(old_pid, signal.SIGKILL)
 
     outcomes = await asyncio.wait_for(asyncio.gather(
@@ -127,7 +145,7 @@ async def test_a_killed_host_fails_every_job_it_held_and_is_replaced(batching, s
     assert batching.alive() and batching.ready and batching.pid != old_pid
     assert not batching.current_jobs
     result = await asyncio.wait_for(batching.run(spec_for(songs[1], tmp_path)), 120)
-    assert result["type"] == "done"
+    assert is_done(result)
 
 
 @pytest.fixture(scope="module")
@@ -162,10 +180,10 @@ def short_songs(tmp_path_factory) -> list[Path]:
 async def test_running_out_of_memory_shrinks_the_passes_and_fails_no_job(faulty_host, short_songs, tmp_path):
     specs = [spec_for(song, tmp_path / "oom", model="tinyoom") for song in short_songs]
     results = await asyncio.wait_for(asyncio.gather(*(faulty_host.run(spec) for spec in specs)), 120)
-    assert [r["type"] for r in results] == ["done"] * 2, results
+    assert [is_done(r) for r in results] == [True] * 2, results
     for song, spec in zip(short_songs, specs):
         alone = spec_for(song, tmp_path / "alone")
-        assert (await asyncio.wait_for(faulty_host.run(alone), 120))["type"] == "done"
+        assert is_done(await asyncio.wait_for(faulty_host.run(alone), 120))
         reference, recovered = stems_of(alone), stems_of(spec)
         for name in SOURCES:
             assert snr_db(reference[name], recovered[name]) > 60, (song.name, name)
@@ -178,16 +196,16 @@ async def test_a_pass_that_fails_for_one_track_fails_that_job_only(faulty_host, 
     specs = [spec_for(path, tmp_path, model="tinystereo") for path in (*short_songs, culprit)]
     pid = faulty_host.pid
     results = await asyncio.wait_for(asyncio.gather(*(faulty_host.run(spec) for spec in specs)), 120)
-    assert [r["type"] for r in results] == ["done", "done", "failed"], results
-    assert results[2]["reason"] == "internal error (RuntimeError)"
+    assert [type(r) for r in results] == [DoneEvent, DoneEvent, FailedEvent], results
+    assert isinstance(results[2], FailedEvent) and results[2].reason == "internal error (RuntimeError)"
     assert faulty_host.pid == pid and faulty_host.alive()
 
 
 async def test_a_track_too_big_even_one_segment_a_pass_fails_with_a_clear_reason(faulty_host, short_songs, tmp_path):
     result = await asyncio.wait_for(faulty_host.run(spec_for(short_songs[0], tmp_path, model="tinynomem")), 120)
-    assert result["type"] == "failed" and result["kind"] == "out_of_memory", result
-    assert result["reason"] == "the worker ran out of memory separating this track; try again later"
-    assert (await asyncio.wait_for(faulty_host.run(spec_for(short_songs[1], tmp_path)), 120))["type"] == "done"
+    assert isinstance(result, FailedEvent) and result.kind == "out_of_memory", result
+    assert result.reason == "the worker ran out of memory separating this track; try again later"
+    assert is_done(await asyncio.wait_for(faulty_host.run(spec_for(short_songs[1], tmp_path)), 120))
 
 
 async def test_a_long_track_shares_passes_block_by_block(model_dir, short_songs, tmp_path):
@@ -198,12 +216,12 @@ async def test_a_long_track_shares_passes_block_by_block(model_dir, short_songs,
         await worker.start()
         try:
             specs = [spec_for(long_song, tmp_path / label), spec_for(short_songs[0], tmp_path / label)]
-            events: list[dict] = []
+            events: list[JobProgressEvent] = []
             separating = asyncio.Event()
 
-            def on_event(event: dict) -> None:
+            def on_event(event: JobProgressEvent) -> None:
                 events.append(event)
-                if event["type"] == "progress":
+                if isinstance(event, ProgressEvent):
                     separating.set()
 
             # The short song comes once the long one is in the passes, with blocks to go.
@@ -212,13 +230,13 @@ async def test_a_long_track_shares_passes_block_by_block(model_dir, short_songs,
             results = await asyncio.wait_for(asyncio.gather(long_run, worker.run(specs[1])), 180)
         finally:
             await worker.stop()
-        assert [r["type"] for r in results] == ["done", "done"], results
-        assert results[0]["duration_s"] == pytest.approx(60.0, abs=0.01)
-        fractions = [e["fraction"] for e in events if e["type"] == "progress"]
+        assert [is_done(r) for r in results] == [True, True], results
+        assert isinstance(results[0], DoneEvent) and results[0].result.duration_s == pytest.approx(60.0, abs=0.01)
+        fractions = fractions_of(events)
         assert fractions == sorted(fractions) and fractions[-1] == 1.0
         assert [p.name for p in (tmp_path / label).iterdir() if "partial" in p.name] == []
         outcomes[label] = (results, [stems_of(spec) for spec in specs])
-    assert outcomes["together"][0][0]["batched_jobs"] == 2  # the long track's blocks shared passes
+    assert outcomes["together"][0][0].result.batched_jobs == 2  # the long track's blocks shared passes
     for together, alone in zip(outcomes["together"][1], outcomes["alone"][1]):
         for name in SOURCES:
             assert snr_db(alone[name], together[name]) > 60, name
@@ -231,12 +249,12 @@ async def test_cancelling_a_long_track_between_blocks_cleans_up(model_dir, short
     try:
         drop, keep = spec_for(long_song, tmp_path / "out"), spec_for(short_songs[1], tmp_path / "out")
 
-        def on_event(event: dict) -> None:
-            if event["type"] == "progress" and event["fraction"] > 0.4:  # past the first block
+        def on_event(event: JobProgressEvent) -> None:
+            if isinstance(event, ProgressEvent) and event.fraction > 0.4:  # past the first block
                 worker.cancel(drop.job_id)
 
         results = await asyncio.wait_for(asyncio.gather(worker.run(drop, on_event), worker.run(keep)), 180)
     finally:
         await worker.stop()
-    assert results[0] == {"type": "cancelled", "job": drop.job_id} and results[1]["type"] == "done"
+    assert results[0] == CancelledEvent(drop.job_id) and is_done(results[1])
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [Path(keep.stems_dir).name]

@@ -12,7 +12,16 @@ import pytest
 import pytest_asyncio
 
 from core.host.handle import HostCrashed, HostHandle, HostUnavailable
-from core.host.protocol import HostConfig, JobSpec
+from core.host.protocol import (
+    CancelledEvent,
+    DoneEvent,
+    FailedEvent,
+    HostConfig,
+    JobProgressEvent,
+    JobSpec,
+    ProgressEvent,
+    StageEvent,
+)
 from core.media.audio import Limits, decode, probe
 from tests.support.media import music
 
@@ -57,10 +66,23 @@ def spec_for(path: Path, out: Path, *, stems: str = "all", fmt: str = "flac", **
                    stems=stems, format=fmt, **extra)
 
 
-async def run_ok(worker: HostHandle, spec: JobSpec, events: list | None = None) -> dict:
+async def run_ok(worker: HostHandle, spec: JobSpec, events: list | None = None) -> DoneEvent:
     result = await asyncio.wait_for(worker.run(spec, events.append if events is not None else None), 60)
-    assert result["type"] == "done", result
+    assert isinstance(result, DoneEvent), result
     return result
+
+
+def stages_of(events: list[JobProgressEvent]) -> list[str]:
+    return [event.stage for event in events if isinstance(event, StageEvent)]
+
+
+def fractions_of(events: list[JobProgressEvent]) -> list[float]:
+    return [event.fraction for event in events if isinstance(event, ProgressEvent)]
+
+
+def label(event: JobProgressEvent) -> str:
+    """A stage event's stage, else the event's class."""
+    return event.stage if isinstance(event, StageEvent) else type(event).__name__
 
 
 # -- start and a job -----------------------------------------------------------------------
@@ -76,44 +98,45 @@ async def test_start_reports_ready_with_timings(worker):
 
 
 async def test_a_job_runs_and_reports_every_stage(worker, media, tmp_path):
-    events: list[dict] = []
+    events: list[JobProgressEvent] = []
     spec = spec_for(media["short"], tmp_path)
-    result = await run_ok(worker, spec, events)
+    done = await run_ok(worker, spec, events)
+    result = done.result
 
-    assert result["job"] == spec.job_id
-    assert set(result["files"]) == set(SOURCES)
-    assert result["files"] == {name: f"{name}.flac" for name in SOURCES}
-    assert result["duration_s"] == pytest.approx(4.0, abs=0.05)
-    assert result["separation_s"] > 0 and result["mode"] == "attach"
+    assert done.job == spec.job_id
+    assert set(result.files) == set(SOURCES)
+    assert result.files == {name: f"{name}.flac" for name in SOURCES}
+    assert result.duration_s == pytest.approx(4.0, abs=0.05)
+    assert result.separation_s > 0 and result.mode == "attach"
     folder = Path(spec.stems_dir)
-    for name, file in result["files"].items():
+    for name, file in result.files.items():
         path = folder / file
-        assert path.stat().st_size == result["sizes"][name] > 0
+        assert path.stat().st_size == result.sizes[name] > 0
         info = probe(path, Limits(min_duration_s=0))
         assert info.codec == "flac"
         audio = decode(path, 44100, 2, Limits(min_duration_s=0))
         assert audio.shape[0] == 2 and abs(audio.shape[1] - 4 * 44100) < 2048
-    assert result["preview"] and (folder / result["preview"]).is_file()
+    assert result.preview and (folder / result.preview).is_file()
 
-    assert all(event["job"] == spec.job_id for event in events)
-    stages = [event["stage"] for event in events if event["type"] == "stage"]
+    assert all(event.job == spec.job_id for event in events)
+    stages = stages_of(events)
     assert stages == ["decoding", "separating", "encoding"]
-    separating = next(e for e in events if e.get("stage") == "separating")
-    assert separating["duration_s"] == pytest.approx(4.0, abs=0.05)
-    fractions = [event["fraction"] for event in events if event["type"] == "progress"]
+    separating = next(e for e in events if isinstance(e, StageEvent) and e.stage == "separating")
+    assert separating.duration_s == pytest.approx(4.0, abs=0.05)
+    fractions = fractions_of(events)
     assert fractions and fractions == sorted(fractions) and fractions[-1] == 1.0
     # Progress comes between the separating and encoding stages.
-    kinds = [e.get("stage") or e["type"] for e in events]
-    assert kinds.index("separating") < kinds.index("progress") and kinds[-1] == "encoding"
+    kinds = [label(e) for e in events]
+    assert kinds.index("separating") < kinds.index("ProgressEvent") and kinds[-1] == "encoding"
 
 
 async def test_progress_rises_through_a_longer_job_and_stems_subsets(worker, media, tmp_path):
-    events: list[dict] = []
+    events: list[JobProgressEvent] = []
     spec = spec_for(media["medium"], tmp_path, stems="karaoke", fmt="wav")
-    result = await run_ok(worker, spec, events)
-    assert result["files"] == {"vocals": "vocals.wav", "no_vocals": "no_vocals.wav"}
+    done = await run_ok(worker, spec, events)
+    assert done.result.files == {"vocals": "vocals.wav", "no_vocals": "no_vocals.wav"}
     assert sorted(p.name for p in Path(spec.stems_dir).glob("*.wav")) == ["no_vocals.wav", "vocals.wav"]
-    fractions = [event["fraction"] for event in events if event["type"] == "progress"]
+    fractions = fractions_of(events)
     assert len(fractions) >= 3  # reported along the way, not only at the end
     assert fractions == sorted(fractions) and len(set(fractions)) == len(fractions)
     assert 0 < fractions[1] < 1.0 and fractions[-1] == 1.0
@@ -122,13 +145,13 @@ async def test_progress_rises_through_a_longer_job_and_stems_subsets(worker, med
 async def test_async_event_handlers_are_awaited(worker, media, tmp_path):
     seen: list[str] = []
 
-    async def handler(event: dict) -> None:
+    async def handler(event: JobProgressEvent) -> None:
         await asyncio.sleep(0)
-        seen.append(event["type"])
+        seen.append(type(event).__name__)
 
     result = await worker.run(spec_for(media["short"], tmp_path), handler)
-    assert result["type"] == "done"
-    assert seen.count("stage") == 3 and "progress" in seen
+    assert isinstance(result, DoneEvent)
+    assert seen.count("StageEvent") == 3 and "ProgressEvent" in seen
 
 
 # -- failures the host lives through -------------------------------------------------------
@@ -138,11 +161,11 @@ async def test_bad_input_fails_with_a_user_reason_and_the_host_lives_on(worker, 
     pid = worker.pid
     spec = spec_for(media["bad"], tmp_path)
     result = await asyncio.wait_for(worker.run(spec), 60)
-    assert result["type"] == "failed" and result["job"] == spec.job_id
-    reason = result["reason"]
+    assert isinstance(result, FailedEvent) and result.job == spec.job_id
+    reason = result.reason
     assert reason and "Traceback" not in reason and "File \"" not in reason and "internal error" not in reason
     assert len(reason) < 300
-    assert result["kind"] in ("not_audio", "corrupt", "unsupported")
+    assert result.kind in ("not_audio", "corrupt", "unsupported")
     assert not Path(spec.stems_dir).exists()
 
     assert worker.alive() and worker.ready and worker.pid == pid
@@ -153,37 +176,37 @@ async def test_bad_input_fails_with_a_user_reason_and_the_host_lives_on(worker, 
 async def test_too_short_input_fails_with_its_kind(worker, tmp_path):
     blip = music(tmp_path / "blip.wav", seconds=0.3)
     result = await worker.run(spec_for(blip, tmp_path))
-    assert result["type"] == "failed" and result["kind"] == "too_short"
-    assert "Traceback" not in result["reason"]
+    assert isinstance(result, FailedEvent) and result.kind == "too_short"
+    assert "Traceback" not in result.reason
 
 
 async def test_bad_stem_request_fails_cleanly(worker, media, tmp_path):
     result = await worker.run(spec_for(media["short"], tmp_path, stems="vocals,kazoo"))
-    assert result["type"] == "failed" and result["kind"] == "bad_request"
-    assert "kazoo" in result["reason"]
+    assert isinstance(result, FailedEvent) and result.kind == "bad_request"
+    assert "kazoo" in result.reason
 
 
 async def test_cancel_stops_a_job_within_a_segment_and_the_host_lives_on(worker, media, tmp_path):
     pid = worker.pid
     spec = spec_for(media["long"], tmp_path)
     cancelled_at: list[float] = []
-    events: list[dict] = []
+    events: list[JobProgressEvent] = []
 
-    def on_event(event: dict) -> None:
+    def on_event(event: JobProgressEvent) -> None:
         events.append(event)
-        if event["type"] == "progress" and not cancelled_at:
+        if isinstance(event, ProgressEvent) and not cancelled_at:
             cancelled_at.append(time.monotonic())
             worker.cancel(spec.job_id)
 
     started = time.monotonic()
     result = await asyncio.wait_for(worker.run(spec, on_event), 60)
     ended = time.monotonic()
-    assert result == {"type": "cancelled", "job": spec.job_id}
+    assert result == CancelledEvent(spec.job_id)
     assert cancelled_at, "no progress event arrived before the job ended"
     assert ended - cancelled_at[0] < 3.0
     # It stopped early: the whole separation would have reported up to 1.0.
-    assert max(e["fraction"] for e in events if e["type"] == "progress") < 0.5
-    assert not any(e.get("stage") == "encoding" for e in events)
+    assert max(fractions_of(events)) < 0.5
+    assert "encoding" not in stages_of(events)
     assert ended - started < 20
 
     assert worker.alive() and worker.ready and worker.pid == pid
@@ -195,12 +218,12 @@ async def test_cancel_stops_a_job_within_a_segment_and_the_host_lives_on(worker,
 async def test_cancelling_another_job_does_not_stop_this_one(worker, media, tmp_path):
     spec = spec_for(media["short"], tmp_path)
 
-    def on_event(event: dict) -> None:
-        if event.get("stage") == "separating":
+    def on_event(event: JobProgressEvent) -> None:
+        if isinstance(event, StageEvent) and event.stage == "separating":
             worker.cancel(spec.job_id + 777)
 
     result = await worker.run(spec, on_event)
-    assert result["type"] == "done"
+    assert isinstance(result, DoneEvent)
 
 
 async def test_a_cancel_left_from_a_previous_job_does_not_stop_the_next(worker, media, tmp_path):
@@ -219,8 +242,8 @@ async def test_a_killed_host_raises_worker_crashed_and_is_replaced(worker, media
     spec = spec_for(media["medium"], tmp_path)
     killed: list[int] = []
 
-    def on_event(event: dict) -> None:
-        if event.get("stage") == "separating" and not killed:
+    def on_event(event: JobProgressEvent) -> None:
+        if isinstance(event, StageEvent) and event.stage == "separating" and not killed:
             killed.append(worker.pid)
             os.kill(worker.pid, signal.SIGKILL)
 
@@ -237,7 +260,7 @@ async def test_a_killed_host_raises_worker_crashed_and_is_replaced(worker, media
 
     follow = spec_for(media["short"], tmp_path)
     result = await run_ok(worker, follow)
-    assert set(result["files"]) == set(SOURCES)
+    assert set(result.result.files) == set(SOURCES)
     assert worker.pid != old_pid
 
 
@@ -249,7 +272,7 @@ async def test_a_host_that_died_between_jobs_is_restarted_by_the_next_run(worker
         await asyncio.sleep(0.05)
     assert not worker.alive()
     result = await run_ok(worker, spec_for(media["short"], tmp_path))
-    assert result["files"]["vocals"] == "vocals.flac"
+    assert result.result.files["vocals"] == "vocals.flac"
     assert worker.alive() and worker.pid != old_pid
 
 

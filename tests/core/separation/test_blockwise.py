@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 from core.errors import CorruptMediaError, JobCancelled
-from core.host.child import _Host
-from core.host.protocol import HostConfig, JobSpec
+from core.host.protocol import CancelledEvent, DoneEvent, HostConfig, HostEvent, JobSpec, ProgressEvent, StageEvent
+from core.host.serial_host import SerialHost
+from core.host.steps import JobSteps
 from core.media.audio import Limits, OutputFormat, decode
 from core.media.stem_files import write_track
 from core.separation import blockwise
@@ -282,37 +283,38 @@ def test_the_batch_separator_gives_the_same_files_with_blocks(engine, track, tmp
 
 class _Events:
     def __init__(self):
-        self.items: list[dict] = []
+        self.items: list[HostEvent] = []
 
-    def put(self, item: dict) -> None:
+    def put(self, item: HostEvent) -> None:
         self.items.append(item)
 
 
-def _host_run(model_dir, source: Path, out: Path, **config) -> tuple[dict, list[dict]]:
+def _host_run(model_dir, source: Path, out: Path, **config) -> tuple[DoneEvent, list[HostEvent]]:
     events = _Events()
-    host = _Host(HostConfig(model="tiny", model_dir=str(model_dir), device="cpu", shifts=0, warm_up=False,
-                            log_level=logging.WARNING, **config),
-                 events, set(), parent=os.getppid())
+    host = SerialHost(JobSteps(HostConfig(model="tiny", model_dir=str(model_dir), device="cpu", shifts=0,
+                                          warm_up=False, log_level=logging.WARNING, **config),
+                               events, set(), parent=os.getppid()))
     spec = JobSpec(job_id=7, input_path=str(source), stems_dir=str(out / "stems"), model="tiny", stems="all",
                    format="flac")
     host.run(spec)
     done = events.items[-1]
-    assert done["type"] == "done", done
+    assert isinstance(done, DoneEvent), done
     return done, events.items
 
 
 def test_the_model_host_gives_the_same_files_with_blocks(model_dir, track, tmp_path):
-    whole, _ = _host_run(model_dir, track, tmp_path / "whole", block_s=None)
-    blocks, events = _host_run(model_dir, track, tmp_path / "blocks", block_s=BLOCK_S, blocks_above_s=30.0)
+    whole_done, _ = _host_run(model_dir, track, tmp_path / "whole", block_s=None)
+    blocks_done, events = _host_run(model_dir, track, tmp_path / "blocks", block_s=BLOCK_S, blocks_above_s=30.0)
+    whole, blocks = whole_done.result, blocks_done.result
 
-    stages = [e for e in events if e["type"] == "stage"]
-    assert [e["stage"] for e in stages] == ["decoding", "separating", "encoding"]
-    assert stages[1]["duration_s"] == pytest.approx(60.0, abs=0.01)
-    fractions = [e["fraction"] for e in events if e["type"] == "progress"]
+    stages = [e for e in events if isinstance(e, StageEvent)]
+    assert [e.stage for e in stages] == ["decoding", "separating", "encoding"]
+    assert stages[1].duration_s == pytest.approx(60.0, abs=0.01)
+    fractions = [e.fraction for e in events if isinstance(e, ProgressEvent)]
     assert fractions == sorted(fractions) and fractions[-1] == 1.0
-    assert blocks["files"] == whole["files"] and blocks["duration_s"] == whole["duration_s"]
-    assert blocks["mode"] == whole["mode"] and blocks["preview"] == whole["preview"] == "preview.png"
-    for name, file in whole["files"].items():
+    assert blocks.files == whole.files and blocks.duration_s == whole.duration_s
+    assert blocks.mode == whole.mode and blocks.preview == whole.preview == "preview.png"
+    for name, file in whole.files.items():
         reference = decode(tmp_path / "whole" / "stems" / file, RATE, 2, Limits())
         estimate = decode(tmp_path / "blocks" / "stems" / file, RATE, 2, Limits())
         assert reference.shape == estimate.shape
@@ -325,18 +327,18 @@ def test_the_model_host_gives_the_same_files_with_blocks(model_dir, track, tmp_p
 def test_the_model_host_cleans_up_a_cancelled_long_job(model_dir, track, tmp_path):
     events = _Events()
     cancel: set[int] = set()
-    host = _Host(HostConfig(model="tiny", model_dir=str(model_dir), device="cpu", shifts=0, warm_up=False,
-                            block_s=BLOCK_S, blocks_above_s=30.0),
-                 events, cancel, parent=os.getppid())
+    host = SerialHost(JobSteps(HostConfig(model="tiny", model_dir=str(model_dir), device="cpu", shifts=0,
+                                          warm_up=False, block_s=BLOCK_S, blocks_above_s=30.0),
+                               events, cancel, parent=os.getppid()))
     original = events.put
 
-    def put(item: dict) -> None:
+    def put(item: HostEvent) -> None:
         original(item)
-        if item["type"] == "progress":
+        if isinstance(item, ProgressEvent):
             cancel.add(9)  # cancel once it is under way
 
     events.put = put
     host.run(JobSpec(job_id=9, input_path=str(track), stems_dir=str(tmp_path / "stems"), model="tiny",
                      stems="all", format="flac"))
-    assert events.items[-1] == {"type": "cancelled", "job": 9}
+    assert events.items[-1] == CancelledEvent(9)
     assert list(tmp_path.iterdir()) == []

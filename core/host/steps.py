@@ -1,0 +1,270 @@
+"""The steps of a job in the model host, whichever host runs them: load the engine,
+prepare (probe and decode), separate, finish (encode, plan the upload, draw the preview),
+and report each stage, the progress, a cancellation or a failure as host events."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+import time
+import traceback
+from collections.abc import Callable, Container
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, TypeVarTuple, cast
+
+import torch
+
+from core.errors import DeviceOutOfMemoryError, JobCancelled, StembotError
+from core.host.protocol import (
+    CancelledEvent,
+    EventSink,
+    FailedEvent,
+    HostConfig,
+    HostEvent,
+    JobResult,
+    JobSpec,
+    ProgressEvent,
+    ReadyEvent,
+    StageEvent,
+)
+from core.media.audio import Limits, OutputFormat, decode, probe
+from core.media.preview import render_preview
+from core.media.stem_files import write_track
+from core.media.upload_plan import fits, links_note, plan_upload, too_large_error
+from core.separation import blockwise
+from core.separation.batching import out_of_memory
+from core.separation.engine import SeparationEngine, SeparationOptions
+from core.separation.stems import parse_stems
+
+if TYPE_CHECKING:
+    from typing import TypeAlias
+
+    import numpy as np
+
+    from core.media.audio import OutputFormatName
+    from core.separation.blockwise import StagedMix
+    from core.separation.stems import StemRequest
+
+    # A separated job's stems: in memory (name -> channels x samples), or a long track's on disk.
+    Stems: TypeAlias = dict[str, np.ndarray] | blockwise.StagedStems
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[float], None]
+StepArgs = TypeVarTuple("StepArgs")
+
+
+@dataclass
+class PreparedJob:
+    """A decoded job, ready to separate."""
+
+    spec: JobSpec
+    engine: SeparationEngine
+    request: StemRequest
+    duration_s: float
+    mix: np.ndarray | None = None  # channels x samples, or None when `staged` (a long track on disk)
+    staged: StagedMix | None = None
+    work: Path | None = None  # scratch folder of a long track
+
+    def cleanup(self) -> None:
+        if self.work is not None:
+            shutil.rmtree(self.work, ignore_errors=True)
+            self.work = None
+
+
+class JobSteps:
+    """What every host does for a job; the hosts decide when, and how many at once."""
+
+    def __init__(self, config: HostConfig, events: EventSink, cancelled: Container[int], parent: int):
+        self.config = config
+        self.parent = parent
+        self.events = events
+        self.cancelled = cancelled
+        self.engines: dict[str, SeparationEngine] = {}
+        self._engines_lock = threading.Lock()
+
+    def boot(self) -> int:
+        """Load and warm up the host's model, report ready; returns the jobs it takes at once."""
+        started = time.monotonic()
+        if self.config.threads:
+            torch.set_num_threads(self.config.threads)
+        engine = self.engine(self.config.model)
+        loaded = time.monotonic()
+        if self.config.warm_up:
+            engine.warm_up()
+        if self.config.batch_jobs is not None:
+            capacity = self.config.batch_jobs
+        else:
+            capacity = 4 if engine.device.type == "cuda" else 1
+        self.send(ReadyEvent(model=self.config.model, device=str(engine.device), pid=os.getpid(),
+                             load_s=loaded - started, warmup_s=time.monotonic() - loaded, capacity=capacity))
+        return capacity
+
+    def engine(self, name: str) -> SeparationEngine:
+        """The engine of model `name`, loaded once; the least recently used goes first."""
+        with self._engines_lock:  # decoding threads ask for engines too
+            if name in self.engines:
+                self.engines[name] = self.engines.pop(name)  # most recently used last
+                return self.engines[name]
+            while len(self.engines) >= self.config.max_loaded_models:
+                self.engines.pop(next(iter(self.engines)))
+            model_dir = Path(self.config.model_dir) if self.config.model_dir else None
+            engine = SeparationEngine.load(name, model_dir, self.config.device)
+            self.engines[name] = engine
+            return engine
+
+    def options(self) -> SeparationOptions:
+        config = self.config
+        return SeparationOptions(config.shifts, config.overlap, config.segment, config.precision)
+
+    # -- reporting ----------------------------------------------------------------------------
+
+    def send(self, event: HostEvent) -> None:
+        self.events.put(event)
+
+    def is_cancelled(self, job_id: int) -> bool:
+        """Whether `job_id` is to stop; exits the process when the bot is gone."""
+        if os.getppid() != self.parent:
+            os._exit(0)  # the bot is gone: nobody will read the result
+        return job_id in self.cancelled
+
+    def stage(self, job_id: int, stage: str, duration_s: float | None = None) -> None:
+        """Report that a job enters `stage`, or raise JobCancelled if it is to stop."""
+        if self.is_cancelled(job_id):
+            raise JobCancelled()
+        self.send(StageEvent(job_id, stage, duration_s))
+
+    def progress_reporter(self, job_id: int) -> Progress:
+        last_sent = 0.0
+
+        def progress(fraction: float) -> None:
+            nonlocal last_sent
+            now = time.monotonic()
+            # The queue is cheap, but the bot only shows an update every ~2 s anyway.
+            if now - last_sent >= 0.5 or fraction >= 1.0:
+                last_sent = now
+                self.send(ProgressEvent(job_id, fraction))
+        return progress
+
+    def guarded(self, job_id: int, step: Callable[[*StepArgs], object], *args: *StepArgs) -> None:
+        """Run a step of a job; its cancellation or failure ends the job, reported as such,
+        and the host lives on."""
+        try:
+            step(*args)
+        except JobCancelled:
+            self.send(CancelledEvent(job_id))
+        except Exception as exc:  # noqa: BLE001 - every failure is reported, the host lives on
+            self.fail(job_id, exc)
+
+    def fail(self, job_id: int, exc: Exception) -> None:
+        if not hasattr(exc, "reason"):
+            log.error("job %s failed:\n%s", job_id, traceback.format_exc())
+        self.send(FailedEvent.of(job_id, _user_facing(exc)))
+
+    def free_device_memory(self) -> None:
+        """Hand the blocks PyTorch caches back to the GPU (after running out of memory)."""
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    # -- the job's steps ----------------------------------------------------------------------
+
+    def prepare(self, spec: JobSpec) -> PreparedJob:
+        """Probe and decode (a long track: to a scratch folder, in blocks)."""
+        job = spec.job_id
+        config = self.config
+        limits = Limits(config.min_duration_s, config.max_duration_s, config.max_input_bytes)
+        self.stage(job, "decoding")
+        engine = self.engine(spec.model)
+        request = parse_stems(spec.stems, engine.sources)
+        input_path = Path(spec.input_path)
+        stems_dir = Path(spec.stems_dir)
+        info = probe(input_path, limits)
+        prepared = PreparedJob(spec, engine, request, 0.0)
+        try:
+            if blockwise.use_blocks(info.duration_s, config.block_s, config.blocks_above_s):
+                # Long, or of unknown length: decoded to disk, and kept there if long.
+                prepared.work = blockwise.work_dir(stems_dir.parent, stems_dir.name)
+                staged = blockwise.stage_input(input_path, engine, limits, prepared.work, info)
+                if staged.duration_s <= config.blocks_above_s:
+                    prepared.mix = staged.load()
+                    shutil.rmtree(prepared.work, ignore_errors=True)
+                    prepared.work = None
+                else:
+                    prepared.staged = staged
+            else:
+                prepared.mix = decode(input_path, engine.samplerate, engine.audio_channels, limits, info)
+        except BaseException:
+            prepared.cleanup()
+            raise
+        if prepared.staged is not None:
+            frames = prepared.staged.frames
+        else:
+            assert prepared.mix is not None
+            frames = prepared.mix.shape[1]
+        prepared.duration_s = frames / engine.samplerate
+        return prepared
+
+    def separate_alone(self, prepared: PreparedJob) -> tuple[Stems, list[str]]:
+        """Separate one job on its own; returns its stems and their names."""
+        job = prepared.spec.job_id
+        engine = prepared.engine
+        progress = self.progress_reporter(job)
+        if prepared.staged is not None:
+            assert prepared.work is not None and self.config.block_s is not None  # staged: blocks are on
+            staged_stems = blockwise.separate_staged(prepared.staged, engine, prepared.request, self.options(),
+                                                     prepared.work, progress=progress,
+                                                     should_cancel=lambda: self.is_cancelled(job),
+                                                     block_s=self.config.block_s)
+            prepared.staged.path.unlink()
+            return staged_stems, staged_stems.names
+        assert prepared.mix is not None
+        stems = engine.separate(prepared.mix, prepared.request, self.options(), progress=progress,
+                                should_cancel=lambda: self.is_cancelled(job))
+        prepared.mix = None
+        return stems, list(stems)
+
+    def finish(self, prepared: PreparedJob, stems: Stems, names: list[str],
+               separation_s: float) -> JobResult:
+        """Encode the stems, choose attachments or links, draw the preview."""
+        spec, config = prepared.spec, self.config
+        job, duration = spec.job_id, prepared.duration_s
+        stems_dir = Path(spec.stems_dir)
+        # The job's format was checked against OutputFormatName when the job was made.
+        requested = OutputFormat(name=cast("OutputFormatName", spec.format), mp3_bitrate_kbps=spec.mp3_bitrate_kbps)
+        plan = plan_upload(requested, duration, len(names), spec.attachment_limit, spec.links_available,
+                           link_valid_hours=spec.link_valid_hours)
+        shutil.rmtree(stems_dir, ignore_errors=True)  # a retry starts clean
+        if isinstance(stems, blockwise.StagedStems):
+            folder = blockwise.write_staged(stems, stems_dir.parent, stems_dir.name, plan.format)
+        else:
+            folder = write_track(stems, prepared.engine.samplerate, stems_dir.parent, stems_dir.name, plan.format)
+        del stems
+        prepared.cleanup()
+        files = {name: f"{name}.{plan.format.extension}" for name in names}
+        sizes = {name: (folder / file).stat().st_size for name, file in files.items()}
+        mode, note = plan.mode, plan.note
+        if mode == "attach" and not fits(sizes.values(), spec.attachment_limit):
+            # Estimates are conservative, but a lossless file can compress worse than expected.
+            if not spec.links_available:
+                raise too_large_error(plan.format, spec.attachment_limit)
+            mode, note = "links", links_note(spec.attachment_limit, spec.link_valid_hours)
+        preview = None
+        if spec.preview:
+            try:
+                # A long track's picture is drawn from peaks read blockwise.
+                preview = render_preview({n: folder / f for n, f in files.items()}, folder / "preview.png",
+                                         bounded=duration > config.blocks_above_s).name
+            except Exception:
+                log.warning("preview for job %s failed", job, exc_info=True)
+        return JobResult(files=files, sizes=sizes, duration_s=duration, separation_s=separation_s,
+                         format=asdict(plan.format), mode=mode, note=note, preview=preview)
+
+
+def _user_facing(exc: Exception) -> Exception:
+    """Running out of memory is a limit of this worker, not a bug: say so in words."""
+    if not isinstance(exc, StembotError) and out_of_memory(exc):
+        return DeviceOutOfMemoryError("the worker ran out of memory separating this track; try again later")
+    return exc
