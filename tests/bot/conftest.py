@@ -52,7 +52,7 @@ class BotProcess:
     async def start(self, ready_timeout: float = 60.0) -> None:
         identifies = len(self.fake.identifies)
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        out = open(self.log, "ab")  # noqa: ASYNC230 - opened once, handed to the child process
+        out = open(self.log, "ab")
         self.process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "stembot", "run", env=self.env, stdout=out, stderr=out,
             cwd=str(self.data_dir), start_new_session=True,

@@ -98,7 +98,7 @@ async def test_concurrent_jobs_share_forward_passes_and_match_one_at_a_time(batc
     await alone.start()
     try:
         assert alone.capacity == 1
-        for song, spec in zip(songs, specs):
+        for song, spec in zip(songs, specs, strict=True):
             single = spec_for(song, tmp_path / "alone")
             result = await asyncio.wait_for(alone.run(single), 120)
             assert isinstance(result, DoneEvent) and result.result.batched_jobs is None
@@ -181,7 +181,7 @@ async def test_running_out_of_memory_shrinks_the_passes_and_fails_no_job(faulty_
     specs = [spec_for(song, tmp_path / "oom", model="tinyoom") for song in short_songs]
     results = await asyncio.wait_for(asyncio.gather(*(faulty_host.run(spec) for spec in specs)), 120)
     assert [is_done(r) for r in results] == [True] * 2, results
-    for song, spec in zip(short_songs, specs):
+    for song, spec in zip(short_songs, specs, strict=True):
         alone = spec_for(song, tmp_path / "alone")
         assert is_done(await asyncio.wait_for(faulty_host.run(alone), 120))
         reference, recovered = stems_of(alone), stems_of(spec)
@@ -219,7 +219,9 @@ async def test_a_long_track_shares_passes_block_by_block(model_dir, short_songs,
             events: list[JobProgressEvent] = []
             separating = asyncio.Event()
 
-            def on_event(event: JobProgressEvent) -> None:
+            # Bound now: the host calls it only during this iteration.
+            def on_event(event: JobProgressEvent, events: list[JobProgressEvent] = events,
+                         separating: asyncio.Event = separating) -> None:
                 events.append(event)
                 if isinstance(event, ProgressEvent):
                     separating.set()
@@ -237,7 +239,7 @@ async def test_a_long_track_shares_passes_block_by_block(model_dir, short_songs,
         assert [p.name for p in (tmp_path / label).iterdir() if "partial" in p.name] == []
         outcomes[label] = (results, [stems_of(spec) for spec in specs])
     assert outcomes["together"][0][0].result.batched_jobs == 2  # the long track's blocks shared passes
-    for together, alone in zip(outcomes["together"][1], outcomes["alone"][1]):
+    for together, alone in zip(outcomes["together"][1], outcomes["alone"][1], strict=True):
         for name in SOURCES:
             assert snr_db(alone[name], together[name]) > 60, name
 

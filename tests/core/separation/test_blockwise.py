@@ -4,6 +4,7 @@ track has several boundaries."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import types
@@ -74,7 +75,7 @@ def test_blocks_start_on_the_segment_grid_and_keep_everything_once():
     plan = blockwise.plan_blocks(frames, 20_000, context, crossfade, stride)
     assert len(plan) == 6
     assert plan[0].start == plan[0].keep_from == 0 and plan[-1].stop == plan[-1].keep_to == frames
-    for before, after in zip(plan, plan[1:]):
+    for before, after in itertools.pairwise(plan):
         assert after.start % stride == 0
         assert after.keep_from - after.start >= context          # context before what is kept
         assert before.stop - before.keep_to >= context           # and after it
@@ -271,7 +272,7 @@ def test_the_batch_separator_gives_the_same_files_with_blocks(engine, track, tmp
         assert events.fractions[0][-1] == 1.0 and events.fractions[0] == sorted(events.fractions[0])
         assert _no_leftovers(tmp_path / label) == []
         outputs[label] = [r.folder for r in results]
-    for whole, blocks in zip(outputs["whole"], outputs["blocks"]):
+    for whole, blocks in zip(outputs["whole"], outputs["blocks"], strict=True):
         for name in engine.sources:
             reference = decode(whole / f"{name}.flac", RATE, 2, Limits())
             estimate = decode(blocks / f"{name}.flac", RATE, 2, Limits())
