@@ -15,18 +15,25 @@ from __future__ import annotations
 import random
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
+if TYPE_CHECKING:
+    from contextlib import AbstractContextManager
 
-def _triangle(length: int, device) -> torch.Tensor:
+    from demucs.apply import BagOfModels, Model, TensorChunk
+    from demucs.repo import AnyModel
+
+
+def _triangle(length: int, device: torch.device) -> torch.Tensor:
     # apply_model's weight with transition_power=1.
     weight = torch.cat([torch.arange(1, length // 2 + 1, device=device),
                         torch.arange(length - length // 2, 0, -1, device=device)])
     return weight / weight.max()
 
 
-def autocast(device: torch.device, precision: str):
+def autocast(device: torch.device, precision: str) -> AbstractContextManager[object]:
     """Mixed precision for the forward passes: "fp32" (none), "fp16" or "bf16"."""
     if precision == "fp32":
         return nullcontext()
@@ -34,16 +41,30 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def sub_models(model) -> list[tuple[torch.nn.Module, list[float] | None]]:
+def bag_members(bag: BagOfModels) -> list[Model]:
+    """The models of a bag (its `models` is an nn.ModuleList, typed as plain modules)."""
+    from demucs.demucs import Demucs  # noqa: PLC0415 - demucs loads only when a model runs
+    from demucs.hdemucs import HDemucs  # noqa: PLC0415 - demucs loads only when a model runs
+    from demucs.htdemucs import HTDemucs  # noqa: PLC0415 - demucs loads only when a model runs
+
+    members: list[Model] = []
+    for member in bag.models:
+        # BagOfModels is built from demucs models only (its constructor takes list[Model]).
+        assert isinstance(member, (Demucs, HDemucs, HTDemucs)), f"unexpected model in a bag: {type(member)}"
+        members.append(member)
+    return members
+
+
+def sub_models(model: AnyModel) -> list[tuple[Model, list[float] | None]]:
     """The models of a bag with their per-source weights; a lone model, unweighted."""
     from demucs.apply import BagOfModels  # noqa: PLC0415 - demucs loads only when a model runs
 
     if isinstance(model, BagOfModels):
-        return list(zip(model.models, model.weights, strict=True))
+        return list(zip(bag_members(model), model.weights, strict=True))
     return [(model, None)]
 
 
-def segment_and_stride(model, segment: float | None, overlap: float) -> tuple[int, int]:
+def segment_and_stride(model: Model, segment: float | None, overlap: float) -> tuple[int, int]:
     """apply_model's segment length and step between segments, in samples."""
     length = int(model.samplerate * float(segment if segment is not None else model.segment))
     return length, int((1 - overlap) * length)
@@ -52,19 +73,22 @@ def segment_and_stride(model, segment: float | None, overlap: float) -> tuple[in
 class _Pass:
     """One model over one (possibly shifted) copy of the mix: apply_model's split loop."""
 
-    def __init__(self, model, chunk, segment: float | None, overlap: float, trim: int, weights):
+    def __init__(self, model: Model, chunk: TensorChunk, segment: float | None, overlap: float, trim: int,
+                 weights: list[float] | None):
         from demucs.apply import TensorChunk  # noqa: PLC0415 - demucs loads only when a model runs
         from demucs.htdemucs import HTDemucs  # noqa: PLC0415 - demucs loads only when a model runs
 
         self.model, self.chunk, self.trim, self.weights = model, chunk, trim, weights
         self.segment_length, stride = segment_and_stride(model, segment, overlap)
         self.pieces: list[Piece] = []
+        # Demucs and HTDemucs pad a segment to their valid length; HDemucs has none.
+        valid_length = getattr(model, "valid_length", None)
         for offset in range(0, chunk.length, stride):
             piece = TensorChunk(chunk, offset, self.segment_length)
             if isinstance(model, HTDemucs) and segment is not None:
                 valid = int(segment * model.samplerate)
-            elif hasattr(model, "valid_length"):
-                valid = model.valid_length(piece.length)
+            elif callable(valid_length):
+                valid = valid_length(piece.length)
             else:
                 valid = piece.length
             self.pieces.append(Piece(self, offset, piece, valid))
@@ -75,18 +99,21 @@ class _Pass:
     def accept(self, piece: Piece, result: torch.Tensor, weight: torch.Tensor) -> None:
         from demucs.utils import center_trim  # noqa: PLC0415 - demucs loads only when a model runs
 
-        if self.out is None:
+        total, sums = self.out, self.sums
+        if total is None or sums is None:
             where = self.chunk.tensor.device
-            self.out = torch.zeros(len(self.model.sources), self.chunk.shape[1], self.chunk.length, device=where)
-            self.sums = torch.zeros(self.chunk.length, device=where)
+            total = self.out = torch.zeros(len(self.model.sources), self.chunk.shape[1], self.chunk.length,
+                                           device=where)
+            sums = self.sums = torch.zeros(self.chunk.length, device=where)
         out = center_trim(result, piece.chunk.length)
         n = out.shape[-1]
         end = piece.offset + self.segment_length
-        self.out[..., piece.offset:end] += (weight[:n] * out).to(self.out.device)
-        self.sums[piece.offset:end] += weight[:n].to(self.sums.device)
+        total[..., piece.offset:end] += (weight[:n] * out).to(total.device)
+        sums[piece.offset:end] += weight[:n].to(sums.device)
         self.remaining -= 1
 
     def result(self) -> torch.Tensor:
+        assert self.out is not None and self.sums is not None, "result() is called after every piece was accepted"
         out = self.out / self.sums
         self.out = self.sums = None
         return out[..., self.trim:]
@@ -98,7 +125,7 @@ class Piece:
 
     owner: _Pass
     offset: int
-    chunk: object  # demucs.apply.TensorChunk
+    chunk: TensorChunk
     valid: int
 
     @property
@@ -112,7 +139,7 @@ class TrackWork:
     model or a bag): its segments, computed in any order and batch, and its stems
     (sources x channels x samples) once all are done."""
 
-    def __init__(self, model, mix: torch.Tensor, *, shifts: int = 0, overlap: float = 0.25,
+    def __init__(self, model: AnyModel, mix: torch.Tensor, *, shifts: int = 0, overlap: float = 0.25,
                  segment: float | None = None):
         from demucs.apply import TensorChunk  # noqa: PLC0415 - demucs loads only when a model runs
 
@@ -155,18 +182,22 @@ class TrackWork:
 
     def result(self) -> torch.Tensor:
         """The stems; call once, when `finished`."""
-        estimate = None
-        totals = None
+        estimate: torch.Tensor | None = None
+        totals: list[float] | None = None
         shifts = max(1, self.shifts)
         for index in range(0, len(self.passes), shifts):
             group = self.passes[index:index + shifts]
-            average = sum(p.result() for p in group) / shifts
+            summed = group[0].result()
+            for p in group[1:]:
+                summed = summed + p.result()
+            average = summed / shifts
             weights = group[0].weights
             if weights is None:
                 return average
             scale = torch.tensor(weights, dtype=torch.float32).view(-1, 1, 1).to(average.device)
             estimate = average * scale if estimate is None else estimate + average * scale
             totals = list(weights) if totals is None else [a + b for a, b in zip(totals, weights, strict=True)]
+        assert estimate is not None and totals is not None, "a track has at least one pass"
         divisor = torch.tensor(totals, dtype=torch.float32).view(-1, 1, 1).to(estimate.device)
         return estimate / divisor
 
@@ -199,9 +230,10 @@ class SegmentBatcher:
 
     def _next_batch(self, works: list[TrackWork]) -> list[tuple[TrackWork, Piece]]:
         heads = [w for w in works if w.peek() is not None]
-        if not heads:
+        first = heads[0].peek() if heads else None
+        if first is None:
             return []
-        key = heads[0].peek().key
+        key = first.key
         batch: list[tuple[TrackWork, Piece]] = []
         while len(batch) < self.batch_size:
             added = False

@@ -208,8 +208,10 @@ def model_grid(engine: SeparationEngine, request: StemRequest, options: Separati
     largest random shift."""
     from demucs.apply import BagOfModels  # noqa: PLC0415 - demucs loads only when a model runs
 
+    from core.separation.batching import bag_members  # noqa: PLC0415 - it imports torch; this module stays light
+
     model = engine._plan(request.direct_sources).model
-    subs = list(model.models) if isinstance(model, BagOfModels) else [model]
+    subs = bag_members(model) if isinstance(model, BagOfModels) else [model]
     # As apply_model computes them (the segment may be a Fraction).
     lengths = [int(sub.samplerate * (options.segment if options.segment is not None else sub.segment))
                for sub in subs]
@@ -327,7 +329,8 @@ def separate_staged(
     stitcher = BlockStitcher(mix, engine, request, options, work, block_s, crossfade_s)
 
     def block_progress(fraction: float) -> None:
-        progress(stitcher.fraction(fraction))
+        if progress is not None:  # always, as it is passed only then; says so to mypy
+            progress(stitcher.fraction(fraction))
 
     try:
         while not stitcher.finished:

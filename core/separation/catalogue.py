@@ -20,11 +20,15 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 import yaml
 
 from core.errors import ModelUnavailableError
+
+if TYPE_CHECKING:
+    from demucs.repo import AnyModel
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +181,7 @@ def locate(name: str, model_dir: Path | None = None) -> ModelLocation:
 # -- loading -----------------------------------------------------------------------
 
 
-def load(name: str, model_dir: Path | None = None):
+def load(name: str, model_dir: Path | None = None) -> AnyModel:
     """Load `name` with demucs's loading code from the place `locate` picks. Returns a
     demucs model or BagOfModels in eval mode, on the CPU."""
     location = locate(name, model_dir)
@@ -197,17 +201,21 @@ def load(name: str, model_dir: Path | None = None):
     return model
 
 
-def _load_from(location: ModelLocation, model_dir: Path | None):
+def _load_from(location: ModelLocation, model_dir: Path | None) -> AnyModel:
     from demucs import pretrained  # noqa: PLC0415 - demucs loads only when a model runs
 
     name = location.name
     if location.source == "model-dir":
+        assert model_dir is not None, "locate() picks the model folder only when one is given"
         return pretrained.get_model(name, repo=Path(model_dir))
     if location.source == "hf-cache":
         from demucs.apply import BagOfModels  # noqa: PLC0415 - demucs loads only when a model runs
         from demucs.hf import load_safetensors_model  # noqa: PLC0415 - demucs loads only when a model runs
 
-        yaml_path, weights = _hf_cached_files(name)
+        cached = _hf_cached_files(name)
+        if cached is None:  # removed from the cache since locate() found it
+            raise ModelUnavailableError(f"model '{name}' is no longer in the HuggingFace cache")
+        yaml_path, weights = cached
         with open(yaml_path) as file:
             bag = yaml.safe_load(file)
         models = [load_safetensors_model(path) for path in weights]

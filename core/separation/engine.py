@@ -14,14 +14,26 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from core.errors import BadRequestError, DeviceUnavailableError, JobCancelled
 from core.separation import catalogue
-from core.separation.batching import SegmentBatcher, TrackWork, autocast, segment_and_stride, sub_models
+from core.separation.batching import (
+    SegmentBatcher,
+    TrackWork,
+    autocast,
+    bag_members,
+    segment_and_stride,
+    sub_models,
+)
 from core.separation.stems import StemRequest
+
+if TYPE_CHECKING:
+    from demucs.apply import Model
+    from demucs.repo import AnyModel
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +63,7 @@ def resolve_device(device: str) -> torch.device:
 
 @dataclass
 class _Plan:
-    model: torch.nn.Module
+    model: AnyModel
     computes_all_sources: bool
     sources: frozenset[str] = field(default_factory=frozenset)
 
@@ -68,13 +80,14 @@ def tune_for_cpu(model: torch.nn.Module) -> torch.nn.Module:
     Results change only by float rounding (well above 100 dB SNR). The fast-path switch
     is process-wide: the processes that separate (model host, CLI) do nothing else."""
     torch.backends.mha.set_fastpath_enabled(False)
-    return model.to(memory_format=torch.channels_last)
+    # Module.to accepts memory_format (see its docstring), but torch's overloads omit it.
+    return model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
 
 
 class SeparationEngine:
     """Holds one loaded model on one device and separates mixes with it."""
 
-    def __init__(self, model, name: str, device: torch.device):
+    def __init__(self, model: AnyModel, name: str, device: torch.device):
         self.model = model.to(device)
         self.model.eval()
         if device.type == "cpu":
@@ -129,7 +142,8 @@ class SeparationEngine:
             index = [self.sources.index(s) for s in needed]
             keep = [i for i, w in enumerate(self.model.weights) if any(w[k] != 0 for k in index)]
             if len(keep) < len(self.model.models):
-                sub = BagOfModels([self.model.models[i] for i in keep], [self.model.weights[i] for i in keep])
+                members = bag_members(self.model)
+                sub = BagOfModels([members[i] for i in keep], [self.model.weights[i] for i in keep])
                 covered = frozenset(
                     s for k, s in enumerate(self.sources) if any(self.model.weights[i][k] != 0 for i in keep)
                 )
@@ -278,7 +292,7 @@ def _normalisation(wav: torch.Tensor, stats: tuple[float, float] | None) -> tupl
     return torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
 
 
-def _stride(model, options: SeparationOptions) -> int:
+def _stride(model: Model, options: SeparationOptions) -> int:
     """apply_model's step between segments, in samples (0: a model that is not split)."""
     if options.segment is None and getattr(model, "segment", None) is None:
         return 0
@@ -306,19 +320,19 @@ class _ForwardClock:
             if name and name.count(".") < 3 and not isinstance(module, (torch.nn.ModuleList, torch.nn.ModuleDict)):
                 module.register_forward_hook(self._block_done)
 
-    def _begin(self, *_) -> None:
+    def _begin(self, *_: object) -> None:
         self._calls = 0
         self._ends = []
         self._started = time.perf_counter()
 
-    def _block_done(self, *_) -> None:
+    def _block_done(self, *_: object) -> None:
         index = self._calls
         self._calls += 1
         self._ends.append(time.perf_counter())
         if self.listener is not None and self.shares is not None and index < len(self.shares):
             self.listener(self.shares[index])
 
-    def _finish(self, *_) -> None:
+    def _finish(self, *_: object) -> None:
         # Re-learnt every pass: the very first one also pays for lazy set-up.
         if self._ends:
             whole = max(time.perf_counter() - self._started, 1e-9)
@@ -335,7 +349,7 @@ class _listening:
         for clock in self.clocks:
             clock.listener = self.tracker.inside
 
-    def __exit__(self, *_) -> None:
+    def __exit__(self, *_: object) -> None:
         for clock in self.clocks:
             clock.listener = None
 
@@ -358,7 +372,7 @@ class _ProgressTracker:
         self._span = (0.0, 0.0)
         self._started_at: float | None = None
 
-    def _at(self, info: dict, within: float) -> float:
+    def _at(self, info: dict[str, Any], within: float) -> float:
         models_count = max(1, int(info.get("models", 1)))
         shifts = max(1, int(info.get("shifts", 1)))
         return (info.get("model_idx_in_bag", 0) + (info.get("shift_idx", 0) + min(1.0, within)) / shifts) / models_count
@@ -374,7 +388,7 @@ class _ProgressTracker:
         if self.should_cancel is not None and self.should_cancel():
             raise JobCancelled()
 
-    def __call__(self, info: dict) -> None:
+    def __call__(self, info: dict[str, Any]) -> None:
         now = time.monotonic()
         offset = info.get("segment_offset", 0)
         index = int(info.get("model_idx_in_bag", 0))

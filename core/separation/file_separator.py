@@ -18,6 +18,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -152,6 +153,8 @@ class FileSeparator:
                 current = next_decode
                 next_decode = None
                 try:
+                    # Submitted for every position in `todo` before the loop reaches it.
+                    assert current is not None, "no decode was submitted for this track"
                     track = current.result()
                     if self.overlap_io:
                         # Decode the next input while this one is separated.
@@ -159,18 +162,18 @@ class FileSeparator:
                     if isinstance(track, blockwise.StagedMix):
                         result.audio_s = track.duration_s
                         result.folder = self._blockwise(track, out_dir, result.name,
-                                                        lambda f, i=index: events.track_progress(i, f))
+                                                        partial(events.track_progress, index))
                         events.track_finished(index, result)
                         continue
                     result.audio_s = track.duration_s(self.engine.samplerate)
                     stems = self.engine.separate(
                         track.mix, self.request, self.options,
-                        progress=lambda f, i=index: events.track_progress(i, f),
+                        progress=partial(events.track_progress, index),
                     )
                     del track
                     future = encoder.submit(write_track, stems, self.engine.samplerate, out_dir,
                                             result.name, self.fmt)
-                    future.add_done_callback(lambda f, i=index: self._encoded(f, results[i], i, events))
+                    future.add_done_callback(partial(self._encoded, result=result, index=index, events=events))
                     encodes.append(future)
                     if not self.overlap_io:
                         wait([future])
@@ -194,7 +197,9 @@ class FileSeparator:
             shutil.rmtree(work, ignore_errors=True)
             raise
 
-    def _blockwise(self, mix: blockwise.StagedMix, out_dir: Path, name: str, progress) -> Path:
+    def _blockwise(self, mix: blockwise.StagedMix, out_dir: Path, name: str, progress: blockwise.Progress) -> Path:
+        # `_stage` stages a track (blockwise.use_blocks) only when block_s is set.
+        assert self.block_s is not None, "a staged track without a block length"
         work = mix.path.parent
         try:
             stems = blockwise.separate_staged(mix, self.engine, self.request, self.options, work, progress=progress,

@@ -146,15 +146,15 @@ class Admin(commands.Cog):
                       channel: app_commands.AppCommandChannel | None = None) -> None:
         policy = await self.services.quotas.policy(interaction.guild_id)
         current = list(policy.allowed_channels or [])
-        if action != "clear" and channel is None:
+        if action == "clear":
+            current = []
+        elif channel is None:
             await self._reply(interaction, "Name the channel to add or remove.")
             return
-        if action == "add" and channel.id not in current:
+        elif action == "add" and channel.id not in current:
             current.append(channel.id)
         elif action == "remove" and channel.id in current:
             current.remove(channel.id)
-        elif action == "clear":
-            current = []
         await self.services.quotas.set_guild(interaction.guild_id, allowed_channels=_csv(current) if current else None)
         await self._reply(interaction, "stembot works in: " + (_csv(f"<#{c}>" for c in current) if current
                                                                else "every channel") + ".")
@@ -210,6 +210,7 @@ class Admin(commands.Cog):
     async def stats(self, interaction: discord.Interaction,
                     period: Literal["day", "week", "month", "all"] = "week") -> None:
         span = PERIODS[period]
+        assert interaction.guild_id is not None, "interaction_check runs server settings commands only in a server"
         stats = await server_stats(self.services.store.sessions, interaction.guild_id,
                                    utcnow() - span if span else None)
         states = ", ".join(f"{state} {count}" for state, count in sorted(stats.by_state.items())) or "none"

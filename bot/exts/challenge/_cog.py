@@ -87,6 +87,13 @@ class Challenges(commands.Cog):
     def store(self):
         return self.services.challenges
 
+    @property
+    def running_scheduler(self) -> ChallengeScheduler:
+        """The scheduler, for a command. It exists whenever the services do: only `stembot
+        sync` builds the bot without them, and it registers the commands without running one."""
+        assert self.scheduler is not None, "challenge commands run only on a bot with services"
+        return self.scheduler
+
     async def _reply(self, interaction: discord.Interaction, text: str) -> None:
         none = discord.AllowedMentions.none()
         if interaction.response.is_done():
@@ -97,26 +104,27 @@ class Challenges(commands.Cog):
     # -- finding the challenge a command is about --------------------------------------------
 
     async def _find(self, interaction: discord.Interaction, challenge_id: int | None,
-                    *, latest: bool = False) -> tuple[Challenge | None, str | None]:
+                    *, latest: bool = False) -> Challenge | str:
+        """The challenge a command is about, or why there is none (to tell the member)."""
         if challenge_id is not None:
             challenge = await self.store.get(challenge_id)
             if challenge is None or challenge.guild_id != interaction.guild_id:
-                return None, f"There is no challenge #{challenge_id} in this server."
-            return challenge, None
+                return f"There is no challenge #{challenge_id} in this server."
+            return challenge
         challenge = await self.store.in_thread(interaction.channel_id)
         if challenge is not None:
-            return challenge, None
+            return challenge
         running = await self.store.for_guild(interaction.guild_id, states=ACTIVE)
         if len(running) == 1:
-            return running[0], None
+            return running[0]
         if len(running) > 1:
-            return None, ("Several challenges are running here: use the command in the challenge's thread, or pick "
-                          "one with `challenge:`.")
+            return ("Several challenges are running here: use the command in the challenge's thread, or pick "
+                    "one with `challenge:`.")
         if latest:
             recent = await self.store.for_guild(interaction.guild_id, limit=1)
             if recent:
-                return recent[0], None
-        return None, "There's no remix challenge running in this server."
+                return recent[0]
+        return "There's no remix challenge running in this server."
 
     async def challenge_autocomplete(self, interaction: discord.Interaction, current: str):
         challenges = await self.store.for_guild(interaction.guild_id, limit=25)
@@ -205,12 +213,12 @@ class Challenges(commands.Cog):
             **source, model=model, stems=stems, format=fmt, priority=BULK_PRIORITY,
         )
         if refusal is not None:
-            await self.scheduler.cancel(challenge, f"the track couldn't be queued: {refusal}")
+            await self.running_scheduler.cancel(challenge, f"the track couldn't be queued: {refusal}")
             return
         await self.store.update(challenge.id, job_id=job.id)
         log.info("challenge %s started by %s: job %s, thread %s", challenge.id, interaction.user.id, job.id,
                  thread_id)
-        self.scheduler.wake()
+        self.running_scheduler.wake()
 
     @staticmethod
     def _may_start(interaction: discord.Interaction, policy) -> bool:
@@ -239,16 +247,15 @@ class Challenges(commands.Cog):
                            challenge="which challenge (default: this thread's, or the only one running)")
     async def submit(self, interaction: discord.Interaction, file: discord.Attachment | None = None,
                      url: str | None = None, challenge: int | None = None) -> None:
-        found, reason = await self._find(interaction, challenge)
-        if found is None:
-            await self._reply(interaction, reason)
+        found = await self._find(interaction, challenge)
+        if isinstance(found, str):
+            await self._reply(interaction, found)
             return
-        challenge = found
-        if challenge.challenge_state is ChallengeState.splitting:
-            await self._reply(interaction, f"Submissions for **{challenge.title}** open once the stems are posted.")
+        if found.challenge_state is ChallengeState.splitting:
+            await self._reply(interaction, f"Submissions for **{found.title}** open once the stems are posted.")
             return
-        if challenge.challenge_state is not ChallengeState.open or utcnow() >= challenge.submit_deadline:
-            await self._reply(interaction, f"Submissions are closed for **{challenge.title}**.")
+        if found.challenge_state is not ChallengeState.open or utcnow() >= found.submit_deadline:
+            await self._reply(interaction, f"Submissions are closed for **{found.title}**.")
             return
         policy = await self.services.quotas.policy(interaction.guild_id, _role_ids(interaction))
         reason = self._entry_refusal(interaction, policy, file, url)
@@ -257,22 +264,22 @@ class Challenges(commands.Cog):
             return
         await interaction.response.defer(ephemeral=True, thinking=True)
         try:
-            text = await self._store_entry(interaction, challenge, policy, file, url)
+            text = await self._store_entry(interaction, found, policy, file, url)
         except InputError as exc:
             text = f"Your entry was refused: {exc.reason}."
         except ChallengeError as exc:
-            text = f"{exc.reason[0].upper()}{exc.reason[1:]}: **{challenge.title}** took no new entries."
+            text = f"{exc.reason[0].upper()}{exc.reason[1:]}: **{found.title}** took no new entries."
         await self._reply(interaction, text)
 
     def _entry_refusal(self, interaction: discord.Interaction, policy, file: discord.Attachment | None,
                        url: str | None) -> str | None:
         settings = self.services.settings
-        if (file is None) == (url is None):
-            return "Attach your remix with `file:` or give a link with `url:` (one of the two)."
-        if url is not None:
+        if url is not None and file is None:
             if ytdl.is_streaming_link(url.strip()):
                 return "YouTube and SoundCloud links can't be entries; attach the file or link to it directly."
             return self.bot.get_cog("Split").link_refusal(policy, url)
+        if file is None or url is not None:
+            return "Attach your remix with `file:` or give a link with `url:` (one of the two)."
         if not is_media(file):
             return f"`{file.filename}` isn't an audio file. Attach an mp3, wav, flac, ogg or m4a."
         limit = min(settings.max_input_bytes, interaction.filesize_limit)
@@ -335,33 +342,33 @@ class Challenges(commands.Cog):
     @challenge.command(name="status", description="Where a challenge stands")
     @app_commands.describe(challenge="which challenge (default: this thread's, or the only one running)")
     async def status(self, interaction: discord.Interaction, challenge: int | None = None) -> None:
-        found, reason = await self._find(interaction, challenge, latest=True)
-        if found is None:
-            await self._reply(interaction, reason)
+        found = await self._find(interaction, challenge, latest=True)
+        if isinstance(found, str):
+            await self._reply(interaction, found)
             return
-        challenge, state = found, found.challenge_state
-        lines = [f"**#{challenge.id} {challenge.title}** — {STATE_LABEL[challenge.state]}"
-                 + (f" · <#{challenge.thread_id}>" if challenge.thread_id else ""),
-                 f"Host: <@{challenge.host_id}> · track `{challenge.source_name}` · stems {challenge.stems}, "
-                 f"{challenge.format}" + (" · anonymous" if challenge.anonymous else "")]
+        state = found.challenge_state
+        lines = [f"**#{found.id} {found.title}** — {STATE_LABEL[found.state]}"
+                 + (f" · <#{found.thread_id}>" if found.thread_id else ""),
+                 f"Host: <@{found.host_id}> · track `{found.source_name}` · stems {found.stems}, "
+                 f"{found.format}" + (" · anonymous" if found.anonymous else "")]
         if state in ACTIVE:
-            lines.append(f"Submissions until {when(challenge.submit_deadline)}; voting until "
-                         f"{when(challenge.vote_deadline)}.")
-        entries = await self.store.count_entries(challenge.id)
+            lines.append(f"Submissions until {when(found.submit_deadline)}; voting until "
+                         f"{when(found.vote_deadline)}.")
+        entries = await self.store.count_entries(found.id)
         if state is ChallengeState.closed:
-            standings = await self.store.tally(challenge.id)
-            lines.append(render_results(challenge, standings, await self.store.count_votes(challenge.id)))
+            standings = await self.store.tally(found.id)
+            lines.append(render_results(found, standings, await self.store.count_votes(found.id)))
         elif state is ChallengeState.cancelled:
-            lines.append(f"Cancelled: {challenge.end_reason or 'no reason given'}.")
+            lines.append(f"Cancelled: {found.end_reason or 'no reason given'}.")
         else:
             lines.append(f"Entries: {entries}.")
-            mine = await self.store.entry_of(challenge.id, interaction.user.id)
+            mine = await self.store.entry_of(found.id, interaction.user.id)
             if mine is not None:
                 number = f" (Entry {mine.position})" if mine.position else ""
                 lines.append(f"Your entry: `{mine.original_name}`{number}.")
             if state is ChallengeState.voting:
-                lines.append(f"Votes so far: {await self.store.count_votes(challenge.id)}.")
-                vote = await self.store.vote_of(challenge.id, interaction.user.id)
+                lines.append(f"Votes so far: {await self.store.count_votes(found.id)}.")
+                vote = await self.store.vote_of(found.id, interaction.user.id)
                 if vote is not None:
                     voted_for = await self.store.entry(vote.entry_id)
                     lines.append(f"Your vote: Entry {voted_for.position}.")
@@ -386,29 +393,28 @@ class Challenges(commands.Cog):
     @challenge.command(name="end", description="End a challenge now: results if voting, else cancel it")
     @app_commands.describe(challenge="which challenge (default: this thread's, or the only one running)")
     async def end(self, interaction: discord.Interaction, challenge: int | None = None) -> None:
-        found, reason = await self._find(interaction, challenge)
-        if found is None:
-            await self._reply(interaction, reason)
+        found = await self._find(interaction, challenge)
+        if isinstance(found, str):
+            await self._reply(interaction, found)
             return
-        challenge = found
-        if interaction.user.id != challenge.host_id and not interaction.permissions.manage_guild:
+        if interaction.user.id != found.host_id and not interaction.permissions.manage_guild:
             await self._reply(interaction, "Only the host or a member with Manage Server can end this challenge.")
             return
-        state = challenge.challenge_state
+        state = found.challenge_state
         if state in (ChallengeState.closed, ChallengeState.cancelled):
-            await self._reply(interaction, f"**{challenge.title}** has already ended ({challenge.state}).")
+            await self._reply(interaction, f"**{found.title}** has already ended ({found.state}).")
             return
         await interaction.response.defer(ephemeral=True, thinking=True)
         if state is ChallengeState.voting:
-            done = await self.scheduler.close_voting(challenge, by=interaction.user.id)
-            text = f"Voting closed; the results of **{challenge.title}** are in <#{challenge.thread_id}>."
+            done = await self.running_scheduler.close_voting(found, by=interaction.user.id)
+            text = f"Voting closed; the results of **{found.title}** are in <#{found.thread_id}>."
         else:
-            done = await self.scheduler.cancel(challenge, f"ended by <@{interaction.user.id}> before the vote",
-                                               by=interaction.user.id)
-            text = f"**{challenge.title}** is cancelled."
+            done = await self.running_scheduler.cancel(found, f"ended by <@{interaction.user.id}> before the vote",
+                                                       by=interaction.user.id)
+            text = f"**{found.title}** is cancelled."
         if not done:
-            fresh = await self.store.get(challenge.id)
-            text = f"**{challenge.title}** moved on meanwhile (it is now {fresh.state}); nothing was changed."
+            fresh = await self.store.get(found.id)
+            text = f"**{found.title}** moved on meanwhile (it is now {fresh.state}); nothing was changed."
         await self._reply(interaction, text)
 
     submit.autocomplete("challenge")(challenge_autocomplete)

@@ -4,8 +4,10 @@ so votes keep working after a restart without any view being re-attached."""
 from __future__ import annotations
 
 import re
+from typing import Any, Self
 
 import discord
+from discord.ext import commands
 
 VOTE_PREFIX = "stembot:vote:"
 
@@ -17,11 +19,19 @@ class VoteButton(discord.ui.DynamicItem[discord.ui.Button], template=r"stembot:v
         self.entry_id = entry_id
 
     @classmethod
-    async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Button, match: re.Match[str], /):
+    async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Item[Any], match: re.Match[str],
+                             /) -> Self:
         return cls(int(match["entry_id"]))
 
     async def callback(self, interaction: discord.Interaction) -> None:
-        cog = interaction.client.get_cog("Challenges")
+        from ._cog import Challenges  # noqa: PLC0415 - _cog imports this module (through _scheduler)
+
+        client = interaction.client
+        cog = client.get_cog("Challenges") if isinstance(client, commands.Bot) else None
+        if not isinstance(cog, Challenges):  # the extension is being reloaded, or was unloaded
+            await interaction.response.send_message("Voting isn't available right now; try again in a moment.",
+                                                    ephemeral=True)
+            return
         await cog.vote_from_button(interaction, self.entry_id)
 
 

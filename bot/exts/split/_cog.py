@@ -196,10 +196,10 @@ class Split(commands.Cog):
         if policy.allowed_channels and channel_id not in policy.allowed_channels:
             where = ", ".join(f"<#{c}>" for c in policy.allowed_channels[:5])
             return f"stembot is not enabled in this channel; use it in {where}."
-        if (file is None) == (url is None):
-            return "Attach a song with `file:` or give a link with `url:` (one of the two)."
-        if url is not None:
+        if url is not None and file is None:
             return self.link_refusal(policy, url)
+        if file is None or url is not None:
+            return "Attach a song with `file:` or give a link with `url:` (one of the two)."
         if not is_media(file):
             return f"`{file.filename}` isn't an audio or video file. Attach an mp3, wav, flac, ogg, m4a or a video."
         if file.size > settings.max_input_bytes:
@@ -255,6 +255,7 @@ class Split(commands.Cog):
         if reason is not None:
             await interaction.response.send_message(reason, ephemeral=True)
             return
+        assert job is not None, "the dispatcher refuses with a reason or queues a job"
         try:
             await interaction.response.defer(thinking=True)
             status_message = await interaction.original_response()
@@ -291,6 +292,7 @@ def _source(file: discord.Attachment | None, url: str | None) -> dict:
     if file is not None:
         return {"source_kind": "attachment", "source_url": file.url, "source_name": file.filename,
                 "source_size": file.size}
+    assert url is not None, "callers check first that a file or a link was given (refusal())"
     url = url.strip()
     name = link_output_name(url)
     path_suffix = PurePosixPath(url.split("?", 1)[0]).suffix.lower()

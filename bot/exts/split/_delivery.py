@@ -55,15 +55,15 @@ class DiscordNotifier:
     async def _edit_status(self, job: Job, text: str) -> None:
         await self._edit_reply(job, content=text, view=cancel_view(job.id))
 
-    def _webhook(self, job: Job) -> discord.Webhook:
-        return discord.Webhook.partial(job.application_id or self.bot.application_id, job.interaction_token,
-                                       client=self.bot)
+    def _webhook(self, job: Job, token: str) -> discord.Webhook:
+        return discord.Webhook.partial(job.application_id or self.bot.application_id, token, client=self.bot)
 
     async def _edit_reply(self, job: Job, **fields) -> bool:
         """Edit the job's status message through the interaction token, if still valid."""
-        if not job.token_usable() or job.status_message_id is None:
+        token = job.interaction_token
+        if token is None or not job.token_usable() or job.status_message_id is None:
             return False
-        await self._webhook(job).edit_message(job.status_message_id, **fields)
+        await self._webhook(job, token).edit_message(job.status_message_id, **fields)
         return True
 
     # -- results -----------------------------------------------------------------------

@@ -4,8 +4,12 @@ id, so it keeps working after a restart without any view being re-attached."""
 from __future__ import annotations
 
 import re
+from typing import Any, Self
 
 import discord
+from discord.ext import commands
+
+from ._cog import Split
 
 CANCEL_PREFIX = "stembot:cancel:"
 
@@ -17,11 +21,17 @@ class CancelButton(discord.ui.DynamicItem[discord.ui.Button], template=r"stembot
         self.job_id = job_id
 
     @classmethod
-    async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Button, match: re.Match[str], /):
+    async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Item[Any], match: re.Match[str],
+                             /) -> Self:
         return cls(int(match["job_id"]))
 
     async def callback(self, interaction: discord.Interaction) -> None:
-        cog = interaction.client.get_cog("Split")
+        client = interaction.client
+        cog = client.get_cog("Split") if isinstance(client, commands.Bot) else None
+        if not isinstance(cog, Split):  # the extension is being reloaded, or was unloaded
+            await interaction.response.send_message("Cancelling isn't available right now; try again in a moment.",
+                                                    ephemeral=True)
+            return
         await cog.cancel_from_button(interaction, self.job_id)
 
 
