@@ -10,7 +10,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import get_args
+from typing import TYPE_CHECKING, get_args
 
 from tqdm import tqdm
 
@@ -23,6 +23,9 @@ from core.runtime import limits_of
 from core.separation import catalogue
 from core.separation.stems import parse_stems
 from core.settings import Precision, get_settings
+
+if TYPE_CHECKING:
+    from core.separation.file_separator import TrackResult
 
 
 def _positive_int(text: str) -> int:
@@ -180,7 +183,7 @@ class _ProgressDisplay:
         self.quiet = quiet
         self._bars: dict[int, tqdm] = {}
 
-    def track_started(self, index, result):
+    def track_started(self, index: int, result: TrackResult) -> None:
         if self.quiet:
             return
 
@@ -189,19 +192,19 @@ class _ProgressDisplay:
             file=sys.stderr, leave=True, bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining}",
         )
 
-    def track_progress(self, index, fraction):
+    def track_progress(self, index: int, fraction: float) -> None:
         bar = self._bars.get(index)
         if bar is not None:
             bar.update(int(fraction * 100) - bar.n)
 
-    def track_finished(self, index, result):
+    def track_finished(self, index: int, result: TrackResult) -> None:
         bar = self._bars.pop(index, None)
         if bar is not None:
             if result.ok:
                 bar.update(100 - bar.n)
             bar.close()
 
-    def close(self):
+    def close(self) -> None:
         for bar in self._bars.values():
             bar.close()
         self._bars.clear()

@@ -20,6 +20,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -57,14 +58,22 @@ class TrackResult:
         return self.error is None
 
 
-class FileSeparatorEvents:
-    """Hooks for a progress display; every method is optional to override."""
+class FileSeparatorEvents(Protocol):
+    """Hooks for a progress display (`stembot separate` draws its bars with them). A
+    subclass overrides the ones it needs; the others do nothing."""
 
-    def track_started(self, index: int, result: TrackResult) -> None: ...
+    def track_started(self, index: int, result: TrackResult) -> None:
+        return None
 
-    def track_progress(self, index: int, fraction: float) -> None: ...
+    def track_progress(self, index: int, fraction: float) -> None:
+        return None
 
-    def track_finished(self, index: int, result: TrackResult) -> None: ...
+    def track_finished(self, index: int, result: TrackResult) -> None:
+        return None
+
+
+class _NoEvents(FileSeparatorEvents):
+    """Nobody is watching."""
 
 
 def prepare(path: str | Path, engine: SeparationEngine, limits: Limits,
@@ -125,7 +134,7 @@ class FileSeparator:
 
     def run(self, inputs: Sequence[str | Path], out_dir: Path,
             events: FileSeparatorEvents | None = None) -> list[TrackResult]:
-        events = events or FileSeparatorEvents()
+        events = events or _NoEvents()
         results = [TrackResult(str(p), output_name(p)) for p in inputs]
         first_use: dict[str, str] = {}
         for result in results:
