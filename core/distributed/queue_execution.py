@@ -28,6 +28,10 @@ Shown = tuple[str, float]
 
 
 class QueueExecution:
+    """Hands claimed jobs to `stembot worker`s through `queue`, as many as `fleet` has ready
+    slots (plus `prefetch`), and turns what the workers write in the job rows into progress,
+    deliveries and endings."""
+
     def __init__(self, queue: JobQueue, fleet: Fleet, watch_interval_s: float = 0.5, stale_s: float = 30.0,
                  prefetch: int = 1):
         self.queue = queue
