@@ -329,7 +329,7 @@ def separate_staged(
     stitcher = BlockStitcher(mix, engine, request, options, work, block_s, crossfade_s)
 
     def block_progress(fraction: float) -> None:
-        if progress is not None:  # always, as it is passed only then; says so to mypy
+        if progress is not None:  # always true: block_progress is passed only when progress is set
             progress(stitcher.fraction(fraction))
 
     try:
