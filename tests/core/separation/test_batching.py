@@ -40,7 +40,7 @@ def test_batched_specialists_run_only_what_is_needed(model_dir, mixes):
     bag = SeparationEngine.load("tinybag", model_dir, "cpu")
     request = parse_stems("karaoke", bag.sources)
     together = bag.separate_many(mixes[:2], request, EXACT)
-    for mix, batched in zip(mixes, together, strict=True):
+    for mix, batched in zip(mixes[:2], together, strict=True):
         alone = bag.separate(mix, request, EXACT)
         np.testing.assert_allclose(batched["vocals"], alone["vocals"], atol=2e-5, rtol=0)
         np.testing.assert_allclose(batched["no_vocals"], mix - batched["vocals"], atol=1e-6)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from core.errors import CorruptMediaError, JobCancelled
+from core.errors import CorruptMediaError, EncodeError, JobCancelled
 from core.host.protocol import CancelledEvent, DoneEvent, HostConfig, HostEvent, JobSpec, ProgressEvent, StageEvent
 from core.host.serial_host import SerialHost
 from core.host.steps import JobSteps
@@ -225,13 +225,12 @@ def test_a_failed_encode_or_decode_leaves_nothing_behind(engine, short_track, tm
         blockwise.separate_file(broken, engine, request, EXACT, Limits(), out, "x", FLOAT_WAV, block_s=BLOCK_S)
     assert list(out.iterdir()) == []
 
-    import core.media.audio
-
     def fail(*args, **kwargs):
-        raise core.media.audio.EncodeError("disk full")
+        raise EncodeError("disk full")
 
-    monkeypatch.setattr(core.media.audio, "encode_stream", fail)
-    with pytest.raises(core.media.audio.EncodeError):
+    # The name blockwise encodes with (a disk that fills up half-way through the stems).
+    monkeypatch.setattr(blockwise, "encode_stream", fail)
+    with pytest.raises(EncodeError):
         blockwise.separate_file(short_track, engine, request, EXACT, Limits(), out, "x", FLOAT_WAV,
                                 block_s=BLOCK_S)
     assert list(out.iterdir()) == []
