@@ -15,7 +15,8 @@
 # chosen target uses; the legacy builder would build the worker for the bot too.
 #
 # Build arguments:
-#   TORCH_SPEC    what pip installs for PyTorch first. bot: the PyPI build, which runs on CUDA
+#   TORCH_SPEC    what pip installs for PyTorch first (the lock, requirements/app.lock, holds
+#                 everything else). bot: the PyPI build, which runs on CUDA
 #                 GPUs and on CPUs (for a bot that only queues jobs, a CPU-only wheel is much
 #                 smaller: "torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu").
 #                 worker: the CUDA 12.8 build (needs an NVIDIA driver >= 570 on the host).
@@ -31,6 +32,8 @@ ARG CUDA_IMAGE=nvidia/cuda:12.8.1-runtime-ubuntu24.04
 # The sources both images install, in one place so that they cannot drift apart.
 FROM scratch AS source
 COPY pyproject.toml README.md alembic.ini /src/
+COPY requirements /src/requirements
+COPY scripts/lockfile.py /src/scripts/lockfile.py
 COPY core /src/core
 COPY bot /src/bot
 COPY stembot /src/stembot
@@ -63,8 +66,14 @@ RUN apt-get update \
 WORKDIR /opt/stembot/src
 # torch first and on its own layer: it is large and changes rarely.
 RUN pip install ${TORCH_SPEC}
+# Then exactly the versions a venv of the same commit gets (scripts/setup): the lock, each
+# file checked against its hash, nothing resolved afresh; then stembot itself.
+COPY --from=source /src/requirements ./requirements
+RUN pip install --no-deps --require-hashes -r requirements/app.lock
 COPY --from=source /src ./
-RUN pip install .
+RUN python scripts/lockfile.py check requirements/app.lock \
+    && pip install --no-deps . \
+    && pip check
 
 # Fill the HuggingFace cache now, then never touch the network for models again.
 RUN for model in ${MODELS}; do stembot models pull "$model"; done
@@ -101,8 +110,14 @@ RUN apt-get update \
 WORKDIR /opt/stembot/src
 # torch first and on its own layer: it is large and changes rarely.
 RUN pip install ${TORCH_SPEC}
+# Then exactly the versions a venv of the same commit gets (scripts/setup): the lock, each
+# file checked against its hash, nothing resolved afresh; then stembot itself.
+COPY --from=source /src/requirements ./requirements
+RUN pip install --no-deps --require-hashes -r requirements/app.lock
 COPY --from=source /src ./
-RUN pip install .
+RUN python scripts/lockfile.py check requirements/app.lock \
+    && pip install --no-deps . \
+    && pip check
 
 # Fill the HuggingFace cache now, then never touch the network for models again.
 RUN for model in ${MODELS}; do stembot models pull "$model"; done
