@@ -8,6 +8,19 @@ connection is pinned to the vetted addresses (a resolver that knows nothing else
 DNS answer that changes between the check and the connect cannot win. TLS SNI and the
 Host header still carry the original name.
 
+IPv6 addresses that carry an IPv4 address are refused by their prefix, whatever IPv4
+address they carry: IPv4-mapped `::ffff:0:0/96`, IPv4-translated `::ffff:0:0:0/96` (SIIT),
+IPv4-compatible `::/96`, local-use NAT64 `64:ff9b:1::/48`, 6to4 `2002::/16` and Teredo
+`2001::/32`. A public site is never reachable only through one of them (6to4 and Teredo
+are relay tunnels for clients, and the mapped forms are how a socket API writes IPv4, not
+a DNS answer), while each is a way to reach an IPv4 address that a gateway, a dual-stack
+socket or SIIT translates behind our back, and the local-use NAT64 prefix does not even
+say where in it the IPv4 address sits. The well-known NAT64 prefix `64:ff9b::/96` is the
+one exception: on an IPv6-only host, DNS64 answers with it for every IPv4-only site, so
+refusing it outright would break such a bot. There the IPv4 address sits at a fixed place
+(its last 32 bits, RFC 6052), and the address is refused when that IPv4 address is not
+public.
+
 Nothing from the server is trusted: no decompression (`Accept-Encoding: identity`, and a
 compressed answer is refused), sizes are counted while streaming, and the first bytes
 must not look like a web page, text, an image, an archive or a program. Anything else
@@ -67,18 +80,27 @@ _FORBIDDEN_V4 = tuple(ipaddress.ip_network(n) for n in (
     "198.51.100.0/24", "203.0.113.0/24", "224.0.0.0/4", "240.0.0.0/4",  # 240/4 holds 255.255.255.255
 ))
 _FORBIDDEN_V6 = tuple(ipaddress.ip_network(n) for n in (
-    "::/96",            # unspecified, loopback, and the deprecated IPv4-compatible form
     "100::/64",         # discard
-    "2001::/23",        # IETF protocol assignments: Teredo, ORCHID, benchmarking, ...
+    "2001::/23",        # IETF protocol assignments: ORCHID, benchmarking, ... (Teredo is named below)
     "2001:db8::/32",    # documentation
     "3fff::/20",        # documentation
     "5f00::/16",        # SRv6 SIDs
-    "64:ff9b:1::/48",   # local-use NAT64
     "fc00::/7",         # unique local
     "fe80::/10",        # link-local
     "fec0::/10",        # site-local (deprecated)
     "ff00::/8",         # multicast
 ))
+# IPv6 ranges that carry an IPv4 address, refused whatever that address is (see the
+# module docstring); checked after `::` and `::1`, which `::/96` holds too.
+_CARRIES_V4 = tuple((ipaddress.ip_network(n), kind) for n, kind in (
+    ("::ffff:0:0/96", "IPv4-mapped"),
+    ("::ffff:0:0:0/96", "IPv4-translated"),
+    ("::/96", "IPv4-compatible"),
+    ("64:ff9b:1::/48", "local-use NAT64"),
+    ("2002::/16", "6to4"),
+    ("2001::/32", "Teredo"),
+))
+# Judged by the IPv4 address in its last 32 bits: DNS64 answers with it on IPv6-only hosts.
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 # Names that only mean something inside a network; refused before any lookup.
 _LOCAL_SUFFIXES = ("localhost", "localdomain", "local", "internal", "lan", "home.arpa")
@@ -121,14 +143,17 @@ def loopback_allowed(requested: bool | None = None) -> bool:
 def address_problem(ip: IPAddress, allow_loopback: bool = False) -> str | None:
     """Why `ip` must not be connected to, or None when it is a public address."""
     if isinstance(ip, ipaddress.IPv6Address):
-        # An IPv4 address carried inside IPv6 is judged as that IPv4 address (the switch
-        # for tests opens plain 127.0.0.0/8 only, never a wrapped form of it).
-        embedded = ip.ipv4_mapped or ip.sixtofour
-        if embedded is None and ip in _NAT64:
-            embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
-        if embedded is not None:
-            return address_problem(embedded)
-        if ip.scope_id or any(ip in net for net in _FORBIDDEN_V6) or not ip.is_global:
+        if ip.scope_id or ip.is_unspecified or ip.is_loopback:
+            return "a private or reserved network address"
+        # The switch for tests opens plain 127.0.0.0/8 only, never a wrapped form of it.
+        for net, kind in _CARRIES_V4:
+            if ip in net:
+                return f"an IPv6 address carrying an IPv4 address ({kind})"
+        if ip in _NAT64:  # judged by its IPv4 address alone, whatever Python's tables say of the prefix
+            if address_problem(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)):
+                return "an IPv6 address carrying a non-public IPv4 address (NAT64)"
+            return None
+        if any(ip in net for net in _FORBIDDEN_V6) or not ip.is_global:
             return "a private or reserved network address"
         return None
     if allow_loopback and ip in _LOOPBACK_V4:

@@ -104,6 +104,30 @@ HOSTILE_URLS = [
     "http://example.com\\@127.0.0.1/",
 ]
 
+# IPv6 addresses that carry an IPv4 address, and the words the refusal names them by.
+EMBEDDED_V4 = [
+    ("::ffff:127.0.0.1", "IPv4-mapped"),
+    ("::ffff:7f00:1", "IPv4-mapped"),
+    ("::ffff:8.8.8.8", "IPv4-mapped"),
+    ("::ffff:0:7f00:1", "IPv4-translated"),       # SIIT: 127.0.0.1
+    ("::ffff:0:a9fe:a9fe", "IPv4-translated"),    # SIIT: 169.254.169.254
+    ("::ffff:0:808:808", "IPv4-translated"),
+    ("::127.0.0.1", "IPv4-compatible"),
+    ("::a9fe:a9fe", "IPv4-compatible"),
+    ("::8.8.8.8", "IPv4-compatible"),
+    ("64:ff9b::7f00:1", "NAT64"),
+    ("64:ff9b::a9fe:a9fe", "NAT64"),
+    ("64:ff9b:1::a9fe:a9fe", "local-use NAT64"),
+    ("64:ff9b:1:ffff::808:808", "local-use NAT64"),
+    ("2002:7f00:1::1", "6to4"),
+    ("2002:a9fe:a9fe::", "6to4"),
+    ("2002:808:808::1", "6to4"),
+    ("2001:0:4136:e378:8000:63bf:3fff:fdd2", "Teredo"),
+    ("2001:0:7f00:1::", "Teredo"),
+    ("2001:0:808:808:0:f227:80ff:fefe", "Teredo"),
+]
+HOSTILE_URLS += [f"http://[{address}]/a.mp3" for address, _ in EMBEDDED_V4]
+
 
 @pytest.fixture
 async def no_network(monkeypatch):
@@ -172,10 +196,22 @@ def test_non_public_addresses_are_refused(address):
 
 @pytest.mark.parametrize("address", [
     "8.8.8.8", "1.1.1.1", "93.184.216.34", "162.159.128.233", "2606:4700:4700::1111",
-    "2a00:1450:4001:80b::200e", "::ffff:8.8.8.8", "64:ff9b::808:808", "2002:808:808::1",
+    "2a00:1450:4001:80b::200e",
+    "64:ff9b::808:808",  # what DNS64 answers for an IPv4-only site on an IPv6-only host
 ])
 def test_public_addresses_pass(address):
     assert address_problem(ipaddress.ip_address(address)) is None
+
+
+@pytest.mark.parametrize("address,words", EMBEDDED_V4)
+def test_ipv6_carrying_ipv4_is_refused_by_name(address, words):
+    """As a link's host and as any one DNS answer, with a reason that says what it is."""
+    with pytest.raises(LinkNotAllowedError, match=f"IPv6 address carrying .*\\({words}\\)"):
+        check_url(f"http://[{address}]/a.mp3")
+    with pytest.raises(LinkNotAllowedError, match=f"IPv6 address carrying .*\\({words}\\)"):
+        vet_addresses(_info("93.184.216.34", address))
+    with pytest.raises(LinkNotAllowedError, match=f"\\({words}\\)"):  # the switch for tests opens 127/8 only
+        check_url(f"http://[{address}]/a.mp3", allow_loopback_for_tests=True)
 
 
 def _info(*addresses: str) -> list[tuple]:
