@@ -8,10 +8,17 @@ and wall time are capped while downloading. No proxy, no cookies, no config file
 cache folder, no post-processing (yt-dlp would run ffmpeg on the file outside our limits;
 `core.media.audio` decodes it like any upload), and no external downloaders.
 
+Only one direct http(s) file is ever downloaded, by yt-dlp's own HTTP downloader. HLS and
+DASH formats (m3u8, http_dash_segments, ...) are never chosen: for some of them (live
+ones, or when it prefers to) yt-dlp hands the manifest to ffmpeg, which fetches every
+segment outside the checks below, the protocol allow-list and the limits. A page that
+offers nothing else is refused before anything is downloaded, and `YoutubeDL.dl` is
+overridden to refuse any download that is not plain HTTP(S), should one get that far.
+
 What is and is not guarded against reaching a non-public address:
 - Every request yt-dlp makes goes through `YoutubeDL.urlopen`, which we override to run
   the checks of `core.net.fetcher` (scheme, port, host form, and every DNS answer public)
-  first: the page, the site's API calls, the chosen media URL and each fragment.
+  first: the page, the site's API calls and the chosen media file.
 - Not covered: redirects that yt-dlp's HTTP layer follows by itself are not re-checked,
   and yt-dlp resolves the name again when it connects, so the address is not pinned as
   in `core.net.fetcher` (a DNS answer that changes in between is not caught). The page must be
@@ -50,6 +57,12 @@ ALLOWED_EXTRACTORS = ("Youtube", "Soundcloud")
 # Query parameters that turn a YouTube watch link into "this video, in this playlist".
 _PLAYLIST_PARAMS = ("list", "index", "start_radio", "pp")
 
+
+# The protocols downloaded (one file, by yt-dlp's HttpFD through the guarded `urlopen`), best first.
+DIRECT_PROTOCOLS = ("https", "http")
+# Best audio alone, else the best single file with audio; never a merge of two (ffmpeg).
+FORMAT = "/".join(f"{quality}[protocol={proto}]" for quality in ("bestaudio", "best") for proto in DIRECT_PROTOCOLS)
+STREAM_ONLY = "this track is only offered as a stream (HLS or DASH), not as a file to download"
 
 # Hosts whose links go through yt-dlp rather than the plain fetcher.
 STREAMING_HOSTS = ("youtube.com", "youtu.be", "youtube-nocookie.com", "soundcloud.com")
@@ -113,6 +126,17 @@ def check_info(info: dict, limits: Limits) -> None:
                            f"{format_duration(limits.max_duration_s)} limit")
 
 
+def check_formats(info: dict) -> None:
+    """Refuse a page whose formats are all streams (HLS, DASH, ...), before anything is downloaded."""
+    from yt_dlp.utils import determine_protocol  # noqa: PLC0415 - yt-dlp is an optional extra
+
+    formats = info.get("formats") or ([info] if info.get("url") else [])
+    # What yt-dlp will call each format when it chooses one (a bare `.m3u8` URL is HLS).
+    protocols = {determine_protocol(f) for f in formats if isinstance(f, dict) and (f.get("protocol") or f.get("url"))}
+    if protocols and protocols.isdisjoint(DIRECT_PROTOCOLS):
+        raise LinkNotAllowedError(STREAM_ONLY)
+
+
 def fetch_media(url: str, dest: Path, limits: Limits = Limits(), *, enabled: bool = False,
                 timeout_s: float = 300.0, allow_loopback_for_tests: bool | None = None) -> int:
     """Download the audio of one YouTube or SoundCloud track to `dest`; returns its size.
@@ -140,6 +164,9 @@ def guarded_downloader(params: dict[str, Any], deadline: float, allow_loopback: 
     """A YoutubeDL with no extractors loaded whose every request is first checked like a
     user's link (and against `deadline`, a `time.monotonic()` value)."""
     import yt_dlp  # noqa: PLC0415 - yt-dlp is an optional extra
+    from yt_dlp.downloader import get_suitable_downloader  # noqa: PLC0415 - yt-dlp is an optional extra
+    from yt_dlp.downloader.http import HttpFD  # noqa: PLC0415 - yt-dlp is an optional extra
+    from yt_dlp.utils import determine_protocol  # noqa: PLC0415 - yt-dlp is an optional extra
 
     class GuardedYoutubeDL(yt_dlp.YoutubeDL):
         def urlopen(self, req: Any) -> Any:
@@ -148,6 +175,15 @@ def guarded_downloader(params: dict[str, Any], deadline: float, allow_loopback: 
             target_url = req if isinstance(req, str) else getattr(req, "url", None) or req.full_url
             resolve_target_blocking(check_url(target_url, allow_loopback), allow_loopback)
             return super().urlopen(req)
+
+        def dl(self, name: str, info: dict, subtitle: bool = False, test: bool = False) -> Any:
+            # The last guard: whatever the format selection let through, only yt-dlp's own
+            # HTTP downloader runs (ffmpeg, HLS, DASH or rtmpdump would fetch outside `urlopen`).
+            # get_suitable_downloader writes into the dict it is given, hence the copy.
+            if (not info.get("url") or determine_protocol(info) not in DIRECT_PROTOCOLS
+                    or get_suitable_downloader(dict(info), self.params) is not HttpFD):
+                raise LinkNotAllowedError(STREAM_ONLY)
+            return super().dl(name, info, subtitle=subtitle, test=test)
 
     return GuardedYoutubeDL(params, auto_init=False)
 
@@ -162,11 +198,12 @@ def downloader_params(work: Path, limits: Limits, deadline: float) -> dict:
             raise TooLargeError("the file is over the size limit")
 
     return {
-        # Only protocols that yt-dlp downloads itself, through the guarded `urlopen`
-        # (rtmp, rtsp and the like would hand the URL to an external program).
-        "format": "/".join(f"{quality}[protocol^={proto}]" for quality in ("bestaudio", "best")
-                           for proto in ("http", "m3u8")),
-        "external_downloader": {"default": "native"},  # never ffmpeg or aria2c for HLS/DASH
+        # One direct http(s) file: HLS and DASH may go to ffmpeg, rtmp and rtsp to other
+        # programs, all outside the guarded `urlopen` and the limits.
+        "format": FORMAT,
+        "external_downloader": {"default": "native"},  # never aria2c, curl, or ffmpeg
+        "hls_prefer_native": True,  # belt and braces: HLS is not selected at all
+        "allow_unplayable_formats": False,
         "outtmpl": {"default": str(work / "media.%(ext)s")},
         "noplaylist": True,
         "max_filesize": limits.max_input_bytes,
@@ -199,6 +236,7 @@ def _run(url: str, key: str, dest: Path, work: Path, limits: Limits, deadline: f
             ydl.get_info_extractor(key)  # loads this one extractor, and no other
             info = ydl.extract_info(url, download=False, ie_key=key, process=False)
             check_info(info, limits)
+            check_formats(info)
             ydl.process_ie_result(info, download=True)
     except StembotError:
         raise

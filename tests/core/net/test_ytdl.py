@@ -101,6 +101,10 @@ def test_options_are_locked_down(tmp_path):
     assert params["noplaylist"] is True and params["max_filesize"] == LIMITS.max_input_bytes
     assert params["external_downloader"] == {"default": "native"} and params["fixup"] == "never"
     assert params["postprocessors"] == []
+    # One direct http(s) file, never HLS or DASH, never a merge (ffmpeg).
+    assert params["format"] == ytdl.FORMAT == ("bestaudio[protocol=https]/bestaudio[protocol=http]/"
+                                               "best[protocol=https]/best[protocol=http]")
+    assert params["hls_prefer_native"] is True and params["allow_unplayable_formats"] is False
     ydl = ytdl.guarded_downloader(params, time.monotonic() + 60)
     assert ydl.proxies == {"all": "__noproxy__"}
     assert ydl._ies == {}  # no extractor loaded, least of all `generic`
@@ -159,3 +163,91 @@ def test_a_download_that_is_not_media_is_refused(tmp_path, monkeypatch):
     with pytest.raises(NotAudioError, match="web page"):
         ytdl.fetch_media(VIDEO, tmp_path / "song", LIMITS, enabled=True)
     assert list(tmp_path.iterdir()) == []
+
+
+# -- only one direct file, through yt-dlp's own HTTP downloader ------------------------------
+
+M4A = b"\x00\x00\x00\x20ftypM4A " + bytes(5000)
+
+
+def _format(format_id: str, url: str, abr: float, protocol: str | None = None) -> dict:
+    fmt = {"format_id": format_id, "url": url, "ext": "m4a", "acodec": "mp4a.40.2", "vcodec": "none", "abr": abr}
+    if protocol:
+        fmt["protocol"] = protocol
+    return fmt
+
+
+# Better quality first as a stream, so a selection that lets streams through picks one.
+HLS = _format("hls-256", "https://cdn.example.com/a/index.m3u8", 256)  # protocol left to yt-dlp: m3u8_native
+DASH = _format("dash-192", "https://cdn.example.com/a/manifest.mpd", 192, "http_dash_segments")
+LIVE_HLS = _format("hls-live", "https://cdn.example.com/live.m3u8", 160, "m3u8")
+DIRECT = _format("direct-128", "https://cdn.example.com/a/audio.m4a", 128, "https")
+
+
+@pytest.fixture
+def http_downloads(monkeypatch):
+    """yt-dlp's native HTTP downloader, writing a song instead of reaching the network; the URLs it got."""
+    from yt_dlp.downloader.http import HttpFD
+
+    urls: list[str] = []
+
+    def real_download(fd, filename, info_dict):
+        urls.append(info_dict["url"])
+        Path(filename).write_bytes(M4A)
+        return True
+
+    monkeypatch.setattr(HttpFD, "real_download", real_download)
+    return urls
+
+
+def _page(monkeypatch, *formats: dict) -> None:
+    """Fakes the extraction only: yt-dlp's own format selection and download choice run."""
+    def extract_info(ydl, url, download=True, ie_key=None, process=True, **kwargs):
+        return {"id": "x", "title": "a song", "duration": 200, "extractor": "youtube", "extractor_key": "Youtube",
+                "webpage_url": url, "formats": [dict(f) for f in formats]}
+
+    monkeypatch.setattr("yt_dlp.YoutubeDL.extract_info", extract_info)
+
+
+@needs_yt_dlp
+@pytest.mark.parametrize("formats", [(HLS,), (DASH,), (HLS, DASH, LIVE_HLS)], ids=["hls", "dash", "mixed"])
+def test_a_page_that_only_offers_streams_is_refused(tmp_path, monkeypatch, http_downloads, formats):
+    _page(monkeypatch, *formats)
+    with pytest.raises(LinkNotAllowedError, match="only offered as a stream"):
+        ytdl.fetch_media(VIDEO, tmp_path / "song", LIMITS, enabled=True)
+    assert http_downloads == [] and list(tmp_path.iterdir()) == []
+
+
+@needs_yt_dlp
+def test_the_direct_https_file_is_chosen_over_better_streams(tmp_path, monkeypatch, http_downloads):
+    _page(monkeypatch, HLS, DASH, LIVE_HLS, DIRECT)
+    assert ytdl.fetch_media(VIDEO, tmp_path / "song", LIMITS, enabled=True) == len(M4A)
+    assert http_downloads == [DIRECT["url"]] and (tmp_path / "song").read_bytes() == M4A
+
+
+@needs_yt_dlp
+def test_the_format_selection_keeps_direct_files_only(tmp_path):
+    from yt_dlp.downloader import get_suitable_downloader
+    from yt_dlp.downloader.http import HttpFD
+
+    params = ytdl.downloader_params(tmp_path, LIMITS, time.monotonic() + 60)
+    ydl = ytdl.guarded_downloader(params, time.monotonic() + 60)
+    info = {"id": "x", "title": "a song", "extractor": "youtube", "extractor_key": "Youtube",
+            "webpage_url": VIDEO, "formats": [dict(f) for f in (HLS, DASH, LIVE_HLS, DIRECT)]}
+    chosen = ydl.process_ie_result(info, download=False)
+    assert chosen["format_id"] == DIRECT["format_id"] and "requested_formats" not in chosen
+    assert get_suitable_downloader(dict(chosen), params) is HttpFD
+    plain_http = dict(DIRECT, format_id="plain", url="http://cdn.example.com/a.m4a", protocol="http")
+    assert ydl.process_ie_result(dict(info, formats=[HLS, plain_http]), download=False)["format_id"] == "plain"
+
+
+@needs_yt_dlp
+@pytest.mark.parametrize("fmt", [HLS, DASH, LIVE_HLS, _format("rtmp", "rtmp://cdn.example.com/a", 128)],
+                         ids=["hls", "dash", "live-hls", "rtmp"])
+def test_the_downloader_itself_refuses_anything_but_one_direct_file(tmp_path, fmt, http_downloads):
+    """The last guard, should a format get past the selection: yt-dlp's `dl` is never given a stream."""
+    params = ytdl.downloader_params(tmp_path, LIMITS, time.monotonic() + 60)
+    ydl = ytdl.guarded_downloader(params, time.monotonic() + 60)
+    with pytest.raises(LinkNotAllowedError, match="only offered as a stream"):
+        ydl.dl(str(tmp_path / "media.m4a"), dict(fmt, id="x"))
+    assert http_downloads == []
