@@ -116,12 +116,19 @@ def check_artifacts(job: Job, artifacts: Any) -> CheckedResults:
             type(size) is int and size >= 0 for size in sizes.values()):
         raise ResultsRefused("sizes do not match the stems")
     expected_duration(job)
+    # The bot names each file itself and never opens a name the worker wrote; an honest
+    # worker writes these very names, so another one is refused as a sign of tampering.
+    files = {stem: f"{stem}.{fmt.extension}" for stem in stems}
+    if any(reported[stem] != name for stem, name in files.items()):
+        raise ResultsRefused(f"file names {dict(reported)!r:.200} are not {files!r:.200}")
+    preview = artifacts.get("preview")
+    if preview not in (None, PREVIEW):
+        raise ResultsRefused(f"preview {preview!r:.80} is not {PREVIEW}")
     return CheckedResults(
-        # The worker's file names are ignored: the bot names each file itself.
-        files={stem: f"{stem}.{fmt.extension}" for stem in stems},
+        files=files,
         sizes={stem: int(sizes[stem]) for stem in stems},
         format=fmt, mode=str(mode), note=safe_note(artifacts.get("note")),
-        preview=PREVIEW if artifacts.get("preview") else None,
+        preview=preview,
     )
 
 
