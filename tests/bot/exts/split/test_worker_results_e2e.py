@@ -128,11 +128,17 @@ async def test_tampered_results_are_refused_and_never_cached(tmp_path, model_dir
             else:
                 assert (ended[job_id]["state"], ended[job_id]["error"]) == ("failed", REFUSED), case
 
-        posted = fake.channel_messages(fake.channel_id)[channel_before:]
-        refused = [m for m in posted if "Couldn't split" in m.content]
-        assert len(refused) == len(hostile) - 1 and all(REFUSED in m.content and not m.attachments for m in refused)
-        delivered = [m for m in posted if "Done" in m.content]
-        assert len(delivered) == 1, [m.content for m in posted]
+
+        def posted():
+            return fake.channel_messages(fake.channel_id)[channel_before:]
+
+        # The row ends first, the message follows.
+        refused = await fake.wait_for(
+            lambda: (found := [m for m in posted() if "Couldn't split" in m.content]) and
+            len(found) == len(hostile) - 1 and found, timeout=10, what="a failure message for each tampered job")
+        assert all(REFUSED in m.content and not m.attachments for m in refused)
+        delivered = [m for m in posted() if "Done" in m.content]
+        assert len(delivered) == 1, [m.content for m in posted()]
         # Only the genuine stems of the job with the noisy note went out, and it pings nobody.
         assert [a.filename for a in delivered[0].attachments] == [f"{s}.mp3" for s in STEMS] + ["preview.png"]
         for attachment in delivered[0].attachments:
