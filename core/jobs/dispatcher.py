@@ -25,6 +25,7 @@ from core.db import utcnow
 from core.errors import InputError
 from core.jobs.job import Job, JobState
 from core.jobs.quotas import Policy
+from core.jobs.results import RESULTS_REFUSED, ResultsRefused, check_artifacts
 from core.jobs.runner import RunConfig
 from core.jobs.store import JobStore
 from core.media.audio import Limits, probe
@@ -50,7 +51,9 @@ class Notifier(Protocol):
         """State, progress or queue position changed (callers throttle their edits)."""
 
     async def deliver(self, job: Job) -> None:
-        """Send the results of a job in `delivering`. Raise to have it retried."""
+        """Send the results of a job in `delivering`, from the files that
+        `core.jobs.results.open_checked` checked. Raise to have it retried; raise
+        ResultsRefused (from that check) to have the job failed at once."""
 
     async def job_ended(self, job: Job) -> None:
         """The job failed or was cancelled; `job.error` says why."""
@@ -225,8 +228,14 @@ class Dispatcher:
         cached = await self.store.find_cached(job)
         if cached is None:
             return False
-        artifacts = dict(cached.artifacts or {})
-        names = list(artifacts.get("files", {}).values()) + ([artifacts["preview"]] if artifacts.get("preview") else [])
+        try:
+            # Same model, stems and format as this job; a tampered row is never reused.
+            checked = check_artifacts(cached, cached.artifacts)
+        except ResultsRefused as exc:
+            log.warning("job %s: not serving the cache of job %s: %s", job.id, cached.id, exc.why)
+            return False
+        artifacts = checked.artifacts()
+        names = checked.names
         if not await self.storage.has_stems(cached.id, names):
             return False
         if artifacts.get("mode") == "attach" and not fits(artifacts["sizes"].values(), job.attachment_size_limit):
@@ -255,6 +264,15 @@ class Dispatcher:
         return task
 
     async def _deliver(self, job: Job) -> None:
+        try:
+            # The row keeps only what was checked, names made by the bot: the results cache
+            # and any later delivery act on that, never on what the worker wrote.
+            checked = check_artifacts(job, job.artifacts)
+        except ResultsRefused as exc:
+            await self.refuse_results(job.id, exc.why)
+            return
+        await self.store.update(job.id, in_state=JobState.delivering, artifacts=checked.artifacts())
+        job = await self.store.require(job.id)
         delays = list(self.config.delivery_retry_delays_s)
         while True:
             try:
@@ -262,6 +280,9 @@ class Dispatcher:
                 break
             except asyncio.CancelledError:
                 raise
+            except ResultsRefused as exc:  # the files failed the check: no retry
+                await self.refuse_results(job.id, exc.why)
+                return
             except Exception as exc:  # noqa: BLE001 - retried, then reported
                 if not delays:
                     log.error("job %s: delivery failed for good: %r", job.id, exc)
@@ -284,6 +305,12 @@ class Dispatcher:
         except Exception:
             log.exception("job %s: %s", job_id, what)
             await self.fail(job_id, "something went wrong on our side; please try again", "internal")
+
+    async def refuse_results(self, job_id: int, why: str) -> None:
+        """Fail a job whose results did not check out: not charged (failing releases the
+        minutes), its files deleted, so never cached; the reason is for the operator only."""
+        log.warning("job %s: the worker's results were refused: %s", job_id, why)
+        await self.fail(job_id, RESULTS_REFUSED, "bad_results")
 
     async def fail(self, job_id: int, reason: str, kind: str | None) -> None:
         """Fail the job and report it; if it was cancelled meanwhile, settle that instead."""

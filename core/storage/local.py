@@ -20,6 +20,14 @@ def safe_filename(name: str, fallback: str = "track") -> str:
     return stem[:120]
 
 
+def plain_name(name: str) -> str:
+    """`name` if it names a file right in a folder; else ValueError. Stem names come from a
+    job's row, which a worker writes: they must never lead elsewhere."""
+    if not name or name in (".", "..") or Path(name).name != name or "\\" in name:
+        raise ValueError(f"not a plain file name: {name!r:.80}")
+    return name
+
+
 class LocalStorage:
     """Job folders under one root. In embedded mode the worker shares this disk."""
 
@@ -59,12 +67,13 @@ class LocalStorage:
         await asyncio.to_thread(self.delete_input, job_id)
 
     async def has_stems(self, job_id: int, names: list[str]) -> bool:
-        return all((self.stems_dir(job_id) / name).is_file() for name in names)
+        return all((self.stems_dir(job_id) / plain_name(name)).is_file() for name in names)
 
     async def copy_stems(self, source_job: int, target_job: int, names: list[str]) -> None:
         target = self.stems_dir(target_job)
         target.mkdir(parents=True, exist_ok=True)
         for name in names:
+            name = plain_name(name)
             await asyncio.to_thread(_link_or_copy, self.stems_dir(source_job) / name, target / name)
 
     @asynccontextmanager

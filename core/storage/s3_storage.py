@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from core.storage.local import JobFilesOf, LocalStorage, safe_filename
+from core.storage.local import JobFilesOf, LocalStorage, plain_name
 
 if TYPE_CHECKING:
     from core.storage.s3_client import S3Client
@@ -61,10 +61,10 @@ class S3Storage(LocalStorage):
     async def has_stems(self, job_id: int, names: list[str]) -> bool:
         prefix = self.store.stems_prefix(job_id)
         present = set(await self.store.list_keys(prefix))
-        return all(prefix + name in present for name in names)
+        return all(prefix + plain_name(name) in present for name in names)
 
     async def copy_stems(self, source_job: int, target_job: int, names: list[str]) -> None:
-        for name in names:
+        for name in map(plain_name, names):
             await self.store.copy(self.store.stems_prefix(source_job) + name,
                                   self.store.stems_prefix(target_job) + name)
 
@@ -75,7 +75,9 @@ class S3Storage(LocalStorage):
         try:
             prefix = self.store.stems_prefix(job_id)
             for name in names:
-                await self.store.get_file(prefix + safe_filename(name), folder / safe_filename(name))
+                # Names the bot made (core.jobs.results); a path would write outside `folder`.
+                name = plain_name(name)
+                await self.store.get_file(prefix + name, folder / name)
             yield folder
         finally:
             await asyncio.to_thread(shutil.rmtree, folder, True)

@@ -14,6 +14,7 @@ import time
 import discord
 
 from core.jobs.job import Job, JobState
+from core.jobs.results import CheckedResults, open_checked
 from core.media.audio import OutputFormat, format_duration
 from core.media.upload_plan import describe_format, links_note, too_large_error
 
@@ -71,40 +72,33 @@ class DiscordNotifier:
     async def deliver(self, job: Job) -> None:
         await self.board.close(job.id)
         self._stage_started.pop(job.id, None)
-        artifacts = job.artifacts or {}
-        files: dict[str, str] = artifacts.get("files", {})
-        preview = artifacts.get("preview")
-        names = list(files.values()) + ([preview] if preview else [])
-        storage = self.services.storage
-        async with storage.open_stems(job.id, names) as stems_dir:
-            await self._deliver_from(job, stems_dir, artifacts)
+        # Only checked files go out, under names the bot makes (see core.jobs.results);
+        # a failed check raises ResultsRefused, which fails the job.
+        async with open_checked(self.services.storage, job) as (stems_dir, results):
+            await self._deliver_from(job, stems_dir, results)
 
-    async def _deliver_from(self, job: Job, stems_dir, artifacts: dict) -> None:
-        files: dict[str, str] = artifacts.get("files", {})
-        mode = artifacts.get("mode", "attach")
-        fmt = artifacts.get("format", {})
-        header = self._result_header(job, fmt, len(files))
-        note = artifacts.get("note") or ""
-        if mode == "attach":
+    async def _deliver_from(self, job: Job, stems_dir, results: CheckedResults) -> None:
+        files = results.files
+        header = self._result_header(job, results.format, len(files))
+        note = results.note
+        if results.mode == "attach":
             try:
                 await self._send_result(job, content=_join(header, note),
-                                        files=self._files(stems_dir, files, artifacts.get("preview")))
+                                        files=self._files(stems_dir, files, results.preview))
                 return
             except discord.HTTPException as exc:
                 if exc.status != 413 and exc.code != PAYLOAD_TOO_LARGE:
                     raise
                 if not self.services.links_available:
-                    raise too_large_error(OutputFormat(**fmt), job.attachment_size_limit) from exc
+                    raise too_large_error(results.format, job.attachment_size_limit) from exc
                 note = links_note(job.attachment_size_limit, self.services.link_ttl_s / 3600)
         links = await self.services.stem_links(job.id, list(files.values()))
-        preview = self._files(stems_dir, {}, artifacts.get("preview"))
+        preview = self._files(stems_dir, {}, results.preview)
         await self._send_result(job, content=_join(header, note), files=preview, view=link_view(links))
 
     @staticmethod
-    def _result_header(job: Job, fmt: dict, count: int) -> str:
-        parts = [f"{count} stem{'s' if count != 1 else ''}"]
-        if fmt:
-            parts.append(describe_format(OutputFormat(**fmt)))
+    def _result_header(job: Job, fmt: OutputFormat, count: int) -> str:
+        parts = [f"{count} stem{'s' if count != 1 else ''}", describe_format(fmt)]
         if job.duration_s:
             parts.append(f"{format_duration(job.duration_s)} of audio")
         if job.cache_hit:
@@ -122,21 +116,25 @@ class DiscordNotifier:
 
     async def _send_result(self, job: Job, *, content: str, files: list[discord.File],
                            view: discord.ui.View | None = None) -> None:
-        """Replace the status message with the result, or post it in the channel or DM."""
-        if await self._edit_reply(job, content=content, attachments=files, view=view):
+        """Replace the status message with the result, or post it in the channel or DM.
+        Only the job's user may be pinged, whatever the text says."""
+        nobody = discord.AllowedMentions.none()
+        if await self._edit_reply(job, content=content, attachments=files, view=view, allowed_mentions=nobody):
             return
         mention = f"<@{job.user_id}> "
         target = await self._channel(job)
         if target is not None:
             try:
-                await target.send(content=mention + content, files=files, view=view or discord.utils.MISSING)
+                await target.send(content=mention + content, files=files, view=view or discord.utils.MISSING,
+                                  allowed_mentions=discord.AllowedMentions(
+                                      everyone=False, roles=False, users=[discord.Object(job.user_id)]))
                 return
             except (discord.NotFound, discord.Forbidden):
                 log.info("job %s: channel %s unusable, sending by DM", job.id, job.channel_id)
             for file in files:
                 file.reset()
         user = self.bot.get_user(job.user_id) or await self.bot.fetch_user(job.user_id)
-        await user.send(content=content, files=files, view=view or discord.utils.MISSING)
+        await user.send(content=content, files=files, view=view or discord.utils.MISSING, allowed_mentions=nobody)
 
     async def _channel(self, job: Job):
         if job.channel_id is None:

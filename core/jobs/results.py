@@ -1,0 +1,274 @@
+"""Checking a job's results before the bot acts on them.
+
+A worker reports a job's results in its row (`artifacts`: stem names, file names, sizes,
+format, delivery mode, a note, a preview). In distributed mode that worker may be a
+rented machine the operator does not control, so everything it wrote is data to check,
+never a path to follow: the file names the bot opens are made here from the stem names
+and the format, every file must be a regular file inside the job's folder, of the
+requested kind of audio and of the track's length, within the sizes the upload plan
+allows, and the note can mention nobody. Delivery and the results cache act only on
+what `check_artifacts` and `check_files` return.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import stat
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Protocol, cast
+
+from core.errors import InputError
+from core.jobs.job import Job
+from core.media.audio import OUTPUT_FORMATS, Limits, OutputFormat, OutputFormatName, WavDepth, probe
+from core.media.upload_plan import MAX_ATTACHMENTS, estimate_size
+from core.separation.stems import KARAOKE
+
+# What the user reads; the reason goes to the operator's log only.
+RESULTS_REFUSED = "the worker's results did not check out; please try again"
+PREVIEW = "preview.png"
+PREVIEW_MAX_BYTES = 4 * 1024 * 1024
+NOTE_MAX_CHARS = 300
+# A stem name becomes a file name, so only plain lowercase identifiers (Demucs's sources
+# are drums, bass, other, vocals, guitar, piano; `no_x` is everything but x).
+_STEM_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
+MAX_STEMS = 16
+# Encoders pad (mp3 frames, opus pre-skip) and resampling rounds: stems differ a little
+# from the input's length.
+DURATION_TOLERANCE_S = 1.0
+DURATION_TOLERANCE = 0.02
+_BITRATES_KBPS = range(32, 321)
+_WAV_DEPTHS: tuple[WavDepth, ...] = ("16", "24", "float")
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# What ffprobe calls each output format's container and codec.
+_CONTAINERS = {"mp3": "mp3", "opus": "ogg", "flac": "flac", "wav": "wav"}
+_CODECS = {"mp3": ("mp3",), "opus": ("opus",), "flac": ("flac",),
+           "wav": ("pcm_s16le", "pcm_s24le", "pcm_f32le")}
+
+
+class ResultsRefused(Exception):
+    """A job's results failed the check; `why` is for the operator's log."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(why)
+        self.why = why
+
+
+@dataclass(frozen=True)
+class CheckedResults:
+    """A job's results as the bot delivers them: every name made here."""
+
+    files: dict[str, str]  # stem name -> `<stem>.<ext>`
+    sizes: dict[str, int]
+    format: OutputFormat
+    mode: str  # "attach" or "links"
+    note: str
+    preview: str | None  # PREVIEW or None
+
+    @property
+    def names(self) -> list[str]:
+        """Every file to open: the stems, then the preview."""
+        return list(self.files.values()) + ([self.preview] if self.preview else [])
+
+    def artifacts(self) -> dict[str, Any]:
+        """The row's `artifacts`, rewritten from what was checked."""
+        return {"files": dict(self.files), "sizes": dict(self.sizes), "format": asdict(self.format),
+                "mode": self.mode, "note": self.note or None, "preview": self.preview}
+
+
+def requested_stems(spec: str) -> tuple[str, ...] | None:
+    """The stems a request names, in order, as `core.separation.stems.parse_stems` makes
+    them; None for `all`, whose names are the model's sources (the bot may not know them)."""
+    spec = (spec or "all").strip().lower()
+    if spec == "all":
+        return None
+    if spec == "karaoke":
+        return KARAOKE
+    outputs: list[str] = []
+    for raw in spec.split(","):
+        name = raw.strip()
+        if name and name not in outputs:
+            outputs.append(name)
+    return tuple(outputs)
+
+
+def check_artifacts(job: Job, artifacts: Any) -> CheckedResults:
+    """Check what a worker reported for `job`, without its files. Raises ResultsRefused."""
+    if not isinstance(artifacts, Mapping):
+        raise ResultsRefused("no artifacts")
+    reported = artifacts.get("files")
+    if not isinstance(reported, Mapping) or not reported:
+        raise ResultsRefused("no stems")
+    stems = list(reported)
+    _check_stem_names(job, stems)
+    fmt = _check_format(job, artifacts.get("format"))
+    mode = artifacts.get("mode")
+    if mode not in ("attach", "links"):
+        raise ResultsRefused(f"unknown delivery mode {mode!r}")
+    if mode == "attach" and len(stems) > MAX_ATTACHMENTS:
+        raise ResultsRefused(f"{len(stems)} stems cannot be attached to one message")
+    sizes = artifacts.get("sizes")
+    if not isinstance(sizes, Mapping) or set(sizes) != set(stems) or not all(
+            type(size) is int and size >= 0 for size in sizes.values()):
+        raise ResultsRefused("sizes do not match the stems")
+    expected_duration(job)
+    # The bot names each file itself and never opens a name the worker wrote; an honest
+    # worker writes these very names, so another one is refused as a sign of tampering.
+    files = {stem: f"{stem}.{fmt.extension}" for stem in stems}
+    if any(reported[stem] != name for stem, name in files.items()):
+        raise ResultsRefused(f"file names {dict(reported)!r:.200} are not {files!r:.200}")
+    preview = artifacts.get("preview")
+    if preview not in (None, PREVIEW):
+        raise ResultsRefused(f"preview {preview!r:.80} is not {PREVIEW}")
+    return CheckedResults(
+        files=files,
+        sizes={stem: int(sizes[stem]) for stem in stems},
+        format=fmt, mode=str(mode), note=safe_note(artifacts.get("note")),
+        preview=preview,
+    )
+
+
+def _check_stem_names(job: Job, stems: list[str]) -> None:
+    if not all(isinstance(stem, str) and _STEM_NAME.fullmatch(stem) for stem in stems):
+        raise ResultsRefused(f"stem names that are not plain names: {stems!r:.200}")
+    expected = requested_stems(job.stems)
+    if expected is None:
+        # `all`: every source of the model; none of them is a `no_x` mix.
+        if len(stems) > MAX_STEMS or any(stem.startswith("no_") for stem in stems):
+            raise ResultsRefused(f"stems {stems!r:.200} are not the sources of a model")
+    elif set(stems) != set(expected) or len(stems) != len(expected):
+        raise ResultsRefused(f"stems {stems!r:.200}, but the request was {list(expected)!r}")
+
+
+def _check_format(job: Job, reported: Any) -> OutputFormat:
+    """The format written: the requested one, or (for mp3) opus when the upload plan
+    walked down its ladder to fit the upload limit."""
+    names = {f.name for f in fields(OutputFormat)}
+    if not isinstance(reported, Mapping) or not set(reported) <= names:
+        raise ResultsRefused(f"format {reported!r:.200} is not a format")
+    name = reported.get("name")
+    allowed = {job.format, "opus"} if job.format == "mp3" else {job.format}
+    if name not in OUTPUT_FORMATS or name not in allowed:
+        raise ResultsRefused(f"format {name!r:.40}, but the request was {job.format!r}")
+    mp3 = reported.get("mp3_bitrate_kbps", OutputFormat.mp3_bitrate_kbps)
+    opus = reported.get("opus_bitrate_kbps", OutputFormat.opus_bitrate_kbps)
+    depth = reported.get("wav_depth", OutputFormat.wav_depth)
+    if type(mp3) is not int or type(opus) is not int or mp3 not in _BITRATES_KBPS or opus not in _BITRATES_KBPS:
+        raise ResultsRefused("bitrates out of range")
+    if depth not in _WAV_DEPTHS:
+        raise ResultsRefused(f"wav depth {depth!r:.20}")
+    return OutputFormat(name=cast("OutputFormatName", name), mp3_bitrate_kbps=mp3, opus_bitrate_kbps=opus,
+                        wav_depth=cast("WavDepth", depth))
+
+
+def expected_duration(job: Job) -> float:
+    """The track's length: as the bot measured the input when it reserved the minutes,
+    else as the run reported it."""
+    duration = job.reserved_s if job.reserved_s and job.reserved_s > 0 else job.duration_s
+    if duration is None or duration <= 0:
+        raise ResultsRefused("the track's length is not known")
+    if job.duration_s is None or abs(job.duration_s - duration) > _tolerance(duration):
+        raise ResultsRefused(f"reported length {job.duration_s} s, but the input is {duration:.1f} s")
+    return float(duration)
+
+
+def _tolerance(duration_s: float) -> float:
+    return max(DURATION_TOLERANCE_S, duration_s * DURATION_TOLERANCE)
+
+
+def safe_note(note: Any) -> str:
+    """The note shown under the result: capped, and unable to mention anyone (a zero-width
+    space after each `@` and `<#` breaks @everyone, @here, <@user>, <@&role>, <#channel>)."""
+    if not isinstance(note, str):
+        return ""
+    text = " ".join(note.split())
+    if len(text) > NOTE_MAX_CHARS:
+        text = text[:NOTE_MAX_CHARS - 1] + "…"
+    return text.replace("@", "@\u200b").replace("<#", "<\u200b#")
+
+
+def max_stem_bytes(job: Job, results: CheckedResults) -> int:
+    """The largest stem the bot accepts: the server's upload limit when attached; when
+    sent as links, well above what `estimate_size` says for the track's length (48 kHz
+    stereo covers every model; lossy VBR and badly compressing lossless have room)."""
+    if results.mode == "attach":
+        return job.attachment_size_limit
+    duration = expected_duration(job) + _tolerance(expected_duration(job))
+    if results.format.is_lossless:
+        return int(estimate_size(OutputFormat(name="wav", wav_depth="float"), duration, 48000, 2) * 1.2)
+    return 2 * estimate_size(results.format, duration, 48000, 2)
+
+
+def check_files(job: Job, results: CheckedResults, folder: Path, job_dir: Path) -> CheckedResults:
+    """Check the files of `results` in `folder` (blocking: it runs ffprobe); return the
+    results with the sizes as found. Raises ResultsRefused."""
+    root = folder.resolve()
+    if root.parent != job_dir.resolve() or folder.is_symlink():
+        raise ResultsRefused(f"the stems folder {folder} is not in the job's folder")
+    cap = max_stem_bytes(job, results)
+    duration = expected_duration(job)
+    sizes = {}
+    for stem, name in results.files.items():
+        path = _regular_file_inside(root, name)
+        size = path.stat().st_size
+        if size > cap:
+            raise ResultsRefused(f"{name} is {size} bytes, over the {cap} allowed")
+        _check_audio(path, results.format, duration, cap)
+        sizes[stem] = size
+    if results.preview:
+        path = _regular_file_inside(root, results.preview)
+        if path.stat().st_size > min(PREVIEW_MAX_BYTES, job.attachment_size_limit):
+            raise ResultsRefused("the preview is too large")
+        with open(path, "rb") as file:
+            if file.read(len(_PNG_SIGNATURE)) != _PNG_SIGNATURE:
+                raise ResultsRefused("the preview is not a PNG picture")
+    return CheckedResults(results.files, sizes, results.format, results.mode, results.note, results.preview)
+
+
+def _regular_file_inside(root: Path, name: str) -> Path:
+    path = root / name
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        raise ResultsRefused(f"{name} is missing") from None
+    # lstat: a symlink is refused as such, wherever it points.
+    if not stat.S_ISREG(info.st_mode):
+        raise ResultsRefused(f"{name} is not a regular file")
+    if not path.resolve().is_relative_to(root):
+        raise ResultsRefused(f"{name} is outside the stems folder")
+    return path
+
+
+def _check_audio(path: Path, fmt: OutputFormat, duration_s: float, cap: int) -> None:
+    tolerance = _tolerance(duration_s)
+    limits = Limits(min_duration_s=max(0.0, duration_s - tolerance), max_duration_s=duration_s + tolerance,
+                    max_input_bytes=cap)
+    try:
+        info = probe(path, limits)
+    except InputError as exc:
+        raise ResultsRefused(f"{path.name}: {exc.reason}") from None
+    if info.duration_s is None:
+        raise ResultsRefused(f"{path.name}: no length")
+    if _CONTAINERS[fmt.name] not in info.container.split(",") or info.codec not in _CODECS[fmt.name]:
+        raise ResultsRefused(f"{path.name}: {info.container}/{info.codec}, not {fmt.name}")
+
+
+class StemsStorage(Protocol):
+    """What the check needs of storage (core.storage.local.LocalStorage and its S3 kin)."""
+
+    def job_dir(self, job_id: int) -> Path: ...
+
+    def open_stems(self, job_id: int, names: list[str]) -> Any: ...
+
+
+@asynccontextmanager
+async def open_checked(storage: StemsStorage, job: Job) -> AsyncIterator[tuple[Path, CheckedResults]]:
+    """The job's stems on this disk, checked, with the results to deliver from them.
+    The files checked are the very files sent: in distributed mode, this download."""
+    results = check_artifacts(job, job.artifacts)
+    async with storage.open_stems(job.id, results.names) as folder:
+        yield folder, await asyncio.to_thread(check_files, job, results, Path(folder), storage.job_dir(job.id))

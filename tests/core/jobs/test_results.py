@@ -1,0 +1,218 @@
+"""core.jobs.results: a worker's reported results, checked with real files and ffprobe."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from core.jobs.job import Job
+from core.jobs.results import (
+    NOTE_MAX_CHARS,
+    PREVIEW,
+    CheckedResults,
+    ResultsRefused,
+    check_artifacts,
+    check_files,
+    safe_note,
+)
+from tests.support.media import music
+
+SECONDS = 3.0
+STEMS = ("drums", "bass", "other", "vocals")
+PNG = b"\x89PNG\r\n\x1a\n" + b"\0" * 64
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory) -> Path:
+    """Genuine mp3, opus and wav stems of a 3 s track, made once."""
+    folder = tmp_path_factory.mktemp("made")
+    for stem in STEMS:
+        music(folder / f"{stem}.mp3", seconds=SECONDS, extra=("-b:a", "128k"))
+        music(folder / f"{stem}.opus", seconds=SECONDS, rate=48000, extra=("-b:a", "64k"))
+        music(folder / f"{stem}.wav", seconds=SECONDS)
+    music(folder / "short.mp3", seconds=1.0, extra=("-b:a", "128k"))
+    return folder
+
+
+@pytest.fixture
+def job_dir(tmp_path, made) -> Path:
+    """A job folder whose stems folder holds genuine mp3 stems and a preview."""
+    stems = tmp_path / "jobs" / "7" / "stems"
+    stems.mkdir(parents=True)
+    for stem in STEMS:
+        shutil.copy(made / f"{stem}.mp3", stems)
+    (stems / PREVIEW).write_bytes(PNG)
+    return stems.parent
+
+
+def job(**fields) -> Job:
+    values = dict(id=7, model="tiny", stems="all", format="mp3", duration_s=SECONDS, reserved_s=SECONDS,
+                  attachment_size_limit=10 * 1024 * 1024)
+    values.update(fields)
+    return Job(**values)
+
+
+def artifacts(fmt: str = "mp3", stems=STEMS, **changes) -> dict:
+    reported = {"files": {s: f"{s}.{fmt}" for s in stems}, "sizes": dict.fromkeys(stems, 1),
+                "format": {"name": fmt, "mp3_bitrate_kbps": 128, "opus_bitrate_kbps": 64, "wav_depth": "16"},
+                "mode": "attach", "note": None, "preview": PREVIEW}
+    reported.update(changes)
+    return reported
+
+
+def check(the_job: Job, reported: dict, job_dir: Path) -> CheckedResults:
+    return check_files(the_job, check_artifacts(the_job, reported), job_dir / "stems", job_dir)
+
+
+def refused(the_job: Job, reported, job_dir: Path) -> str:
+    with pytest.raises(ResultsRefused) as caught:
+        check(the_job, reported, job_dir)
+    return caught.value.why
+
+
+# -- genuine results -------------------------------------------------------------------
+
+
+def test_genuine_results_pass_with_the_real_sizes_and_names_made_by_the_bot(job_dir):
+    checked = check(job(), artifacts(), job_dir)
+    assert checked.files == {s: f"{s}.mp3" for s in STEMS}
+    assert checked.sizes == {s: (job_dir / "stems" / f"{s}.mp3").stat().st_size for s in STEMS}
+    assert checked.names == [f"{s}.mp3" for s in STEMS] + [PREVIEW]
+    assert checked.artifacts()["format"]["name"] == "mp3" and checked.mode == "attach"
+
+
+def test_requested_stems_and_a_downgrade_to_opus_pass(job_dir, made):
+    for stem in STEMS:
+        shutil.copy(made / f"{stem}.opus", job_dir / "stems")
+    karaoke = artifacts("opus", stems=("vocals", "no_vocals"))
+    shutil.copy(made / "vocals.opus", job_dir / "stems" / "no_vocals.opus")
+    assert check(job(stems="karaoke"), karaoke, job_dir).files == {"vocals": "vocals.opus",
+                                                                   "no_vocals": "no_vocals.opus"}
+    assert list(check(job(stems="bass, drums"), artifacts(stems=("bass", "drums")), job_dir).files) == [
+        "bass", "drums"]
+
+
+def test_links_mode_allows_files_over_the_attachment_limit(job_dir):
+    assert check(job(attachment_size_limit=10_000), artifacts(mode="links"), job_dir).mode == "links"
+
+
+# -- hostile results -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["/proc/self/environ", "../../.env", "drums.mp3/../../x", "other.mp3"])
+def test_a_file_name_other_than_the_stem_s_own_is_refused(job_dir, name):
+    reported = artifacts()
+    reported["files"]["drums"] = name
+    assert "file names" in refused(job(), reported, job_dir)
+
+
+def test_a_preview_name_other_than_preview_png_is_refused(job_dir):
+    assert "preview" in refused(job(), artifacts(preview="../../.env"), job_dir)
+
+
+def test_a_symlink_pointing_outside_is_refused(job_dir, tmp_path):
+    secret = tmp_path / "secret.mp3"
+    secret.write_bytes(b"TOKEN=secret\n")
+    stems = job_dir / "stems"
+    (stems / "drums.mp3").unlink()
+    os.symlink(secret, stems / "drums.mp3")
+    assert "not a regular file" in refused(job(), artifacts(), job_dir)
+
+
+def test_a_symlink_to_a_genuine_stem_is_refused_too(job_dir, made):
+    stems = job_dir / "stems"
+    (stems / "drums.mp3").unlink()
+    os.symlink(made / "drums.mp3", stems / "drums.mp3")
+    assert "not a regular file" in refused(job(), artifacts(), job_dir)
+
+
+def test_a_stems_folder_that_is_a_symlink_is_refused(job_dir, tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    (job_dir / "stems").rename(elsewhere)
+    os.symlink(elsewhere, job_dir / "stems")
+    assert "not in the job's folder" in refused(job(), artifacts(), job_dir)
+
+
+def test_an_extra_stem_is_refused(job_dir):
+    assert "request" in refused(job(stems="vocals"), artifacts(stems=("vocals", "drums")), job_dir)
+    assert "request" in refused(job(stems="karaoke"), artifacts(stems=("vocals", "no_vocals", "drums")), job_dir)
+    # `all` is the model's sources: never a `no_x` mix, never a name that is not a plain name.
+    assert "sources" in refused(job(), artifacts(stems=(*STEMS, "no_vocals")), job_dir)
+    assert "plain names" in refused(job(), artifacts(stems=("drums", "../x")), job_dir)
+
+
+def test_a_missing_stem_is_refused(job_dir):
+    assert "request" in refused(job(stems="bass,drums"), artifacts(stems=("bass",)), job_dir)
+    (job_dir / "stems" / "bass.mp3").unlink()
+    assert "missing" in refused(job(), artifacts(), job_dir)
+
+
+def test_another_format_than_requested_is_refused(job_dir, made):
+    for stem in STEMS:
+        shutil.copy(made / f"{stem}.wav", job_dir / "stems")
+    assert "request" in refused(job(), artifacts("wav"), job_dir)
+    assert "request" in refused(job(format="flac"), artifacts("wav"), job_dir)
+    weird = artifacts()
+    weird["format"] = {"name": "mp3", "__class__": "x"}
+    assert "not a format" in refused(job(), weird, job_dir)
+
+
+def test_a_file_of_another_kind_than_its_extension_is_refused(job_dir, made):
+    shutil.copy(made / "vocals.wav", job_dir / "stems" / "vocals.mp3")
+    assert "not mp3" in refused(job(), artifacts(), job_dir)
+
+
+def test_an_oversized_file_is_refused(job_dir):
+    size = (job_dir / "stems" / "drums.mp3").stat().st_size
+    assert "over the" in refused(job(attachment_size_limit=size - 1), artifacts(), job_dir)
+    # As links: capped by what the track's length can take, not by the upload limit.
+    with open(job_dir / "stems" / "drums.mp3", "ab") as file:
+        file.write(b"\0" * 2 * 1024 * 1024)
+    assert "over the" in refused(job(), artifacts(mode="links"), job_dir)
+
+
+def test_non_audio_named_vocals_mp3_is_refused(job_dir):
+    (job_dir / "stems" / "vocals.mp3").write_bytes(b"<html>not a song</html>\n" * 400)
+    assert "vocals.mp3" in refused(job(), artifacts(), job_dir)
+
+
+def test_a_stem_of_another_length_than_the_track_is_refused(job_dir, made):
+    shutil.copy(made / "short.mp3", job_dir / "stems" / "vocals.mp3")
+    assert "vocals.mp3" in refused(job(), artifacts(), job_dir)
+    # Nor may the run report a length the bot did not measure.
+    assert "length" in refused(job(duration_s=SECONDS * 3), artifacts(), job_dir)
+
+
+def test_a_preview_that_is_not_a_png_is_refused(job_dir):
+    (job_dir / "stems" / PREVIEW).write_bytes(b"TOKEN=secret\n")
+    assert "PNG" in refused(job(), artifacts(), job_dir)
+
+
+@pytest.mark.parametrize("reported", [None, [], {"files": {}}, {"files": "x"}])
+def test_malformed_artifacts_are_refused(job_dir, reported):
+    refused(job(), reported, job_dir)
+
+
+def test_an_unknown_mode_or_sizes_not_matching_are_refused(job_dir):
+    assert "mode" in refused(job(), artifacts(mode="../x"), job_dir)
+    assert "sizes" in refused(job(), artifacts(sizes={"drums": 1}), job_dir)
+
+
+# -- the note ------------------------------------------------------------------------------
+
+
+def test_the_note_mentions_nobody_and_is_capped():
+    note = safe_note("@everyone <@123> <@!124> <@&456> <#789> @here look")
+    for mention in ("@everyone", "@here", "<@123>", "<@!124>", "<@&456>", "<#789>"):
+        assert mention not in note
+    assert "look" in note
+    assert len(safe_note("x" * 5000)) == NOTE_MAX_CHARS
+    assert safe_note(None) == safe_note(["@everyone"]) == ""
+
+
+def test_the_checked_note_is_the_safe_one(job_dir):
+    checked = check(job(), artifacts(note="@everyone files were large"), job_dir)
+    assert "@everyone" not in checked.note and "files were large" in checked.note
