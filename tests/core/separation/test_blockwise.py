@@ -338,6 +338,9 @@ def test_the_model_host_gives_the_same_files_with_blocks(model_dir, track, tmp_p
     fractions = [e.fraction for e in events if isinstance(e, ProgressEvent)]
     assert fractions == sorted(fractions) and fractions[-1] == 1.0
     assert blocks.files == whole.files and blocks.duration_s == whole.duration_s
+    # stembot's marker in the job's folder is neither delivered nor counted.
+    assert MARKER not in whole.files.values() and set(whole.sizes) == set(whole.files)
+    assert (tmp_path / "whole" / "stems" / MARKER).is_file()
     assert blocks.mode == whole.mode and blocks.preview == whole.preview == "preview.png"
     for name, file in whole.files.items():
         reference = decode(tmp_path / "whole" / "stems" / file, RATE, 2, Limits())
