@@ -170,7 +170,14 @@ def build_app(*, storage_root: Path, signer: LinkSigner, health: HealthChecks, m
             "Referrer-Policy": "no-referrer",
         })
 
+    async def no_sniffing(request: web.Request, response: web.StreamResponse) -> None:
+        # A stem is served as the type its name says; a browser must not guess another
+        # (HTML in a "file.mp3" would run as a page of this site). On every response,
+        # errors included, as they may echo a name.
+        response.headers["X-Content-Type-Options"] = "nosniff"
+
     app = web.Application()
+    app.on_response_prepare.append(no_sniffing)
     app.router.add_get("/livez", livez)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_page)

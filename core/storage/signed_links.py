@@ -11,6 +11,7 @@ import hashlib
 import hmac
 import logging
 import os
+import re
 import secrets
 import time
 from pathlib import Path
@@ -21,6 +22,9 @@ log = logging.getLogger(__name__)
 SECRET_FILE = "link_secret"
 SECRET_BYTES = 32
 DEFAULT_LINK_TTL_S = 24 * 3600
+# `sign` writes the expiry as plain ASCII digits. int() would also take "+1", " 1", "1_0"
+# or other scripts' digits, so one signature would match many spellings of a link.
+_EXPIRY = re.compile(r"[0-9]+")
 
 
 class LinkError(Exception):
@@ -70,10 +74,15 @@ class LinkSigner:
         "invalid", never "expired"."""
         if not is_safe_path(path):
             raise LinkError("invalid", "unsafe path")
-        try:
-            exp_int = int(str(exp), 10)
-        except ValueError:
-            raise LinkError("invalid", "bad expiry") from None
+        if isinstance(exp, int) and not isinstance(exp, bool) and exp >= 0:
+            exp_int = exp
+        elif isinstance(exp, str) and _EXPIRY.fullmatch(exp):
+            try:
+                exp_int = int(exp)
+            except ValueError:  # more digits than Python converts
+                raise LinkError("invalid", "bad expiry") from None
+        else:
+            raise LinkError("invalid", "bad expiry")
         # hex digests only; compare bytes so a non-ASCII `sig` cannot raise TypeError
         expected = self.signature(path, exp_int).encode("ascii")
         given = (sig or "").lower().encode("utf-8", "replace")

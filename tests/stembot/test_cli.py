@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from core.media.audio import Limits, decode, probe
+from core.media.stem_files import MARKER
 from tests.support.media import ffmpeg, music, snr_db
 
 RATE = 44100
@@ -67,7 +68,7 @@ def test_karaoke_writes_vocals_and_instrumental(tmp_path, model_dir, song):
     done = stembot("separate", str(song), "-o", str(tmp_path), "--model", "tiny", "--model-dir",
                    str(model_dir), "--stems", "karaoke", "--format", "flac", "--quiet")
     assert done.returncode == 0, done.stderr
-    assert sorted(p.name for p in (tmp_path / "song").iterdir()) == ["no_vocals.flac", "vocals.flac"]
+    assert sorted(p.name for p in (tmp_path / "song").iterdir()) == [MARKER, "no_vocals.flac", "vocals.flac"]
     assert "1 of 1 tracks separated" in done.stderr and "real time" in done.stderr
 
 
@@ -76,7 +77,7 @@ def test_model_dir_from_the_environment_and_opus_output(tmp_path, model_dir, son
                    "--quiet", env={"STEMBOT_MODEL_DIR": str(model_dir), "STEMBOT_MODEL": "tinybag"})
     assert done.returncode == 0, done.stderr
     files = sorted(p.name for p in (tmp_path / "song").iterdir())
-    assert files == ["no_bass.opus", "vocals.opus"]
+    assert files == [MARKER, "no_bass.opus", "vocals.opus"]
     assert probe(tmp_path / "song" / "vocals.opus").codec == "opus"
 
 
@@ -114,6 +115,41 @@ def test_same_output_name_twice_is_refused_for_the_second(tmp_path, model_dir, s
                    "--model-dir", str(model_dir), "--quiet")
     assert done.returncode == 1
     assert f"error: {other}: output folder 'song' is already used by {song}" in done.stderr
+
+
+def test_a_users_folder_named_like_the_input_is_never_replaced(tmp_path, model_dir, song):
+    # `stembot separate https://x/Documents.mp3 --out ~` once replaced ~/Documents whole.
+    home = tmp_path / "home"
+    mine = home / "song"
+    mine.mkdir(parents=True)
+    (mine / "song.wav").write_bytes(song.read_bytes())
+    args = ["separate", str(song), "-o", str(home), "--model", "tiny", "--model-dir", str(model_dir),
+            "--stems", "karaoke", "--format", "flac", "--quiet"]
+    done = stembot(*args)
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in mine.iterdir()) == ["no_vocals.flac", "song.wav", "vocals.flac"]
+    assert (mine / "song.wav").read_bytes() == song.read_bytes()
+    stems = {name: (mine / name).read_bytes() for name in ("no_vocals.flac", "vocals.flac")}
+    # A second run would have to replace files in a folder that is not stembot's: refused.
+    again = stembot(*args)
+    assert again.returncode == 1
+    assert again.stderr.splitlines()[0] == (
+        f"error: {song}: {mine} exists and was not made by stembot; choose another --out")
+    assert sorted(p.name for p in home.iterdir()) == ["song"]
+    assert sorted(p.name for p in mine.iterdir()) == ["no_vocals.flac", "song.wav", "vocals.flac"]
+    assert (mine / "song.wav").read_bytes() == song.read_bytes()
+    assert {name: (mine / name).read_bytes() for name in stems} == stems
+
+
+def test_a_second_run_replaces_stembots_own_folder(tmp_path, model_dir, song):
+    args = ["separate", str(song), "-o", str(tmp_path), "--model", "tiny", "--model-dir", str(model_dir),
+            "--stems", "vocals", "--format", "flac", "--quiet"]
+    assert stembot(*args).returncode == 0
+    (tmp_path / "song" / "stale.flac").write_bytes(b"from an older run")
+    done = stembot(*args)
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in (tmp_path / "song").iterdir()) == [MARKER, "vocals.flac"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["song"]
 
 
 @pytest.mark.parametrize("args,message", [

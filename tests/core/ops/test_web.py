@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
 import aiohttp
 import pytest
@@ -209,3 +209,37 @@ async def test_encoded_traversal_is_refused(server, raw_path):
         assert response.status == 403, raw_path
         body = await response.text()
     assert "outside storage" not in body and STEM_BYTES.decode("latin-1") not in body
+
+
+async def test_every_response_forbids_content_sniffing(server):
+    session, base, signer, *_ = server
+    good = signer.sign("17/vocals.mp3", time.time() + 600)
+    urls = [
+        good,                                               # 200
+        signer.sign("17/vocals.mp3", time.time() - 1),      # 410
+        good[:-4] + ("0000" if not good.endswith("0000") else "1111"),  # 403
+        signer.sign("17/drums.mp3", time.time() + 600),     # 404
+        signer.sign("17/escape.mp3", time.time() + 600),    # 403, out of storage
+        f"{base}/livez", f"{base}/readyz", f"{base}/metrics",
+        f"{base}/nowhere",                                  # no route
+    ]
+    for url in urls:
+        async with session.get(url) as response:
+            assert response.headers.get("X-Content-Type-Options") == "nosniff", (url, response.status)
+    # A partial download and a conditional one are answered by the file response itself.
+    for headers in ({"Range": "bytes=0-9"}, {"Range": "bytes=999999-"}):
+        async with session.get(good, headers=headers) as response:
+            assert response.status in (206, 416)
+            assert response.headers.get("X-Content-Type-Options") == "nosniff", headers
+
+
+@pytest.mark.parametrize("spelling", ["+{exp}", "%20{exp}", "{exp}%20", "{head}_{tail}", "{wide}", "0x{hex}"])
+async def test_an_expiry_that_is_not_plain_digits_is_an_invalid_link(server, spelling):
+    session, base, signer, *_ = server
+    url = signer.sign("17/vocals.mp3", time.time() + 600)
+    exp = url.split("exp=")[1].split("&")[0]
+    wide = quote("".join(chr(ord(c) - ord("0") + ord("\uff10")) for c in exp))  # full-width digits
+    bad = spelling.format(exp=exp, head=exp[:4], tail=exp[4:], wide=wide, hex=f"{int(exp):x}")
+    async with session.get(URL(url.replace(f"exp={exp}", f"exp={bad.replace('+', '%2B')}"), encoded=True)) as response:
+        assert response.status == 403, bad
+        assert await response.text() == "invalid link"

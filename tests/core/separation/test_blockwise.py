@@ -18,7 +18,7 @@ from core.host.protocol import CancelledEvent, DoneEvent, HostConfig, HostEvent,
 from core.host.serial_host import SerialHost
 from core.host.steps import JobSteps
 from core.media.audio import Limits, OutputFormat, decode
-from core.media.stem_files import write_track
+from core.media.stem_files import MARKER, FolderNotOursError, write_track
 from core.separation import blockwise
 from core.separation.engine import SeparationEngine, SeparationOptions
 from core.separation.stems import parse_stems
@@ -63,7 +63,8 @@ def _read(path: Path, channels: int) -> np.ndarray:
 
 
 def _no_leftovers(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+    """Hidden staging or work files; stembot's marker is meant to stay."""
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(".") and p.name != MARKER)
 
 
 # -- the plan -------------------------------------------------------------------------------
@@ -241,9 +242,33 @@ def test_a_successful_run_leaves_only_the_stems(engine, short_track, tmp_path):
     folder = blockwise.separate_file(short_track, engine, request, EXACT, Limits(), tmp_path, "song",
                                      OutputFormat(name="flac"), block_s=BLOCK_S)
     assert [p.name for p in tmp_path.iterdir()] == ["song"]
-    assert sorted(p.name for p in folder.iterdir()) == ["no_vocals.flac", "vocals.flac"]
+    assert sorted(p.name for p in folder.iterdir()) == [MARKER, "no_vocals.flac", "vocals.flac"]
     audio = decode(folder / "vocals.flac", RATE, 2, Limits())
     assert audio.shape[1] == decode(short_track, RATE, 2, Limits()).shape[1]
+
+
+def _staged(work: Path, names: list[str]) -> blockwise.StagedStems:
+    work.mkdir()
+    paths = {name: work / f"{name}.f32" for name in names}
+    for path in paths.values():
+        np.zeros((RATE, 2), "<f4").tofile(path)
+    return blockwise.StagedStems(paths=paths, frames=RATE, channels=2, sample_rate=RATE, peak=0.0)
+
+
+def test_staged_stems_join_a_users_folder_and_never_replace_its_files(tmp_path):
+    mine = tmp_path / "out" / "song"
+    mine.mkdir(parents=True)
+    (mine / "song.flac").write_bytes(b"the original")
+    folder = blockwise.write_staged(_staged(tmp_path / "a", ["vocals"]), tmp_path / "out", "song", FLOAT_WAV)
+    assert folder == mine
+    assert sorted(p.name for p in mine.iterdir()) == ["song.flac", "vocals.wav"]
+    assert (mine / "song.flac").read_bytes() == b"the original"
+    # Again: vocals.wav is taken now, and the folder is not stembot's to replace.
+    with pytest.raises(FolderNotOursError, match="exists and was not made by stembot; choose another --out"):
+        blockwise.write_staged(_staged(tmp_path / "b", ["bass", "vocals"]), tmp_path / "out", "song", FLOAT_WAV)
+    assert sorted(p.name for p in mine.iterdir()) == ["song.flac", "vocals.wav"]
+    assert (mine / "song.flac").read_bytes() == b"the original"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["song"]
 
 
 # -- through `stembot separate` ----------------------------------------------------------
@@ -313,6 +338,9 @@ def test_the_model_host_gives_the_same_files_with_blocks(model_dir, track, tmp_p
     fractions = [e.fraction for e in events if isinstance(e, ProgressEvent)]
     assert fractions == sorted(fractions) and fractions[-1] == 1.0
     assert blocks.files == whole.files and blocks.duration_s == whole.duration_s
+    # stembot's marker in the job's folder is neither delivered nor counted.
+    assert MARKER not in whole.files.values() and set(whole.sizes) == set(whole.files)
+    assert (tmp_path / "whole" / "stems" / MARKER).is_file()
     assert blocks.mode == whole.mode and blocks.preview == whole.preview == "preview.png"
     for name, file in whole.files.items():
         reference = decode(tmp_path / "whole" / "stems" / file, RATE, 2, Limits())

@@ -73,6 +73,24 @@ def test_tampered_link_is_invalid(tamper):
     assert caught.value.reason == "invalid"
 
 
+@pytest.mark.parametrize("spelling", [
+    "+{exp}", " {exp}", "{exp} ", "{exp}\n", "\t{exp}", "{head}_{tail}", "{wide}", "0x{hex}", "{exp}.0",
+    "{exp}e0", "-{exp}", "", None,
+])
+def test_expiry_is_plain_ascii_digits_only(spelling):
+    signer = LinkSigner(SECRET, "http://h")
+    _, exp, sig = _parts(signer.sign("42/vocals.mp3", NOW + 3600))
+    wide = "".join(chr(ord(c) - ord("0") + ord("\uff10")) for c in exp)  # full-width digits
+    bad = None if spelling is None else spelling.format(exp=exp, head=exp[:4], tail=exp[4:], wide=wide,
+                                                         hex=f"{int(exp):x}")
+    # Each of these int()s to the signed value, or near it: all are refused as forged.
+    with pytest.raises(LinkError) as refused:
+        signer.verify("42/vocals.mp3", bad, sig, now=NOW)
+    assert refused.value.reason == "invalid"
+    signer.verify("42/vocals.mp3", exp, sig, now=NOW)  # the link as signed still works
+    signer.verify("42/vocals.mp3", "0" + exp, sig, now=NOW)  # digits all the same
+
+
 def test_an_expired_forgery_is_invalid_not_expired():
     signer = LinkSigner(SECRET, "http://h")
     with pytest.raises(LinkError) as caught:
