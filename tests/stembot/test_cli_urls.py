@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from core.media.stem_files import MARKER
 from core.net.urls import is_link, link_output_name, output_name
 from tests.stembot.test_cli import stembot
 from tests.support.media import music
@@ -64,7 +65,7 @@ def test_links_are_fetched_separated_and_refused_one_line_each(tmp_path, model_d
     assert "HTTP 404" in errors[missing]
     assert "2 of 5 tracks separated" in done.stderr and "Traceback" not in done.stderr
     assert sorted(p.name for p in out.iterdir()) == ["My Track", "song"]
-    assert sorted(p.name for p in (out / "song").iterdir()) == ["no_vocals.wav", "vocals.wav"]
+    assert sorted(p.name for p in (out / "song").iterdir()) == [MARKER, "no_vocals.wav", "vocals.wav"]
     assert list(temp.iterdir()) == []  # downloads were removed
 
 

@@ -24,6 +24,7 @@ from core.host.protocol import (
     StageEvent,
 )
 from core.media.audio import Limits, decode
+from core.media.stem_files import MARKER
 from tests.support.media import ffmpeg, music, snr_db
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -118,7 +119,8 @@ async def test_cancelling_one_job_leaves_the_others_running(batching, songs, tmp
 
     results = await asyncio.wait_for(asyncio.gather(batching.run(keep), batching.run(drop, on_event)), 120)
     assert is_done(results[0]) and results[1] == CancelledEvent(drop.job_id)
-    assert sorted(p.name for p in Path(keep.stems_dir).iterdir()) == [f"{n}.wav" for n in sorted(SOURCES)]
+    # The stems, and stembot's marker of a folder it made (core.media.stem_files).
+    assert sorted(p.name for p in Path(keep.stems_dir).iterdir()) == [MARKER, *(f"{n}.wav" for n in sorted(SOURCES))]
     assert not Path(drop.stems_dir).exists()
 
 
