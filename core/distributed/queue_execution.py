@@ -12,14 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
 
 from core.distributed.fleet import Fleet
 from core.distributed.queue import JobQueue
+from core.jobs.dispatcher import AttachedBackend
 from core.jobs.job import Job, JobState
-
-if TYPE_CHECKING:
-    from core.jobs.dispatcher import Dispatcher
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +24,7 @@ log = logging.getLogger(__name__)
 Shown = tuple[str, float]
 
 
-class QueueExecution:
+class QueueExecution(AttachedBackend):
     """Hands claimed jobs to `stembot worker`s through `queue`, as many as `fleet` has ready
     slots (plus `prefetch`), and turns what the workers write in the job rows into progress,
     deliveries and endings."""
@@ -40,23 +37,13 @@ class QueueExecution:
         self.stale_s = stale_s
         self.prefetch = prefetch
         self.ready_slots = 0  # worker slots taking jobs, as of the last look
-        self._dispatcher: Dispatcher | None = None
         self._preparing: set[int] = set()
         self._seen: dict[int, Shown] = {}
         self._watcher: asyncio.Task[None] | None = None
 
     @property
-    def dispatcher(self) -> Dispatcher:
-        if self._dispatcher is None:
-            raise RuntimeError("not attached to a dispatcher")
-        return self._dispatcher
-
-    @property
     def ready(self) -> bool:
         return self.ready_slots > 0
-
-    def attach(self, dispatcher: Dispatcher) -> None:
-        self._dispatcher = dispatcher
 
     async def recover(self) -> None:
         """Only jobs the bot was still preparing: jobs with a worker stay theirs."""

@@ -86,6 +86,21 @@ class ExecutionBackend(Protocol):
         """Stop job `job_id`, whose cancel the store accepted, and see its end reported."""
 
 
+class AttachedBackend:
+    """What every execution backend shares: the dispatcher it serves, set by `attach`."""
+
+    _dispatcher: Dispatcher | None = None
+
+    @property
+    def dispatcher(self) -> Dispatcher:
+        if self._dispatcher is None:
+            raise RuntimeError("not attached to a dispatcher")
+        return self._dispatcher
+
+    def attach(self, dispatcher: Dispatcher) -> None:
+        self._dispatcher = dispatcher
+
+
 @dataclass
 class DispatcherConfig:
     worker_name: str = "local"

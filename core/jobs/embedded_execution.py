@@ -5,34 +5,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
 
 from core.host.handle import HostHandle
+from core.jobs.dispatcher import AttachedBackend, Dispatcher
 from core.jobs.job import Job, JobState
 from core.jobs.runner import JobRunner, Outcome
 from core.storage.local import LocalJobFiles
 
-if TYPE_CHECKING:
-    from core.jobs.dispatcher import Dispatcher
-
 log = logging.getLogger(__name__)
 
 
-class EmbeddedExecution:
+class EmbeddedExecution(AttachedBackend):
     """Runs each claimed job through a `JobRunner` on `host`. A job is claimed only when
     the host has a free seat for it, so the fair order decides at the last moment."""
 
     def __init__(self, host: HostHandle):
         self.host = host
-        self._dispatcher: Dispatcher | None = None
         self._runner: JobRunner | None = None
         self._running: set[asyncio.Task[None]] = set()
-
-    @property
-    def dispatcher(self) -> Dispatcher:
-        if self._dispatcher is None:
-            raise RuntimeError("not attached to a dispatcher")
-        return self._dispatcher
 
     @property
     def runner(self) -> JobRunner:
@@ -45,7 +35,7 @@ class EmbeddedExecution:
         return self.host.ready
 
     def attach(self, dispatcher: Dispatcher) -> None:
-        self._dispatcher = dispatcher
+        super().attach(dispatcher)
         self._runner = JobRunner(dispatcher.store, self.host, LocalJobFiles(dispatcher.storage),
                                  dispatcher.config.worker_name, dispatcher.config.run_config())
 
