@@ -26,13 +26,14 @@ from core.errors import InputError
 from core.jobs.job import Job
 from core.media.audio import OUTPUT_FORMATS, Limits, OutputFormat, OutputFormatName, WavDepth, probe
 from core.media.upload_plan import MAX_ATTACHMENTS, estimate_size
-from core.separation.stems import KARAOKE
+from core.separation.stems import KARAOKE, PUBLISHED_SOURCES
 
 # What the user reads; the reason goes to the operator's log only.
 RESULTS_REFUSED = "the worker's results did not check out; please try again"
 PREVIEW = "preview.png"
 PREVIEW_MAX_BYTES = 4 * 1024 * 1024
 NOTE_MAX_CHARS = 300
+ERROR_MAX_CHARS = 200
 # A stem name becomes a file name, so only plain lowercase identifiers (Demucs's sources
 # are drums, bass, other, vocals, guitar, piano; `no_x` is everything but x).
 _STEM_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
@@ -137,7 +138,11 @@ def _check_stem_names(job: Job, stems: list[str]) -> None:
         raise ResultsRefused(f"stem names that are not plain names: {stems!r:.200}")
     expected = requested_stems(job.stems)
     if expected is None:
-        # `all`: every source of the model; none of them is a `no_x` mix.
+        # `all`: every source of the model; none of them is a `no_x` mix. A published
+        # model's sources are known; a model folder's own are checked for form only.
+        published = PUBLISHED_SOURCES.get(job.model)
+        if published is not None and (set(stems) != set(published) or len(stems) != len(published)):
+            raise ResultsRefused(f"stems {stems!r:.200}, but {job.model}'s sources are {list(published)!r}")
         if len(stems) > MAX_STEMS or any(stem.startswith("no_") for stem in stems):
             raise ResultsRefused(f"stems {stems!r:.200} are not the sources of a model")
     elif set(stems) != set(expected) or len(stems) != len(expected):
@@ -180,15 +185,22 @@ def _tolerance(duration_s: float) -> float:
     return max(DURATION_TOLERANCE_S, duration_s * DURATION_TOLERANCE)
 
 
-def safe_note(note: Any) -> str:
-    """The note shown under the result: capped, and unable to mention anyone (a zero-width
-    space after each `@` and `<#` breaks @everyone, @here, <@user>, <@&role>, <#channel>)."""
+def safe_note(note: Any, max_chars: int = NOTE_MAX_CHARS) -> str:
+    """The note shown under the result: one line, capped, unable to mention anyone (a
+    zero-width space after each `@` and `<#` breaks @everyone, @here, <@user>, <@&role>,
+    <#channel>) and unable to hide a link behind other words (`[text](url)`)."""
     if not isinstance(note, str):
         return ""
     text = " ".join(note.split())
-    if len(text) > NOTE_MAX_CHARS:
-        text = text[:NOTE_MAX_CHARS - 1] + "…"
-    return text.replace("@", "@\u200b").replace("<#", "<\u200b#")
+    if len(text) > max_chars:
+        text = text[:max_chars - 1] + "…"
+    return text.replace("@", "@\u200b").replace("<#", "<\u200b#").replace("](", "]\u200b(")
+
+
+def shown_error(job: Job) -> str:
+    """Why a job ended, fit to show a user. A worker may have written it, so it gets the
+    note's treatment, shorter."""
+    return safe_note(job.error, ERROR_MAX_CHARS) or "unknown error"
 
 
 def max_stem_bytes(job: Job, results: CheckedResults) -> int:

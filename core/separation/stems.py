@@ -12,6 +12,15 @@ from dataclasses import dataclass
 from core.errors import BadRequestError
 
 KARAOKE = ("vocals", "no_vocals")
+MUSDB_SOURCES = ("drums", "bass", "other", "vocals")
+# The sources of demucs's published models, known without loading one: the bot checks a
+# worker's `all` result against them (a model folder's own models are not listed).
+PUBLISHED_SOURCES: dict[str, tuple[str, ...]] = {
+    **{name: MUSDB_SOURCES for name in (
+        "htdemucs", "htdemucs_ft", "hdemucs_mmi", "mdx", "mdx_extra", "mdx_q", "mdx_extra_q",
+        "repro_mdx_a", "repro_mdx_a_hybrid_only", "repro_mdx_a_time_only")},
+    "htdemucs_6s": (*MUSDB_SOURCES, "guitar", "piano"),
+}
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ import discord
 from core.challenges import POSTING, Challenge, ChallengeEntry, ChallengeState, Standing
 from core.db import utcnow
 from core.jobs.job import JobState
+from core.jobs.results import shown_error
 from core.media.audio import format_duration
 from core.storage.local import safe_filename
 
@@ -175,7 +176,7 @@ class ChallengeScheduler:
         elif job.job_state is JobState.cancelled:
             reason = "the split of the track was cancelled"
         else:
-            reason = f"the track couldn't be split ({job.error or 'unknown error'})"
+            reason = f"the track couldn't be split ({shown_error(job)})"
         await self.cancel(challenge, reason)
 
     async def cancel(self, challenge: Challenge, reason: str, by: int | None = None, *, post: bool = True) -> bool:

@@ -14,7 +14,7 @@ import time
 import discord
 
 from core.jobs.job import Job, JobState
-from core.jobs.results import CheckedResults, open_checked
+from core.jobs.results import CheckedResults, open_checked, shown_error
 from core.media.audio import OutputFormat, format_duration
 from core.media.upload_plan import describe_format, links_note, too_large_error
 
@@ -155,7 +155,7 @@ class DiscordNotifier:
         if job.job_state is JobState.cancelled:
             content = f"✖️ **Cancelled:** `{job.source_name}`. Nothing was charged."
         else:
-            content = f"❌ **Couldn't split** `{job.source_name}`: {job.error or 'unknown error'}"
+            content = f"❌ **Couldn't split** `{job.source_name}`: {shown_error(job)}"
         if await self._edit_reply(job, content=content, view=None):
             return
         if job.job_state is JobState.failed:

@@ -10,6 +10,7 @@ import pytest
 
 from core.jobs.job import Job
 from core.jobs.results import (
+    ERROR_MAX_CHARS,
     NOTE_MAX_CHARS,
     PREVIEW,
     CheckedResults,
@@ -17,6 +18,7 @@ from core.jobs.results import (
     check_artifacts,
     check_files,
     safe_note,
+    shown_error,
 )
 from tests.support.media import music
 
@@ -144,6 +146,16 @@ def test_an_extra_stem_is_refused(job_dir):
     assert "plain names" in refused(job(), artifacts(stems=("drums", "../x")), job_dir)
 
 
+def test_all_stems_of_a_published_model_are_its_sources(job_dir):
+    """`all` from htdemucs is exactly drums, bass, other, vocals; a model folder's own model
+    (here `tiny`) is checked for the form of its names only."""
+    assert list(check(job(model="htdemucs"), artifacts(), job_dir).files) == list(STEMS)
+    assert "sources" in refused(job(model="htdemucs"), artifacts(stems=("drums", "bass", "other")), job_dir)
+    shutil.copy(job_dir / "stems" / "bass.mp3", job_dir / "stems" / "piano.mp3")
+    assert "sources" in refused(job(model="htdemucs"), artifacts(stems=(*STEMS, "piano")), job_dir)
+    assert "sources" in refused(job(model="htdemucs_6s"), artifacts(), job_dir)
+
+
 def test_a_missing_stem_is_refused(job_dir):
     assert "request" in refused(job(stems="bass,drums"), artifacts(stems=("bass",)), job_dir)
     (job_dir / "stems" / "bass.mp3").unlink()
@@ -211,6 +223,20 @@ def test_the_note_mentions_nobody_and_is_capped():
     assert "look" in note
     assert len(safe_note("x" * 5000)) == NOTE_MAX_CHARS
     assert safe_note(None) == safe_note(["@everyone"]) == ""
+
+
+def test_a_note_cannot_hide_a_link_behind_words():
+    note = safe_note("[your stems](https://evil.example/login) are ready")
+    assert "](" not in note and "evil.example" in note
+
+
+def test_a_job_s_error_is_shown_like_a_note_but_shorter():
+    """A worker writes `job.error` too: the bot shows it capped, mentioning nobody."""
+    shown = shown_error(job(error="@everyone <@123> " + "x" * 1000))
+    assert "@everyone" not in shown and "<@123>" not in shown
+    assert len(shown.replace("\u200b", "")) == ERROR_MAX_CHARS
+    assert shown_error(job(error=None)) == "unknown error"
+    assert shown_error(job(error="the track is too long")) == "the track is too long"
 
 
 def test_the_checked_note_is_the_safe_one(job_dir):
