@@ -112,7 +112,7 @@ def ensure_wal(url: str, timeout_s: float = 30.0) -> None:
     ones to open on a freshly migrated database failed that way now and then. So: one
     switch here, retried while another process (the bot and a worker starting together)
     holds the file."""
-    path = _sqlite_file(url)
+    path = sqlite_file(url)
     if path is None:
         return
     deadline = time.monotonic() + timeout_s
@@ -132,7 +132,7 @@ def ensure_wal(url: str, timeout_s: float = 30.0) -> None:
         return
 
 
-def _sqlite_file(url: str) -> Path | None:
+def sqlite_file(url: str) -> Path | None:
     """The database file of a SQLite URL; None for an in-memory database or a `file:` URI."""
     path = make_url(url).database
     if not path or path == ":memory:" or path.startswith("file:"):
@@ -141,7 +141,7 @@ def _sqlite_file(url: str) -> Path | None:
 
 
 def _ensure_sqlite_folder(url: str) -> None:
-    path = _sqlite_file(url)
+    path = sqlite_file(url)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
 

@@ -19,6 +19,7 @@ from core.distributed.queue import install_schema
 from core.distributed.queue_worker import QueueWorker
 from core.errors import StembotError
 from core.media.audio import OUTPUT_FORMATS, OutputFormat
+from core.ops.bot_lock import AnotherBotRunning, BotLock
 from core.runtime import limits_of
 from core.separation import catalogue
 from core.separation.stems import parse_stems
@@ -292,12 +293,23 @@ async def _run_bot(settings, token: str) -> int:
     from bot.bot import StemBot, point_at_discord  # noqa: PLC0415 - as discord above
     from bot.services import Services  # noqa: PLC0415 - as discord above
 
-    point_at_discord(settings.discord_api_url, settings.discord_gateway_url)
-    bot = StemBot(settings, Services(settings))
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
     assert main is not None  # called from asyncio.run
     stopping = asyncio.Event()
+    lost_lock: list[str] = []
+
+    def lock_lost(why: str) -> None:
+        lost_lock.append(why)
+        asyncio.ensure_future(shutdown())
+
+    lock = BotLock(settings.resolved_database_url, on_lost=lock_lost)
+    try:
+        await lock.acquire()
+    except AnotherBotRunning as exc:
+        return _fail(exc.reason)
+    point_at_discord(settings.discord_api_url, settings.discord_gateway_url)
+    bot = StemBot(settings, Services(settings))
 
     async def shutdown() -> None:
         stopping.set()
@@ -316,7 +328,9 @@ async def _run_bot(settings, token: str) -> int:
     except asyncio.CancelledError:
         if not stopping.is_set():
             raise
-    return 0
+    finally:
+        await lock.release()
+    return 1 if lost_lock else 0
 
 
 def cmd_sync(args, parser) -> int:

@@ -105,3 +105,27 @@ async def test_sigterm_stops_the_bot_and_its_worker_promptly_even_while_reconnec
                                  open(f"/proc/{pid}/stat").read().split()[2] != "Z" for pid in hosts)
     finally:
         await bot.kill()
+
+
+async def test_a_second_bot_on_the_same_database_exits_at_once_naming_the_first(tmp_path, model_dir):
+    """Two bots on one database would both dispatch and deliver (the second requeues the
+    first one's running jobs). The second exits before it connects to Discord."""
+    from tests.bot.conftest import BotProcess
+
+    async with FakeDiscord() as fake:
+        first = BotProcess(fake, tmp_path / "data", model_dir)
+        await first.start()
+        try:
+            identifies = len(fake.identifies)
+            code, out, err = await _stembot("run", env=first.env, cwd=tmp_path, timeout=60)
+            assert code == 1
+            assert "already running on this database" in err and f"pid {first.process.pid}" in err
+            assert "Traceback" not in err
+            assert len(fake.identifies) == identifies  # never reached the gateway
+            await first.wait_ready(10)  # the first one goes on serving
+        finally:
+            await first.stop()
+        # Stopped: the next bot on this database starts.
+        second = BotProcess(fake, tmp_path / "data", model_dir)
+        await second.start()
+        await second.stop()
