@@ -100,6 +100,7 @@ class Services:
         self.health.register("gateway", self._gateway_ok(bot))
         self.health.register("database", self._database_ok)
         self.health.register("worker", self._worker_ok)
+        self.health.register("dispatcher", self._dispatcher_ok)
         app = build_app(storage_root=self.storage.root, signer=self.signer, health=self.health, metrics=self.metrics)
         self._web = await start_web(app, self.settings.web_host, self.settings.web_port)
         log.info("web server on %s:%s", self.settings.web_host, self.settings.web_port)
@@ -121,7 +122,8 @@ class Services:
             except Exception:
                 log.exception("the separation worker could not start; jobs stay queued")
                 raise
-        await dispatcher.start()
+        # The database may be away at start too: /readyz says "dispatcher" false meanwhile.
+        await _retry("the database", dispatcher.start)
 
     @property
     def worker_ready(self) -> bool:
@@ -138,6 +140,9 @@ class Services:
         async with self.engine.connect() as connection:
             await connection.execute(text("SELECT 1"))
         return True
+
+    async def _dispatcher_ok(self) -> bool:
+        return self.dispatcher is not None and self.dispatcher.dispatching
 
     async def _worker_ok(self) -> bool:
         if self.worker is None:

@@ -93,8 +93,10 @@ class QueueExecution(AttachedBackend):
                         free -= 1
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                log.warning("could not hand jobs to the workers", exc_info=True)
+            except Exception as exc:  # noqa: BLE001 - the database may be away for a while
+                await dispatcher.loop_failed(exc)
+                continue
+            dispatcher.loop_ok()
             await dispatcher.idle(1.0)
 
     async def _hand_over(self, job: Job) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import random
 from collections.abc import Awaitable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,12 @@ from core.net.fetcher import download
 from core.storage.local import LocalStorage
 
 log = logging.getLogger(__name__)
+
+# After a failed round of the dispatch loop (the database away, say), the next waits this
+# long, doubling per failure up to the maximum, with jitter so that restarted bots and
+# workers do not all come back at once.
+LOOP_RETRY_BASE_S = 1.0
+LOOP_RETRY_MAX_S = 30.0
 
 
 class JobMetrics(Protocol):
@@ -135,6 +142,8 @@ class Dispatcher:
         self._reported: set[int] = set()  # jobs whose end was already reported
         self._deliveries: set[asyncio.Task[None]] = set()
         self.paused = False
+        self.loop_error: str | None = None  # why the dispatch loop's last round failed
+        self._loop_failures = 0
         execution.attach(self)
 
     # -- life cycle --------------------------------------------------------------------
@@ -145,7 +154,19 @@ class Dispatcher:
         for job in await self.store.unfinished():
             self.execution.resumed(job)
             self._resume(job)
-        self._task = asyncio.create_task(self.execution.run(), name="dispatcher")
+        self._task = asyncio.create_task(self._supervise(), name="dispatcher")
+
+    async def _supervise(self) -> None:
+        """Run the backend's loop; should it ever end on an error, start it again after a
+        pause: a dispatcher that stops taking jobs would leave every user waiting."""
+        while True:
+            try:
+                await self.execution.run()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - noted for /readyz, logged, and run again
+                await self.loop_failed(exc)
 
     def _resume(self, job: Job) -> None:
         """Pick up an unfinished job after a start: deliver it, or show where it stands."""
@@ -173,6 +194,27 @@ class Dispatcher:
     def ready(self) -> bool:
         """Whether a model is loaded somewhere to run jobs (shown in queue messages)."""
         return self.execution.ready
+
+    @property
+    def dispatching(self) -> bool:
+        """Whether the dispatch loop runs and its last round went through (for /readyz)."""
+        return self._task is not None and not self._task.done() and self.loop_error is None
+
+    def loop_ok(self) -> None:
+        """A round of the dispatch loop went through."""
+        if self.loop_error is not None:
+            log.info("the dispatch loop works again")
+        self.loop_error = None
+        self._loop_failures = 0
+
+    async def loop_failed(self, exc: BaseException) -> None:
+        """A round of the dispatch loop failed: note why for /readyz, then wait, longer
+        after each failure in a row, before the next round."""
+        self._loop_failures += 1
+        self.loop_error = type(exc).__name__
+        log.warning("the dispatch loop failed (%d in a row); trying again", self._loop_failures, exc_info=exc)
+        delay = min(LOOP_RETRY_MAX_S, LOOP_RETRY_BASE_S * 2 ** (self._loop_failures - 1))
+        await asyncio.sleep(delay * random.uniform(0.5, 1.0))
 
     def wake(self) -> None:
         """Have the backend look for jobs now (one was queued, or a place freed up)."""

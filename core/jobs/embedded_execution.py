@@ -23,6 +23,7 @@ class EmbeddedExecution(AttachedBackend):
         self.host = host
         self._runner: JobRunner | None = None
         self._running: set[asyncio.Task[None]] = set()
+        self._seats: asyncio.Semaphore | None = None
 
     @property
     def runner(self) -> JobRunner:
@@ -50,10 +51,20 @@ class EmbeddedExecution(AttachedBackend):
 
     async def run(self) -> None:
         dispatcher = self.dispatcher
-        seats = asyncio.Semaphore(self.host.capacity)
+        # One set of seats for the life of the backend: runs started before a restart of
+        # this loop still hold theirs.
+        if self._seats is None:
+            self._seats = asyncio.Semaphore(self.host.capacity)
+        seats = self._seats
         while True:
             await seats.acquire()
-            job = None if dispatcher.paused else await dispatcher.store.claim_next(dispatcher.config.worker_name)
+            try:
+                job = None if dispatcher.paused else await dispatcher.store.claim_next(dispatcher.config.worker_name)
+            except Exception as exc:  # noqa: BLE001 - the database may be away for a while
+                seats.release()
+                await dispatcher.loop_failed(exc)
+                continue
+            dispatcher.loop_ok()
             if job is None:
                 seats.release()
                 await dispatcher.idle(5.0)
@@ -83,9 +94,12 @@ class EmbeddedExecution(AttachedBackend):
         finally:
             seats.release()
         # Jobs behind it moved up one place.
-        for queued in await dispatcher.store.unfinished():
-            if queued.job_state is JobState.queued:
-                dispatcher.spawn(dispatcher.notify(queued))
+        try:
+            for queued in await dispatcher.store.unfinished():
+                if queued.job_state is JobState.queued:
+                    dispatcher.spawn(dispatcher.notify(queued))
+        except Exception:  # noqa: BLE001 - their places show at the next change
+            log.warning("could not show the queue's new places", exc_info=True)
 
     async def _process(self, job: Job) -> None:
         await self.dispatcher.notify(job)
