@@ -178,3 +178,42 @@ async def test_claim_next_remembers_who_was_served_before(db):
     old = await admit(store, user_id=1, created_at=base + timedelta(seconds=1))
     newcomer = await admit(store, user_id=2, created_at=base + timedelta(minutes=5))
     await _claims_follow_snapshots(store, [newcomer.id, old.id])
+
+
+def reference_fair_order(queued, last_guild, last_user) -> list[int]:
+    """The rule as first written: pick each next job by scanning all the rest (n squared).
+    The heap version must give exactly its order."""
+    remaining = sorted(queued, key=lambda j: (j.created_at, j.id))
+    last_guild, last_user = dict(last_guild), dict(last_user)
+    never = float("-inf")
+    tick = max([*last_guild.values(), *last_user.values(), 0.0]) + 1.0
+    order = []
+    while remaining:
+        top = min(j.priority for j in remaining)
+        candidates = [j for j in remaining if j.priority == top]
+        guild = min(candidates, key=lambda j: last_guild.get(j.guild, never)).guild
+        in_guild = [j for j in candidates if j.guild == guild]
+        job = min(in_guild, key=lambda j: last_user.get((j.guild, j.user), never))
+        order.append(job.id)
+        remaining.remove(job)
+        last_guild[job.guild] = last_user[(job.guild, job.user)] = tick
+        tick += 1.0
+    return order
+
+
+def test_the_order_is_the_reference_rule_s_on_random_queues():
+    import random
+
+    rng = random.Random(20261206)
+    for _ in range(400):
+        queue = Queue()
+        guilds, users = rng.randint(1, 6), rng.randint(1, 6)
+        for _ in range(rng.randint(0, 60)):
+            # Few distinct creation times and served times: ties are common, as they must be tested.
+            queue.add(user=rng.randint(1, users), guild=rng.randint(1, guilds), priority=rng.choice((-1, 0, 0, 5)),
+                      at=rng.randint(0, 10))
+        times = [float(rng.randint(1, 4)) for _ in range(3)]
+        last_guild = {g: rng.choice(times) for g in range(1, guilds + 1) if rng.random() < 0.5}
+        last_user = {(g, u): rng.choice(times) for g in range(1, guilds + 1) for u in range(1, users + 1)
+                     if rng.random() < 0.3}
+        assert queue.order(last_guild, last_user) == reference_fair_order(queue.jobs, last_guild, last_user)
