@@ -98,7 +98,7 @@ class EmbeddedExecution(AttachedBackend):
             for queued in await dispatcher.store.unfinished():
                 if queued.job_state is JobState.queued:
                     dispatcher.spawn(dispatcher.notify(queued))
-        except Exception:  # noqa: BLE001 - their places show at the next change
+        except Exception:  # logged: their places show at the next change
             log.warning("could not show the queue's new places", exc_info=True)
 
     async def _process(self, job: Job) -> None:
