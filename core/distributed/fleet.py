@@ -8,13 +8,13 @@ may hand to the queue, and `/stembot workers` shows them.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
-from sqlalchemy import Integer, String, delete, select, update
-from sqlalchemy.ext.asyncio import async_sessionmaker
+from sqlalchemy import Integer, String, delete, func, select, update
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Mapped, mapped_column
 
-from core.db import Base, UTCDateTime, utcnow
+from core.db import Base, UTCDateTime, as_utc, utcnow
 
 
 class WorkerSlot(Base):
@@ -52,8 +52,8 @@ class Fleet:
 
     async def beat(self, name: str, **fields: object) -> None:
         """Create or refresh a slot's row."""
-        now = utcnow()
         async with self.sessions() as session:
+            now = await database_now(session)
             moved = await session.execute(update(WorkerSlot).where(WorkerSlot.name == name)
                                           .values(seen_at=now, **fields))
             if moved.rowcount == 0:
@@ -66,14 +66,14 @@ class Fleet:
             await session.commit()
 
     async def slots(self, include_stale: bool = False) -> list[SlotView]:
-        now = utcnow()
         async with self.sessions() as session:
+            now = await database_now(session)
             query = select(WorkerSlot).order_by(WorkerSlot.name)
             if not include_stale:
                 query = query.where(WorkerSlot.seen_at > now - timedelta(seconds=self.stale_s))
             rows = list(await session.scalars(query))
         return [SlotView(r.name, r.host, r.device, r.model, r.state, r.job_id,
-                         (now - _aware(r.seen_at)).total_seconds(), r.capacity) for r in rows]
+                         (now - as_utc(r.seen_at)).total_seconds(), r.capacity) for r in rows]
 
     async def ready_slots(self) -> int:
         """Jobs the live slots that take jobs (not starting, not draining) can run at once."""
@@ -82,12 +82,16 @@ class Fleet:
     async def forget_stale(self, older_than_s: float = 3600.0) -> int:
         """Drop rows of workers gone for a long while (they stay visible for a time first)."""
         async with self.sessions() as session:
+            now = await database_now(session)
             gone = await session.execute(delete(WorkerSlot).where(
-                WorkerSlot.seen_at < utcnow() - timedelta(seconds=older_than_s)))
+                WorkerSlot.seen_at < now - timedelta(seconds=older_than_s)))
             await session.commit()
             return gone.rowcount
 
 
-def _aware(moment: datetime) -> datetime:
-
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+async def database_now(session: AsyncSession) -> datetime:
+    """The database server's clock (UTC). SQLite has no server: there it is this machine's."""
+    if session.get_bind().dialect.name != "postgresql":
+        return utcnow()
+    now = await session.scalar(select(func.statement_timestamp()))
+    return as_utc(now) if isinstance(now, datetime) else utcnow()

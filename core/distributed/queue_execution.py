@@ -80,6 +80,7 @@ class QueueExecution(AttachedBackend):
                 if loop.time() - last_prune > 3600:
                     last_prune = loop.time()
                     await self.queue.forget_old(dispatcher.config.link_valid_hours)
+                    await self.fleet.forget_stale()  # workers gone for an hour: off /stembot workers
                 self.ready_slots = await self.fleet.ready_slots()
                 if not dispatcher.paused:
                     wanted = self.ready_slots + (self.prefetch if self.ready_slots else 0)
