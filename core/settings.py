@@ -10,7 +10,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Device = Literal["auto", "cpu", "cuda"]
@@ -18,6 +18,7 @@ Precision = Literal["fp32", "bf16", "fp16"]
 # local: the bot runs jobs on its own model host (one machine). postgres: the bot queues
 # them in PostgreSQL and `stembot worker` processes, on any number of hosts, run them.
 QueueKind = Literal["local", "postgres"]
+MAX_S3_RETENTION_HOURS = 7 * 24
 
 
 class Settings(BaseSettings):
@@ -111,6 +112,15 @@ class Settings(BaseSettings):
     def _empty_is_none(cls, value: object) -> object:
         # `STEMBOT_MODEL_DIR=` in a .env file means "not set", not the current folder.
         return value or None
+
+    @model_validator(mode="after")
+    def _retention_fits_the_storage(self) -> Settings:
+        # S3 presigned URLs (workers' transfers, users' download links) last 7 days at most.
+        if self.s3_bucket and self.retention_hours > MAX_S3_RETENTION_HOURS:
+            raise ValueError(f"STEMBOT_RETENTION_HOURS is {self.retention_hours:g}, but with S3 storage "
+                             f"(STEMBOT_S3_BUCKET) it is at most {MAX_S3_RETENTION_HOURS} (7 days): presigned "
+                             "URLs last no longer")
+        return self
 
     @property
     def download_links_available(self) -> bool:

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, get_args
 
+from pydantic import ValidationError
 from tqdm import tqdm
 
 from core import db
@@ -113,6 +114,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         code = 130
+    except ValidationError as exc:  # a setting from the environment or .env is wrong
+        for error in exc.errors():
+            where = "STEMBOT_" + "_".join(map(str, error["loc"])).upper() if error["loc"] else "settings"
+            print(f"error: {where}: {error['msg'].removeprefix('Value error, ')}", file=sys.stderr)
+        code = 2
     return code
 
 

@@ -129,3 +129,14 @@ async def test_a_second_bot_on_the_same_database_exits_at_once_naming_the_first(
         second = BotProcess(fake, tmp_path / "data", model_dir)
         await second.start()
         await second.stop()
+
+
+async def test_settings_that_cannot_work_are_refused_by_name_before_anything_starts(tmp_path):
+    env = _env(tmp_path, STEMBOT_DISCORD_TOKEN="t", STEMBOT_S3_BUCKET="stems", STEMBOT_RETENTION_HOURS="200")
+    code, out, err = await _stembot("run", env=env, cwd=tmp_path, timeout=60)
+    assert code == 2
+    assert "error: settings: STEMBOT_RETENTION_HOURS is 200" in err and "at most 168" in err
+    assert "Traceback" not in err
+    env = _env(tmp_path, STEMBOT_DISCORD_TOKEN="t", STEMBOT_SHIFTS="many")
+    code, out, err = await _stembot("run", env=env, cwd=tmp_path, timeout=60)
+    assert code == 2 and "error: STEMBOT_SHIFTS: " in err and "Traceback" not in err
