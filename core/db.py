@@ -12,8 +12,10 @@ from typing import TYPE_CHECKING, Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import DateTime, MetaData, TypeDecorator, event
+from alembic.script import ScriptDirectory
+from sqlalchemy import DateTime, MetaData, TypeDecorator, event, text
 from sqlalchemy.engine import CursorResult, Result, make_url
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase
 
@@ -158,3 +160,22 @@ def upgrade(url: str, revision: str = "head") -> None:
     if url.startswith("sqlite"):
         _ensure_sqlite_folder(url)
     command.upgrade(alembic_config(url), revision)
+
+
+def head_revision() -> str | None:
+    """The newest schema revision this code knows."""
+    return ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
+
+
+def known_revisions() -> set[str]:
+    return {script.revision for script in ScriptDirectory.from_config(alembic_config("sqlite://")).walk_revisions()}
+
+
+async def schema_revision(engine: AsyncEngine) -> str | None:
+    """The revision a database's schema is at; None before the first migration."""
+    async with engine.connect() as connection:
+        try:
+            return (await connection.execute(text("SELECT version_num FROM alembic_version"))).scalar_one_or_none()
+        except DBAPIError:
+            return None
+

@@ -25,6 +25,7 @@ from typing import Any
 
 import procrastinate
 
+from core.db import head_revision, known_revisions, schema_revision
 from core.distributed.fleet import Fleet
 from core.distributed.queue import QUEUE, JobQueue, make_app, schema_installed
 from core.errors import StembotError
@@ -142,6 +143,7 @@ class QueueWorker:
         if not await schema_installed(url):
             raise StembotError("the job queue's tables are missing: run `stembot db upgrade` first")
         runtime = Runtime.from_settings(settings)
+        await _check_schema(runtime)
         fleet = Fleet(runtime.sessions, self.stale_s)
         files = RemoteJobFiles(Path(settings.data_dir) / "worker" / self.name, Path(settings.data_dir) / "jobs",
                                settings.max_input_bytes)
@@ -236,3 +238,17 @@ class QueueWorker:
             except Exception:
                 log.warning("could not check for stalled jobs", exc_info=True)
             await asyncio.sleep(self.heartbeat_s)
+
+
+async def _check_schema(runtime: Runtime) -> None:
+    """Refuse to take jobs on a schema other than this code's: a worker older or newer than
+    the bot's database would take a job and then fail it on a missing column."""
+    found, head = await schema_revision(runtime.engine), head_revision()
+    if found == head:
+        return
+    if found is None or found in known_revisions():
+        raise StembotError(f"the database's schema is at revision {found or 'none'}, but this worker needs {head}: "
+                           "run `stembot db upgrade` (or upgrade and restart the bot) first")
+    raise StembotError(f"the database's schema is at revision {found}, newer than this worker knows ({head}): "
+                       "upgrade stembot on this worker to the bot's version")
+
