@@ -6,6 +6,10 @@
 #     docker build -t stembot .
 #     docker run --env-file .env -v stembot-data:/data -p 8080:8080 stembot
 #
+#   Port 8080 serves download links only. Health and metrics (/livez, /readyz, /metrics)
+#   are on 8081 (STEMBOT_OPS_PORT) on the container's loopback, for its HEALTHCHECK; publish
+#   that port to no one (README.md, "Health and metrics").
+#
 #   worker: `stembot worker` for a GPU host in distributed mode, on NVIDIA's CUDA base image.
 #
 #     docker build --target worker -t stembot-worker .
@@ -99,7 +103,9 @@ ENV PYTHONUNBUFFERED=1 \
     HF_HOME=/opt/stembot/hf \
     STEMBOT_DATA_DIR=/data \
     STEMBOT_WEB_HOST=0.0.0.0 \
-    STEMBOT_WEB_PORT=8080
+    STEMBOT_WEB_PORT=8080 \
+    STEMBOT_OPS_HOST=127.0.0.1 \
+    STEMBOT_OPS_PORT=8081
 
 RUN apt-get update \
     && apt-get install -y --no-install-recommends ffmpeg \
@@ -127,6 +133,7 @@ USER stembot
 WORKDIR /data
 VOLUME /data
 EXPOSE 8080
+# On the operators' listener, which only the container itself reaches.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=120s \
-    CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/livez', timeout=4)"
+    CMD python -c "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/livez' % os.environ.get('STEMBOT_OPS_PORT', '8081'), timeout=4)"
 CMD ["stembot", "run"]

@@ -52,8 +52,8 @@ async def first_time(fake, interaction, predicate, since: float, timeout: float 
     raise TimeoutError(f"the status never showed it; messages: {contents}")
 
 
-async def lag_histogram(session: aiohttp.ClientSession, web_url: str) -> dict[float, float]:
-    async with session.get(f"{web_url}/metrics") as response:
+async def lag_histogram(session: aiohttp.ClientSession, ops_url: str) -> dict[float, float]:
+    async with session.get(f"{ops_url}/metrics") as response:
         text = await response.text()
     buckets = {}
     for line in text.splitlines():
@@ -112,7 +112,7 @@ async def one_round(args, work: Path, models: Path, nice: int) -> None:
                 return any(any(stage in m.content for stage in ("Decoding", "Separating", "Encoding"))
                            for job in jobs for m in fake.messages_for(job)[-1:])
             async with aiohttp.ClientSession() as session:
-                before = await lag_histogram(session, bot.web_url)
+                before = await lag_histogram(session, bot.ops_url)
                 replies, busy_polls = [], 0
                 end = time.monotonic() + args.load_s
                 while time.monotonic() < end:
@@ -123,7 +123,7 @@ async def one_round(args, work: Path, models: Path, nice: int) -> None:
                     replies.append(time.monotonic() - asked)
                     busy_polls += busy()
                     await asyncio.sleep(max(0.0, 0.5 - (time.monotonic() - asked)))
-                after = await lag_histogram(session, bot.web_url)
+                after = await lag_histogram(session, bot.ops_url)
             window = {bound: after[bound] - before.get(bound, 0.0) for bound in after}
             total = window[float("inf")]
             within_50ms = window[0.05] / total if total else float("nan")

@@ -1,9 +1,11 @@
 """Everything the bot runs beside the gateway connection: database, worker, dispatcher,
-web server. Started from `StemBot.setup_hook`, stopped from `StemBot.close`."""
+web servers (downloads for users; health and metrics for operators, on a listener of their
+own). Started from `StemBot.setup_hook`, stopped from `StemBot.close`."""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,7 +24,7 @@ from core.jobs.dispatcher import Dispatcher, ExecutionBackend
 from core.jobs.embedded_execution import EmbeddedExecution
 from core.jobs.sweeper import Sweeper
 from core.ops.looplag import LoopLagMonitor
-from core.ops.web import HealthChecks, Metrics, build_app, start_web, stop_web
+from core.ops.web import HealthChecks, Metrics, build_ops_app, build_public_app, start_web, stop_web
 from core.runtime import Runtime
 from core.separation import catalogue
 from core.settings import Settings
@@ -72,6 +74,7 @@ class Services:
         self.notifier: DiscordNotifier | None = None
         self.dispatcher: Dispatcher | None = None
         self._web: web.AppRunner | None = None
+        self._ops_web: web.AppRunner | None = None
         self._boot: asyncio.Task | None = None
         self._metrics_task: asyncio.Task | None = None
         self._sweeper_task: asyncio.Task | None = None
@@ -101,9 +104,13 @@ class Services:
         self.health.register("database", self._database_ok)
         self.health.register("worker", self._worker_ok)
         self.health.register("dispatcher", self._dispatcher_ok)
-        app = build_app(storage_root=self.storage.root, signer=self.signer, health=self.health, metrics=self.metrics)
-        self._web = await start_web(app, self.settings.web_host, self.settings.web_port)
-        log.info("web server on %s:%s", self.settings.web_host, self.settings.web_port)
+        # Operators' endpoints first, on their own address: never on the public listener.
+        ops_app = build_ops_app(health=self.health, metrics=self.metrics)
+        self._ops_web = await start_web(ops_app, self.settings.ops_host, self.settings.ops_port)
+        log.info("health and metrics on %s:%s", self.settings.ops_host, self.settings.ops_port)
+        public_app = build_public_app(storage_root=self.storage.root, signer=self.signer)
+        self._web = await start_web(public_app, self.settings.web_host, self.settings.web_port)
+        log.info("download links on %s:%s", self.settings.web_host, self.settings.web_port)
         # The model loads in the background: the bot answers (and queues) meanwhile.
         self._boot = asyncio.create_task(self._start_worker(dispatcher), name="worker-boot")
         self._metrics_task = asyncio.create_task(self._metrics_loop(), name="metrics")
@@ -198,9 +205,9 @@ class Services:
             steps.insert(0, self.worker.stop)
         if self.queue is not None:
             steps.insert(0, self.queue.close)
-        if self._web is not None:
-            runner = self._web
-            steps.insert(0, lambda: stop_web(runner))
+        for runner in (self._ops_web, self._web):
+            if runner is not None:
+                steps.insert(0, functools.partial(stop_web, runner))
         if self.dispatcher is not None:
             steps.insert(0, self.dispatcher.stop)
         for step in steps:

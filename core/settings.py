@@ -67,7 +67,7 @@ class Settings(BaseSettings):
     max_duration_s: float = Field(default=20 * 60, gt=0)
     max_input_bytes: int = Field(default=250 * 1024 * 1024, gt=0)
 
-    # Web server (health, metrics, download links)
+    # Web server for users (download links); health and metrics are on the ops listener below
     public_url: str | None = None
     web_host: str = "127.0.0.1"
     web_port: int = 8080
@@ -105,6 +105,12 @@ class Settings(BaseSettings):
     # YouTube and SoundCloud links (needs the `links` extra, yt-dlp); servers opt in.
     streaming_links_allowed: bool = False
 
+    # Operators' listener: /livez, /readyz, /metrics, on an address of its own so that they
+    # are never on the public one (STEMBOT_WEB_*). Loopback by default: Docker healthchecks
+    # run inside the container; a Prometheus elsewhere needs an internal address here.
+    ops_host: str = "127.0.0.1"
+    ops_port: int = Field(default=8081, ge=0, le=65535)
+
     @field_validator("model_dir", "public_url", "database_url", "discord_api_url", "discord_gateway_url",
                      "worker_name", "worker_devices", "s3_bucket", "s3_endpoint_url", "s3_public_endpoint_url",
                      mode="before")
@@ -120,6 +126,14 @@ class Settings(BaseSettings):
             raise ValueError(f"STEMBOT_RETENTION_HOURS is {self.retention_hours:g}, but with S3 storage "
                              f"(STEMBOT_S3_BUCKET) it is at most {MAX_S3_RETENTION_HOURS} (7 days): presigned "
                              "URLs last no longer")
+        return self
+
+    @model_validator(mode="after")
+    def _ops_port_is_not_the_public_one(self) -> Settings:
+        # One port for both would put /metrics where users can reach it, or fail to bind.
+        if self.ops_port and self.ops_port == self.web_port:
+            raise ValueError("STEMBOT_OPS_PORT must differ from STEMBOT_WEB_PORT: health and metrics "
+                             "get a listener of their own, away from the public one")
         return self
 
     @property

@@ -1,1 +1,1 @@
-"""Running the bot: the web server for health, metrics and downloads, and event-loop lag."""
+"""Running the bot: its web servers (downloads; health and metrics for operators), and event-loop lag."""

@@ -1,11 +1,17 @@
-"""The bot's small web server: health checks, Prometheus metrics, and signed downloads.
+"""The bot's small web servers: signed downloads for users, health and metrics for operators.
 
+Two listeners, so that what is only for operators is never on the address users reach:
+
+    public (STEMBOT_WEB_HOST:STEMBOT_WEB_PORT), `build_public_app`:
+    GET /dl/<job_id>/<file>    a stem file, for a link signed by `LinkSigner`
+
+    operators only (STEMBOT_OPS_HOST:STEMBOT_OPS_PORT, loopback by default), `build_ops_app`:
     GET /livez                 200 "ok" while the process serves requests
     GET /readyz                200 when every registered check passes, else 503 (JSON either way)
     GET /metrics               Prometheus text exposition
-    GET /dl/<job_id>/<file>    a stem file, for a link signed by `LinkSigner`
 
-Signed URLs are bearer tokens, so the access log written here leaves out query strings.
+Anything else is a 404 on either. Signed URLs are bearer tokens, so the access log written
+here leaves out query strings.
 """
 
 from __future__ import annotations
@@ -122,22 +128,22 @@ def content_disposition(file_name: str) -> str:
     return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(file_name, safe='')}"
 
 
-def build_app(*, storage_root: Path, signer: LinkSigner, health: HealthChecks, metrics: Metrics) -> web.Application:
-    """The web application; start it with `start_web`."""
+async def _no_sniffing(request: web.Request, response: web.StreamResponse) -> None:
+    # A stem is served as the type its name says; a browser must not guess another
+    # (HTML in a "file.mp3" would run as a page of this site). On every response,
+    # errors included, as they may echo a name.
+    response.headers["X-Content-Type-Options"] = "nosniff"
+
+
+def _new_app() -> web.Application:
+    app = web.Application()
+    app.on_response_prepare.append(_no_sniffing)
+    return app
+
+
+def build_public_app(*, storage_root: Path, signer: LinkSigner) -> web.Application:
+    """What users reach: signed downloads and nothing else. Start it with `start_web`."""
     root = Path(storage_root).resolve()
-
-    async def livez(request: web.Request) -> web.Response:
-        return web.Response(text="ok")
-
-    async def readyz(request: web.Request) -> web.Response:
-        checks = await health.run()
-        ready = all(checks.values())
-        return web.json_response({"ready": ready, "checks": checks}, status=200 if ready else 503)
-
-    async def metrics_page(request: web.Request) -> web.Response:
-        body = metrics.render()
-        # CONTENT_TYPE_LATEST carries a charset, which aiohttp wants in its own argument.
-        return web.Response(body=body, headers={"Content-Type": metrics.content_type})
 
     async def download(request: web.Request) -> web.StreamResponse:
         job_id = request.match_info["job_id"]
@@ -170,18 +176,32 @@ def build_app(*, storage_root: Path, signer: LinkSigner, health: HealthChecks, m
             "Referrer-Policy": "no-referrer",
         })
 
-    async def no_sniffing(request: web.Request, response: web.StreamResponse) -> None:
-        # A stem is served as the type its name says; a browser must not guess another
-        # (HTML in a "file.mp3" would run as a page of this site). On every response,
-        # errors included, as they may echo a name.
-        response.headers["X-Content-Type-Options"] = "nosniff"
+    app = _new_app()
+    app.router.add_get("/dl/{job_id}/{file}", download)
+    return app
 
-    app = web.Application()
-    app.on_response_prepare.append(no_sniffing)
+
+def build_ops_app(*, health: HealthChecks, metrics: Metrics) -> web.Application:
+    """What only operators reach: liveness, readiness and metrics. Start it with `start_web`
+    on an address users cannot reach (STEMBOT_OPS_HOST, loopback by default)."""
+
+    async def livez(request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    async def readyz(request: web.Request) -> web.Response:
+        checks = await health.run()
+        ready = all(checks.values())
+        return web.json_response({"ready": ready, "checks": checks}, status=200 if ready else 503)
+
+    async def metrics_page(request: web.Request) -> web.Response:
+        body = metrics.render()
+        # CONTENT_TYPE_LATEST carries a charset, which aiohttp wants in its own argument.
+        return web.Response(body=body, headers={"Content-Type": metrics.content_type})
+
+    app = _new_app()
     app.router.add_get("/livez", livez)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_page)
-    app.router.add_get("/dl/{job_id}/{file}", download)
     return app
 
 

@@ -26,6 +26,7 @@ class BotProcess:
     def __init__(self, fake: FakeDiscord, data_dir: Path, model_dir: Path, **env: str):
         self.fake = fake
         self.web_port = free_port()
+        self.ops_port = free_port()
         self.env = {
             **os.environ,
             "STEMBOT_DISCORD_TOKEN": "fake-bot-token",
@@ -36,6 +37,7 @@ class BotProcess:
             "STEMBOT_MODEL_DIR": str(model_dir),
             "STEMBOT_SHIFTS": "0",
             "STEMBOT_WEB_PORT": str(self.web_port),
+            "STEMBOT_OPS_PORT": str(self.ops_port),
             "PYTHONUNBUFFERED": "1",
             # The fake's CDN is on loopback; honoured only under pytest (see core.net.fetcher).
             "STEMBOT_ALLOW_LOOPBACK_FETCH_FOR_TESTS": "1",
@@ -47,7 +49,13 @@ class BotProcess:
 
     @property
     def web_url(self) -> str:
+        """The public listener: download links."""
         return f"http://127.0.0.1:{self.web_port}"
+
+    @property
+    def ops_url(self) -> str:
+        """The operators' listener: /livez, /readyz, /metrics."""
+        return f"http://127.0.0.1:{self.ops_port}"
 
     async def start(self, ready_timeout: float = 60.0) -> None:
         identifies = len(self.fake.identifies)
@@ -73,7 +81,7 @@ class BotProcess:
                 if self.process.returncode is not None:
                     raise RuntimeError(f"the bot exited with {self.process.returncode}:\n{self.read_log()}")
                 try:
-                    async with session.get(f"{self.web_url}/readyz") as response:
+                    async with session.get(f"{self.ops_url}/readyz") as response:
                         if response.status == 200:
                             return
                 except aiohttp.ClientError:

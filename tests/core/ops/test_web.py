@@ -1,4 +1,5 @@
-"""core.ops.web on a real socket: health, metrics, and signed downloads."""
+"""core.ops.web on real sockets: signed downloads on the public listener, health and metrics on
+the operators' one, and neither serving what belongs to the other."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import aiohttp
 import pytest
 from yarl import URL
 
-from core.ops.web import HealthChecks, Metrics, build_app, start_web, stop_web
+from core.ops.web import HealthChecks, Metrics, build_ops_app, build_public_app, start_web, stop_web
 from core.storage.signed_links import LinkSigner
 
 SECRET = b"s" * 32
@@ -34,29 +35,62 @@ def storage(tmp_path):
     return root
 
 
+def _base_url(runner) -> str:
+    host, port = runner.addresses[0][:2]
+    return f"http://{host}:{port}"
+
+
 @pytest.fixture
 async def server(storage):
+    """(session, public base URL, signer, health, metrics, operators' base URL), as the bot
+    starts them: two listeners."""
     health = HealthChecks()
     metrics = Metrics()
-    runner = await start_web(build_app(storage_root=storage, signer=LinkSigner(SECRET, "http://unused"),
-                                       health=health, metrics=metrics), "127.0.0.1", 0)
-    host, port = runner.addresses[0][:2]
-    base = f"http://{host}:{port}"
+    public = await start_web(build_public_app(storage_root=storage, signer=LinkSigner(SECRET, "http://unused")),
+                             "127.0.0.1", 0)
+    ops = await start_web(build_ops_app(health=health, metrics=metrics), "127.0.0.1", 0)
+    base = _base_url(public)
     signer = LinkSigner(SECRET, base)
     async with aiohttp.ClientSession() as session:
-        yield session, base, signer, health, metrics
-    await stop_web(runner)
+        yield session, base, signer, health, metrics, _base_url(ops)
+    await stop_web(public)
+    await stop_web(ops)
 
 
 async def test_livez(server):
-    session, base, *_ = server
-    async with session.get(f"{base}/livez") as response:
+    session, *_, ops = server
+    async with session.get(f"{ops}/livez") as response:
         assert response.status == 200
         assert await response.text() == "ok"
 
 
+async def test_operator_endpoints_are_not_on_the_public_listener(server):
+    session, base, signer, health, metrics, ops = server
+
+    async def yes():
+        return True
+
+    health.register("database", yes)
+    metrics.job_finished("done")
+    for path in ("/livez", "/readyz", "/metrics", "/metrics/", "/METRICS", "/readyz?x=1"):
+        async with session.get(f"{base}{path}") as response:
+            assert response.status == 404, path
+            body = await response.text()
+        assert "stembot_" not in body and "database" not in body, path
+        async with session.head(f"{base}{path}") as response:
+            assert response.status == 404, path
+    # ... and the operators' listener serves them, but no downloads, even with a good signature.
+    for path in ("/livez", "/readyz", "/metrics"):
+        async with session.get(f"{ops}{path}") as response:
+            assert response.status == 200, path
+    good = signer.sign("17/vocals.mp3", time.time() + 600)
+    async with session.get(ops + good.removeprefix(base)) as response:
+        assert response.status == 404
+        assert await response.read() != STEM_BYTES
+
+
 async def test_readyz_passes_then_fails_on_false_raise_or_hang(server):
-    session, base, _, health, _ = server
+    session, *_, health, _, base = server
 
     async def yes():
         return True
@@ -92,7 +126,7 @@ async def test_readyz_passes_then_fails_on_false_raise_or_hang(server):
 
 
 async def test_metrics_after_jobs(server):
-    session, base, _, _, metrics = server
+    session, *_, metrics, base = server
     metrics.job_finished("done", separation_s=42.0, audio_s=180.0)
     metrics.job_finished("done", separation_s=30.0, audio_s=120.0)
     metrics.job_finished("failed", kind="corrupt")
@@ -212,7 +246,7 @@ async def test_encoded_traversal_is_refused(server, raw_path):
 
 
 async def test_every_response_forbids_content_sniffing(server):
-    session, base, signer, *_ = server
+    session, base, signer, *_, ops = server
     good = signer.sign("17/vocals.mp3", time.time() + 600)
     urls = [
         good,                                               # 200
@@ -220,8 +254,9 @@ async def test_every_response_forbids_content_sniffing(server):
         good[:-4] + ("0000" if not good.endswith("0000") else "1111"),  # 403
         signer.sign("17/drums.mp3", time.time() + 600),     # 404
         signer.sign("17/escape.mp3", time.time() + 600),    # 403, out of storage
-        f"{base}/livez", f"{base}/readyz", f"{base}/metrics",
         f"{base}/nowhere",                                  # no route
+        f"{base}/metrics",                                  # no route here: the operators' listener
+        f"{ops}/livez", f"{ops}/readyz", f"{ops}/metrics", f"{ops}/nowhere",
     ]
     for url in urls:
         async with session.get(url) as response:
@@ -243,3 +278,17 @@ async def test_an_expiry_that_is_not_plain_digits_is_an_invalid_link(server, spe
     async with session.get(URL(url.replace(f"exp={exp}", f"exp={bad.replace('+', '%2B')}"), encoded=True)) as response:
         assert response.status == 403, bad
         assert await response.text() == "invalid link"
+
+
+def test_the_operators_port_must_differ_from_the_public_one(monkeypatch):
+    from pydantic import ValidationError
+
+    from core.settings import Settings
+
+    monkeypatch.setenv("STEMBOT_WEB_PORT", "9000")
+    monkeypatch.setenv("STEMBOT_OPS_PORT", "9000")
+    with pytest.raises(ValidationError, match="STEMBOT_OPS_PORT must differ from STEMBOT_WEB_PORT"):
+        Settings(_env_file=None)
+    monkeypatch.delenv("STEMBOT_OPS_PORT")
+    settings = Settings(_env_file=None)
+    assert (settings.ops_host, settings.ops_port) == ("127.0.0.1", 8081)

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 
 async def readiness(bot: BotProcess) -> tuple[int, dict]:
-    async with aiohttp.ClientSession() as session, session.get(f"{bot.web_url}/readyz") as response:
+    async with aiohttp.ClientSession() as session, session.get(f"{bot.ops_url}/readyz") as response:
         return response.status, await response.json()
 
 

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import sys
 import time
+from pathlib import Path
 
 import aiohttp
 import pytest
 
 from core.media.audio import probe
 from tests.bot.helpers import final_message, upload
+from tests.support.deployment import compose_healthcheck, dockerfile_healthcheck
 from tests.support.fake_discord import attachment_option, string_option
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -215,14 +219,38 @@ async def test_help(fake, bot):
     assert "/karaoke" in help_.callback_data["content"] and help_.callback_data["flags"] & 64
 
 
-async def test_health_and_metrics(fake, bot):
+async def test_health_and_metrics_only_on_the_operators_listener(fake, bot):
     async with aiohttp.ClientSession() as session:
-        async with session.get(f"{bot.web_url}/readyz") as response:
+        async with session.get(f"{bot.ops_url}/readyz") as response:
             assert response.status == 200
             checks = await response.json()
-        async with session.get(f"{bot.web_url}/metrics") as response:
+        async with session.get(f"{bot.ops_url}/metrics") as response:
+            assert response.status == 200
             text = await response.text()
-    assert checks == {"ready": True, "checks": {"gateway": True, "database": True, "worker": True}}
+        # The public listener (download links) has none of it.
+        for path in ("/livez", "/readyz", "/metrics"):
+            async with session.get(f"{bot.web_url}{path}") as response:
+                assert response.status == 404, path
+                assert "stembot_" not in await response.text()
+    assert checks == {"ready": True,
+                      "checks": {"gateway": True, "database": True, "worker": True, "dispatcher": True}}
     assert re.search(r'stembot_jobs_total\{state="done"\} [1-9]', text), text[:2000]
     # Commands are synced by `stembot sync`, never on start (Discord limits command creation).
     assert not fake.requests_matching("PUT", r"/applications/\d+/(guilds/\d+/)?commands")
+
+
+async def run_healthcheck(argv: list[str], ops_port: int) -> int:
+    """Run a healthcheck command as Docker would in the image (STEMBOT_OPS_PORT from its ENV;
+    `python` is the interpreter running these tests)."""
+    env = {**os.environ, "STEMBOT_OPS_PORT": str(ops_port),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    process = await asyncio.create_subprocess_exec(*argv, env=env, stdout=asyncio.subprocess.DEVNULL,
+                                                   stderr=asyncio.subprocess.DEVNULL)
+    return await asyncio.wait_for(process.wait(), 30)
+
+
+async def test_the_images_healthchecks_pass_on_the_operators_listener_only(bot):
+    for argv in (compose_healthcheck("bot"), dockerfile_healthcheck("bot")):
+        assert await run_healthcheck(argv, bot.ops_port) == 0, argv
+        # Pointed at the public listener, it fails: it checks the operators' listener.
+        assert await run_healthcheck(argv, bot.web_port) != 0, argv
