@@ -113,3 +113,74 @@ def test_out_of_memory_is_told_apart(error, expected):
     if error == "torch":
         error = torch.OutOfMemoryError("boom")
     assert out_of_memory(error) is expected
+
+
+def _snr_db(reference: np.ndarray, estimate: np.ndarray) -> float:
+    noise = np.sum((reference - estimate) ** 2)
+    return float(10 * np.log10(np.sum(reference**2) / max(noise, 1e-30)))
+
+
+@pytest.mark.parametrize("name", ["tiny", "tinybag"])
+def test_batched_shifts_equal_demucs_apply_model_with_the_same_shifts(model_dir, mixes, name, monkeypatch):
+    """The batching code re-implements demucs's random shifts (pad, shift, separate, trim,
+    average, per model of a bag). Tracks sharing forward passes, each with the shift
+    offsets demucs's own `apply_model` drew for it, give what `apply_model` gives alone.
+
+    The offsets are recorded and replayed rather than seeded: HTDemucs's forward pass
+    itself draws from `random` (its transformer's `sin_random_shift`), so the same seed
+    gives other offsets once forward passes come in another order."""
+    import random
+
+    import torch
+    from demucs.apply import apply_model
+
+    from core.separation import catalogue
+    from core.separation.batching import SegmentBatcher, TrackWork
+
+    model = catalogue.load(name, model_dir)
+    model.eval()
+    draw = random.randint
+    # Short tracks (one segment, and a few segments not a multiple of the stride) keep the
+    # reference runs quick.
+    tensors = [torch.from_numpy(mixes[0]), torch.from_numpy(mixes[2][:, :44100 * 6 + 123]).contiguous()]
+    expected, offsets = [], []
+    for index, mix in enumerate(tensors):
+        random.seed(1000 + index)
+        drawn: list[int] = []
+        monkeypatch.setattr(random, "randint", lambda a, b, drawn=drawn: drawn.append(draw(a, b)) or drawn[-1])
+        with torch.inference_mode():
+            expected.append(apply_model(model, mix[None], shifts=2, split=True, overlap=0.25, device="cpu")[0].numpy())
+        offsets.append(drawn)
+    assert all(len(drawn) == 2 * len(getattr(model, "models", [model])) for drawn in offsets)
+    works = []
+    for mix, drawn in zip(tensors, offsets, strict=True):
+        replay = iter(drawn)
+        monkeypatch.setattr(random, "randint", lambda a, b, replay=replay: next(replay))
+        works.append(TrackWork(model, mix, shifts=2, overlap=0.25))
+    monkeypatch.setattr(random, "randint", draw)
+    batcher = SegmentBatcher("cpu", batch_size=5)
+    while not all(work.finished for work in works):
+        batcher.step(works)
+    for reference, work, drawn in zip(expected, works, offsets, strict=True):
+        got = work.result().numpy()
+        assert got.shape == reference.shape
+        assert _snr_db(reference, got) >= 40.0, drawn
+    # The check can fail: other offsets (a wrong un-shift, say) give something far off.
+    if name == "tiny":
+        assert _snr_db(expected[1], shifted_result(model, tensors[1], [o + 1000 for o in offsets[1]],
+                                                     monkeypatch)) < 40.0
+
+
+def shifted_result(model, mix, offsets, monkeypatch):
+    import random
+
+    from core.separation.batching import SegmentBatcher, TrackWork
+
+    replay = iter(offsets)
+    monkeypatch.setattr(random, "randint", lambda a, b: next(replay))
+    work = TrackWork(model, mix, shifts=2, overlap=0.25)
+    monkeypatch.undo()
+    batcher = SegmentBatcher("cpu", batch_size=5)
+    while not work.finished:
+        batcher.step([work])
+    return work.result().numpy()
