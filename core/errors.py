@@ -96,6 +96,13 @@ class JobCancelled(StembotError):
         super().__init__(reason)
 
 
+class LowDiskError(InputError):
+    """Not enough free disk space to take or stage this track now. Not the user's fault,
+    but like a refused input nobody is charged."""
+
+    kind = "low_disk"
+
+
 class EncodeError(StembotError):
     kind = "encode_failed"
 

@@ -111,6 +111,9 @@ class Runtime:
             worker_name=worker_name, max_attempts=settings.max_attempts, limits=self.limits,
             mp3_bitrate_kbps=settings.mp3_bitrate, links_available=settings.download_links_available,
             link_valid_hours=settings.retention_hours,
+            min_free_bytes=settings.min_free_disk_mb * 1024 * 1024,
+            # Embedded mode splits on this machine; a worker stages on its own disk.
+            stages_here=settings.queue == "local",
         )
 
     def run_config(self, progress_write_interval_s: float = 2.0) -> RunConfig:

@@ -66,6 +66,10 @@ class Settings(BaseSettings):
     min_duration_s: float = Field(default=1.0, ge=0)
     max_duration_s: float = Field(default=20 * 60, gt=0)
     max_input_bytes: int = Field(default=250 * 1024 * 1024, gt=0)
+    # Free disk space the bot keeps in its data folder: below it, new jobs are refused (0: no
+    # check). A track is also refused when splitting it here would not fit (about 2.5 MB per
+    # second of audio while it is split: a 20-minute track stages about 3 GB).
+    min_free_disk_mb: int = Field(default=512, ge=0)
 
     # Web server for users (download links); health and metrics are on the ops listener below
     public_url: str | None = None

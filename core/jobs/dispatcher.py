@@ -17,13 +17,14 @@ import asyncio
 import hashlib
 import logging
 import random
+import shutil
 from collections.abc import Awaitable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from core.db import utcnow
-from core.errors import InputError
+from core.errors import InputError, LowDiskError
 from core.jobs.job import Job, JobState
 from core.jobs.quotas import Policy
 from core.jobs.results import RESULTS_REFUSED, ResultsRefused, check_artifacts
@@ -40,6 +41,11 @@ log = logging.getLogger(__name__)
 # After a failed round of the dispatch loop (the database away, say), the next waits this
 # long, doubling per failure up to the maximum, with jitter so that restarted bots and
 # workers do not all come back at once.
+# A track being split holds its mix and every stem as 32-bit float samples (44.1 kHz stereo,
+# up to 6 stems) beside the encoded files: about 2.5 MB per second of audio.
+STAGING_BYTES_PER_SECOND = 44_100 * 2 * 4 * 7
+LOW_DISK = "the bot is short of disk space right now, so it takes no new songs; please try again later"
+LOW_DISK_FOR_TRACK = "the bot is short of disk space for a track this long right now; please try again later"
 LOOP_RETRY_BASE_S = 1.0
 LOOP_RETRY_MAX_S = 30.0
 
@@ -118,6 +124,8 @@ class DispatcherConfig:
     link_valid_hours: float = 24.0
     progress_write_interval_s: float = 2.0
     delivery_retry_delays_s: tuple[float, ...] = (1.0, 5.0, 15.0)
+    min_free_bytes: int = 0  # new jobs are refused below this much free space (0: no check)
+    stages_here: bool = True  # whether jobs are split on this machine's disk (embedded mode)
 
     def run_config(self) -> RunConfig:
         return RunConfig(max_attempts=self.max_attempts, mp3_bitrate_kbps=self.mp3_bitrate_kbps,
@@ -238,6 +246,10 @@ class Dispatcher:
 
     async def submit(self, policy: Policy, **fields: Any) -> tuple[Job | None, str | None]:
         """Queue a job if its user and server have a free slot; else say why not."""
+        if self.config.min_free_bytes and self.free_bytes() < self.config.min_free_bytes:
+            log.warning("refusing a new job: %d MB free in %s, below the %d MB kept free",
+                        self.free_bytes() // 2**20, self.storage.root, self.config.min_free_bytes // 2**20)
+            return None, LOW_DISK
         job, refusal = await self.store.admit(policy, **fields)
         if job is not None:
             self.wake()
@@ -265,6 +277,8 @@ class Dispatcher:
             if await self._serve_from_cache(await self.store.require(job.id)):
                 return False
             info = await asyncio.to_thread(probe, input_path, self.config.limits)
+            if self.config.stages_here and info.duration_s is not None:
+                self._check_room_to_stage(info.duration_s)
             if info.duration_s is not None:
                 # Known length: reserve the minutes before any separation work.
                 await self.store.reserve(job.id, info.duration_s)
@@ -272,6 +286,17 @@ class Dispatcher:
             await self.fail(job.id, exc.reason, exc.kind)
             return False
         return True
+
+    def free_bytes(self) -> int:
+        return shutil.disk_usage(self.storage.root).free
+
+    def _check_room_to_stage(self, duration_s: float) -> None:
+        """Refuse a track whose split would not fit on this disk beside the space kept free."""
+        needed = int(duration_s * STAGING_BYTES_PER_SECOND) + self.config.min_free_bytes
+        if self.free_bytes() < needed:
+            log.warning("refusing a %.0f s track: %d MB free, %d MB needed to split it",
+                        duration_s, self.free_bytes() // 2**20, needed // 2**20)
+            raise LowDiskError(LOW_DISK_FOR_TRACK)
 
     async def _fetch(self, job: Job, dest: Path) -> int:
         """Bring the job's input to local disk: attachments and links through the safe
