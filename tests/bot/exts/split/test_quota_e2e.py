@@ -86,11 +86,18 @@ async def test_failed_and_cancelled_jobs_cost_nothing(fake, bot, tmp_path):
                                         user=member)
     status = await fake.wait_for(lambda: next((m for m in fake.messages_for(job) if m.components), None),
                                  timeout=30)
+    # Cancel once the minutes are reserved, so that there is a reservation to give back.
+    database = sqlite3.connect(bot.data_dir / "stembot.sqlite3")
+    await fake.wait_for(lambda: database.execute(
+        "SELECT quota_state FROM jobs WHERE source_name='x.wav'").fetchone() == ("reserved",), timeout=30,
+        interval=0.02, what="the minutes to be reserved")
     custom_id = status.components[0]["components"][0]["custom_id"]
     await fake.send_component(custom_id, status, user=member)
     assert "Cancelled" in (await final_message(fake, job)).content
     member_id = int(member["id"])
-    assert all(used == 0 and reserved == 0 for u, used, reserved in quota_rows(bot) if u == member_id)
+    rows = [(used, reserved) for u, used, reserved in quota_rows(bot) if u == member_id]
+    assert rows and all(used == 0 and reserved == 0 for used, reserved in rows)
+    assert database.execute("SELECT quota_state FROM jobs WHERE source_name='x.wav'").fetchone() == ("released",)
 
 
 async def test_a_crashing_worker_is_retried_then_the_job_fails_without_charge(fake, bot, tmp_path):
