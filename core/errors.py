@@ -24,6 +24,18 @@ class InputError(StembotError):
     kind = "bad_input"
 
 
+def input_error_kinds() -> frozenset[str]:
+    """The kinds of every InputError defined so far: a job that failed with one of them
+    failed on what its user sent (or could not be taken now), not on stembot's side."""
+    kinds: set[str] = set()
+    pending: list[type[InputError]] = [InputError]
+    while pending:
+        cls = pending.pop()
+        kinds.add(cls.kind)
+        pending.extend(cls.__subclasses__())
+    return frozenset(kinds)
+
+
 class NotAudioError(InputError):
     kind = "not_audio"
 

@@ -13,6 +13,7 @@ import time
 
 import discord
 
+from core.errors import input_error_kinds
 from core.jobs.job import Job, JobState
 from core.jobs.results import CheckedResults, open_checked, shown_error
 from core.media.audio import OutputFormat, format_duration
@@ -156,9 +157,36 @@ class DiscordNotifier:
             content = f"✖️ **Cancelled:** `{job.source_name}`. Nothing was charged."
         else:
             content = f"❌ **Couldn't split** `{job.source_name}`: {shown_error(job)}"
+        if job.job_state is JobState.failed and job.error_kind in input_error_kinds():
+            await self._tell_privately(job, content + " Nothing was charged.")
+            return
         if await self._edit_reply(job, content=content, view=None):
             return
         if job.job_state is JobState.failed:
+            await self._send_result(job, content=content, files=[])
+
+    async def _tell_privately(self, job: Job, content: str) -> None:
+        """A refused file or link is the member's business: the public "thinking" message
+        goes away and only they see why (an ephemeral follow-up, or a DM once the
+        interaction token has expired; the channel, mentioning them, when DMs are closed)."""
+        token = job.interaction_token
+        if token is not None and job.token_usable():
+            # Only an application webhook may send ephemeral follow-ups; this is how
+            # discord.py builds `Interaction.followup` from the same id and token.
+            webhook = discord.Webhook.from_state(
+                data={"id": job.application_id or self.bot.application_id, "type": 3, "token": token},
+                state=self.bot._connection)
+            if job.status_message_id is not None:
+                try:
+                    await webhook.delete_message(job.status_message_id)
+                except discord.NotFound:
+                    pass
+            await webhook.send(content, ephemeral=True, allowed_mentions=discord.AllowedMentions.none())
+            return
+        try:
+            user = self.bot.get_user(job.user_id) or await self.bot.fetch_user(job.user_id)
+            await user.send(content=content, allowed_mentions=discord.AllowedMentions.none())
+        except (discord.Forbidden, discord.NotFound):
             await self._send_result(job, content=content, files=[])
 
 
