@@ -104,6 +104,11 @@ class Settings(BaseSettings):
     # YouTube and SoundCloud links (needs the `links` extra, yt-dlp); servers opt in.
     streaming_links_allowed: bool = False
 
+    # Distributed mode: the workers' own database role (`stembot db worker-role NAME`).
+    # The password it is created with (or changed to); unset: a new role gets a generated
+    # one, printed once. Only that command reads it.
+    worker_database_password: SecretStr | None = None
+
     @field_validator("model_dir", "public_url", "database_url", "discord_api_url", "discord_gateway_url",
                      "worker_name", "worker_devices", "s3_bucket", "s3_endpoint_url", "s3_public_endpoint_url",
                      mode="before")
