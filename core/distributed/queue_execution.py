@@ -167,6 +167,7 @@ class QueueExecution(AttachedBackend):
             gone = await dispatcher.store.get(job_id)
             if gone is not None and gone.is_final:
                 await dispatcher.store.settle(job_id)  # a worker may have ended it
+                gone = await dispatcher.store.get(job_id)
             if gone is not None and gone.job_state in (JobState.failed, JobState.cancelled):
                 await dispatcher.storage.delete_job(job_id)
                 await dispatcher.ended(gone)
