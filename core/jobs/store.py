@@ -17,8 +17,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import (
+    Text,
     and_,
     case,
+    cast,
     exists,
     false,
     func,
@@ -59,6 +61,9 @@ class QueueSnapshot:
 # A job asked for through an interaction may start only once its status message exists:
 # until then there is nothing to show its progress or its end in.
 _attached = or_(Job.status_message_id.is_not(None), ~exists().where(InteractionToken.job_id == Job.id))
+
+# The job still holds presigned URLs. (Clearing them writes JSON null, not SQL NULL.)
+_has_transfer = and_(Job.transfer.is_not(None), cast(Job.transfer, Text) != "null")
 
 # How a run loads its job: the columns it reads and nothing else (a worker's database role
 # may read no other), never the bot's interaction token.
@@ -175,7 +180,7 @@ class JobStore:
         async with self.sessions() as session:
             await self._settle(session, job_id)
             await session.execute(update(Job).where(Job.id == job_id, Job.state.in_([s.value for s in FINAL]),
-                                                    Job.transfer.is_not(None)).values(transfer=None))
+                                                    _has_transfer).values(transfer=None))
             await session.commit()
 
     async def cancel_unattached(self, before: datetime) -> list[int]:
@@ -192,7 +197,7 @@ class JobStore:
         async with self.sessions() as session:
             ids = list(await session.scalars(select(Job.id).where(
                 Job.state.in_([s.value for s in FINAL]),
-                or_(Job.quota_state == "reserved", Job.slot_state == "held", Job.transfer.is_not(None)))))
+                or_(Job.quota_state == "reserved", Job.slot_state == "held", _has_transfer))))
         for job_id in ids:
             # One transaction per job: it then locks counters in the same order as an
             # admission (the user's, then the server's), so the two cannot deadlock.
