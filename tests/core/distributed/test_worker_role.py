@@ -202,8 +202,16 @@ async def test_a_worker_runs_a_job_with_its_role(deployment):
             assert await store.transition(running, JobState.delivering, lease=lease, artifacts=artifacts,
                                           progress=1.0, separation_s=2.0)
             await app.job_manager.finish_job(queued, Status.SUCCEEDED, delete_job=False)
-            assert await bot_queue.retry_stalled(0.0) == []
-            await JobQueue(app=app).retry_stalled(30.0)
+
+            # Another job: its model host crashes (back to the queue), then it fails.
+            other = deployment["ids"]["queued"]
+            assert (await deployment["store"].claim_next("bot")).id == other
+            _, lease = await store.take(other, "w/cpu")
+            assert await store.transition(other, JobState.queued, lease=lease, worker=None)
+            assert (await deployment["store"].claim_next("bot")).id == other
+            _, lease = await store.take(other, "w/cpu")
+            assert await store.transition(other, JobState.failed, lease=lease, error="crashed", error_kind="x")
+            assert await JobQueue(app=app).retry_stalled(30.0) == []  # every worker looks for stalled jobs
             await fleet.leave("w/cpu")
             await app.job_manager.unregister_worker(worker_id)
     finally:
@@ -211,6 +219,7 @@ async def test_a_worker_runs_a_job_with_its_role(deployment):
         await bot_queue.close()
     done = await deployment["store"].get(running)
     assert (done.state, done.artifacts, done.progress, done.worker) == ("delivering", artifacts, 1.0, "w/cpu")
+    assert (await deployment["store"].get(other)).attempts == 2
 
 
 def stembot(*args: str, **env: str) -> subprocess.CompletedProcess:
