@@ -115,6 +115,11 @@ class Settings(BaseSettings):
     ops_host: str = "127.0.0.1"
     ops_port: int = Field(default=8081, ge=0, le=65535)
 
+    # Distributed mode: the workers' own database role (`stembot db worker-role NAME`).
+    # The password it is created with (or changed to); unset: a new role gets a generated
+    # one, printed once. Only that command reads it.
+    worker_database_password: SecretStr | None = None
+
     @field_validator("model_dir", "public_url", "database_url", "discord_api_url", "discord_gateway_url",
                      "worker_name", "worker_devices", "s3_bucket", "s3_endpoint_url", "s3_public_endpoint_url",
                      mode="before")

@@ -13,11 +13,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, get_args
 
 from pydantic import ValidationError
+from sqlalchemy.engine import make_url
 from tqdm import tqdm
 
 from core import db
 from core.distributed.queue import install_schema
 from core.distributed.queue_worker import QueueWorker
+from core.distributed.worker_role import check_name, ensure_worker_role, reapply_worker_grants
 from core.errors import StembotError
 from core.media.audio import OUTPUT_FORMATS, OutputFormat
 from core.ops.bot_lock import AnotherBotRunning, BotLock
@@ -88,6 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
     db_cmds = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
     db_cmds.add_parser("upgrade", help="create or migrate the schema to the latest version").set_defaults(
         handler=cmd_db_upgrade)
+    role = db_cmds.add_parser(
+        "worker-role", help="create or update the PostgreSQL login of `stembot worker`s: only what a worker needs",
+        description="Creates the LOGIN role NAME if missing (password: STEMBOT_WORKER_DATABASE_PASSWORD, or a "
+                    "generated one, printed once) and grants it exactly what a worker needs; run again at will. "
+                    "Give the workers its URL as STEMBOT_DATABASE_URL.")
+    role.add_argument("name", metavar="NAME", help="the role's name (lower-case letters, digits, _)")
+    role.set_defaults(handler=cmd_db_worker_role)
 
     models = commands.add_parser("models", help="list or download models")
     models_cmds = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
@@ -255,6 +264,10 @@ def _upgrade_database(settings) -> None:
     if url.startswith("postgresql"):
         if asyncio.run(install_schema(url)):
             print("installed the job queue's tables", file=sys.stderr)
+        # A migration may have added a column that a worker reads or writes.
+        roles = asyncio.run(reapply_worker_grants(url))
+        if roles:
+            print(f"granted the workers' role(s) what they need: {', '.join(roles)}", file=sys.stderr)
 
 
 def cmd_worker(args, parser) -> int:
@@ -372,6 +385,31 @@ def cmd_db_upgrade(args, parser) -> int:
     except ValueError as exc:
         return _fail(str(exc))
     print("database is up to date")
+    return 0
+
+
+def cmd_db_worker_role(args, parser) -> int:
+    settings = get_settings()
+    url = settings.resolved_database_url
+    if not url.startswith("postgresql"):
+        return _fail("`stembot db worker-role` is for PostgreSQL (distributed mode): STEMBOT_DATABASE_URL is not a "
+                     "PostgreSQL database, and SQLite has no roles")
+    given = settings.worker_database_password
+    try:
+        name = check_name(args.name)
+        _upgrade_database(settings)
+        role = asyncio.run(ensure_worker_role(url, name, given.get_secret_value() if given else None))
+    except StembotError as exc:
+        return _fail(exc.reason)
+    except ValueError as exc:
+        return _fail(str(exc))
+    print(f"role {name} {'created' if role.created else 'updated'}: it has only what a worker needs")
+    # Printed, never logged: the one place the operator sees a generated password.
+    password = role.generated_password
+    worker_url = make_url(url).set(username=name, password=password or "PASSWORD")
+    print("give the workers, and only them, this database URL"
+          + ("" if password else " (PASSWORD: the role's password)") + ":")
+    print(f"STEMBOT_DATABASE_URL={worker_url.render_as_string(hide_password=False)}")
     return 0
 
 

@@ -2,6 +2,12 @@
 reservation, upload) and hands it to `stembot worker`s through the job queue; it learns
 what the workers did from the job rows, which it watches.
 
+The bot keeps the quotas: a worker's database role has no right on them. When a worker
+found a track's length only by decoding it, the bot reserves the minutes as it sees the
+length on the row (refused: the job fails and its worker stops); when a worker ends a job,
+the bot settles it (charges or releases the minutes, frees the slot, drops the job's
+presigned URLs) before it reports the end.
+
 Fairness across workers: jobs go to the queue in fair order (`JobStore.claim_next`) and
 only as many as there are ready worker slots, plus `prefetch` prepared ahead so a slot
 that frees up starts its next job at once; the queue never holds a backlog that a later
@@ -15,6 +21,7 @@ import logging
 
 from core.distributed.fleet import Fleet
 from core.distributed.queue import JobQueue
+from core.errors import InputError
 from core.jobs.dispatcher import AttachedBackend
 from core.jobs.job import Job, JobState
 
@@ -141,6 +148,8 @@ class QueueExecution(AttachedBackend):
         queue_moved = False
         notified: set[int] = set()
         for job_id, job in current.items():
+            if _length_found_by_worker(job) and not await self._reserve(job):
+                continue
             shown, before = _shown(job), self._seen.get(job_id)
             if shown == before:
                 continue
@@ -159,6 +168,9 @@ class QueueExecution(AttachedBackend):
         for job_id in [j for j in self._seen if j not in current]:
             del self._seen[job_id]
             gone = await dispatcher.store.get(job_id)
+            if gone is not None and gone.is_final:
+                await dispatcher.store.settle(job_id)  # a worker may have ended it
+                gone = await dispatcher.store.get(job_id)
             if gone is not None and gone.job_state in (JobState.failed, JobState.cancelled):
                 await dispatcher.storage.delete_job(job_id)
                 await dispatcher.ended(gone)
@@ -168,6 +180,26 @@ class QueueExecution(AttachedBackend):
             for job in current.values():
                 if job.job_state is JobState.queued and job.id not in notified:
                     dispatcher.spawn(dispatcher.notify(job))
+
+
+    async def _reserve(self, job: Job) -> bool:
+        """Reserve the minutes of a track whose length its worker found; refused, fail the
+        job and stop its worker. Returns whether the job goes on."""
+        assert job.duration_s is not None  # see _length_found_by_worker
+        try:
+            await self.dispatcher.store.reserve(job.id, job.duration_s)
+        except InputError as exc:
+            await self.dispatcher.fail(job.id, exc.reason, exc.kind)
+            if job.queue_job_id is not None:
+                await self.queue.abort(job.queue_job_id)
+            return False
+        return True
+
+
+def _length_found_by_worker(job: Job) -> bool:
+    """A job a worker decoded without the bot knowing its length: no minutes reserved yet."""
+    return (job.quota_state == "none" and job.duration_s is not None and bool(job.limits) and not job.cache_hit
+            and job.job_state in (JobState.separating, JobState.encoding, JobState.delivering))
 
 
 def _shown(job: Job) -> Shown:

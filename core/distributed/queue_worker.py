@@ -32,6 +32,7 @@ from core.errors import StembotError
 from core.host.handle import HostHandle
 from core.jobs.job import Job
 from core.jobs.runner import JobRunner, Outcome
+from core.jobs.store import JobStore
 from core.runtime import Runtime
 from core.settings import Settings
 from core.storage.local import LocalJobFiles, LocalStorage
@@ -144,6 +145,10 @@ class QueueWorker:
             raise StembotError("the job queue's tables are missing: run `stembot db upgrade` first")
         runtime = Runtime.from_settings(settings)
         await _check_schema(runtime)
+        # No QuotaBook: a worker's database role has no right on the quota tables. It only
+        # checks a track's length against the job's limits; the bot reserves the minutes and
+        # settles the jobs a worker ends (core.distributed.queue_execution).
+        store = JobStore(runtime.sessions)
         fleet = Fleet(runtime.sessions, self.stale_s)
         files = RemoteJobFiles(Path(settings.data_dir) / "worker" / self.name, Path(settings.data_dir) / "jobs",
                                settings.max_input_bytes)
@@ -152,7 +157,7 @@ class QueueWorker:
             host = HostHandle(config)
             name = f"{self.name}/{device}"[:64]
             self.slots.append(Slot(name=name, device=device, host=host,
-                                   runner=JobRunner(runtime.store, host, files, name, run_config)))
+                                   runner=JobRunner(store, host, files, name, run_config)))
         app = make_app(url)
         beats = None
         try:

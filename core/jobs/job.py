@@ -17,12 +17,13 @@ from sqlalchemy import (
     Boolean,
     Date,
     Float,
+    ForeignKey,
     Integer,
     String,
     Text,
     and_,
 )
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.orm import Mapped, mapped_column, relationship
 from sqlalchemy.sql.elements import ColumnElement
 
 from core.db import Base, UTCDateTime, utcnow
@@ -74,9 +75,6 @@ class Job(Base):
     channel_id: Mapped[int | None] = mapped_column(BigInteger)
     application_id: Mapped[int | None] = mapped_column(BigInteger)
     interaction_id: Mapped[int | None] = mapped_column(BigInteger)
-    # A webhook token valid for 15 minutes: lets a restarted bot edit the reply.
-    interaction_token: Mapped[str | None] = mapped_column(Text)
-    token_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     status_message_id: Mapped[int | None] = mapped_column(BigInteger)
     attachment_size_limit: Mapped[int] = mapped_column(BigInteger, default=10 * 1024 * 1024)
 
@@ -121,6 +119,11 @@ class Job(Base):
     artifacts: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
+    # The bot's alone, in a table of its own that workers cannot read (see InteractionToken).
+    # Loaded with the job by the bot's queries; a run's queries never load it (RUN_READS).
+    interaction: Mapped[InteractionToken | None] = relationship(
+        lazy="selectin", cascade="all, delete-orphan", passive_deletes=True)
+
     @property
     def job_state(self) -> JobState:
         return JobState(self.state)
@@ -129,11 +132,50 @@ class Job(Base):
     def is_final(self) -> bool:
         return self.job_state in FINAL
 
+    @property
+    def interaction_token(self) -> str | None:
+        """The webhook token of the interaction that asked for the job, if any."""
+        return self.interaction.token if self.interaction is not None else None
+
+    @property
+    def token_expires_at(self) -> datetime | None:
+        return self.interaction.expires_at if self.interaction is not None else None
+
     def token_usable(self, now: datetime | None = None, margin: timedelta = timedelta(seconds=60)) -> bool:
         """Whether the interaction token still has time to edit the reply or follow up."""
         if not self.interaction_token or self.token_expires_at is None:
             return False
         return (now or utcnow()) + margin < self.token_expires_at
+
+
+class InteractionToken(Base):
+    """The webhook token of the interaction a job answers: valid for 15 minutes, it lets
+    whoever holds it post and edit as the bot in that conversation, and lets a restarted
+    bot edit the reply. Only the bot reads it: it lives apart from the job row, which
+    workers read, and the workers' database role has no right on this table."""
+
+    __tablename__ = "interaction_tokens"
+
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    token: Mapped[str] = mapped_column(Text)
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+# What a run of a job (`core.jobs.runner`, on a `stembot worker` in distributed mode) reads
+# and writes of the job's row, and nothing else: the workers' database role is granted
+# exactly these columns (`core.distributed.worker_role`), and the store refuses a leased
+# write of any other field. The rest (who asked, quotas, the presigned URLs the bot sets)
+# is the bot's.
+RUN_READS = ("id", "state", "attempts", "worker", "source_name", "model", "stems", "format",
+             "attachment_size_limit", "limits", "transfer")
+RUN_WRITES = ("state", "updated_at", "progress", "attempts", "worker", "heartbeat_at", "finished_at", "duration_s",
+              "separation_s", "artifacts", "error", "error_kind")
+# The states of the rows a run changes (it takes a job the bot is handing over, in
+# `fetching`), the states it may leave them in, and so the rows it must be able to read
+# (PostgreSQL checks the new row of an UPDATE against the reading policy too).
+RUN_FROM = RUNNING
+RUN_TO = (*RUNNING, JobState.queued, JobState.delivering, JobState.failed)
+RUN_SEES = (*UNFINISHED, JobState.failed)
 
 
 @dataclass(frozen=True)

@@ -179,7 +179,7 @@ class JobRunner:
             return await self._fail(job.id, lease, exc.reason, exc.kind)
         if await self.store.transition(job.id, JobState.delivering, lease=lease, artifacts=artifacts,
                                        progress=1.0, duration_s=done.duration_s,
-                                       separation_s=done.separation_s, transfer=None):
+                                       separation_s=done.separation_s):
             return Outcome.delivering
         return Outcome.cancelled
 

@@ -17,8 +17,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import (
+    Text,
     and_,
     case,
+    cast,
+    exists,
     false,
     func,
     or_,
@@ -26,13 +29,25 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.orm import load_only, raiseload
 from sqlalchemy.sql.elements import ColumnElement
 
 from core.db import rowcount, utcnow
 from core.errors import TooLongError
 from core.jobs import quotas
 from core.jobs.fair_order import QueuedJob, fair_order
-from core.jobs.job import ALLOWED_FROM, FINAL, RUNNING, UNFINISHED, Job, JobState, Lease
+from core.jobs.job import (
+    ALLOWED_FROM,
+    FINAL,
+    RUN_READS,
+    RUN_WRITES,
+    RUNNING,
+    UNFINISHED,
+    InteractionToken,
+    Job,
+    JobState,
+    Lease,
+)
 from core.jobs.quotas import SERVER, Policy, QuotaBook, QuotaExceeded, QuotaSlot
 from core.media.audio import format_duration
 
@@ -45,7 +60,27 @@ class QueueSnapshot:
 
 # A job asked for through an interaction may start only once its status message exists:
 # until then there is nothing to show its progress or its end in.
-_attached = or_(Job.interaction_token.is_(None), Job.status_message_id.is_not(None))
+_attached = or_(Job.status_message_id.is_not(None), ~exists().where(InteractionToken.job_id == Job.id))
+
+# The job still holds presigned URLs. (Clearing them writes JSON null, not SQL NULL.)
+_has_transfer = and_(Job.transfer.is_not(None), cast(Job.transfer, Text) != "null")
+
+# How a run loads its job: the columns it reads and nothing else (a worker's database role
+# may read no other), never the bot's interaction token.
+_AS_RUN = (load_only(*(getattr(Job, name) for name in RUN_READS), raiseload=True), raiseload("*"))
+
+
+def _interaction(fields: dict[str, Any]) -> InteractionToken | None:
+    """Take the interaction's token out of a new job's fields, into its own row."""
+    token, expires_at = fields.pop("interaction_token", None), fields.pop("token_expires_at", None)
+    return None if token is None else InteractionToken(token=token, expires_at=expires_at)
+
+
+def _leased(fields: dict[str, Any]) -> None:
+    """A run writes only its own columns of the row (the worker's role may write no other)."""
+    others = set(fields) - set(RUN_WRITES)
+    if others:
+        raise ValueError(f"a run may not write {sorted(others)} of its job")
 
 
 class JobStore:
@@ -60,8 +95,10 @@ class JobStore:
         self.quotas = quotas
 
     async def create(self, **fields: Any) -> Job:
+        """A job row; `interaction_token` and `token_expires_at` go to its InteractionToken."""
+        interaction = _interaction(fields)
         async with self.sessions() as session:
-            job = Job(**fields)
+            job = Job(**fields, interaction=interaction)
             session.add(job)
             await session.commit()
             return job
@@ -71,20 +108,28 @@ class JobStore:
         the reason why not. Atomic: concurrent requests never exceed the limits."""
         if self.quotas is None:
             return await self.create(**fields), None
+        interaction = _interaction(fields)
         async with self.sessions() as session:
             refusal = await self.quotas.take_slots(session, fields.get("guild_id") or 0, fields["user_id"], policy)
             if refusal is not None:
                 await session.rollback()
                 return None, refusal
-            job = Job(**fields, slot_state="held", limits=policy.as_limits())
+            job = Job(**fields, interaction=interaction, slot_state="held", limits=policy.as_limits())
             session.add(job)
             await session.commit()
             return job, None
 
     async def reserve(self, job_id: int, seconds: float) -> None:
         """Reserve the job's audio minutes (once; a retried job keeps its reservation).
-        Raises TooLongError or QuotaExceeded, reserving nothing."""
+        Raises TooLongError or QuotaExceeded, reserving nothing.
+
+        Without a QuotaBook (a worker's store: its role has no right on the quota tables)
+        it only refuses a track longer than the job's limits allow; the bot reserves the
+        minutes when it sees the length on the row (`core.distributed.queue_execution`)."""
         if self.quotas is None:
+            async with self.sessions() as session:
+                limits = await session.scalar(select(Job.limits).where(Job.id == job_id))
+            _check_length(limits, seconds)
             return
         async with self.sessions() as session:
             job = await session.get(Job, job_id)
@@ -92,9 +137,7 @@ class JobStore:
             # it was settled when it ended, so nothing would release this reservation.
             if job is None or job.quota_state != "none" or not job.limits or job.is_final:
                 return
-            if seconds > job.limits["max_track_s"]:
-                raise TooLongError(f"the track is {format_duration(seconds)} long; this server allows up to "
-                                   f"{format_duration(job.limits['max_track_s'])}")
+            _check_length(job.limits, seconds)
             day = quotas.utc_day()  # looked up when called: tests move the day
             moved = await session.execute(
                 update(Job).where(Job.id == job_id, Job.quota_state == "none",
@@ -131,6 +174,15 @@ class JobStore:
             if rowcount(moved) == 1:
                 await self.quotas.release_slots(session, guild, job.user_id)
 
+    async def settle(self, job_id: int) -> None:
+        """Settle a job that ended elsewhere (a worker failed it): charge or release its
+        minutes, free its slot, and drop its presigned URLs. Does nothing twice."""
+        async with self.sessions() as session:
+            await self._settle(session, job_id)
+            await session.execute(update(Job).where(Job.id == job_id, Job.state.in_([s.value for s in FINAL]),
+                                                    _has_transfer).values(transfer=None))
+            await session.commit()
+
     async def cancel_unattached(self, before: datetime) -> list[int]:
         """Sweeper: cancel queued jobs whose status message never came (the reply to the
         interaction failed), so they release their slot instead of waiting for ever."""
@@ -141,17 +193,16 @@ class JobStore:
                                                         error_kind="cancelled")]
 
     async def settle_finished(self) -> list[int]:
-        """Sweeper: settle finished jobs that still hold a slot or a reservation."""
+        """Sweeper: settle finished jobs that still hold a slot, a reservation or presigned URLs."""
         async with self.sessions() as session:
             ids = list(await session.scalars(select(Job.id).where(
                 Job.state.in_([s.value for s in FINAL]),
-                or_(Job.quota_state == "reserved", Job.slot_state == "held"))))
-            for job_id in ids:
-                # One transaction per job: it then locks counters in the same order as an
-                # admission (the user's, then the server's), so the two cannot deadlock.
-                await self._settle(session, job_id)
-                await session.commit()
-            return ids
+                or_(Job.quota_state == "reserved", Job.slot_state == "held", _has_transfer))))
+        for job_id in ids:
+            # One transaction per job: it then locks counters in the same order as an
+            # admission (the user's, then the server's), so the two cannot deadlock.
+            await self.settle(job_id)
+        return ids
 
     async def get(self, job_id: int) -> Job | None:
         async with self.sessions() as session:
@@ -171,6 +222,7 @@ class JobStore:
         Returns whether the row was written."""
         condition = Job.id == job_id
         if lease is not None:
+            _leased(fields)
             condition = and_(condition, lease.where())
         if in_state is not None:
             condition = and_(condition, Job.state == in_state.value)
@@ -182,16 +234,19 @@ class JobStore:
     async def transition(self, job_id: int, to: JobState, lease: Lease | None = None, **fields: Any) -> bool:
         """Move the job to `to` if its current state allows it (and, with a lease, that run
         still holds it). Returns whether it moved. Ending a job settles its quota in the
-        same transaction."""
+        same transaction (when this store has the QuotaBook: a worker's has not, and the bot
+        settles what a worker ended, see `settle`)."""
         values: dict[str, Any] = {"state": to.value, "updated_at": utcnow(), **fields}
         if to in FINAL:
             values.setdefault("finished_at", utcnow())
-            values.setdefault("transfer", None)  # presigned URLs are of no use any more
+            if lease is None:  # a run leaves the bot's columns to the bot (`settle`)
+                values.setdefault("transfer", None)  # presigned URLs are of no use any more
         if to in RUNNING:
             values.setdefault("progress", 0.0)
         allowed = [s.value for s in ALLOWED_FROM[to]]
         condition = and_(Job.id == job_id, Job.state.in_(allowed))
         if lease is not None:
+            _leased(values)
             condition = and_(condition, lease.where())
         async with self.sessions() as session:
             result = await session.execute(update(Job).where(condition).values(**values))
@@ -258,7 +313,7 @@ class JobStore:
             await session.commit()
             if attempt is None:
                 return None
-            job = await session.get(Job, job_id, populate_existing=True)
+            job = await session.get(Job, job_id, populate_existing=True, options=_AS_RUN)
             return None if job is None else (job, Lease(worker, attempt))
 
     async def request_cancel(self, job_id: int) -> JobState | None:
@@ -381,6 +436,12 @@ class JobStore:
         async with self.sessions() as session:
             rows = await session.execute(select(Job.state, func.count()).group_by(Job.state))
             return {state: count for state, count in rows}
+
+
+def _check_length(limits: dict[str, Any] | None, seconds: float) -> None:
+    if limits and seconds > limits["max_track_s"]:
+        raise TooLongError(f"the track is {format_duration(seconds)} long; this server allows up to "
+                           f"{format_duration(limits['max_track_s'])}")
 
 
 def _timestamp(moment: datetime) -> float:

@@ -11,7 +11,7 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import text
+from sqlalchemy import inspect, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 # Imported for the tables they register.
@@ -78,3 +78,49 @@ def test_downgrade_to_nothing_and_back(empty_url):
     assert {t[0] for t in tables} <= {"alembic_version"}
     upgrade(empty_url)
     assert _drift(empty_url) == []
+
+
+def test_interaction_tokens_move_out_of_the_job_rows_and_back(empty_url):
+    """0007: a job's interaction token moves to `interaction_tokens` (workers cannot read
+    it there), so a bot upgraded with jobs under way still edits their replies."""
+    from core.db import make_engine, make_sessions
+    from core.jobs.store import JobStore
+
+    expires = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
+    upgrade(empty_url, "0006")
+    for name, token in (("asked.mp3", "tok-secret"), ("bulk.mp3", None)):
+        _run(empty_url, "INSERT INTO jobs (created_at, updated_at, user_id, attachment_size_limit, source_kind, "
+                        "source_url, source_name, model, stems, format, priority, state, progress, attempts, "
+                        "cancel_requested, interaction_token, token_expires_at, slot_state, quota_state, "
+                        "reserved_s, cache_hit) VALUES (:t, :t, 42, 10, 'attachment', 'u', :name, 'htdemucs', "
+                        "'all', 'mp3', 0, 'separating', 0.5, 1, false, :token, :expires, 'held', 'none', 0, "
+                        "false)", t=datetime(2026, 1, 1, tzinfo=UTC), name=name, token=token,
+             expires=expires if token else None)
+    upgrade(empty_url, "0007")
+
+    async def tokens():
+        engine = make_engine(empty_url)
+        try:
+            return {job.source_name: (job.interaction_token, job.token_expires_at, job.token_usable(
+                now=datetime(2029, 1, 1, tzinfo=UTC))) for job in await JobStore(make_sessions(engine)).unfinished()}
+        finally:
+            await engine.dispose()
+    assert asyncio.run(tokens()) == {"asked.mp3": ("tok-secret", expires, True), "bulk.mp3": (None, None, False)}
+    columns = {c["name"] for c in _columns(empty_url, "jobs")}
+    assert "interaction_token" not in columns and "token_expires_at" not in columns
+    assert [tuple(r) for r in _run(empty_url, "SELECT token FROM interaction_tokens")] == [("tok-secret",)]
+    assert _drift(empty_url) == []
+
+    command.downgrade(alembic_config(empty_url), "0006")
+    rows = _run(empty_url, "SELECT source_name, interaction_token FROM jobs ORDER BY source_name")
+    assert [tuple(r) for r in rows] == [("asked.mp3", "tok-secret"), ("bulk.mp3", None)]
+
+
+def _columns(url: str, table: str) -> list:
+    async def go():
+        engine = create_async_engine(url)
+        async with engine.connect() as connection:
+            found = await connection.run_sync(lambda sync: inspect(sync).get_columns(table))
+        await engine.dispose()
+        return found
+    return asyncio.run(go())

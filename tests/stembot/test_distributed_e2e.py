@@ -1,6 +1,8 @@
 """Distributed mode end to end: the real `stembot run` bot and `stembot worker` processes
 against a throwaway PostgreSQL (database and queue), a moto S3 server and the fake
-Discord, with a tiny model on the CPU. Workers get no storage credentials."""
+Discord, with a tiny model on the CPU. Workers get no storage credentials, and log in to
+the database as the workers' own role (`stembot db worker-role`), which has only what a
+worker needs (tests/core/distributed/test_worker_role.py shows what it cannot do)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import random
 import signal
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import aiohttp
@@ -30,7 +33,8 @@ STALE_S = "6"
 @pytest.fixture
 def distributed(postgres_server, s3_server, model_dir, tmp_path):
     """Environment of a distributed set-up on a fresh database and bucket, migrated the
-    way an operator does it (`stembot db upgrade`)."""
+    way an operator does it (`stembot db upgrade`), the workers logging in as the role
+    `stembot db worker-role` made for them, with the URL it printed."""
     from tests.support.postgres import reset_database
 
     reset_database(postgres_server)
@@ -48,6 +52,12 @@ def distributed(postgres_server, s3_server, model_dir, tmp_path):
     upgraded = subprocess.run([sys.executable, "-m", "stembot", "db", "upgrade"], env={**clean, **common},
                               capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert upgraded.returncode == 0, upgraded.stderr
+    role = subprocess.run([sys.executable, "-m", "stembot", "db", "worker-role", f"worker_{uuid.uuid4().hex[:8]}"],
+                          env={**clean, **common}, capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert role.returncode == 0, role.stderr
+    worker_url = next(line for line in role.stdout.splitlines() if line.startswith("STEMBOT_DATABASE_URL="))
+    worker_env = {**common, "STEMBOT_DATABASE_URL": worker_url.removeprefix("STEMBOT_DATABASE_URL=")}
+    assert worker_env["STEMBOT_DATABASE_URL"] != postgres_server
     bot_env = {
         **common,
         "STEMBOT_S3_BUCKET": s3_server.bucket,
@@ -55,7 +65,7 @@ def distributed(postgres_server, s3_server, model_dir, tmp_path):
         "AWS_ACCESS_KEY_ID": s3_server.access_key_id,
         "AWS_SECRET_ACCESS_KEY": s3_server.secret_access_key,
     }
-    return {"clean": clean, "worker": common, "bot": bot_env, "url": postgres_server, "root": tmp_path}
+    return {"clean": clean, "worker": worker_env, "bot": bot_env, "url": postgres_server, "root": tmp_path}
 
 
 class WorkerProcess:

@@ -14,6 +14,7 @@ from core.distributed.fleet import Fleet
 from core.distributed.queue import QUEUE, JobQueue, install_schema
 from core.distributed.queue_execution import QueueExecution
 from core.jobs.dispatcher import Dispatcher, DispatcherConfig
+from core.jobs.job import JobState
 from core.jobs.store import JobStore
 from core.storage.local import LocalStorage
 from tests.support.media import music
@@ -180,3 +181,57 @@ async def test_a_job_that_cannot_be_handed_over_fails_and_the_next_one_goes_on(s
     failed = await store.get(broken)
     assert failed.state == "failed" and failed.error_kind == "internal"
     assert failed.error == "something went wrong on our side; please try again"
+
+
+class Ended(Silent):
+    def __init__(self):
+        self.ended = []
+
+    async def job_ended(self, job):
+        self.ended.append((job.id, job.quota_state, job.slot_state))
+
+
+async def test_the_bot_keeps_the_quotas_of_the_jobs_workers_run(setup):
+    """A worker's role has no right on the quota tables, so its store has no QuotaBook: the
+    bot reserves the minutes of a track whose length a worker found by decoding it (refused:
+    the job fails), and settles a job a worker ended before it reports the end."""
+    from core.jobs.quotas import Policy, QuotaBook, QuotaExceeded
+
+    unbooked, fleet, queue, storage, song = setup
+    policy = Policy(user_minutes_per_day=1, guild_minutes_per_day=600, user_concurrent_jobs=5, guild_queued_jobs=20,
+                    max_track_minutes=20)
+    bot, worker = JobStore(unbooked.sessions, QuotaBook(unbooked.sessions, policy)), JobStore(unbooked.sessions)
+    leases = {}
+    for name in ("fits", "too_much", "crashes"):
+        job, _ = await bot.admit(policy, user_id=5, guild_id=1, source_kind="attachment", source_url="u",
+                                 source_name=f"{name}.wav", model="tiny", stems="all", format="mp3")
+        assert (await bot.claim_next("bot")).id == job.id
+        await bot.update(job.id, transfer={"input_url": "https://s3.example/in?X-Amz-Signature=s"})
+        leases[name] = (job.id, (await worker.take(job.id, "w/cpu"))[1])
+    notifier = Ended()
+    dispatcher = Dispatcher(bot, storage, notifier, QueueExecution(queue, fleet, watch_interval_s=0.1),
+                            DispatcherConfig(worker_name="bot"))
+    await dispatcher.start()
+    try:
+        fits, too_much, crashes = leases["fits"], leases["too_much"], leases["crashes"]
+        assert await worker.transition(fits[0], JobState.separating, lease=fits[1], duration_s=40.0)
+        for _ in range(50):
+            if (await bot.get(fits[0])).quota_state == "reserved":
+                break
+            await asyncio.sleep(0.1)
+        assert (await bot.get(fits[0])).reserved_s == 40.0
+        # 40 s reserved, 40 s more is over the member's minute: the job fails, uncharged.
+        assert await worker.transition(too_much[0], JobState.separating, lease=too_much[1], duration_s=40.0)
+        assert await worker.transition(crashes[0], JobState.failed, lease=crashes[1], error="boom", error_kind="x")
+        for _ in range(50):
+            if len(notifier.ended) == 2:
+                break
+            await asyncio.sleep(0.1)
+    finally:
+        await dispatcher.stop()
+    refused = await bot.get(too_much[0])
+    assert (refused.state, refused.error_kind, refused.quota_state) == ("failed", QuotaExceeded.kind, "none")
+    assert not await worker.transition(too_much[0], JobState.encoding, lease=too_much[1])  # its worker stops
+    ended = await bot.get(crashes[0])
+    assert (ended.slot_state, ended.transfer) == ("released", None)
+    assert sorted(notifier.ended) == sorted([(too_much[0], "none", "released"), (crashes[0], "none", "released")])

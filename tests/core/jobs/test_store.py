@@ -8,8 +8,10 @@ from datetime import datetime, timedelta, timezone
 import pytest
 import pytest_asyncio
 from sqlalchemy import create_engine, inspect, select
+from sqlalchemy.exc import SQLAlchemyError
 
 from core.db import Base, alembic_config, make_engine, make_sessions, upgrade, utcnow
+from core.errors import TooLongError
 from core.jobs.job import FINAL, RUNNING, Job, JobState
 from core.jobs.store import JobStore
 
@@ -76,7 +78,7 @@ async def test_create_get_round_trip_keeps_values_and_utc_datetimes(store):
 
 async def test_naive_datetimes_are_refused(store):
     with pytest.raises(Exception, match="naive datetime"):
-        await new_job(store, token_expires_at=datetime(2030, 1, 1))
+        await new_job(store, interaction_token="t", token_expires_at=datetime(2030, 1, 1))
 
 
 async def test_json_artifacts_and_update_round_trip(store):
@@ -516,3 +518,65 @@ async def test_ending_a_job_forgets_its_presigned_urls(both_store):
     await store.update(job.id, transfer={"input_url": "https://s3.example/x?X-Amz-Signature=secret"})
     assert await store.transition(job.id, JobState.failed, error="boom")
     assert (await store.get(job.id)).transfer is None
+
+
+async def test_a_run_sees_only_its_columns_and_writes_only_its_own(both_store):
+    """What a worker's run loads and writes is what its database role is granted
+    (core.distributed.worker_role): the bot's columns stay out of its reach."""
+    store = both_store
+    job = await new_job(store, user_id=5, interaction_token="secret-token", token_expires_at=utcnow(),
+                        status_message_id=1)
+    await store.claim_next("bot")
+    taken, lease = await store.take(job.id, "w/cpu")
+    assert (taken.id, taken.model, taken.stems, taken.format, taken.source_name) == (job.id, "tiny", "all", "mp3",
+                                                                                    "a.mp3")
+    for bots in ("user_id", "source_url", "interaction"):
+        with pytest.raises(SQLAlchemyError):  # not loaded: detached, or raiseload
+            getattr(taken, bots)
+    for field in ({"user_id": 6}, {"stems": "vocals"}, {"quota_state": "charged"}, {"transfer": None}):
+        with pytest.raises(ValueError, match="a run may not write"):
+            await store.update(job.id, lease=lease, **field)
+        with pytest.raises(ValueError, match="a run may not write"):
+            await store.transition(job.id, JobState.separating, lease=lease, **field)
+    assert (await store.get(job.id)).user_id == 5
+
+
+async def test_a_job_a_worker_ended_is_settled_by_the_bot(database_url):
+    """A worker's store has no QuotaBook (its role may not touch quotas): the bot settles
+    the job, frees its slot and drops its presigned URLs when it sees the end."""
+    from core.jobs.quotas import Policy, QuotaBook
+
+    engine = make_engine(database_url)
+    try:
+        sessions = make_sessions(engine)
+        policy = Policy(user_minutes_per_day=60, guild_minutes_per_day=600, user_concurrent_jobs=1,
+                        guild_queued_jobs=20, max_track_minutes=20)
+        bot = JobStore(sessions, QuotaBook(sessions, policy))
+        worker = JobStore(sessions)
+        job, refusal = await bot.admit(policy, **FIELDS, user_id=9, guild_id=3)
+        assert refusal is None
+        await bot.claim_next("bot")
+        await bot.reserve(job.id, 30.0)
+        await bot.update(job.id, transfer={"input_url": "https://s3.example/x?X-Amz-Signature=secret"})
+        _, lease = await worker.take(job.id, "w/cpu")
+        assert await worker.transition(job.id, JobState.failed, lease=lease, error="boom", error_kind="error")
+        ended = await bot.get(job.id)
+        assert (ended.quota_state, ended.slot_state, ended.transfer is not None) == ("reserved", "held", True)
+        assert (await bot.admit(policy, **FIELDS, user_id=9, guild_id=3))[0] is None  # its slot is still held
+
+        assert await bot.settle_finished() == [job.id]  # the sweeper does it too, should the bot miss it
+        settled = await bot.get(job.id)
+        assert (settled.quota_state, settled.slot_state, settled.transfer) == ("released", "released", None)
+        assert await bot.settle_finished() == []  # once
+        assert (await bot.admit(policy, **FIELDS, user_id=9, guild_id=3))[0] is not None
+    finally:
+        await engine.dispose()
+
+
+async def test_a_worker_store_refuses_a_track_too_long_but_reserves_nothing(both_store):
+    store = both_store
+    job = await new_job(store, limits={"max_track_s": 60.0})
+    await store.reserve(job.id, 59.0)
+    with pytest.raises(TooLongError):
+        await store.reserve(job.id, 61.0)
+    assert (await store.get(job.id)).quota_state == "none"

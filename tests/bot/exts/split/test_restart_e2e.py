@@ -78,7 +78,7 @@ async def test_after_the_token_expired_the_result_goes_to_the_channel_or_dm(tmp_
         interaction = await start_long_job(fake, tmp_path, seconds=60.0)
         await bot.kill()
         database = sqlite3.connect(tmp_path / "bot" / "stembot.sqlite3")
-        database.execute("UPDATE jobs SET token_expires_at = '2000-01-01 00:00:00.000000'")
+        database.execute("UPDATE interaction_tokens SET expires_at = '2000-01-01 00:00:00.000000'")
         database.commit()
         channel_messages_before = len(fake.channel_messages(fake.channel_id))
 
@@ -94,7 +94,8 @@ async def test_after_the_token_expired_the_result_goes_to_the_channel_or_dm(tmp_
         # Same again with the channel deleted meanwhile: the result arrives by DM.
         second = await start_long_job(fake, tmp_path, seconds=60.0)
         await bot.kill()
-        database.execute("UPDATE jobs SET token_expires_at = '2000-01-01 00:00:00.000000' WHERE state != 'done'")
+        database.execute("UPDATE interaction_tokens SET expires_at = '2000-01-01 00:00:00.000000' "
+                         "WHERE job_id IN (SELECT id FROM jobs WHERE state != 'done')")
         database.commit()
         fake.channels.pop(fake.channel_id)
         await bot.start()

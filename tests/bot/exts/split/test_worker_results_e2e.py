@@ -41,7 +41,7 @@ def add_delivering_job(database: Path, template: sqlite3.Row, artifacts: dict, *
     """A copy of a delivered job's row, put back in `delivering` with `artifacts`, as a
     worker that finished it would leave it; no token: the result goes to the channel."""
     values = {key: template[key] for key in template.keys() if key != "id"}
-    values.update(state="delivering", interaction_token=None, token_expires_at=None, status_message_id=None,
+    values.update(state="delivering", status_message_id=None,
                   delivered_at=None, finished_at=None, cache_hit=0, quota_state="none", slot_state="none",
                   reserved_s=0.0, artifacts=json.dumps(artifacts), error=None, error_kind=None, **fields)
     connection = sqlite3.connect(database)
