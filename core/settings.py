@@ -105,6 +105,12 @@ class Settings(BaseSettings):
     # YouTube and SoundCloud links (needs the `links` extra, yt-dlp); servers opt in.
     streaming_links_allowed: bool = False
 
+    # Distributed mode: how long a job's presigned URLs (its input, the uploads of its stems)
+    # live once handed to a worker: margin + factor x (longest track + attempts x its length),
+    # and never past the retention (see core.jobs.uploads.TransferWindow).
+    transfer_window_factor: float = Field(default=2.0, gt=0)  # a worker's seconds per second of audio, at worst
+    transfer_window_margin_s: float = Field(default=1800.0, ge=60)
+
     @field_validator("model_dir", "public_url", "database_url", "discord_api_url", "discord_gateway_url",
                      "worker_name", "worker_devices", "s3_bucket", "s3_endpoint_url", "s3_public_endpoint_url",
                      mode="before")
