@@ -35,6 +35,7 @@ PREVIEW = "preview.png"
 PREVIEW_MAX_BYTES = 4 * 1024 * 1024
 NOTE_MAX_CHARS = 300
 ERROR_MAX_CHARS = 200
+_BARE_AT = re.compile("@(?!\u200b)")
 # A stem name becomes a file name, so only plain lowercase identifiers (Demucs's sources
 # are drums, bass, other, vocals, guitar, piano; `no_x` is everything but x).
 _STEM_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
@@ -195,7 +196,8 @@ def safe_note(note: Any, max_chars: int = NOTE_MAX_CHARS) -> str:
     text = " ".join(note.split())
     if len(text) > max_chars:
         text = text[:max_chars - 1] + "…"
-    return text.replace("@", "@\u200b").replace("<#", "<\u200b#").replace("](", "]\u200b(")
+    # Idempotent: a note checked again (a delivery, then a cache hit) is not broken twice.
+    return _BARE_AT.sub("@\u200b", text).replace("<#", "<\u200b#").replace("](", "]\u200b(")
 
 
 def shown_error(job: Job) -> str:
