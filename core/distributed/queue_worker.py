@@ -86,7 +86,9 @@ class RemoteJobFiles:
         folder = self.stems_dir(job)
         # One upload policy per file the bot expects, for that exact key: a file it did not
         # expect (a model with other stems) has none, and the job fails saying so.
-        posts = transfer.get("stems_posts") or {}
+        posts = transfer.get("stems_posts")
+        if not isinstance(posts, dict):
+            raise StorageUnreachable("the bot gave no upload policy per file (is it another version of stembot?)")
         unexpected = [name for name in names if name not in posts]
         if unexpected:
             raise StorageUnreachable(f"the bot takes no file named {', '.join(unexpected)[:200]} for this job")
