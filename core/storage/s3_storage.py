@@ -46,6 +46,10 @@ class S3Storage(LocalStorage):
         input and one POST per file of `uploads` (file name -> most bytes), all valid for
         `ttl_s` seconds (at most `max_transfer_ttl_s`). A file not named there cannot be stored."""
         ttl_s = min(ttl_s, self.max_transfer_ttl_s)
+        # Nothing an earlier run left under this job's id (a run before a retry, a database
+        # reset while the bucket was kept) may pass for this run's files or the bot's copies.
+        await self.store.delete_prefix(self.store.stems_prefix(job.id))
+        await self.store.delete_prefix(self.store.checked_prefix(job.id))
         path = self.input_path(job.id, job.source_name)
         key = self.store.input_key(job.id, path.suffix)
         await self.store.put_file(key, path)

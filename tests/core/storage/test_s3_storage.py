@@ -141,3 +141,17 @@ async def test_without_checked_copies_nothing_is_served_from_the_cache(storage, 
     transfer = await storage.publish_input(a_job(storage, 9), {"bass.wav": 1 << 20}, ttl_s=600)
     await worker_uploads(transfer["stems_posts"]["bass.wav"], GENUINE, tmp_path)
     assert not await storage.has_stems(9, ["bass.wav"])
+
+
+async def test_a_job_handed_over_starts_with_no_files_of_an_earlier_run(storage, tmp_path):
+    """The same job id again (a retry, or a database reset while the bucket was kept): the
+    bot must not take what was stored before for this run's stems or its own copies."""
+    store = storage.store
+    stale = tmp_path / "stale"
+    stale.write_bytes(TAMPERED)
+    await store.put_file(store.stems_prefix(11) + "bass.wav", stale)
+    await store.put_file(store.checked_prefix(11) + "bass.wav", stale)
+    assert await storage.has_stems(11, ["bass.wav"])
+    await storage.publish_input(a_job(storage, 11), {"bass.wav": 1 << 20}, ttl_s=600)
+    assert await store.list_keys(store.job_prefix(11)) == [store.input_key(11, ".wav")]
+    assert not await storage.has_stems(11, ["bass.wav"])
