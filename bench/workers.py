@@ -91,7 +91,7 @@ async def run_round(workers: int, songs: list[Path], url: str, s3: str, model_di
     bucket = f"bench-{random.randrange(1 << 30)}"
     storage = S3Storage(work / "bot", S3Client(S3Config(bucket=bucket, endpoint_url=s3, access_key_id="bench",
                                                                secret_access_key="bench")),
-                            transfer_ttl_s=3600, max_output_bytes=1 << 30)
+                            max_transfer_ttl_s=3600)
     recorder = Recorder()
     dispatcher = Dispatcher(store, storage, recorder, QueueExecution(queue, fleet, prefetch=prefetch),
                             DispatcherConfig(worker_name="bot"))

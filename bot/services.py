@@ -94,7 +94,8 @@ class Services:
         execution: ExecutionBackend
         if self.worker is None:
             self.queue = JobQueue(self.settings.resolved_database_url)
-            execution = QueueExecution(self.queue, self.fleet, stale_s=self.settings.worker_stale_s)
+            execution = QueueExecution(self.queue, self.fleet, stale_s=self.settings.worker_stale_s,
+                                       window=self.runtime.transfer_window())
         else:
             execution = EmbeddedExecution(self.worker)
         config = self.runtime.dispatcher_config("bot" if self.distributed else "local")

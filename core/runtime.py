@@ -15,6 +15,7 @@ from core.jobs.dispatcher import DispatcherConfig
 from core.jobs.quotas import Policy, QuotaBook
 from core.jobs.runner import RunConfig
 from core.jobs.store import JobStore
+from core.jobs.uploads import TransferWindow
 from core.media.audio import Limits
 from core.settings import Settings
 from core.storage.local import LocalStorage
@@ -64,9 +65,9 @@ def make_storage(settings: Settings) -> LocalStorage:
         prefix=settings.s3_prefix, access_key_id=settings.aws_access_key_id,
         secret_access_key=settings.aws_secret_access_key.get_secret_value()
         if settings.aws_secret_access_key else None))
-    # Presigned transfer URLs live as long as a job may wait for a free worker.
-    return S3Storage(root, client, transfer_ttl_s=settings.retention_hours * 3600,
-                     max_output_bytes=4 * settings.max_input_bytes)
+    # A job's presigned transfer URLs end with its run (`core.jobs.uploads.TransferWindow`),
+    # and never outlive the files they reach.
+    return S3Storage(root, client, max_transfer_ttl_s=settings.retention_hours * 3600)
 
 
 class Runtime:
@@ -115,6 +116,11 @@ class Runtime:
             # Embedded mode splits on this machine; a worker stages on its own disk.
             stages_here=settings.queue == "local",
         )
+
+    def transfer_window(self) -> TransferWindow:
+        """How long a job's presigned URLs live once handed to a worker."""
+        return TransferWindow(seconds_per_audio_s=self.settings.transfer_window_factor,
+                              margin_s=self.settings.transfer_window_margin_s)
 
     def run_config(self, progress_write_interval_s: float = 2.0) -> RunConfig:
         """How a worker runs its jobs (the bot's dispatcher derives it from its config)."""

@@ -120,6 +120,12 @@ class Settings(BaseSettings):
     # one, printed once. Only that command reads it.
     worker_database_password: SecretStr | None = None
 
+    # Distributed mode: how long a job's presigned URLs (its input, the uploads of its stems)
+    # live once handed to a worker: margin + factor x (longest track + attempts x its length),
+    # and never past the retention (see core.jobs.uploads.TransferWindow).
+    transfer_window_factor: float = Field(default=2.0, gt=0)  # a worker's seconds per second of audio, at worst
+    transfer_window_margin_s: float = Field(default=1800.0, ge=60)
+
     @field_validator("model_dir", "public_url", "database_url", "discord_api_url", "discord_gateway_url",
                      "worker_name", "worker_devices", "s3_bucket", "s3_endpoint_url", "s3_public_endpoint_url",
                      mode="before")

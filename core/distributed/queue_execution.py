@@ -1,6 +1,7 @@
 """Distributed mode's execution backend: the bot prepares each job (fetch, cache,
-reservation, upload) and hands it to `stembot worker`s through the job queue; it learns
-what the workers did from the job rows, which it watches.
+reservation, upload) and hands it to `stembot worker`s through the job queue, with
+presigned URLs for its input and for the exact files it may store, valid while it runs
+(`core.jobs.uploads`); it learns what the workers did from the job rows, which it watches.
 
 The bot keeps the quotas: a worker's database role has no right on them. When a worker
 found a track's length only by decoding it, the bot reserves the minutes as it sees the
@@ -24,6 +25,7 @@ from core.distributed.queue import JobQueue
 from core.errors import InputError
 from core.jobs.dispatcher import AttachedBackend
 from core.jobs.job import Job, JobState
+from core.jobs.uploads import TransferWindow, expected_uploads, planned_duration
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +39,9 @@ class QueueExecution(AttachedBackend):
     deliveries and endings."""
 
     def __init__(self, queue: JobQueue, fleet: Fleet, watch_interval_s: float = 0.5, stale_s: float = 30.0,
-                 prefetch: int = 1):
+                 prefetch: int = 1, window: TransferWindow | None = None):
         self.queue = queue
+        self.window = window or TransferWindow()
         self.fleet = fleet
         self.watch_interval_s = watch_interval_s
         self.stale_s = stale_s
@@ -118,7 +121,13 @@ class QueueExecution(AttachedBackend):
         await dispatcher.notify(job)
         if not await dispatcher.prepare(job):
             return
-        transfer = await dispatcher.storage.publish_input(job)
+        # Upload policies for the exact files this job can make, ending with its run.
+        job = await dispatcher.store.require(job.id)
+        longest = dispatcher.config.limits.max_duration_s
+        duration = planned_duration(job, longest)
+        transfer = await dispatcher.storage.publish_input(
+            job, expected_uploads(job, duration),
+            self.window.seconds(duration, longest, dispatcher.config.max_attempts))
         await dispatcher.store.update(job.id, transfer=transfer)
         queue_job_id = await self.queue.enqueue(job.id, job.priority)
         if queue_job_id is not None:

@@ -8,7 +8,8 @@ by another worker). SIGTERM drains: the slots take no new job, finish the one th
 then stop. A user's cancel aborts the running job within a segment.
 
 Workers hold no storage credentials: they read the input and write the stems through
-the presigned URLs the bot put in the job row (`core.storage.transfer`).
+the presigned URLs the bot put in the job row (`core.storage.transfer`), one POST per
+file the bot expects, each for its exact key and size.
 """
 
 from __future__ import annotations
@@ -84,9 +85,17 @@ class RemoteJobFiles:
         if artifacts.get("preview"):
             names.append(artifacts["preview"])
         folder = self.stems_dir(job)
+        # One upload policy per file the bot expects, for that exact key: a file it did not
+        # expect (a model with other stems) has none, and the job fails saying so.
+        posts = transfer.get("stems_posts")
+        if not isinstance(posts, dict):
+            raise StorageUnreachable("the bot gave no upload policy per file (is it another version of stembot?)")
+        unexpected = [name for name in names if name not in posts]
+        if unexpected:
+            raise StorageUnreachable(f"the bot takes no file named {', '.join(unexpected)[:200]} for this job")
         try:
             for name in names:
-                await upload(transfer["stems_post"], name, folder / name)
+                await upload(posts[name], folder / name)
         except TransferError as exc:
             raise StorageUnreachable(f"the worker could not store the stems ({exc})") from exc
 

@@ -7,7 +7,8 @@ never a path to follow: the file names the bot opens are made here from the stem
 and the format, every file must be a regular file inside the job's folder, of the
 requested kind of audio and of the track's length, within the sizes the upload plan
 allows, and the note can mention nobody. Delivery and the results cache act only on
-what `check_artifacts` and `check_files` return.
+what `check_artifacts` and `check_files` return, and, with an object store, only on the
+bot's own copies of the files checked (`open_checked`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ PREVIEW = "preview.png"
 PREVIEW_MAX_BYTES = 4 * 1024 * 1024
 NOTE_MAX_CHARS = 300
 ERROR_MAX_CHARS = 200
+_BARE_AT = re.compile("@(?!\u200b)")
 # A stem name becomes a file name, so only plain lowercase identifiers (Demucs's sources
 # are drums, bass, other, vocals, guitar, piano; `no_x` is everything but x).
 _STEM_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
@@ -194,7 +196,8 @@ def safe_note(note: Any, max_chars: int = NOTE_MAX_CHARS) -> str:
     text = " ".join(note.split())
     if len(text) > max_chars:
         text = text[:max_chars - 1] + "…"
-    return text.replace("@", "@\u200b").replace("<#", "<\u200b#").replace("](", "]\u200b(")
+    # Idempotent: a note checked again (a delivery, then a cache hit) is not broken twice.
+    return _BARE_AT.sub("@\u200b", text).replace("<#", "<\u200b#").replace("](", "]\u200b(")
 
 
 def shown_error(job: Job) -> str:
@@ -205,14 +208,23 @@ def shown_error(job: Job) -> str:
 
 def max_stem_bytes(job: Job, results: CheckedResults) -> int:
     """The largest stem the bot accepts: the server's upload limit when attached; when
-    sent as links, well above what `estimate_size` says for the track's length (48 kHz
-    stereo covers every model; lossy VBR and badly compressing lossless have room)."""
+    sent as links, `stem_bytes_cap` for the track's length."""
     if results.mode == "attach":
         return job.attachment_size_limit
-    duration = expected_duration(job) + _tolerance(expected_duration(job))
-    if results.format.is_lossless:
-        return int(estimate_size(OutputFormat(name="wav", wav_depth="float"), duration, 48000, 2) * 1.2)
-    return 2 * estimate_size(results.format, duration, 48000, 2)
+    return stem_bytes_cap(results.format, with_tolerance(expected_duration(job)))
+
+
+def stem_bytes_cap(fmt: OutputFormat, duration_s: float) -> int:
+    """Well above what `estimate_size` says for one stem of `duration_s` in `fmt` (48 kHz
+    stereo covers every model; lossy VBR and badly compressing lossless have room)."""
+    if fmt.is_lossless:
+        return int(estimate_size(OutputFormat(name="wav", wav_depth="float"), duration_s, 48000, 2) * 1.2)
+    return 2 * estimate_size(fmt, duration_s, 48000, 2)
+
+
+def with_tolerance(duration_s: float) -> float:
+    """The longest a stem of a track of `duration_s` may be."""
+    return duration_s + _tolerance(duration_s)
 
 
 def check_files(job: Job, results: CheckedResults, folder: Path, job_dir: Path) -> CheckedResults:
@@ -276,11 +288,16 @@ class StemsStorage(Protocol):
 
     def open_stems(self, job_id: int, names: list[str]) -> Any: ...
 
+    async def keep_checked(self, job_id: int, folder: Path, names: list[str]) -> None: ...
+
 
 @asynccontextmanager
 async def open_checked(storage: StemsStorage, job: Job) -> AsyncIterator[tuple[Path, CheckedResults]]:
     """The job's stems on this disk, checked, with the results to deliver from them.
-    The files checked are the very files sent: in distributed mode, this download."""
+    The files checked are the very files sent: in distributed mode, this download, which
+    then becomes the bot's own copy that download links and the results cache use."""
     results = check_artifacts(job, job.artifacts)
     async with storage.open_stems(job.id, results.names) as folder:
-        yield folder, await asyncio.to_thread(check_files, job, results, Path(folder), storage.job_dir(job.id))
+        checked = await asyncio.to_thread(check_files, job, results, Path(folder), storage.job_dir(job.id))
+        await storage.keep_checked(job.id, Path(folder), checked.names)
+        yield folder, checked

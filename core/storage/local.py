@@ -6,7 +6,7 @@ import asyncio
 import os
 import re
 import shutil
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Protocol
@@ -85,9 +85,18 @@ class LocalStorage:
         """Download links the storage signs itself; None: the bot's web server serves them."""
         return None
 
-    async def publish_input(self, job: JobFilesOf) -> dict[str, Any] | None:
-        """What a worker needs to reach the input: nothing, it shares this disk (workers
-        on the bot's machine, STEMBOT_DATA_DIR the same)."""
+    async def keep_checked(self, job_id: int, folder: Path, names: list[str]) -> None:
+        """Keep the files of `folder` that the bot checked as the copies it delivers, links to
+        and serves from the cache. Here they already are: `open_stems` gave the job's own
+        folder, which the bot's model host wrote (embedded mode). Workers that share this
+        disk (distributed mode without an object store) can write there too: see the
+        trust boundaries in docs/architecture.md."""
+        return None
+
+    async def publish_input(self, job: JobFilesOf, uploads: Mapping[str, int], ttl_s: float) -> dict[str, Any] | None:
+        """What a worker needs to reach the input and store `uploads` (file name -> most
+        bytes) for `ttl_s` seconds: nothing, it shares this disk (workers on the bot's
+        machine, STEMBOT_DATA_DIR the same)."""
         return None
 
 

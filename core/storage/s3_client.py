@@ -1,9 +1,11 @@
 """S3-compatible object storage for distributed mode (bot side, holds the credentials).
 
 The bot puts a job's input under `<prefix>jobs/<job_id>/`, then hands the worker presigned
-URLs instead of credentials: a GET for the input, and a POST limited to the job's
-`stems/` prefix and a size. Users get presigned GET links to the stems. A presigned URL
-is a bearer token: never log one (log keys, or `core.storage.signed_links.redact(url)`).
+URLs instead of credentials: a GET for the input, and one POST per file it may write, each
+for that exact key under the job's `stems/` and up to a size. What the bot delivers comes
+from its own copies under `checked/`, which no POST ever covers; users get presigned GET
+links to those. A presigned URL is a bearer token: never log one (log keys, or
+`core.storage.signed_links.redact(url)`).
 
 Works with AWS S3 and with S3-compatible stores (MinIO, SeaweedFS, Garage, R2). When
 workers and users reach the store at another address than the bot (docker compose: the
@@ -193,7 +195,13 @@ class S3Client:
         return f"{self.job_prefix(job_id)}input{suffix}"
 
     def stems_prefix(self, job_id: int) -> str:
+        """Where a job's worker uploads its stems (through POST policies for exact keys)."""
         return f"{self.job_prefix(job_id)}stems/"
+
+    def checked_prefix(self, job_id: int) -> str:
+        """Where the bot keeps its own copies of a job's stems, made from the bytes it
+        checked: no upload policy ever names a key here, so only the bot can write them."""
+        return f"{self.job_prefix(job_id)}checked/"
 
     # Objects
 
@@ -313,21 +321,19 @@ class S3Client:
         return await self._presigner.generate_presigned_url(
             "get_object", Params=params, ExpiresIn=_presign_ttl(ttl_s))
 
-    async def presign_post(self, key_prefix: str, ttl_s: float, max_bytes: int) -> dict:
-        """A form upload allowed for `ttl_s` seconds, for any key under `key_prefix` and at
-        most `max_bytes` per file: {"url", "fields", "prefix"}. The uploader adds a "key"
-        field (prefix + name) and the file after `fields` (see `core.storage.transfer.upload`)."""
-        # Without the slash, "jobs/1" would also admit "jobs/10/...".
-        if not key_prefix.endswith("/") or not key_prefix.startswith(self.prefix):
-            raise ValueError(f"upload prefix must be a folder under {self.prefix!r}: {key_prefix!r}")
-        if max_bytes < 0:
-            raise ValueError("max_bytes must not be negative")
+    async def presign_post(self, key: str, ttl_s: float, max_bytes: int) -> dict:
+        """A form upload of exactly `key`, of 1 to `max_bytes` bytes, allowed for `ttl_s`
+        seconds: {"url", "fields"}, the key among the fields. The uploader sends the fields,
+        then the file (see `core.storage.transfer.upload`); S3 refuses any other key or size."""
+        # A key ending in a folder or "${filename}" would let the uploader choose the name.
+        if not key.startswith(self.prefix) or key.endswith("/") or "${" in key:
+            raise ValueError(f"an upload needs one exact key under {self.prefix!r}: {key!r}")
+        if max_bytes < 1:
+            raise ValueError("max_bytes must be at least 1")
         if self._presigner is None:
             raise RuntimeError("S3Client is not started")
-        # A key ending in ${filename} makes botocore add ["starts-with", "$key", key_prefix].
+        # botocore adds {"bucket": ...} and {"key": key}: an exact match, not a prefix.
         post = await self._presigner.generate_presigned_post(
-            Bucket=self.bucket, Key=key_prefix + "${filename}",
-            Conditions=[["content-length-range", 0, int(max_bytes)]],
+            Bucket=self.bucket, Key=key, Conditions=[["content-length-range", 1, int(max_bytes)]],
             ExpiresIn=_presign_ttl(ttl_s))
-        fields = {name: value for name, value in post["fields"].items() if name != "key"}
-        return {"url": post["url"], "fields": fields, "prefix": key_prefix}
+        return {"url": post["url"], "fields": dict(post["fields"])}

@@ -1,7 +1,7 @@
 """Moving files to and from object storage with presigned URLs (worker side).
 
 Workers hold no storage credentials: the bot hands them a presigned GET for a job's
-input and a presigned POST for its stems (see `core.storage.s3_client`). The URLs are bearer
+input and a presigned POST for each file it may store (see `core.storage.s3_client`). The URLs are bearer
 tokens, so no message, log line or exception raised here contains one: errors carry the
 HTTP status and S3's error code only.
 
@@ -19,8 +19,6 @@ import secrets
 from pathlib import Path
 
 import aiohttp
-
-from core.storage.signed_links import is_safe_path
 
 log = logging.getLogger(__name__)
 
@@ -98,12 +96,10 @@ async def download(url: str, dest: Path, max_bytes: int, timeout_s: float = 600)
         partial.unlink(missing_ok=True)
 
 
-async def upload(post: dict, name: str, path: Path, timeout_s: float = 600) -> str:
-    """Upload `path` with a presigned POST (`S3Client.presign_post`) as
-    `post["prefix"] + name`; returns that key."""
-    if not is_safe_path(name):
-        raise ValueError(f"unsafe upload name {name!r}")
-    key = post["prefix"] + name
+async def upload(post: dict, path: Path, timeout_s: float = 600) -> str:
+    """Upload `path` with a presigned POST (`S3Client.presign_post`) to the one key it
+    names; returns that key."""
+    key = post["fields"]["key"]
     path = Path(path)
     try:
         async with _session(timeout_s) as session:
@@ -111,9 +107,8 @@ async def upload(post: dict, name: str, path: Path, timeout_s: float = 600) -> s
                 form = aiohttp.FormData()
                 for field, value in post["fields"].items():
                     form.add_field(field, value)
-                form.add_field("key", key)
                 # S3 ignores every field after the file, so it goes last.
-                form.add_field("file", body, filename=name, content_type="application/octet-stream")
+                form.add_field("file", body, filename=path.name, content_type="application/octet-stream")
                 async with session.post(post["url"], data=form, allow_redirects=False) as response:
                     if not 200 <= response.status < 300:
                         raise await _status_error(response, "upload")

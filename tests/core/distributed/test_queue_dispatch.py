@@ -4,6 +4,9 @@ queue in priority and fair order, and never more than the ready worker slots tak
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import time
+import uuid
 
 import pytest
 import pytest_asyncio
@@ -15,9 +18,15 @@ from core.distributed.queue import QUEUE, JobQueue, install_schema
 from core.distributed.queue_execution import QueueExecution
 from core.jobs.dispatcher import Dispatcher, DispatcherConfig
 from core.jobs.job import JobState
+from core.jobs.results import stem_bytes_cap, with_tolerance
 from core.jobs.store import JobStore
+from core.jobs.uploads import TransferWindow
+from core.media.audio import Limits, OutputFormat
 from core.storage.local import LocalStorage
+from core.storage.s3_client import S3Client
+from core.storage.s3_storage import S3Storage
 from tests.support.media import music
+from tests.support.s3_policy import expires_at, signed_policy
 
 
 class Silent:
@@ -158,10 +167,10 @@ class StorageFailingFor(LocalStorage):
         super().__init__(root)
         self.job_id = job_id
 
-    async def publish_input(self, job):
+    async def publish_input(self, job, uploads, ttl_s):
         if job.id == self.job_id:
             raise OSError("the store refused the upload")
-        return await super().publish_input(job)
+        return await super().publish_input(job, uploads, ttl_s)
 
 
 async def test_a_job_that_cannot_be_handed_over_fails_and_the_next_one_goes_on(setup):
@@ -235,3 +244,39 @@ async def test_the_bot_keeps_the_quotas_of_the_jobs_workers_run(setup):
     ended = await bot.get(crashes[0])
     assert (ended.slot_state, ended.transfer) == ("released", None)
     assert sorted(notifier.ended) == sorted([(too_much[0], "none", "released"), (crashes[0], "none", "released")])
+
+async def test_a_handed_over_job_may_upload_only_its_own_files_until_its_run_ends(setup, s3_server):
+    """With an object store the row carries one POST per file the job can make, for its
+    exact key, capped by the track's length, and valid for the run's window, not the day."""
+    store, fleet, queue, local, song = setup
+    storage = S3Storage(local.root, S3Client(dataclasses.replace(s3_server, prefix=f"q-{uuid.uuid4().hex[:8]}/")),
+                        max_transfer_ttl_s=24 * 3600)
+    await storage.start()
+    await fleet.beat("w/cpu", host="h", pid=1, device="cpu", model="tiny", state="ready", job_id=None)
+    job_id = await add_job(store, storage, song, guild=1, user=1)
+    await store.update(job_id, stems="karaoke", format="wav", reserved_s=2.0)  # as measured at admission
+    window = TransferWindow(seconds_per_audio_s=3.0, margin_s=600.0)
+    dispatcher = Dispatcher(store, storage, Silent(), QueueExecution(queue, fleet, prefetch=0, window=window),
+                            DispatcherConfig(worker_name="bot", limits=Limits(max_duration_s=300.0), max_attempts=2))
+    before = time.time()
+    await dispatcher.start()
+    try:
+        worker = await queue.app.job_manager.register_worker()
+        await next_run(queue, worker)
+        transfer = (await store.get(job_id)).transfer
+    finally:
+        await dispatcher.stop()
+        await storage.close()
+    posts = transfer["stems_posts"]
+    assert set(posts) == {"vocals.wav", "no_vocals.wav", "preview.png"}
+    cap = stem_bytes_cap(OutputFormat(name="wav"), with_tolerance(2.0))
+    # 600 s + 3 x (a 300-s track ahead + 2 attempts x 2 s)
+    lasts = 600.0 + 3.0 * (300.0 + 2 * 2.0)
+    for name, post in posts.items():
+        policy = signed_policy(post["fields"])
+        key = storage.store.stems_prefix(job_id) + name
+        assert {"key": key} in policy["conditions"]
+        limit = 4 * 1024 * 1024 if name == "preview.png" else cap
+        assert ["content-length-range", 1, limit] in policy["conditions"]
+        assert before + lasts - 2 <= expires_at(policy) <= time.time() + lasts + 1
+    assert cap < 2 * 1024 * 1024  # two seconds of audio, not a gigabyte

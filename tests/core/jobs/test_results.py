@@ -223,6 +223,8 @@ def test_the_note_mentions_nobody_and_is_capped():
     assert "look" in note
     assert len(safe_note("x" * 5000)) == NOTE_MAX_CHARS
     assert safe_note(None) == safe_note(["@everyone"]) == ""
+    # checked again (a delivery, then a cache hit): the same text, not a second break
+    assert safe_note(note) == note
 
 
 def test_a_note_cannot_hide_a_link_behind_words():

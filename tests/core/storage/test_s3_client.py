@@ -3,7 +3,8 @@ presigned URLs that work without credentials and are signed for the right host.
 
 Moto checks neither the signature nor the expiry of presigned URLs, nor any condition of
 a POST policy, so those are checked here on what the store produces: the signature by an
-independent SigV4 computation, the policy by decoding it.
+independent SigV4 computation, the policy by checking its signature and evaluating its
+conditions the way S3 does (tests/support/s3_policy.py).
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import json
 import os
 import time
 import uuid
-from datetime import UTC, datetime
 from urllib.parse import parse_qs, parse_qsl, quote, urlsplit
 
 import aiohttp
@@ -24,6 +24,7 @@ import pytest
 
 from core.storage import transfer
 from core.storage.s3_client import S3Client, S3Config, attachment_disposition
+from tests.support.s3_policy import expires_at, s3_accepts, signed_policy
 
 SECRET = "testing"  # the fixture's secret key
 
@@ -203,37 +204,53 @@ async def test_presign_ttl_limits(store):
         with pytest.raises(ValueError):
             await store.presign_get(store.input_key(1, ""), ttl_s=ttl)
         with pytest.raises(ValueError):
-            await store.presign_post(store.stems_prefix(1), ttl_s=ttl, max_bytes=10)
+            await store.presign_post(store.stems_prefix(1) + "vocals.mp3", ttl_s=ttl, max_bytes=10)
 
 
 # -- presigned POST ----------------------------------------------------------------------------
 
-async def test_presigned_post_policy(store):
-    prefix = store.stems_prefix(6)
+async def test_presigned_post_policy_is_for_one_exact_key(store):
+    key = store.stems_prefix(6) + "vocals.mp3"
     before = time.time()
-    post = await store.presign_post(prefix, ttl_s=600, max_bytes=12345)
-    assert post["prefix"] == prefix
-    assert "key" not in post["fields"]  # the uploader names the key
-    assert "x-amz-signature" in post["fields"]
+    post = await store.presign_post(key, ttl_s=600, max_bytes=12345)
+    assert set(post) == {"url", "fields"}
+    assert post["fields"]["key"] == key
     assert urlsplit(post["url"]).path == f"/{store.bucket}"
 
-    policy = json.loads(base64.b64decode(post["fields"]["policy"]))
+    # What S3 enforces (moto does not): the signed policy's conditions.
+    policy = signed_policy(post["fields"])
     conditions = policy["conditions"]
-    assert ["starts-with", "$key", prefix] in conditions
-    assert ["content-length-range", 0, 12345] in conditions
+    assert {"key": key} in conditions
+    assert ["content-length-range", 1, 12345] in conditions
     assert {"bucket": store.bucket} in conditions
-    # nothing else about the key is allowed or required
-    assert [c for c in conditions if "$key" in c or "key" in c] == [["starts-with", "$key", prefix]]
-    expires = datetime.strptime(policy["expiration"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
-    assert before + 598 <= expires.timestamp() <= time.time() + 601
+    # nothing else about the key: no prefix, no ${filename}
+    assert [c for c in conditions if "$key" in c or "key" in c] == [{"key": key}]
+    assert before + 598 <= expires_at(policy) <= time.time() + 601
+
+    bucket = store.bucket
+    assert s3_accepts(post, bucket=bucket, key=key, size=12345, now=time.time())
+    # another file of the job, a folder's worth of names, the input, the bot's own copies
+    for other in (store.stems_prefix(6) + "vocals.mp3x", store.stems_prefix(6) + "drums.mp3",
+                  store.stems_prefix(6), store.input_key(6, ".wav"), store.checked_prefix(6) + "vocals.mp3",
+                  store.stems_prefix(7) + "vocals.mp3"):
+        assert not s3_accepts(post, bucket=bucket, key=other, size=10, now=time.time()), other
+    assert not s3_accepts(post, bucket=bucket, key=key, size=12346, now=time.time())
+    assert not s3_accepts(post, bucket=bucket, key=key, size=0, now=time.time())
+    assert not s3_accepts(post, bucket=bucket, key=key, size=10, now=time.time() + 601)
+    assert not s3_accepts(post, bucket=bucket + "x", key=key, size=10, now=time.time())
+    # the policy is signed: editing it breaks the signature
+    forged = json.loads(base64.b64decode(post["fields"]["policy"]))
+    forged["conditions"] = [c for c in forged["conditions"] if c != {"key": key}]
+    tampered = {**post, "fields": {**post["fields"], "policy": base64.b64encode(json.dumps(forged).encode()).decode()}}
+    assert not s3_accepts(tampered, bucket=bucket, key=store.stems_prefix(6) + "x", size=10, now=time.time())
 
 
-async def test_presigned_post_refuses_open_prefixes(store):
-    for prefix in (store.prefix + "jobs/6", "elsewhere/jobs/6/", ""):
+async def test_presigned_post_refuses_keys_the_uploader_could_choose(store):
+    for key in (store.stems_prefix(6), store.stems_prefix(6) + "${filename}", "elsewhere/jobs/6/stems/a.mp3", ""):
         with pytest.raises(ValueError):
-            await store.presign_post(prefix, ttl_s=60, max_bytes=10)
+            await store.presign_post(key, ttl_s=60, max_bytes=10)
     with pytest.raises(ValueError):
-        await store.presign_post(store.stems_prefix(6), ttl_s=60, max_bytes=-1)
+        await store.presign_post(store.stems_prefix(6) + "a.mp3", ttl_s=60, max_bytes=0)
 
 
 # -- public endpoint ---------------------------------------------------------------------------
@@ -254,7 +271,7 @@ async def test_public_endpoint_urls_are_signed_for_the_public_host(s3_server, tm
         assert not sigv4_query_valid(url.replace("localhost", "127.0.0.1", 1))
         assert await transfer.download(url, tmp_path / "got.wav", max_bytes=100) == 8
 
-        post = await store.presign_post(store.stems_prefix(7), ttl_s=60, max_bytes=100)
+        post = await store.presign_post(store.stems_prefix(7) + "bass.wav", ttl_s=60, max_bytes=100)
         assert post["url"] == f"{public}/{store.bucket}"
-        uploaded = await transfer.upload(post, "bass.wav", write(tmp_path / "bass.wav", b"bass"))
-        assert await store.list_keys(store.stems_prefix(7)) == [uploaded]
+        uploaded = await transfer.upload(post, write(tmp_path / "bass.wav", b"bass"))
+        assert await store.list_keys(store.stems_prefix(7)) == [uploaded] == [store.stems_prefix(7) + "bass.wav"]
