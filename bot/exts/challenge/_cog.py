@@ -85,7 +85,7 @@ class Challenges(commands.Cog):
         self.services = bot.services
         self.scheduler = ChallengeScheduler(bot, bot.services) if bot.services is not None else None
         # Members whose entry is being downloaded and probed: one each, and a few in all.
-        # One bot process takes the commands, so a set in memory is the lock.
+        # One bot per database takes the commands (core/ops/bot_lock.py): a set in memory is the lock.
         self._checking: set[int] = set()
 
     async def cog_load(self) -> None:
