@@ -35,11 +35,17 @@ def _value(name: str, value: float) -> str:
     return format_duration(value * 60) if name == "max_track_minutes" else f"{value:g}"
 
 
-def _above_ceilings(ceilings, **values: float | None) -> list[str]:
-    """What in `values` (limits by name) goes above the operator's ceilings, said for an admin."""
+# /stembot tier's options, by the limit each raises.
+TIER_OPTIONS = {"user_minutes_per_day": "minutes_per_day", "user_concurrent_jobs": "concurrent_jobs",
+                "max_track_minutes": "max_track_minutes"}
+
+
+def _above_ceilings(ceilings, values: dict[str, float | None], options: dict[str, str] | None = None) -> list[str]:
+    """What in `values` (limits by name) goes above the operator's ceilings, said for an
+    admin who gave them as `options` (the command's option names; default: the limits')."""
     if ceilings is None:
         return []
-    return [f"`{name}` can be at most {_value(name, getattr(ceilings, name))}"
+    return [f"`{(options or {}).get(name, name)}` can be at most {_value(name, getattr(ceilings, name))}"
             for name, value in values.items() if value is not None and ceilings.binds(name, value)]
 
 
@@ -113,9 +119,9 @@ class Admin(commands.Cog):
             parts = [f"{tier.user_minutes_per_day:g} min/day" if tier.user_minutes_per_day is not None else None,
                      f"{tier.user_concurrent_jobs} jobs" if tier.user_concurrent_jobs is not None else None,
                      f"tracks up to {tier.max_track_minutes:g} min" if tier.max_track_minutes is not None else None]
-            held = _above_ceilings(ceilings, user_minutes_per_day=tier.user_minutes_per_day,
-                                   user_concurrent_jobs=tier.user_concurrent_jobs,
-                                   max_track_minutes=tier.max_track_minutes)
+            held = _above_ceilings(ceilings, {"user_minutes_per_day": tier.user_minutes_per_day,
+                                              "user_concurrent_jobs": tier.user_concurrent_jobs,
+                                              "max_track_minutes": tier.max_track_minutes})
             lines.append(f"**Tier** <@&{tier.role_id}>: " + ", ".join(p for p in parts if p)
                          + (" *(held to the bot's ceilings)*" if held else ""))
         lines.append("A member's minutes and jobs at once count what they run in every server and in DMs. "
@@ -132,7 +138,7 @@ class Admin(commands.Cog):
                 return
             if name in INTEGER_LIMITS:
                 value = int(value)
-            above = _above_ceilings(self.services.quotas.ceilings, **{name: value})
+            above = _above_ceilings(self.services.quotas.ceilings, {name: value})
             if above:
                 await self._reply(interaction, f"{above[0]} {OPERATOR_CEILING}")
                 return
@@ -234,8 +240,9 @@ class Admin(commands.Cog):
         if any(v is not None and v < 0 for v in (minutes_per_day, concurrent_jobs, max_track_minutes)):
             await self._reply(interaction, "Allowances cannot be negative.")
             return
-        above = _above_ceilings(self.services.quotas.ceilings, user_minutes_per_day=minutes_per_day,
-                                user_concurrent_jobs=concurrent_jobs, max_track_minutes=max_track_minutes)
+        above = _above_ceilings(self.services.quotas.ceilings, {
+            "user_minutes_per_day": minutes_per_day, "user_concurrent_jobs": concurrent_jobs,
+            "max_track_minutes": max_track_minutes}, TIER_OPTIONS)
         if above:
             await self._reply(interaction, "; ".join(above) + f" {OPERATOR_CEILING}")
             return

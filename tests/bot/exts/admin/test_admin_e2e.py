@@ -66,7 +66,7 @@ async def test_an_admin_cannot_lift_a_limit_above_the_operators_ceiling(fake, bo
     text = await admin(fake, "tier", {"type": 8, "name": "role", "value": str(role)},
                        {"type": 10, "name": "minutes_per_day", "value": 100000.0},
                        {"type": 4, "name": "concurrent_jobs", "value": 3})
-    assert text == ("`user_minutes_per_day` can be at most 240 on this bot (the ceiling its operator set); "
+    assert text == ("`minutes_per_day` can be at most 240 on this bot (the ceiling its operator set); "
                     "nothing was changed.")
     assert "**Tier**" not in await admin(fake, "settings")
 
