@@ -10,6 +10,7 @@ import discord
 import yarl
 from discord.ext import commands
 
+from bot.access import GatedTree
 from core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ class StemBot(commands.Bot):
         intents.guilds = True  # channel lookups for delivery after the token expires
         super().__init__(command_prefix=commands.when_mentioned, intents=intents, help_command=None,
                          allowed_mentions=discord.AllowedMentions(users=True, roles=False, everyone=False),
-                         **options)
+                         tree_cls=GatedTree, **options)
         self.settings = settings
         self.services = services
         self.started_at = time.monotonic()
@@ -81,6 +82,14 @@ class StemBot(commands.Bot):
     async def on_ready(self) -> None:
         self.gateway_ready.set()
         log.info("connected to Discord as %s (%s)", self.user, self.user.id if self.user else "?")
+
+    async def on_guild_join(self, guild: discord.Guild) -> None:
+        # The bot stays (leaving is not undone by fixing a mistyped id), but refuses every
+        # command there (bot.access); the operator sees why in the log.
+        allowed = self.settings.allowed_guild_ids
+        if allowed is not None and guild.id not in allowed:
+            log.warning("added to server %s, which is not in STEMBOT_ALLOWED_GUILDS: its commands are refused",
+                        guild.id)
 
     async def on_resumed(self) -> None:
         self.gateway_ready.set()

@@ -117,6 +117,10 @@ class UnknownEntry(ChallengeError):
     kind = "unknown_entry"
 
 
+class TooManySubmissions(ChallengeError):
+    kind = "too_many_submissions"
+
+
 class Challenge(Base):
     __tablename__ = "challenges"
 
@@ -186,6 +190,11 @@ class ChallengeVote(Base):
     entry_id: Mapped[int] = mapped_column(ForeignKey("challenge_entries.id", ondelete="CASCADE"), index=True)
     voted_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     changes: Mapped[int] = mapped_column(Integer, default=0)
+
+
+def submissions(entry: ChallengeEntry | None) -> int:
+    """How many times a member sent an entry to a challenge (the first and its replacements)."""
+    return 0 if entry is None else 1 + entry.replaced
 
 
 # -- durations -------------------------------------------------------------------------------
@@ -332,8 +341,10 @@ class ChallengeStore:
 
     async def submit_entry(self, challenge_id: int, user_id: int, *, file_path: str, original_name: str,
                            duration_s: float | None = None, size_bytes: int | None = None,
-                           now: datetime | None = None) -> Submitted:
-        """Store a member's entry, or replace theirs. Raises Closed outside the window."""
+                           now: datetime | None = None, max_submissions: int | None = None) -> Submitted:
+        """Store a member's entry, or replace theirs. Raises Closed outside the window, and
+        TooManySubmissions when the member already sent `max_submissions` (the first entry
+        and its replacements)."""
         now = now or utcnow()
         async with self.sessions() as session:
             if not await self._guard(session, challenge_id, ChallengeState.open, Challenge.submit_deadline, now):
@@ -352,6 +363,11 @@ class ChallengeStore:
                     await session.rollback()
                     raise ChallengeError("your entry arrived twice at once; please submit it again") from None
                 return Submitted(entry, replaced=False, old_path=None)
+            sent = submissions(entry)
+            if max_submissions is not None and sent >= max_submissions:
+                await session.rollback()
+                raise TooManySubmissions(f"you have sent {sent} entries to this challenge, the most allowed; your "
+                                         "current entry stays")
             old_path = entry.file_path
             for name, value in fields.items():
                 setattr(entry, name, value)

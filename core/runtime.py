@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from core.db import make_engine, make_sessions
 from core.host.protocol import HostConfig
 from core.jobs.dispatcher import DispatcherConfig
-from core.jobs.quotas import Policy, QuotaBook
+from core.jobs.quotas import Ceilings, Policy, QuotaBook
 from core.jobs.runner import RunConfig
 from core.jobs.store import JobStore
 from core.jobs.uploads import TransferWindow
@@ -29,7 +29,8 @@ def limits_of(settings: Settings) -> Limits:
 
 
 def default_policy(settings: Settings) -> Policy:
-    """The quotas and policy of a server whose admins changed nothing."""
+    """The quotas and policy of a server whose admins changed nothing (before the
+    operator's ceilings, which QuotaBook applies)."""
     return Policy(
         user_minutes_per_day=settings.quota_user_minutes_per_day,
         guild_minutes_per_day=settings.quota_guild_minutes_per_day,
@@ -38,6 +39,21 @@ def default_policy(settings: Settings) -> Policy:
         max_track_minutes=settings.max_duration_s / 60,
         links_allowed=settings.links_allowed,
         streaming_links_allowed=settings.streaming_links_allowed,
+    )
+
+
+def ceilings_of(settings: Settings) -> Ceilings:
+    """The operator's ceilings over every server's policy (STEMBOT_CEILING_*, STEMBOT_FORBID_*);
+    the longest track is STEMBOT_MAX_DURATION_S, which the probe enforces anyway."""
+    return Ceilings(
+        user_minutes_per_day=settings.ceiling_user_minutes_per_day,
+        guild_minutes_per_day=settings.ceiling_guild_minutes_per_day,
+        user_concurrent_jobs=settings.ceiling_user_concurrent_jobs,
+        guild_queued_jobs=settings.ceiling_guild_queued_jobs,
+        max_track_minutes=settings.max_duration_s / 60,
+        total_queued_jobs=settings.ceiling_total_queued_jobs,
+        links_allowed=not settings.forbid_links,
+        streaming_links_allowed=not settings.forbid_streaming_links,
     )
 
 
@@ -77,7 +93,7 @@ class Runtime:
         self.settings = settings
         self.engine = engine
         self.sessions: async_sessionmaker = make_sessions(engine)
-        self.quotas = QuotaBook(self.sessions, default_policy(settings))
+        self.quotas = QuotaBook(self.sessions, default_policy(settings), ceilings_of(settings))
         self.store = JobStore(self.sessions, self.quotas)
         self.limits = limits_of(settings)
         self._storage: LocalStorage | None = None

@@ -126,6 +126,26 @@ class Settings(BaseSettings):
     transfer_window_factor: float = Field(default=2.0, gt=0)  # a worker's seconds per second of audio, at worst
     transfer_window_margin_s: float = Field(default=1800.0, ge=60)
 
+    # Operator ceilings: no server setting (`/stembot limit`, `/stembot links`) and no role
+    # tier goes above these; a server's limit in force is the smaller of the two. A member's
+    # minutes and jobs at once count everything they do in every server and in DMs; the
+    # longest track is capped by STEMBOT_MAX_DURATION_S.
+    ceiling_user_minutes_per_day: float = Field(default=240.0, ge=0)
+    ceiling_guild_minutes_per_day: float = Field(default=6000.0, ge=0)
+    ceiling_user_concurrent_jobs: int = Field(default=4, ge=1)
+    ceiling_guild_queued_jobs: int = Field(default=100, ge=1)
+    ceiling_total_queued_jobs: int = Field(default=1000, ge=1)  # every server and DM together
+    forbid_links: bool = False  # no links at all, whatever a server says
+    forbid_streaming_links: bool = False  # no YouTube or SoundCloud links, whatever a server says
+    # Servers where the bot works (comma-separated ids; unset: every server it is in).
+    # Elsewhere it answers every command with a short refusal. DMs follow dms_allowed.
+    allowed_guilds: str | None = None
+    dms_allowed: bool = True
+    # /challenge submit: submissions per member per challenge (the first entry and its
+    # replacements), and entries checked (downloaded and probed) at once, bot-wide.
+    challenge_submissions_per_member: int = Field(default=5, ge=1)
+    challenge_checks_at_once: int = Field(default=4, ge=1)
+
     @field_validator("model_dir", "public_url", "database_url", "discord_api_url", "discord_gateway_url",
                      "worker_name", "worker_devices", "s3_bucket", "s3_endpoint_url", "s3_public_endpoint_url",
                      mode="before")
@@ -133,6 +153,16 @@ class Settings(BaseSettings):
     def _empty_is_none(cls, value: object) -> object:
         # `STEMBOT_MODEL_DIR=` in a .env file means "not set", not the current folder.
         return value or None
+
+    @field_validator("allowed_guilds", mode="before")
+    @classmethod
+    def _guild_ids(cls, value: object) -> object:
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return None
+        parts = [part.strip() for part in str(value).split(",") if part.strip()]
+        if not parts or not all(part.isdigit() for part in parts):
+            raise ValueError("give server ids as digits separated by commas, e.g. 123456789012345678,2345678901")
+        return ",".join(parts)
 
     @model_validator(mode="after")
     def _retention_fits_the_storage(self) -> Settings:
@@ -156,6 +186,13 @@ class Settings(BaseSettings):
         """Whether stems too large for Discord can be sent as links: presigned by the object
         store, or served by the bot's web server at its public address."""
         return bool(self.s3_bucket or self.public_url)
+
+    @property
+    def allowed_guild_ids(self) -> frozenset[int] | None:
+        """The servers the bot works in, or None for every server."""
+        if self.allowed_guilds is None:
+            return None
+        return frozenset(int(part) for part in self.allowed_guilds.split(","))
 
     @property
     def device_list(self) -> list[str] | None:

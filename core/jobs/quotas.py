@@ -12,6 +12,13 @@ Rules (documented for server owners in the README):
   and on PostgreSQL alike. Each job's quota state moves once (guarded too), so nothing
   is charged or released twice.
 - Results served from the cache cost no minutes (no separation runs).
+- The operator's ceilings (`Ceilings`, STEMBOT_CEILING_*) cap every server setting and
+  role tier: the limit in force is the smaller of the two. With ceilings, a member's
+  minutes and jobs at once also count on counters across every server and DM (guild id
+  EVERY_SERVER), held to the allowance of the server they ask in, so being in N servers
+  does not give N allowances; and one counter holds the whole queue to its ceiling.
+  Whether a job took those counters is on its row (`limits["across_servers"]`), so it
+  gives back exactly what it took.
 """
 
 from __future__ import annotations
@@ -31,6 +38,10 @@ from core.errors import InputError
 
 SERVER = 0  # the user id of a server's own usage row and slot counter
 DM = 0  # the guild id of jobs outside any server
+# The guild id of the counters over every server and DM: a member's minutes and jobs at
+# once (user_id: the member), and the whole queue (user_id SERVER). Real ids are positive.
+EVERY_SERVER = -1
+ACROSS_SERVERS = "across_servers"  # the key in a job's limits: it took the EVERY_SERVER counters
 
 
 class QuotaExceeded(InputError):
@@ -122,14 +133,46 @@ POLICY_FIELDS = ("user_minutes_per_day", "guild_minutes_per_day", "user_concurre
                  "max_track_minutes")
 
 
+@dataclass(frozen=True)
+class Ceilings:
+    """The operator's limits: no server setting or role tier goes above them."""
+
+    user_minutes_per_day: float  # also held across every server by the member's counter
+    guild_minutes_per_day: float
+    user_concurrent_jobs: int  # likewise
+    guild_queued_jobs: int
+    max_track_minutes: float
+    total_queued_jobs: int  # every server and DM together
+    links_allowed: bool = True
+    streaming_links_allowed: bool = True
+
+    def binds(self, name: str, value: float) -> bool:
+        """Whether `value` of the limit `name` (one of POLICY_FIELDS) is above its ceiling."""
+        ceiling: float = getattr(self, name)
+        return value > ceiling
+
+    def clamp(self, policy: Policy) -> Policy:
+        """`policy` with every limit at most its ceiling, and links off where the operator
+        turned them off."""
+        changes: dict[str, Any] = {name: getattr(self, name) for name in POLICY_FIELDS
+                                   if self.binds(name, getattr(policy, name))}
+        if not self.links_allowed:
+            changes["links_allowed"] = False
+        if not self.links_allowed or not self.streaming_links_allowed:
+            changes["streaming_links_allowed"] = False
+        return replace(policy, **changes) if changes else policy
+
+
 def _split(text: str | None, kind: Callable[[str], object] = str) -> tuple[object, ...] | None:
     if text is None:
         return None
     return tuple(kind(part) for part in (p.strip() for p in text.split(",")) if part)
 
 
-def effective_policy(defaults: Policy, guild: GuildPolicy | None, tiers: Iterable[RoleTier] = ()) -> Policy:
-    """Defaults, overridden by the server's settings, raised by the member's role tiers."""
+def effective_policy(defaults: Policy, guild: GuildPolicy | None, tiers: Iterable[RoleTier] = (),
+                     ceilings: Ceilings | None = None) -> Policy:
+    """Defaults, overridden by the server's settings, raised by the member's role tiers,
+    then held to the operator's ceilings."""
     policy = defaults
     if guild is not None:
         changes = {name: getattr(guild, name) for name in POLICY_FIELDS if getattr(guild, name) is not None}
@@ -150,7 +193,7 @@ def effective_policy(defaults: Policy, guild: GuildPolicy | None, tiers: Iterabl
             if value is not None and value > getattr(policy, name):
                 changes[name] = value
         policy = replace(policy, **changes)
-    return policy
+    return ceilings.clamp(policy) if ceilings is not None else policy
 
 
 def utc_day(moment: datetime | None = None) -> date:
@@ -186,11 +229,20 @@ class QuotaStatus:
 
 
 class QuotaBook:
-    """Policies, slots and minutes in SQL."""
+    """Policies, slots and minutes in SQL; with `ceilings`, held to the operator's ceilings
+    and counted across servers too."""
 
-    def __init__(self, sessions: async_sessionmaker, defaults: Policy):
+    def __init__(self, sessions: async_sessionmaker, defaults: Policy, ceilings: Ceilings | None = None):
         self.sessions = sessions
-        self.defaults = defaults
+        self.ceilings = ceilings
+        self.defaults = ceilings.clamp(defaults) if ceilings is not None else defaults
+
+    def job_limits(self, policy: Policy) -> dict[str, Any]:
+        """What a job keeps of its policy, and whether it counts across servers."""
+        limits: dict[str, Any] = dict(policy.as_limits())
+        if self.ceilings is not None:
+            limits[ACROSS_SERVERS] = True
+        return limits
 
     # -- policies ----------------------------------------------------------------------
 
@@ -204,7 +256,7 @@ class QuotaBook:
             if role_ids:
                 tiers = list(await session.scalars(
                     select(RoleTier).where(RoleTier.guild_id == guild_id, RoleTier.role_id.in_(role_ids))))
-        return effective_policy(self.defaults, guild, tiers)
+        return effective_policy(self.defaults, guild, tiers, self.ceilings)
 
     async def guild_settings(self, guild_id: int) -> GuildPolicy:
         async with self.sessions() as session:
@@ -260,25 +312,35 @@ class QuotaBook:
 
     async def take_slots(self, session: AsyncSession, guild_id: int, user_id: int, policy: Policy) -> str | None:
         """Inside the caller's transaction: count one more active job for the user and the
-        server, or return why not (then the caller must roll back)."""
-        for who, limit, refusal in (
-            (user_id, policy.user_concurrent_jobs,
-             f"you already have {policy.user_concurrent_jobs} job(s) in progress; wait for one to finish"),
-            (SERVER, policy.guild_queued_jobs,
-             f"this server's queue is full ({policy.guild_queued_jobs} jobs); try again in a few minutes"),
-        ):
-            await self._ensure(session, QuotaSlot, guild_id=guild_id, user_id=who)
+        server (and, with ceilings, for the user across servers and the whole queue), or
+        return why not (then the caller must roll back)."""
+        mine = f"you already have {policy.user_concurrent_jobs} job(s) in progress; wait for one to finish"
+        counters: list[tuple[int, int, int, str]] = []
+        if self.ceilings is not None:
+            # Locked in the order of the rows (guild id, then user id descending) everywhere:
+            # PostgreSQL would otherwise find deadlocks between admissions and endings.
+            total = self.ceilings.total_queued_jobs
+            counters += [(EVERY_SERVER, user_id, policy.user_concurrent_jobs, mine),
+                         (EVERY_SERVER, SERVER, total,
+                          f"stembot's queue is full ({total} jobs across every server); try again in a few minutes")]
+        counters += [(guild_id, user_id, policy.user_concurrent_jobs, mine),
+                     (guild_id, SERVER, policy.guild_queued_jobs,
+                      f"this server's queue is full ({policy.guild_queued_jobs} jobs); try again in a few minutes")]
+        for guild, who, limit, refusal in counters:
+            await self._ensure(session, QuotaSlot, guild_id=guild, user_id=who)
             result = await session.execute(
-                update(QuotaSlot).where(QuotaSlot.guild_id == guild_id, QuotaSlot.user_id == who,
+                update(QuotaSlot).where(QuotaSlot.guild_id == guild, QuotaSlot.user_id == who,
                                         QuotaSlot.active < limit).values(active=QuotaSlot.active + 1))
             if rowcount(result) != 1:
                 return refusal
         return None
 
-    async def release_slots(self, session: AsyncSession, guild_id: int, user_id: int) -> None:
-        for who in (user_id, SERVER):
+    async def release_slots(self, session: AsyncSession, guild_id: int, user_id: int,
+                            across_servers: bool = False) -> None:
+        keys = [(EVERY_SERVER, user_id), (EVERY_SERVER, SERVER)] if across_servers else []
+        for guild, who in [*keys, (guild_id, user_id), (guild_id, SERVER)]:
             await session.execute(
-                update(QuotaSlot).where(QuotaSlot.guild_id == guild_id, QuotaSlot.user_id == who,
+                update(QuotaSlot).where(QuotaSlot.guild_id == guild, QuotaSlot.user_id == who,
                                         QuotaSlot.active > 0).values(active=QuotaSlot.active - 1))
 
     # -- minutes -------------------------------------------------------------------------
@@ -286,39 +348,48 @@ class QuotaBook:
     async def reserve(self, session: AsyncSession, guild_id: int, user_id: int, seconds: float, limits: dict,
                       day: date) -> str | None:
         """Inside the caller's transaction: reserve `seconds` on the user's and the
-        server's day, or return why not (then the caller must roll back)."""
-        for who, limit, whose in ((user_id, limits["user_s"], "your"), (SERVER, limits["guild_s"], "this server's")):
-            await self._ensure(session, QuotaUsage, guild_id=guild_id, user_id=who, day=day)
+        server's day (and the user's day across servers, if the job counts there), or
+        return why not (then the caller must roll back)."""
+        counters: list[tuple[int, int, float, str, str]] = []
+        if limits.get(ACROSS_SERVERS):
+            counters.append((EVERY_SERVER, user_id, limits["user_s"], "your", "counted across every server and DM; "))
+        counters += [(guild_id, user_id, limits["user_s"], "your", ""),
+                     (guild_id, SERVER, limits["guild_s"], "this server's", "")]
+        for guild, who, limit, whose, scope in counters:
+            await self._ensure(session, QuotaUsage, guild_id=guild, user_id=who, day=day)
             result = await session.execute(
                 update(QuotaUsage).where(
-                    QuotaUsage.guild_id == guild_id, QuotaUsage.user_id == who, QuotaUsage.day == day,
+                    QuotaUsage.guild_id == guild, QuotaUsage.user_id == who, QuotaUsage.day == day,
                     QuotaUsage.used_s + QuotaUsage.reserved_s + seconds <= limit,
                 ).values(reserved_s=QuotaUsage.reserved_s + seconds))
             if rowcount(result) != 1:
-                row = await session.get(QuotaUsage, (guild_id, who, day), populate_existing=True)
+                row = await session.get(QuotaUsage, (guild, who, day), populate_existing=True)
                 left = max(0.0, limit - row.used_s - row.reserved_s) if row else limit
                 return (f"this track is {seconds / 60:.1f} min but {whose} daily allowance has "
-                        f"{left / 60:.1f} min left (resets at 00:00 UTC)")
+                        f"{left / 60:.1f} min left ({scope}resets at 00:00 UTC)")
         return None
 
     async def settle(self, session: AsyncSession, guild_id: int, user_id: int, seconds: float, day: date,
-                     charge: bool) -> None:
+                     charge: bool, across_servers: bool = False) -> None:
         """Inside the caller's transaction: turn a reservation into usage, or drop it."""
-        for who in (user_id, SERVER):
+        keys = [(EVERY_SERVER, user_id)] if across_servers else []
+        for guild, who in [*keys, (guild_id, user_id), (guild_id, SERVER)]:
             values = {"reserved_s": QuotaUsage.reserved_s - seconds}
             if charge:
                 values["used_s"] = QuotaUsage.used_s + seconds
             await session.execute(
-                update(QuotaUsage).where(QuotaUsage.guild_id == guild_id, QuotaUsage.user_id == who,
+                update(QuotaUsage).where(QuotaUsage.guild_id == guild, QuotaUsage.user_id == who,
                                          QuotaUsage.day == day).values(**values))
 
     async def status(self, guild_id: int | None, user_id: int, policy: Policy) -> QuotaStatus:
         guild_id = guild_id or DM
+        # With ceilings a member's allowance counts every server: their counter is that one.
+        whose = EVERY_SERVER if self.ceilings is not None else guild_id
         day = utc_day()
         async with self.sessions() as session:
-            mine = await session.get(QuotaUsage, (guild_id, user_id, day))
+            mine = await session.get(QuotaUsage, (whose, user_id, day))
             server = await session.get(QuotaUsage, (guild_id, SERVER, day))
-            my_slots = await session.get(QuotaSlot, (guild_id, user_id))
+            my_slots = await session.get(QuotaSlot, (whose, user_id))
             server_slots = await session.get(QuotaSlot, (guild_id, SERVER))
         return QuotaStatus(
             day=day, user_used_s=mine.used_s if mine else 0.0, user_reserved_s=mine.reserved_s if mine else 0.0,

@@ -48,7 +48,7 @@ from core.jobs.job import (
     JobState,
     Lease,
 )
-from core.jobs.quotas import SERVER, Policy, QuotaBook, QuotaExceeded, QuotaSlot
+from core.jobs.quotas import EVERY_SERVER, SERVER, Policy, QuotaBook, QuotaExceeded, QuotaSlot
 from core.media.audio import format_duration
 
 
@@ -114,7 +114,7 @@ class JobStore:
             if refusal is not None:
                 await session.rollback()
                 return None, refusal
-            job = Job(**fields, interaction=interaction, slot_state="held", limits=policy.as_limits())
+            job = Job(**fields, interaction=interaction, slot_state="held", limits=self.quotas.job_limits(policy))
             session.add(job)
             await session.commit()
             return job, None
@@ -161,18 +161,20 @@ class JobStore:
         if job is None or not job.is_final:
             return
         guild = job.guild_id or 0
+        across = bool((job.limits or {}).get(quotas.ACROSS_SERVERS))
         if job.quota_state == "reserved":
             charge = job.job_state is JobState.done and not job.cache_hit
             moved = await session.execute(update(Job).where(Job.id == job_id, Job.quota_state == "reserved")
                                           .values(quota_state="charged" if charge else "released"))
             if rowcount(moved) == 1:
                 assert job.quota_day is not None, "a reservation sets its day"
-                await self.quotas.settle(session, guild, job.user_id, job.reserved_s, job.quota_day, charge)
+                await self.quotas.settle(session, guild, job.user_id, job.reserved_s, job.quota_day, charge,
+                                         across)
         if job.slot_state == "held":
             moved = await session.execute(update(Job).where(Job.id == job_id, Job.slot_state == "held")
                                           .values(slot_state="released"))
             if rowcount(moved) == 1:
-                await self.quotas.release_slots(session, guild, job.user_id)
+                await self.quotas.release_slots(session, guild, job.user_id, across)
 
     async def settle(self, job_id: int) -> None:
         """Settle a job that ended elsewhere (a worker failed it): charge or release its
@@ -375,13 +377,18 @@ class JobStore:
             slots = list(await session.scalars(
                 select(QuotaSlot).order_by(QuotaSlot.guild_id, QuotaSlot.user_id.desc()).with_for_update()))
             guild = func.coalesce(Job.guild_id, 0)
+            across = Job.limits[quotas.ACROSS_SERVERS].as_boolean()  # NULL for jobs that did not count there
             held = (await session.execute(
-                select(guild, Job.user_id, func.count()).where(Job.slot_state == "held").group_by(guild, Job.user_id)
+                select(guild, Job.user_id, across, func.count()).where(Job.slot_state == "held")
+                .group_by(guild, Job.user_id, across)
             )).all()
             counts: dict[tuple[int, int], int] = {}
-            for g, u, n in held:
-                counts[(g, u)] = n
-                counts[(g, SERVER)] = counts.get((g, SERVER), 0) + n
+            for g, u, counted_across, n in held:
+                keys = [(g, u), (g, SERVER)]
+                if counted_across:
+                    keys += [(EVERY_SERVER, u), (EVERY_SERVER, SERVER)]
+                for key in keys:
+                    counts[key] = counts.get(key, 0) + n
             for slot in slots:
                 slot.active = counts.pop((slot.guild_id, slot.user_id), 0)
             for (g, u), n in counts.items():

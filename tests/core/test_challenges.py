@@ -10,7 +10,16 @@ from datetime import timedelta
 import pytest
 import pytest_asyncio
 
-from core.challenges import ChallengeState, ChallengeStore, Closed, OwnEntry, UnknownEntry, parse_duration
+from core.challenges import (
+    ChallengeState,
+    ChallengeStore,
+    Closed,
+    OwnEntry,
+    TooManySubmissions,
+    UnknownEntry,
+    parse_duration,
+    submissions,
+)
 from core.db import make_engine, make_sessions, utcnow
 from core.jobs.job import JobState
 from core.jobs.store import JobStore
@@ -137,6 +146,25 @@ async def test_one_entry_per_member_replaceable_until_the_deadline(store):
     with pytest.raises(Closed):
         await submit(store, challenge, ANN, 61, "too-late.wav")
     assert (await store.entry_of(challenge.id, ANN)).original_name == "take3.wav"
+
+
+async def test_a_member_has_a_capped_number_of_submissions_even_at_once(store):
+    challenge = await new(store)
+
+    async def send(minute: int, name: str):
+        return await store.submit_entry(challenge.id, ANN, file_path=f"challenges/{challenge.id}/entries/{ANN}.wav",
+                                        original_name=name, now=T0 + timedelta(minutes=minute), max_submissions=3)
+
+    await send(1, "one.wav")
+    # Ten at once where two are left: two get in, eight are refused, counted under the lock.
+    results = await asyncio.gather(*(send(2, f"at-once-{k}.wav") for k in range(10)), return_exceptions=True)
+    refused = [r for r in results if isinstance(r, Exception)]
+    assert len(refused) == 8 and all(isinstance(r, TooManySubmissions) for r in refused), refused
+    assert refused[0].reason == "you have sent 3 entries to this challenge, the most allowed; your current entry stays"
+    entry = await store.entry_of(challenge.id, ANN)
+    assert entry.replaced == 2 and entry.original_name.startswith("at-once-") and submissions(entry) == 3
+    assert submissions(None) == 0
+    await submit(store, challenge, BOB, 3)  # another member's count is their own
 
 
 async def test_no_submissions_while_splitting_or_voting(store):

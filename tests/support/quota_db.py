@@ -13,7 +13,7 @@ from sqlalchemy import select, text
 
 from core.db import make_engine, make_sessions
 from core.jobs.job import Job
-from core.jobs.quotas import Policy, QuotaBook, QuotaSlot, QuotaUsage
+from core.jobs.quotas import Ceilings, Policy, QuotaBook, QuotaSlot, QuotaUsage
 from core.jobs.store import JobStore
 
 FIELDS = dict(source_kind="attachment", source_url="https://cdn.example/a.mp3", source_name="a.mp3",
@@ -74,9 +74,9 @@ class Db:
         for engine in self.engines:
             await engine.dispose()
 
-    def store(self, policy: Policy = ROOMY, sessions=None) -> JobStore:
+    def store(self, policy: Policy = ROOMY, sessions=None, ceilings: Ceilings | None = None) -> JobStore:
         sessions = sessions or self.sessions
-        return JobStore(sessions, QuotaBook(sessions, policy))
+        return JobStore(sessions, QuotaBook(sessions, policy, ceilings))
 
     def gate(self, parties: int) -> Gate:
         return Gate(self.makers, parties, hold_connection=self.is_postgres)

@@ -19,11 +19,37 @@ log = logging.getLogger(__name__)
 LimitName = Literal["user_minutes_per_day", "guild_minutes_per_day", "user_concurrent_jobs", "guild_queued_jobs",
                     "max_track_minutes"]
 INTEGER_LIMITS = ("user_concurrent_jobs", "guild_queued_jobs")
+# How /stembot settings names each limit.
+LIMIT_LABELS = {"user_minutes_per_day": "Minutes per member per day",
+                "guild_minutes_per_day": "Minutes per server per day",
+                "user_concurrent_jobs": "Jobs at once per member", "guild_queued_jobs": "Jobs queued per server",
+                "max_track_minutes": "Longest track"}
 PERIODS = {"day": timedelta(days=1), "week": timedelta(days=7), "month": timedelta(days=30), "all": None}
 
 
 def _csv(values) -> str:
     return ", ".join(str(v) for v in values)
+
+
+def _value(name: str, value: float) -> str:
+    return format_duration(value * 60) if name == "max_track_minutes" else f"{value:g}"
+
+
+# /stembot tier's options, by the limit each raises.
+TIER_OPTIONS = {"user_minutes_per_day": "minutes_per_day", "user_concurrent_jobs": "concurrent_jobs",
+                "max_track_minutes": "max_track_minutes"}
+
+
+def _above_ceilings(ceilings, values: dict[str, float | None], options: dict[str, str] | None = None) -> list[str]:
+    """What in `values` (limits by name) goes above the operator's ceilings, said for an
+    admin who gave them as `options` (the command's option names; default: the limits')."""
+    if ceilings is None:
+        return []
+    return [f"`{(options or {}).get(name, name)}` can be at most {_value(name, getattr(ceilings, name))}"
+            for name, value in values.items() if value is not None and ceilings.binds(name, value)]
+
+
+OPERATOR_CEILING = "on this bot (the ceiling its operator set); nothing was changed."
 
 
 class Admin(commands.Cog):
@@ -60,22 +86,30 @@ class Admin(commands.Cog):
         policy = await quotas.policy(interaction.guild_id)
         row = await quotas.guild_settings(interaction.guild_id)
         tiers = await quotas.tiers(interaction.guild_id)
+        ceilings = quotas.ceilings
 
-        def mark(name):
-            return "" if getattr(row, name, None) is None else " *(set here)*"
+        def limit_line(name):
+            value, stored = getattr(policy, name), getattr(row, name, None)
+            line = f"**{LIMIT_LABELS[name]}:** {_value(name, value)}"
+            if stored is not None and ceilings is not None and ceilings.binds(name, stored):
+                return line + f" *(set here to {_value(name, stored)}; held to the bot's ceiling)*"
+            if ceilings is not None and value == getattr(ceilings, name):
+                line += " *(the bot's ceiling)*"
+            return line + ("" if stored is None else " *(set here)*")
 
+        links = "allowed" if policy.links_allowed else "not allowed"
+        streaming = "allowed" if policy.streaming_links_allowed else "not allowed"
+        if ceilings is not None and not ceilings.links_allowed:
+            links = streaming = "not allowed by the bot's operator"
+        elif ceilings is not None and not ceilings.streaming_links_allowed:
+            streaming = "not allowed by the bot's operator"
         lines = [
-            f"**Minutes per member per day:** {policy.user_minutes_per_day:g}{mark('user_minutes_per_day')}",
-            f"**Minutes per server per day:** {policy.guild_minutes_per_day:g}{mark('guild_minutes_per_day')}",
-            f"**Jobs at once per member:** {policy.user_concurrent_jobs}{mark('user_concurrent_jobs')}",
-            f"**Jobs queued per server:** {policy.guild_queued_jobs}{mark('guild_queued_jobs')}",
-            f"**Longest track:** {format_duration(policy.max_track_minutes * 60)}{mark('max_track_minutes')}",
+            *(limit_line(name) for name in LIMIT_LABELS),
             f"**Models:** {_csv(policy.allowed_models) if policy.allowed_models else 'all'}"
             f" (default {policy.default_model or self.services.settings.model})",
             f"**Formats:** {_csv(policy.allowed_formats) if policy.allowed_formats else 'all'}"
             f" (default {policy.default_format or 'mp3'})",
-            f"**Links:** {'allowed' if policy.links_allowed else 'not allowed'}; YouTube and SoundCloud "
-            f"{'allowed' if policy.streaming_links_allowed else 'not allowed'}",
+            f"**Links:** {links}; YouTube and SoundCloud {streaming}",
             "**Channels:** " + (_csv(f"<#{c}>" for c in policy.allowed_channels) if policy.allowed_channels
                                 else "all"),
             "**Remix challenges** started by: members with Manage Server"
@@ -85,8 +119,13 @@ class Admin(commands.Cog):
             parts = [f"{tier.user_minutes_per_day:g} min/day" if tier.user_minutes_per_day is not None else None,
                      f"{tier.user_concurrent_jobs} jobs" if tier.user_concurrent_jobs is not None else None,
                      f"tracks up to {tier.max_track_minutes:g} min" if tier.max_track_minutes is not None else None]
-            lines.append(f"**Tier** <@&{tier.role_id}>: " + ", ".join(p for p in parts if p))
-        lines.append("Allowances reset at 00:00 UTC.")
+            held = _above_ceilings(ceilings, {"user_minutes_per_day": tier.user_minutes_per_day,
+                                              "user_concurrent_jobs": tier.user_concurrent_jobs,
+                                              "max_track_minutes": tier.max_track_minutes})
+            lines.append(f"**Tier** <@&{tier.role_id}>: " + ", ".join(p for p in parts if p)
+                         + (" *(held to the bot's ceilings)*" if held else ""))
+        lines.append("A member's minutes and jobs at once count what they run in every server and in DMs. "
+                     "Allowances reset at 00:00 UTC.")
         await self._reply(interaction, "\n".join(lines))
 
     @stembot.command(name="limit", description="Set a limit (leave value empty for the bot's default)")
@@ -99,6 +138,10 @@ class Admin(commands.Cog):
                 return
             if name in INTEGER_LIMITS:
                 value = int(value)
+            above = _above_ceilings(self.services.quotas.ceilings, {name: value})
+            if above:
+                await self._reply(interaction, f"{above[0]} {OPERATOR_CEILING}")
+                return
         await self.services.quotas.set_guild(interaction.guild_id, **{name: value})
         shown = "the default" if value is None else f"{value:g}"
         await self._reply(interaction, f"`{name}` is now {shown}.")
@@ -131,6 +174,15 @@ class Admin(commands.Cog):
     @app_commands.describe(allowed="direct links to audio or video files",
                            streaming="YouTube and SoundCloud links (off unless turned on here)")
     async def links(self, interaction: discord.Interaction, allowed: bool, streaming: bool | None = None) -> None:
+        ceilings = self.services.quotas.ceilings
+        if ceilings is not None and allowed and not ceilings.links_allowed:
+            await self._reply(interaction, "The bot's operator has turned links off on this bot; a server can't turn "
+                                           "them on. Nothing was changed.")
+            return
+        if ceilings is not None and streaming and not ceilings.streaming_links_allowed:
+            await self._reply(interaction, "The bot's operator has turned YouTube and SoundCloud links off on this "
+                                           "bot; a server can't turn them on. Nothing was changed.")
+            return
         changes = {"links_allowed": allowed}
         if streaming is not None:
             changes["streaming_links_allowed"] = streaming and allowed
@@ -187,6 +239,12 @@ class Admin(commands.Cog):
             return
         if any(v is not None and v < 0 for v in (minutes_per_day, concurrent_jobs, max_track_minutes)):
             await self._reply(interaction, "Allowances cannot be negative.")
+            return
+        above = _above_ceilings(self.services.quotas.ceilings, {
+            "user_minutes_per_day": minutes_per_day, "user_concurrent_jobs": concurrent_jobs,
+            "max_track_minutes": max_track_minutes}, TIER_OPTIONS)
+        if above:
+            await self._reply(interaction, "; ".join(above) + f" {OPERATOR_CEILING}")
             return
         await self.services.quotas.set_tier(interaction.guild_id, role.id, user_minutes_per_day=minutes_per_day,
                                             user_concurrent_jobs=concurrent_jobs, max_track_minutes=max_track_minutes)

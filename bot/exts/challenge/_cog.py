@@ -17,7 +17,10 @@
   upload limit, so that it can be attached to its voting post. Links go through the
   same safe fetcher as /split (direct links only; no YouTube or SoundCloud). Stored as
   `challenges/<id>/entries/<user>.<ext>` under the storage root; a new entry replaces
-  the old one. Every answer is ephemeral: in anonymous mode nobody sees who took part.
+  the old one, up to STEMBOT_CHALLENGE_SUBMISSIONS_PER_MEMBER submissions per member and
+  challenge. A member checks one entry at a time (download and probe), and the bot at
+  most STEMBOT_CHALLENGE_CHECKS_AT_ONCE; more are refused at once, not queued. Every
+  answer is ephemeral: in anonymous mode nobody sees who took part.
 - Votes: the Vote button under each entry (see _scheduler.py); answers are ephemeral.
 - `/challenge status [challenge:]`, `/challenge list` — for everyone; the ranking once
   closed. `/challenge end [challenge:]` (host or Manage Server): during voting, closes
@@ -39,7 +42,15 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from core.challenges import ACTIVE, Challenge, ChallengeError, ChallengeState, parse_duration
+from core.challenges import (
+    ACTIVE,
+    Challenge,
+    ChallengeError,
+    ChallengeState,
+    TooManySubmissions,
+    parse_duration,
+    submissions,
+)
 from core.db import utcnow
 from core.errors import InputError
 from core.media.audio import Limits, format_duration, probe
@@ -73,6 +84,9 @@ class Challenges(commands.Cog):
         self.bot = bot
         self.services = bot.services
         self.scheduler = ChallengeScheduler(bot, bot.services) if bot.services is not None else None
+        # Members whose entry is being downloaded and probed: one each, and a few in all.
+        # One bot per database takes the commands (core/ops/bot_lock.py): a set in memory is the lock.
+        self._checking: set[int] = set()
 
     async def cog_load(self) -> None:
         if self.scheduler is not None:
@@ -226,13 +240,13 @@ class Challenges(commands.Cog):
             return True
         return policy.challenge_role_id is not None and policy.challenge_role_id in _role_ids(interaction)
 
-    @staticmethod
-    def _rules_text(challenge: Challenge) -> str:
+    def _rules_text(self, challenge: Challenge) -> str:
         lines = [f"📜 **Rules — {challenge.title}**", challenge.rules or "*(no rules given)*", "",
                  "**How it works**",
                  "• The stems of the track are posted here as soon as it is split.",
                  f"• Send your remix with `/challenge submit file:` in this thread before "
-                 f"{when(challenge.submit_deadline)}. One entry per member; submitting again replaces yours.",
+                 f"{when(challenge.submit_deadline)}. One entry per member; submitting again replaces yours "
+                 f"({self.services.settings.challenge_submissions_per_member} submissions at most).",
                  f"• Voting opens then, until {when(challenge.vote_deadline)}: one vote per member, not for your own "
                  "entry, and you can change it.",
                  "• Entries are anonymous until the results." if challenge.anonymous else
@@ -259,17 +273,46 @@ class Challenges(commands.Cog):
             return
         policy = await self.services.quotas.policy(interaction.guild_id, _role_ids(interaction))
         reason = self._entry_refusal(interaction, policy, file, url)
+        if reason is None:
+            reason = await self._submissions_refusal(interaction, found)
+        # No await between this check and taking the place: two submissions of one member
+        # arriving together cannot both pass it.
+        if reason is None:
+            reason = self._checking_refusal(interaction.user.id)
         if reason is not None:
             await self._reply(interaction, reason)
             return
-        await interaction.response.defer(ephemeral=True, thinking=True)
+        self._checking.add(interaction.user.id)
         try:
-            text = await self._store_entry(interaction, found, policy, file, url)
-        except InputError as exc:
-            text = f"Your entry was refused: {exc.reason}."
-        except ChallengeError as exc:
-            text = f"{exc.reason[0].upper()}{exc.reason[1:]}: **{found.title}** took no new entries."
+            await interaction.response.defer(ephemeral=True, thinking=True)
+            try:
+                text = await self._store_entry(interaction, found, policy, file, url)
+            except InputError as exc:
+                text = f"Your entry was refused: {exc.reason}."
+            except TooManySubmissions as exc:
+                text = f"{exc.reason[0].upper()}{exc.reason[1:]}."
+            except ChallengeError as exc:
+                text = f"{exc.reason[0].upper()}{exc.reason[1:]}: **{found.title}** took no new entries."
+        finally:
+            self._checking.discard(interaction.user.id)
         await self._reply(interaction, text)
+
+    async def _submissions_refusal(self, interaction: discord.Interaction, challenge: Challenge) -> str | None:
+        """Refused before any download when the member has no submission left (the store
+        checks again when it saves the entry)."""
+        most = self.services.settings.challenge_submissions_per_member
+        sent = submissions(await self.store.entry_of(challenge.id, interaction.user.id))
+        if sent >= most:
+            return (f"You have sent {sent} entries to **{challenge.title}**, the most allowed; your current entry "
+                    "stays.")
+        return None
+
+    def _checking_refusal(self, user_id: int) -> str | None:
+        if user_id in self._checking:
+            return "Your previous entry is still being checked; wait for its answer before you send another."
+        if len(self._checking) >= self.services.settings.challenge_checks_at_once:
+            return "Too many entries are being checked right now; try again in a minute."
+        return None
 
     def _entry_refusal(self, interaction: discord.Interaction, policy, file: discord.Attachment | None,
                        url: str | None) -> str | None:
@@ -305,7 +348,8 @@ class Challenges(commands.Cog):
             relative = final.relative_to(self.services.storage.root).as_posix()
             result = await self.store.submit_entry(
                 challenge.id, user, file_path=relative, original_name=safe_filename(source["source_name"], "entry"),
-                duration_s=info.duration_s, size_bytes=size)
+                duration_s=info.duration_s, size_bytes=size,
+                max_submissions=settings.challenge_submissions_per_member)
             temporary.replace(final)
         finally:
             temporary.unlink(missing_ok=True)

@@ -9,6 +9,8 @@ from typing import Any, Self
 import discord
 from discord.ext import commands
 
+from bot.access import admitted
+
 VOTE_PREFIX = "stembot:vote:"
 
 
@@ -22,6 +24,9 @@ class VoteButton(discord.ui.DynamicItem[discord.ui.Button], template=r"stembot:v
     async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Item[Any], match: re.Match[str],
                              /) -> Self:
         return cls(int(match["entry_id"]))
+
+    async def interaction_check(self, interaction: discord.Interaction, /) -> bool:
+        return await admitted(interaction)
 
     async def callback(self, interaction: discord.Interaction) -> None:
         from ._cog import Challenges  # noqa: PLC0415 - _cog imports this module (through _scheduler)

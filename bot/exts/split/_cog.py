@@ -173,6 +173,8 @@ class Split(commands.Cog):
             + (f" ({status.user_reserved_s / 60:.1f} min held by jobs in progress)" if status.user_reserved_s else ""),
             f"**Jobs:** {status.user_active} of {policy.user_concurrent_jobs} in progress",
         ]
+        if self.services.quotas.ceilings is not None:
+            lines.append("Your minutes and jobs count what you run in every server and in DMs.")
         if interaction.guild_id:
             lines.append(f"**This server:** {status.guild_left_s / 60:.1f} of {policy.guild_minutes_per_day:g} "
                          f"min left today, {status.guild_active} of {policy.guild_queued_jobs} jobs queued or running")
@@ -213,16 +215,19 @@ class Split(commands.Cog):
             return f"This server allows these formats: {', '.join(policy.allowed_formats)}."
         return None
 
-    @staticmethod
-    def link_refusal(policy, url: str) -> str | None:
+    def link_refusal(self, policy, url: str) -> str | None:
         """Refuse a link at once when it can be refused without the network."""
+        ceilings = self.services.quotas.ceilings
         if not policy.links_allowed:
-            return "Links are not allowed on this server; attach the file instead."
+            where = "this bot" if ceilings is not None and not ceilings.links_allowed else "this server"
+            return f"Links are not allowed on {where}; attach the file instead."
         try:
             check_url(url.strip(), None)
         except LinkNotAllowedError as exc:
             return f"That link can't be used: {exc.reason}."
         if ytdl.is_streaming_link(url):
+            if not policy.streaming_links_allowed and ceilings is not None and not ceilings.streaming_links_allowed:
+                return "YouTube and SoundCloud links are turned off on this bot; attach the file instead."
             if not policy.streaming_links_allowed:
                 return ("YouTube and SoundCloud links are not enabled on this server; a server manager can turn "
                         "them on with `/stembot links`.")

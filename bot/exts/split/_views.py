@@ -9,6 +9,8 @@ from typing import Any, Self
 import discord
 from discord.ext import commands
 
+from bot.access import admitted
+
 from ._cog import Split
 
 CANCEL_PREFIX = "stembot:cancel:"
@@ -24,6 +26,9 @@ class CancelButton(discord.ui.DynamicItem[discord.ui.Button], template=r"stembot
     async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Item[Any], match: re.Match[str],
                              /) -> Self:
         return cls(int(match["job_id"]))
+
+    async def interaction_check(self, interaction: discord.Interaction, /) -> bool:
+        return await admitted(interaction)
 
     async def callback(self, interaction: discord.Interaction) -> None:
         client = interaction.client

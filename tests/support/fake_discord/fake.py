@@ -85,6 +85,7 @@ class FakeDiscord:
     _dm_channel_by_user = _Forward("state", "dm_channel_by_user")
     snowflake = _Forward("state")
     make_user = _Forward("state")
+    add_guild = _Forward("state")
     add_attachment = _Forward("state")
     add_user_message = _Forward("state")
     messages_for = _Forward("state")

@@ -33,6 +33,7 @@ class InteractionSender:
         message: FakeMessage | dict[str, Any] | None = None,
         user: dict[str, Any] | None = None,
         in_guild: bool = True,
+        guild_id: int | None = None,
         channel_id: int | None = None,
         attachment_size_limit: int | None = None,
         locale: str = "en-US",
@@ -43,9 +44,13 @@ class InteractionSender:
         """Send any INTERACTION_CREATE; the other send_* methods take these keywords too.
 
         In a guild (the default) the user arrives as `member`; with in_guild=False it
-        is a bot DM carrying `user`.
+        is a bot DM carrying `user`. `guild_id` names a server made with `add_guild`
+        (default: the fake's own).
         """
         state = self.state
+        guild_id = guild_id or state.guild_id
+        if channel_id is None and guild_id != state.guild_id:
+            channel_id = state.guild_default_channel[guild_id]
         user = user or state.user
         state.register_user(user)
         interaction_id = state.snowflake()
@@ -67,9 +72,9 @@ class InteractionSender:
         if in_guild:
             channel = state.guild_channel(channel_id or state.channel_id)
             payload.update(
-                guild_id=str(state.guild_id),
+                guild_id=str(guild_id),
                 guild_locale="en-US",
-                guild={"id": str(state.guild_id), "locale": "en-US", "features": []},
+                guild={"id": str(guild_id), "locale": "en-US", "features": []},
                 member={
                     "user": user,
                     "roles": [str(r) for r in roles],
@@ -83,7 +88,7 @@ class InteractionSender:
                     "mute": False,
                 },
                 context=0,
-                authorizing_integration_owners={"0": str(state.guild_id)},
+                authorizing_integration_owners={"0": str(guild_id)},
             )
         else:
             channel = state.dm_channel_for(user)
@@ -102,7 +107,7 @@ class InteractionSender:
             type=interaction_type,
             payload=payload,
             channel_id=int(channel["id"]),
-            guild_id=state.guild_id if in_guild else None,
+            guild_id=guild_id if in_guild else None,
             user=user,
             message_id=message_id,
         )

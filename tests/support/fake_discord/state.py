@@ -51,6 +51,7 @@ class DiscordState:
         self.dm_channel_by_user: dict[int, int] = {}
         self.commands: list[dict[str, Any]] = []
         self.guild_commands: dict[int, list[dict[str, Any]]] = {}
+        self.guild_default_channel: dict[int, int] = {}  # of the servers added with add_guild
 
         self.register_user(self.bot_user)
         self.register_user(self.user)
@@ -79,11 +80,19 @@ class DiscordState:
     def register_user(self, user: dict[str, Any]) -> None:
         self.users[int(user["id"])] = user
 
-    def add_guild_text_channel(self, channel_id: int, name: str) -> dict[str, Any]:
+    def add_guild(self) -> tuple[int, int]:
+        """Another server the bot is in, with a text channel: (its id, the channel's id).
+        Interactions come from it with `guild_id=` (and that channel by default)."""
+        guild_id, channel_id = self.snowflake(), self.snowflake()
+        self.add_guild_text_channel(channel_id, "general", guild_id=guild_id)
+        self.guild_default_channel[guild_id] = channel_id
+        return guild_id, channel_id
+
+    def add_guild_text_channel(self, channel_id: int, name: str, guild_id: int | None = None) -> dict[str, Any]:
         channel = {
             "id": str(channel_id),
             "type": 0,
-            "guild_id": str(self.guild_id),
+            "guild_id": str(guild_id or self.guild_id),
             "name": name,
             "position": len(self.channels),
             "permission_overwrites": [],

@@ -32,14 +32,43 @@ async def test_only_server_managers_may_change_settings(fake, bot):
 
 
 async def test_limits_show_and_reset(fake, bot):
-    assert "is now 7" in await admin(fake, "limit", string_option("name", "user_concurrent_jobs"),
-                                     {"type": 10, "name": "value", "value": 7})
+    assert "is now 3" in await admin(fake, "limit", string_option("name", "user_concurrent_jobs"),
+                                     {"type": 10, "name": "value", "value": 3})
     shown = await admin(fake, "settings")
-    assert "**Jobs at once per member:** 7 *(set here)*" in shown
+    assert "**Jobs at once per member:** 3 *(set here)*" in shown
     assert "must be a whole number" in await admin(fake, "limit", string_option("name", "guild_queued_jobs"),
                                                    {"type": 10, "name": "value", "value": 2.5})
     assert "is now the default" in await admin(fake, "limit", string_option("name", "user_concurrent_jobs"))
     assert "**Jobs at once per member:** 2\n" in await admin(fake, "settings")
+
+
+async def test_an_admin_cannot_lift_a_limit_above_the_operators_ceiling(fake, bot):
+    """Out of the box (no STEMBOT_CEILING_* set) the ceilings hold: 240 min per member,
+    4 jobs at once, 100 queued per server, tracks up to STEMBOT_MAX_DURATION_S."""
+    for name, value, ceiling in (("user_minutes_per_day", 1e9, "240"), ("user_concurrent_jobs", 10**6, "4"),
+                                 ("guild_queued_jobs", 10**6, "100"), ("guild_minutes_per_day", 1e9, "6000"),
+                                 ("max_track_minutes", 1e6, "20:00")):
+        text = await admin(fake, "limit", string_option("name", name), {"type": 10, "name": "value", "value": value})
+        assert text == (f"`{name}` can be at most {ceiling} on this bot (the ceiling its operator set); "
+                        "nothing was changed.")
+    shown = await admin(fake, "settings")
+    assert "**Minutes per member per day:** 60\n" in shown and "**Jobs at once per member:** 2\n" in shown
+    assert "set here" not in shown
+
+    # Up to the ceiling is fine, and the settings say that it is the ceiling.
+    assert "is now 4" in await admin(fake, "limit", string_option("name", "user_concurrent_jobs"),
+                                     {"type": 10, "name": "value", "value": 4})
+    assert "**Jobs at once per member:** 4 *(the bot's ceiling)* *(set here)*" in await admin(fake, "settings")
+    await admin(fake, "limit", string_option("name", "user_concurrent_jobs"))
+
+    # A role tier cannot lift them either.
+    role = fake.snowflake()
+    text = await admin(fake, "tier", {"type": 8, "name": "role", "value": str(role)},
+                       {"type": 10, "name": "minutes_per_day", "value": 100000.0},
+                       {"type": 4, "name": "concurrent_jobs", "value": 3})
+    assert text == ("`minutes_per_day` can be at most 240 on this bot (the ceiling its operator set); "
+                    "nothing was changed.")
+    assert "**Tier**" not in await admin(fake, "settings")
 
 
 async def test_channel_restriction(fake, bot, tmp_path):

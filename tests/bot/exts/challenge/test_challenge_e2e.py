@@ -7,9 +7,11 @@ import asyncio
 import random
 import sqlite3
 import time
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 
 import pytest
+from aiohttp import web
 
 from tests.support.fake_discord import (
     DEFAULT_APP_PERMISSIONS,
@@ -236,3 +238,62 @@ async def test_results_post_once_after_a_restart_between_the_deadlines(fake, bot
     assert in_thread(fake, announcement.id, "Challenge cancelled:** ended by")
     assert database(bot).execute("SELECT state FROM challenges WHERE thread_id = ?",
                                  (announcement.id,)).fetchone() == ("cancelled",)
+
+
+@asynccontextmanager
+async def held_song_server(path):
+    """A web server on loopback that sends the first KiB of `path`, then holds the rest
+    until the returned event is set: a remix whose download takes as long as a test needs."""
+    data = path.read_bytes()
+    release = asyncio.Event()
+
+    async def song(request):
+        response = web.StreamResponse(headers={"Content-Type": "audio/wav", "Content-Length": str(len(data))})
+        await response.prepare(request)
+        await response.write(data[:1024])
+        await release.wait()
+        await response.write(data[1024:])
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_get("/{name}", song)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}/{path.name}", release
+    finally:
+        release.set()
+        await runner.cleanup()
+
+
+async def test_one_submission_at_a_time_and_a_few_per_member(fake, bot, tmp_path):
+    host, erin = fake.make_user("host3"), fake.make_user("erin")
+    thread_id = await start(fake, tmp_path, host, "Slow Lane", "1h", "1h")
+    remix = music(tmp_path / "erin-slow.wav", seconds=3.0, tone=440.0)
+    async with held_song_server(remix) as (url, release):
+        slow = await challenge(fake, "submit", string_option("url", url), user=erin, channel_id=thread_id)
+        await fake.wait_for(lambda: slow.acknowledged, timeout=10, what="the first submission to be taken")
+        # While the first is downloaded and probed, a second one from erin is refused at once ...
+        again, _ = await submit(fake, tmp_path, thread_id, erin, "erin-fast.wav")
+        assert again == ("Your previous entry is still being checked; wait for its answer before you send "
+                         "another.")
+        # ... while another member's goes through.
+        assert "is in" in (await submit(fake, tmp_path, thread_id, host, "host.wav"))[0]
+        release.set()
+        assert "Your entry `erin-slow.wav` (0:03) is in for **Slow Lane**" in await answer(fake, slow)
+    entry = database(bot).execute("SELECT original_name, replaced FROM challenge_entries WHERE user_id = ?",
+                                  (int(erin["id"]),)).fetchall()
+    assert entry == [("erin-slow.wav", 0)]
+
+    # Five submissions per member and challenge (STEMBOT_CHALLENGE_SUBMISSIONS_PER_MEMBER's default).
+    for k in range(4):
+        assert "Replaced your entry" in (await submit(fake, tmp_path, thread_id, erin, f"erin-{k}.wav"))[0]
+    text, _ = await submit(fake, tmp_path, thread_id, erin, "erin-6.wav")
+    assert text == "You have sent 5 entries to **Slow Lane**, the most allowed; your current entry stays."
+    assert database(bot).execute("SELECT original_name, replaced FROM challenge_entries WHERE user_id = ?",
+                                 (int(erin["id"]),)).fetchall() == [("erin-3.wav", 4)]
+    ended = await challenge(fake, "end", user=host, channel_id=thread_id)
+    assert "**Slow Lane** is cancelled" in await answer(fake, ended)
