@@ -38,8 +38,10 @@ PASSED_NAMES = frozenset({
     "HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES", "HSA_OVERRIDE_GFX_VERSION",
     "PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_HIP_ALLOC_CONF", "PYTORCH_NO_CUDA_MEMORY_CACHING",
     "PYTORCH_ENABLE_MPS_FALLBACK",
-    # Threads of the maths libraries (OpenMP, MKL, OpenBLAS), and OpenBLAS's CPU choice.
+    # Threads of the maths libraries (the OpenMP, MKL and OpenBLAS families are below).
     "NUMEXPR_NUM_THREADS", "VECLIB_MAXIMUM_THREADS",
+    # How the Python of the model host and of yt-dlp's process runs (never where it imports from).
+    "PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE", "PYTHONFAULTHANDLER", "PYTHONIOENCODING", "PYTHONUTF8",
 })
 # Whole families owned by one runtime: the locale categories and the OpenMP, MKL and
 # OpenBLAS settings (OMP_NUM_THREADS, KMP_AFFINITY, MKL_NUM_THREADS, OPENBLAS_CORETYPE, ...).
