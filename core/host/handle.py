@@ -4,6 +4,10 @@ It spawns the host, waits until the model is loaded and warmed up, hands it jobs
 at a time on a CPU; on a GPU up to the host's `capacity`, whose segments it batches),
 relays each job's events to its caller, cancels within a segment, and notices when the
 host dies (killed, out of memory) so its jobs can be retried on a fresh host.
+
+The host starts with a minimal environment (`core.helper_env`): the model caches, the
+device and thread settings, the proxy for a model download, and none of the bot's or
+the worker's secrets (token, storage keys, database URL, link secret).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 from core.errors import StembotError
+from core.helper_env import CA_NAMES, PROXY_NAMES, HelperProcess, helper_env
 from core.host.child import host_main
 from core.host.protocol import (
     CancelBoard,
@@ -93,9 +98,9 @@ class HostHandle:
         self._inbox = asyncio.Queue()
         self._requests = self._ctx.Queue()
         self._events = self._ctx.Queue()
-        self._process = self._ctx.Process(
+        self._process = HelperProcess(
             target=host_main, args=(self.config, self._requests, self._events, self._cancel),
-            name="stembot-model-host", daemon=True,
+            name="stembot-model-host", daemon=True, env=helper_env((*PROXY_NAMES, *CA_NAMES)),
         )
         started = time.monotonic()
         self._process.start()

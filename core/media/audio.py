@@ -4,7 +4,8 @@ ffmpeg and ffprobe always run as separate processes with stdin closed, only the
 `file` and `pipe` protocols, and an allowlist of demuxers, so that a user's file can
 neither read other files (playlists, concat lists) nor reach the network. When they read
 a user's file they also run under CPU-time and address-space limits (`spawn_limited`),
-so that a file made to make a decoder spin or allocate cannot take the host with it.
+so that a file made to make a decoder spin or allocate cannot take the host with it, and
+with a minimal environment (`core.helper_env`): no secret of the bot's is in theirs.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from core.errors import (
     TooShortError,
     UnsupportedMediaError,
 )
+from core.helper_env import helper_env
 
 # Demuxers for audio and for video containers that carry audio. Playlist and list
 # demuxers (hls, concat, image2, ...) are deliberately absent: they open other files.
@@ -143,7 +145,7 @@ def _prlimit_command() -> str | None:
         return None
     try:
         done = subprocess.run([path, "--cpu=10", "--", "true"], stdin=subprocess.DEVNULL,
-                              capture_output=True, timeout=10)
+                              capture_output=True, timeout=10, env=helper_env())
     except (OSError, subprocess.SubprocessError):
         return None
     return path if done.returncode == 0 else None
@@ -157,13 +159,13 @@ def spawn_limited(args: list[str], cpu_s: int, memory_bytes: int | None = None,
     equal); past the memory limit its allocations fail. The limits are set by the
     `prlimit` wrapper before the program starts. Where that is missing they are set on the
     running child just after it starts: a short window, but never `preexec_fn`, which
-    can deadlock a threaded program.
+    can deadlock a threaded program. Its environment is `helper_env()`, not ours.
     """
     memory = MEDIA_MEMORY_LIMIT_BYTES if memory_bytes is None else memory_bytes
     tool = _prlimit_command()
     if tool is not None:
-        return subprocess.Popen([tool, f"--cpu={cpu_s}", f"--as={memory}", "--", *args], **popen)
-    proc = subprocess.Popen(args, **popen)
+        return subprocess.Popen([tool, f"--cpu={cpu_s}", f"--as={memory}", "--", *args], env=helper_env(), **popen)
+    proc = subprocess.Popen(args, env=helper_env(), **popen)
     _limit_running(proc.pid, cpu_s, memory)
     return proc
 
@@ -440,7 +442,8 @@ def encode_stream(chunks: Iterable[bytes], channels: int, sample_rate: int, path
         .global_args("-v", "error", "-y")
         .compile()
     )
-    proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env=helper_env())
     _lower_priority(proc.pid, BACKGROUND_NICE)
     assert proc.stdin is not None and proc.stderr is not None  # both PIPEs
     stderr_chunks: list[bytes] = []

@@ -21,6 +21,7 @@ from typing import BinaryIO
 import numpy as np
 
 from core.errors import EncodeError, StembotError
+from core.helper_env import helper_env
 from core.media.audio import ALLOWED_DEMUXERS, BACKGROUND_NICE, PROTOCOLS, Limits, _lower_priority, decode_stream, probe
 
 # A bounded preview keeps the loudest sample of every this many frames.
@@ -159,7 +160,8 @@ def _draw(stem_files: dict[str, Path], out_png: Path, width: int, row_height: in
     # Drawn beside, then moved over, so a failure never leaves a half-written picture.
     partial = out_png.with_name(f".{out_png.name}.partial")
     args = preview_args(stem_files, partial.resolve(), width, row_height, peaks)
-    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env=helper_env())
     _lower_priority(proc.pid, BACKGROUND_NICE)
     try:
         _, stderr = proc.communicate(timeout=PREVIEW_TIMEOUT_S)

@@ -25,11 +25,19 @@ What is and is not guarded against reaching a non-public address:
   on YouTube or SoundCloud and media comes from their CDNs, so both need those sites'
   DNS to turn hostile. Where that matters, run the bot with an egress firewall that drops
   private ranges.
+
+yt-dlp runs in a child process of its own (`fetch_media`), started with a minimal
+environment (`core.helper_env`) and holding none of the bot's memory: a page crafted to
+exploit yt-dlp finds neither the Discord token nor any other secret of the bot's. The
+child answers in JSON (a size, or an error of a known kind and its reason), never a
+pickle, and is killed when it outlives its deadline.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import multiprocessing
 import shutil
 import tempfile
 import time
@@ -38,6 +46,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from core.errors import (
+    InputError,
     LinkNotAllowedError,
     NotAudioError,
     StembotError,
@@ -46,6 +55,7 @@ from core.errors import (
     TooLongError,
     UnreachableError,
 )
+from core.helper_env import CA_NAMES, HelperProcess, helper_env
 from core.media.audio import Limits, format_duration
 from core.net.fetcher import check_url, loopback_allowed, resolve_target_blocking, sniff_not_media
 
@@ -137,11 +147,24 @@ def check_formats(info: dict) -> None:
         raise LinkNotAllowedError(STREAM_ONLY)
 
 
+# Seconds the yt-dlp process gets past its own deadline (it checks it at every request
+# and every chunk) before it is killed.
+KILL_GRACE_S = 30.0
+# The longest answer read from the yt-dlp process.
+ANSWER_MAX_BYTES = 4096
+# The errors the yt-dlp process may report, by name; anything else is a failed download.
+_CHILD_ERRORS: dict[str, type[InputError]] = {
+    cls.__name__: cls
+    for cls in (LinkNotAllowedError, NotAudioError, TimedOutError, TooLargeError, TooLongError, UnreachableError)
+}
+
+
 def fetch_media(url: str, dest: Path, limits: Limits = Limits(), *, enabled: bool = False,
                 timeout_s: float = 300.0, allow_loopback_for_tests: bool | None = None) -> int:
     """Download the audio of one YouTube or SoundCloud track to `dest`; returns its size.
 
-    Blocking (yt-dlp is synchronous): from async code, `await asyncio.to_thread(...)`.
+    yt-dlp runs in a child process with a minimal environment (`download_track` there).
+    Blocking: from async code, `await asyncio.to_thread(...)`.
     Raises an InputError for anything refused; a partial file never stays behind.
     """
     if not enabled:
@@ -150,14 +173,95 @@ def fetch_media(url: str, dest: Path, limits: Limits = Limits(), *, enabled: boo
         raise LinkNotAllowedError("links to video and music sites need yt-dlp, which is not installed here")
     allow_loopback = loopback_allowed(allow_loopback_for_tests)
     url = single_track_url(check_url(url, allow_loopback).url)
-    key = extractor_for(url)
-    deadline = time.monotonic() + timeout_s
+    key = extractor_for(url)  # matches the link only: no request is made here
     dest.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".ytdl-", dir=dest.parent))
+    done = False
     try:
-        return _run(url, key, dest, work, limits, deadline, allow_loopback)
+        _download_in_child(url, key, dest, work, limits, timeout_s, allow_loopback)
+        # What the child says is data: the file it left is checked here.
+        if dest.is_symlink() or not dest.is_file():
+            raise UnreachableError("nothing could be downloaded")
+        size = dest.stat().st_size
+        if size > limits.max_input_bytes:
+            raise TooLargeError("the file is over the size limit")
+        done = True
+        return size
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        if not done:
+            dest.unlink(missing_ok=True)
+
+
+def _download_in_child(url: str, key: str, dest: Path, work: Path, limits: Limits, timeout_s: float,
+                       allow_loopback: bool) -> None:
+    """Run `download_track` in a child process with a minimal environment; raise what it reports."""
+    receiver, sender = multiprocessing.get_context("spawn").Pipe(duplex=False)
+    child = HelperProcess(target=_child_main, args=(sender, url, key, str(dest), str(work), limits, timeout_s,
+                                                    allow_loopback),
+                          name="stembot-ytdl", daemon=True, env=helper_env(CA_NAMES))
+    answer = b""
+    timed_out = False
+    try:
+        child.start()
+        sender.close()  # the child's end closing then reads as the end
+        if receiver.poll(timeout_s + KILL_GRACE_S):
+            try:
+                answer = receiver.recv_bytes(ANSWER_MAX_BYTES)
+            except (EOFError, OSError):  # it died without answering, or answered too much
+                pass
+        else:
+            timed_out = True
+    finally:
+        sender.close()
+        receiver.close()
+        if child.pid is not None:
+            child.join(0 if timed_out else 5)
+            if child.is_alive():
+                child.kill()
+                child.join()
+    if timed_out:
+        raise TimedOutError("the download took too long")
+    _raise_unless_done(answer)
+
+
+def _raise_unless_done(answer: bytes) -> None:
+    try:
+        reply = json.loads(answer)
+    except ValueError:
+        reply = None
+    if isinstance(reply, dict):
+        if reply.get("done") is True:
+            return
+        error = _CHILD_ERRORS.get(str(reply.get("error")))
+        reason = reply.get("reason")
+        if error is not None and isinstance(reason, str) and reason:
+            raise error(reason[:300])
+    raise UnreachableError("the page could not be read")
+
+
+def _child_main(answer: Any, url: str, key: str, dest: str, work: str, limits: Limits, timeout_s: float,
+                allow_loopback: bool) -> None:
+    """The child process: download, then answer in JSON on `answer` (a Connection)."""
+    reply: dict[str, Any]
+    try:
+        download_track(url, key, Path(dest), Path(work), limits, timeout_s, allow_loopback)
+        reply = {"done": True}
+    except StembotError as exc:
+        reply = {"error": type(exc).__name__, "reason": exc.reason}
+    except Exception:  # a bug, or a page yt-dlp chokes on: logged here, a failed download there
+        log.exception("yt-dlp failed on %s", url)
+        reply = {"error": "UnreachableError", "reason": "the page could not be read"}
+    answer.send_bytes(json.dumps(reply).encode())
+    answer.close()
+
+
+def download_track(url: str, key: str, dest: Path, work: Path, limits: Limits, timeout_s: float,
+                   allow_loopback: bool = False) -> int:
+    """Download one track to `dest` with the extractor `key`, in this process, through
+    `work` (an empty folder that the caller removes): what `fetch_media` runs in its child
+    process. Returns its size."""
+    return _run(url, key, dest, work, limits, time.monotonic() + timeout_s, allow_loopback)
 
 
 def guarded_downloader(params: dict[str, Any], deadline: float, allow_loopback: bool = False) -> Any:  # yt-dlp: untyped

@@ -1,21 +1,37 @@
 """core.net.ytdl: the refusal paths, without any network (yt-dlp's extraction is faked where a
-test needs a page's info)."""
+test needs a page's info, in this process: `fetch_here` runs the download as fetch_media's child
+process does), and the child process itself."""
 
 from __future__ import annotations
 
+import json
+import pickle
+import shutil
 import socket
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
-from core.errors import LinkNotAllowedError, NotAudioError, TimedOutError, TooLongError
+from core.errors import LinkNotAllowedError, NotAudioError, TimedOutError, TooLongError, UnreachableError
 from core.media.audio import Limits
 from core.net import ytdl
+from tests.support.secrets_env import ChildWatcher, leaked, put_secrets
 
 needs_yt_dlp = pytest.mark.skipif(not ytdl.available(), reason="yt-dlp (the `links` extra) is not installed")
 LIMITS = Limits(max_duration_s=600, max_input_bytes=10 * 2**20)
 VIDEO = "https://www.youtube.com/watch?v=dQw4w9WgXcQ"
+
+
+def fetch_here(url: str, dest: Path) -> int:
+    """What fetch_media's child process runs, in this process, with the work folder made and
+    removed around it as fetch_media does."""
+    work = Path(tempfile.mkdtemp(prefix=".ytdl-", dir=dest.parent))
+    try:
+        return ytdl.download_track(url, "Youtube", dest, work, LIMITS, timeout_s=60)
+    finally:
+        shutil.rmtree(work)
 
 
 @pytest.fixture(autouse=True)
@@ -144,7 +160,7 @@ class FakeSite:
 def test_duration_is_checked_before_anything_is_downloaded(tmp_path, monkeypatch):
     site = FakeSite(monkeypatch, {"id": "x", "duration": 3600, "title": "a long mix"})
     with pytest.raises(TooLongError):
-        ytdl.fetch_media(VIDEO, tmp_path / "song", LIMITS, enabled=True)
+        fetch_here(VIDEO, tmp_path / "song")
     assert site.downloads == 0 and list(tmp_path.iterdir()) == []
 
 
@@ -152,7 +168,7 @@ def test_duration_is_checked_before_anything_is_downloaded(tmp_path, monkeypatch
 def test_a_track_is_downloaded_to_dest_and_the_work_folder_removed(tmp_path, monkeypatch):
     body = b"\x00\x00\x00\x20ftypM4A " + bytes(5000)
     site = FakeSite(monkeypatch, {"id": "x", "duration": 200}, body)
-    size = ytdl.fetch_media(VIDEO, tmp_path / "song", LIMITS, enabled=True)
+    size = fetch_here(VIDEO, tmp_path / "song")
     assert size == len(body) and (tmp_path / "song").read_bytes() == body and site.downloads == 1
     assert [p.name for p in tmp_path.iterdir()] == ["song"]
 
@@ -161,7 +177,7 @@ def test_a_track_is_downloaded_to_dest_and_the_work_folder_removed(tmp_path, mon
 def test_a_download_that_is_not_media_is_refused(tmp_path, monkeypatch):
     FakeSite(monkeypatch, {"id": "x", "duration": 200}, b"<!DOCTYPE html><html>consent</html>")
     with pytest.raises(NotAudioError, match="web page"):
-        ytdl.fetch_media(VIDEO, tmp_path / "song", LIMITS, enabled=True)
+        fetch_here(VIDEO, tmp_path / "song")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -214,14 +230,14 @@ def _page(monkeypatch, *formats: dict) -> None:
 def test_a_page_that_only_offers_streams_is_refused(tmp_path, monkeypatch, http_downloads, formats):
     _page(monkeypatch, *formats)
     with pytest.raises(LinkNotAllowedError, match="only offered as a stream"):
-        ytdl.fetch_media(VIDEO, tmp_path / "song", LIMITS, enabled=True)
+        fetch_here(VIDEO, tmp_path / "song")
     assert http_downloads == [] and list(tmp_path.iterdir()) == []
 
 
 @needs_yt_dlp
 def test_the_direct_https_file_is_chosen_over_better_streams(tmp_path, monkeypatch, http_downloads):
     _page(monkeypatch, HLS, DASH, LIVE_HLS, DIRECT)
-    assert ytdl.fetch_media(VIDEO, tmp_path / "song", LIMITS, enabled=True) == len(M4A)
+    assert fetch_here(VIDEO, tmp_path / "song") == len(M4A)
     assert http_downloads == [DIRECT["url"]] and (tmp_path / "song").read_bytes() == M4A
 
 
@@ -251,3 +267,36 @@ def test_the_downloader_itself_refuses_anything_but_one_direct_file(tmp_path, fm
     with pytest.raises(LinkNotAllowedError, match="only offered as a stream"):
         ydl.dl(str(tmp_path / "media.m4a"), dict(fmt, id="x"))
     assert http_downloads == []
+
+
+# -- the child process -------------------------------------------------------------------------
+
+
+@needs_yt_dlp
+def test_yt_dlp_runs_in_a_child_process_without_the_secrets(tmp_path, monkeypatch):
+    put_secrets(monkeypatch)
+    # No time at all: the child's first request (its own guarded `urlopen`) times out, before any network.
+    with ChildWatcher() as watcher, pytest.raises(TimedOutError, match="took too long"):
+        ytdl.fetch_media(VIDEO, tmp_path / "song", LIMITS, enabled=True, timeout_s=0)
+    assert len(watcher.seen) == 1, "the yt-dlp child process was not seen"
+    assert [leaked(raw) for raw in watcher.seen.values()] == [[]]
+    assert list(tmp_path.iterdir()) == []  # its work folder removed
+
+
+class _Boom:
+    def __reduce__(self):
+        return (Path.touch, (Path(tempfile.gettempdir()) / "stembot-ytdl-answer-was-unpickled",))
+
+
+@pytest.mark.parametrize("answer,error,words", [
+    (json.dumps({"error": "TooLongError", "reason": "the track is 30:00 long"}).encode(), TooLongError, "30:00"),
+    (json.dumps({"error": "SystemExit", "reason": "bye"}).encode(), UnreachableError, "could not be read"),
+    (json.dumps({"done": "yes"}).encode(), UnreachableError, "could not be read"),
+    (b"", UnreachableError, "could not be read"),  # it died without answering
+    (pickle.dumps(_Boom()), UnreachableError, "could not be read"),
+])
+def test_what_the_child_answers_is_data(answer, error, words):
+    with pytest.raises(error, match=words):
+        ytdl._raise_unless_done(answer)
+    assert not (Path(tempfile.gettempdir()) / "stembot-ytdl-answer-was-unpickled").exists()
+    ytdl._raise_unless_done(json.dumps({"done": True}).encode())
