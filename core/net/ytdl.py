@@ -17,8 +17,8 @@ overridden to refuse any download that is not plain HTTP(S), should one get that
 
 What is and is not guarded against reaching a non-public address:
 - Every request yt-dlp makes goes through `YoutubeDL.urlopen`, which we override to run
-  the checks of `core.net.fetcher` (scheme, port, host form, and every DNS answer public)
-  first: the page, the site's API calls and the chosen media file.
+  the checks of `core.net.fetcher` for a link (scheme, port, host form, and every DNS answer
+  public or inside a network the operator allowed) first: the page, the site's API calls and the chosen media file.
 - Not covered: redirects that yt-dlp's HTTP layer follows by itself are not re-checked,
   and yt-dlp resolves the name again when it connects, so the address is not pinned as
   in `core.net.fetcher` (a DNS answer that changes in between is not caught). The page must be
@@ -47,7 +47,7 @@ from core.errors import (
     UnreachableError,
 )
 from core.media.audio import Limits, format_duration
-from core.net.fetcher import check_url, loopback_allowed, resolve_target_blocking, sniff_not_media
+from core.net.fetcher import FetchRules, check_url, resolve_target_blocking, sniff_not_media
 
 log = logging.getLogger(__name__)
 
@@ -138,8 +138,10 @@ def check_formats(info: dict) -> None:
 
 
 def fetch_media(url: str, dest: Path, limits: Limits = Limits(), *, enabled: bool = False,
-                timeout_s: float = 300.0, allow_loopback_for_tests: bool | None = None) -> int:
+                timeout_s: float = 300.0, rules: FetchRules = FetchRules()) -> int:
     """Download the audio of one YouTube or SoundCloud track to `dest`; returns its size.
+    Every request yt-dlp makes is checked against `rules` (a link's: public sites, and
+    the operator's allowed networks).
 
     Blocking (yt-dlp is synchronous): from async code, `await asyncio.to_thread(...)`.
     Raises an InputError for anything refused; a partial file never stays behind.
@@ -148,19 +150,19 @@ def fetch_media(url: str, dest: Path, limits: Limits = Limits(), *, enabled: boo
         raise LinkNotAllowedError("links to video and music sites are turned off on this bot")
     if not available():
         raise LinkNotAllowedError("links to video and music sites need yt-dlp, which is not installed here")
-    allow_loopback = loopback_allowed(allow_loopback_for_tests)
-    url = single_track_url(check_url(url, allow_loopback).url)
+    url = single_track_url(check_url(url, rules).url)
     key = extractor_for(url)
     deadline = time.monotonic() + timeout_s
     dest.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".ytdl-", dir=dest.parent))
     try:
-        return _run(url, key, dest, work, limits, deadline, allow_loopback)
+        return _run(url, key, dest, work, limits, deadline, rules)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def guarded_downloader(params: dict[str, Any], deadline: float, allow_loopback: bool = False) -> Any:  # yt-dlp: untyped
+def guarded_downloader(params: dict[str, Any], deadline: float,
+                       rules: FetchRules = FetchRules()) -> Any:  # yt-dlp: untyped
     """A YoutubeDL with no extractors loaded whose every request is first checked like a
     user's link (and against `deadline`, a `time.monotonic()` value)."""
     import yt_dlp  # noqa: PLC0415 - yt-dlp is an optional extra
@@ -173,7 +175,7 @@ def guarded_downloader(params: dict[str, Any], deadline: float, allow_loopback: 
             if time.monotonic() > deadline:
                 raise TimedOutError("the download took too long")
             target_url = req if isinstance(req, str) else getattr(req, "url", None) or req.full_url
-            resolve_target_blocking(check_url(target_url, allow_loopback), allow_loopback)
+            resolve_target_blocking(check_url(target_url, rules), rules)
             return super().urlopen(req)
 
         def dl(self, name: str, info: dict, subtitle: bool = False, test: bool = False) -> Any:
@@ -227,12 +229,12 @@ def downloader_params(work: Path, limits: Limits, deadline: float) -> dict:
 
 
 def _run(url: str, key: str, dest: Path, work: Path, limits: Limits, deadline: float,
-         allow_loopback: bool) -> int:
+         rules: FetchRules) -> int:
     from yt_dlp.utils import DownloadError, ExtractorError  # noqa: PLC0415 - yt-dlp is an optional extra
 
     params = downloader_params(work, limits, deadline)
     try:
-        with guarded_downloader(params, deadline, allow_loopback) as ydl:
+        with guarded_downloader(params, deadline, rules) as ydl:
             ydl.get_info_extractor(key)  # loads this one extractor, and no other
             info = ydl.extract_info(url, download=False, ie_key=key, process=False)
             check_info(info, limits)
