@@ -81,8 +81,6 @@ def test_by_default_loopback_links_are_refused(tmp_path, model_dir, site):
                    "--model-dir", str(model_dir), "--quiet", env={"STEMBOT_FETCH_ALLOWED_NETWORKS": "127.0.0.0/8"})
     assert done.returncode == 1
     assert f"error: {other_network}: the link points to a private or reserved network address" in done.stderr
-    assert "error: ftp://example.com/other.wav: only http and https links are allowed" in done.stderr
-    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
 @pytest.mark.parametrize("url,name", [
