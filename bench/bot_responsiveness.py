@@ -80,10 +80,9 @@ async def main_async(args) -> None:
 async def one_round(args, work: Path, models: Path, nice: int) -> None:
     work.mkdir(parents=True)
     async with FakeDiscord() as fake:
-        # The fake's CDN is on loopback, which the fetcher opens only inside a test harness
-        # (core.net.fetcher): this benchmark is one, so it says so the way pytest does.
+        # BotProcess points STEMBOT_DISCORD_CDN_URL at the fake, whose CDN is on loopback.
         bot = BotProcess(fake, work / "bot", models, STEMBOT_MODEL="htdemucsrand", STEMBOT_SHIFTS="0",
-                         STEMBOT_MODEL_HOST_NICE=str(nice), PYTEST_CURRENT_TEST="bench/bot_responsiveness.py (call)")
+                         STEMBOT_MODEL_HOST_NICE=str(nice))
         await bot.start(ready_timeout=180)  # ready = the model host loaded and warmed up
         try:
             users = [fake.make_user(f"member{i}") for i in range(4)]

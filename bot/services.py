@@ -58,6 +58,7 @@ class Services:
         self.store = self.runtime.store
         self.challenges = ChallengeStore(self.runtime.sessions)
         self.storage = self.runtime.storage
+        self.fetch_rules = self.runtime.fetch_rules  # attachments from the CDN origins, links from public sites
         self.metrics = Metrics()
         self.loop_lag = LoopLagMonitor(self.metrics.loop_lag_seconds.observe)
         self.health = HealthChecks()

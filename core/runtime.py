@@ -17,6 +17,7 @@ from core.jobs.runner import RunConfig
 from core.jobs.store import JobStore
 from core.jobs.uploads import TransferWindow
 from core.media.audio import Limits
+from core.net.fetcher import FetchRules, SourceRules
 from core.settings import Settings
 from core.storage.local import LocalStorage
 from core.storage.s3_client import S3Client, S3Config
@@ -26,6 +27,13 @@ from core.storage.s3_storage import S3Storage
 def limits_of(settings: Settings) -> Limits:
     """The limits on what users send, for core.media.audio."""
     return Limits(settings.min_duration_s, settings.max_duration_s, settings.max_input_bytes)
+
+
+def fetch_rules_of(settings: Settings) -> SourceRules:
+    """Where inputs may be fetched from: attachments from the Discord CDN origins only,
+    links from public sites and the operator's allowed networks. ValueError on a bad value."""
+    return SourceRules(links=FetchRules.for_links(settings.fetch_allowed_network_list),
+                       attachments=FetchRules.for_attachments(settings.discord_cdn_origins))
 
 
 def default_policy(settings: Settings) -> Policy:
@@ -96,6 +104,7 @@ class Runtime:
         self.quotas = QuotaBook(self.sessions, default_policy(settings), ceilings_of(settings))
         self.store = JobStore(self.sessions, self.quotas)
         self.limits = limits_of(settings)
+        self.fetch_rules = fetch_rules_of(settings)
         self._storage: LocalStorage | None = None
 
     @classmethod
@@ -127,7 +136,7 @@ class Runtime:
         return DispatcherConfig(
             worker_name=worker_name, max_attempts=settings.max_attempts, limits=self.limits,
             mp3_bitrate_kbps=settings.mp3_bitrate, links_available=settings.download_links_available,
-            link_valid_hours=settings.retention_hours,
+            link_valid_hours=settings.retention_hours, fetch_rules=self.fetch_rules,
             min_free_bytes=settings.min_free_disk_mb * 1024 * 1024,
             # Embedded mode splits on this machine; a worker stages on its own disk.
             stages_here=settings.queue == "local",

@@ -6,9 +6,11 @@ from the settings (limits, host configurations, the default policy) is in core.r
 
 from __future__ import annotations
 
+import ipaddress
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -146,6 +148,13 @@ class Settings(BaseSettings):
     challenge_submissions_per_member: int = Field(default=5, ge=1)
     challenge_checks_at_once: int = Field(default=4, ge=1)
 
+    # Where inputs are fetched from (core/net/fetcher.py). Attachments: only from these
+    # origins, comma-separated scheme://host[:port] (Discord's CDN; a self-hosted
+    # Discord-compatible server's own). Links: public addresses, and also any address inside
+    # these networks the operator trusts (comma-separated CIDR, e.g. a NAS at 192.168.1.0/24).
+    discord_cdn_url: str = "https://cdn.discordapp.com,https://media.discordapp.net"
+    fetch_allowed_networks: str = ""
+
     @field_validator("model_dir", "public_url", "database_url", "discord_api_url", "discord_gateway_url",
                      "worker_name", "worker_devices", "s3_bucket", "s3_endpoint_url", "s3_public_endpoint_url",
                      mode="before")
@@ -181,6 +190,44 @@ class Settings(BaseSettings):
                              "get a listener of their own, away from the public one")
         return self
 
+    @field_validator("discord_cdn_url")
+    @classmethod
+    def _origins_only(cls, value: str) -> str:
+        # The full check (host form) is core.net.fetcher.parse_origin's, when the bot builds its rules.
+        entries = _comma_list(value)
+        if not entries:
+            raise ValueError("name at least one origin, such as https://cdn.discordapp.com")
+        for entry in entries:
+            try:
+                parts = urlsplit(entry)
+                parts.port  # noqa: B018 - raises ValueError for a bad port
+            except ValueError:
+                raise ValueError(f"{entry!r} is not an origin such as https://cdn.discordapp.com") from None
+            if (parts.scheme.lower() not in ("http", "https") or not parts.hostname or "@" in parts.netloc
+                    or parts.path not in ("", "/") or parts.query or parts.fragment):
+                raise ValueError(f"{entry!r} is not an origin (scheme://host[:port], nothing after it)")
+        return value
+
+    @field_validator("fetch_allowed_networks")
+    @classmethod
+    def _networks_only(cls, value: str) -> str:
+        for entry in _comma_list(value):
+            try:
+                ipaddress.ip_network(entry, strict=True)
+            except ValueError:
+                raise ValueError(f"{entry!r} is not a network in CIDR form, such as 192.168.1.0/24") from None
+        return value
+
+    @property
+    def discord_cdn_origins(self) -> tuple[str, ...]:
+        """The origins attachments are fetched from."""
+        return tuple(_comma_list(self.discord_cdn_url))
+
+    @property
+    def fetch_allowed_network_list(self) -> tuple[str, ...]:
+        """The networks links may reach besides public addresses (none by default)."""
+        return tuple(_comma_list(self.fetch_allowed_networks))
+
     @property
     def download_links_available(self) -> bool:
         """Whether stems too large for Discord can be sent as links: presigned by the object
@@ -205,6 +252,10 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite+aiosqlite:///{(self.data_dir / 'stembot.sqlite3').resolve()}"
+
+
+def _comma_list(value: str) -> list[str]:
+    return [entry.strip() for entry in value.split(",") if entry.strip()]
 
 
 @lru_cache(maxsize=1)

@@ -23,7 +23,7 @@ from core.distributed.worker_role import check_name, ensure_worker_role, reapply
 from core.errors import StembotError
 from core.media.audio import OUTPUT_FORMATS, OutputFormat
 from core.ops.bot_lock import AnotherBotRunning, BotLock
-from core.runtime import limits_of
+from core.runtime import fetch_rules_of, limits_of
 from core.separation import catalogue
 from core.separation.stems import parse_stems
 from core.settings import Precision, get_settings
@@ -154,6 +154,10 @@ def cmd_separate(args, parser: argparse.ArgumentParser) -> int:
         parser.error("--mp3-bitrate must be between 32 and 320")
     fmt = OutputFormat(name=args.fmt, mp3_bitrate_kbps=bitrate, wav_depth=args.wav_depth)
     limits = limits_of(settings)
+    try:
+        link_rules = fetch_rules_of(settings).links  # the bot's rules for links: public, and allowed networks
+    except ValueError as exc:
+        return _fail(str(exc))
 
     started = time.monotonic()
     try:
@@ -168,7 +172,7 @@ def cmd_separate(args, parser: argparse.ArgumentParser) -> int:
         parser.error(f"--segment: at most {engine.max_segment:g} s for model {model_name}")
 
     display = _ProgressDisplay(len(args.inputs), quiet=args.quiet)
-    batch = FileSeparator(engine, request, fmt, options, limits)
+    batch = FileSeparator(engine, request, fmt, options, limits, link_rules=link_rules)
     results = batch.run(args.inputs, args.out, display)
     display.close()
 

@@ -19,7 +19,7 @@ import logging
 import random
 import shutil
 from collections.abc import Awaitable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -33,7 +33,7 @@ from core.jobs.store import JobStore
 from core.media.audio import Limits, probe
 from core.media.upload_plan import fits, links_note
 from core.net import ytdl
-from core.net.fetcher import download
+from core.net.fetcher import SourceRules, download
 from core.storage.local import LocalStorage
 
 log = logging.getLogger(__name__)
@@ -126,6 +126,8 @@ class DispatcherConfig:
     delivery_retry_delays_s: tuple[float, ...] = (1.0, 5.0, 15.0)
     min_free_bytes: int = 0  # new jobs are refused below this much free space (0: no check)
     stages_here: bool = True  # whether jobs are split on this machine's disk (embedded mode)
+    # Attachments from the Discord CDN origins only, links from public sites (and allowed networks).
+    fetch_rules: SourceRules = field(default_factory=SourceRules)
 
     def run_config(self) -> RunConfig:
         return RunConfig(max_attempts=self.max_attempts, mp3_bitrate_kbps=self.mp3_bitrate_kbps,
@@ -300,10 +302,13 @@ class Dispatcher:
 
     async def _fetch(self, job: Job, dest: Path) -> int:
         """Bring the job's input to local disk: attachments and links through the safe
-        fetcher, YouTube and SoundCloud through yt-dlp (bounded the same way)."""
+        fetcher, each under its own rules, YouTube and SoundCloud through yt-dlp (bounded
+        the same way, under a link's rules)."""
+        rules = self.config.fetch_rules.for_kind(job.source_kind)
         if job.source_kind == "stream":
-            return await asyncio.to_thread(ytdl.fetch_media, job.source_url, dest, self.config.limits, enabled=True)
-        return await download(job.source_url, dest, self.config.limits.max_input_bytes)
+            return await asyncio.to_thread(ytdl.fetch_media, job.source_url, dest, self.config.limits, enabled=True,
+                                           rules=rules)
+        return await download(job.source_url, dest, self.config.limits.max_input_bytes, rules=rules)
 
     async def _serve_from_cache(self, job: Job) -> bool:
         """Answer from the stored stems of an earlier, identical request. Not charged."""

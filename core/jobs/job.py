@@ -79,7 +79,7 @@ class Job(Base):
     attachment_size_limit: Mapped[int] = mapped_column(BigInteger, default=10 * 1024 * 1024)
 
     # What was asked.
-    source_kind: Mapped[str] = mapped_column(String(16))  # "attachment" or "url"
+    source_kind: Mapped[str] = mapped_column(String(16))  # "attachment", "url" or "stream" (yt-dlp)
     source_url: Mapped[str] = mapped_column(Text)
     source_name: Mapped[str] = mapped_column(String(255))
     source_size: Mapped[int | None] = mapped_column(BigInteger)

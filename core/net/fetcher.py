@@ -26,11 +26,20 @@ compressed answer is refused), sizes are counted while streaming, and the first 
 must not look like a web page, text, an image, an archive or a program. Anything else
 is left to ffprobe, which runs with its own allowlist.
 
-Tests reach a loopback server with `allow_loopback_for_tests=True` or the environment
-variable STEMBOT_ALLOW_LOOPBACK_FETCH_FOR_TESTS=1. Either is honoured only while pytest
-runs a test (`PYTEST_CURRENT_TEST` is set; processes a test starts inherit it), and it
-opens 127.0.0.0/8 on any port, nothing else. It is read from the environment only, not
-from Settings, so that a stray line in `.env` cannot turn it on.
+Two sets of rules (`FetchRules`), chosen by what is fetched, never by who runs the code:
+- A member's link (`FetchRules.for_links`, the default): the public rule above. The operator
+  may name networks it trusts (`STEMBOT_FETCH_ALLOWED_NETWORKS`, CIDR, none by default),
+  such as an intranet media server: an address inside one passes the address rule, on any
+  port. Every DNS answer must still be public OR inside an allowed network; an IPv6 form
+  that carries an IPv4 address is inside only an IPv6 network that covers it (never
+  `127.0.0.0/8`); and names that only mean something inside a network (`nas.lan`,
+  `localhost`, one label) are still refused before any lookup: such a link names the
+  address, or a name in DNS.
+- A Discord attachment (`FetchRules.for_attachments`): only a URL whose scheme, host and
+  port are exactly one of the configured origins (`STEMBOT_DISCORD_CDN_URL`, Discord's CDN
+  by default), and a redirect must stay on them too. Those names are the operator's, so
+  their addresses are not held to the public rule (a self-hosted Discord-compatible server
+  may be on the operator's network); they are still pinned, and every other check holds.
 """
 
 from __future__ import annotations
@@ -42,7 +51,7 @@ import os
 import re
 import socket
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote, urljoin, urlsplit
 
@@ -57,7 +66,6 @@ log = logging.getLogger(__name__)
 # Kept for callers written against the first version of this module.
 FetchError = UnreachableError
 
-LOOPBACK_SWITCH = "STEMBOT_ALLOW_LOOPBACK_FETCH_FOR_TESTS"
 MAX_URL_LENGTH = 2048
 MAX_REDIRECTS = 3
 ALLOWED_SCHEMES = ("http", "https")
@@ -68,8 +76,15 @@ DNS_TIMEOUT_S = 10.0
 CHUNK = 1 << 16
 SNIFF_BYTES = 4096
 USER_AGENT = "stembot (audio fetcher)"
+STANDARD_PORTS = "only links on the standard web ports (80 and 443) are allowed"
+NOT_ON_CDN = "attachments are only fetched from Discord's CDN, and this file is elsewhere"
+OFF_CDN_REDIRECT = "the attachment's server redirected away from Discord's CDN"
+
+# Where Discord serves attachments (the default of STEMBOT_DISCORD_CDN_URL).
+DISCORD_CDN_ORIGINS = ("https://cdn.discordapp.com", "https://media.discordapp.net")
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 _LOOPBACK_V4 = ipaddress.ip_network("127.0.0.0/8")
 # `is_global` already covers most of these; they are listed because its tables differ
@@ -123,40 +138,110 @@ class Target:
     address: IPAddress | None = None  # set when the host is an address literal
 
 
-# -- the switch for tests ------------------------------------------------------------------
+@dataclass(frozen=True)
+class Origin:
+    """Where a URL points: its scheme, host (as `check_url` normalises it) and port."""
+
+    scheme: str
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        netloc = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{netloc}" + ("" if self.port == DEFAULT_PORTS[self.scheme] else f":{self.port}")
 
 
-def loopback_allowed(requested: bool | None = None) -> bool:
-    """Whether 127.0.0.0/8 may be fetched from: only when asked for (argument, or the
-    environment variable when the argument is None) and only under pytest."""
-    if requested is None:
-        requested = os.environ.get(LOOPBACK_SWITCH, "").strip().lower() in ("1", "true", "yes", "on")
-    if requested and "PYTEST_CURRENT_TEST" not in os.environ:
-        log.warning("%s is only honoured under pytest; loopback addresses stay refused", LOOPBACK_SWITCH)
-        return False
-    return bool(requested)
+@dataclass(frozen=True)
+class FetchRules:
+    """Where a download may go (see the module docstring).
+
+    With `origins` (attachments): only those origins, at whatever address their names
+    have. Without (links): public addresses on ports 80 and 443, and any address inside
+    `allowed_networks` on any port. `FetchRules()` is the strictest: public sites only.
+    """
+
+    allowed_networks: tuple[IPNetwork, ...] = ()
+    origins: tuple[Origin, ...] = ()
+
+    @classmethod
+    def for_links(cls, allowed_networks: Iterable[str] = ()) -> FetchRules:
+        """Links from members; `allowed_networks` in CIDR form. ValueError if one is not."""
+        return cls(allowed_networks=tuple(parse_network(n) for n in allowed_networks))
+
+    @classmethod
+    def for_attachments(cls, origins: Iterable[str] = DISCORD_CDN_ORIGINS) -> FetchRules:
+        """Discord attachments, from `origins` (`scheme://host[:port]`). ValueError if one is not."""
+        parsed = tuple(parse_origin(o) for o in origins)
+        if not parsed:
+            raise ValueError("attachments need at least one origin to be fetched from")
+        return cls(origins=parsed)
+
+    def allows(self, ip: IPAddress) -> bool:
+        """Whether `ip` is inside a network the operator allowed (an IPv4 network never
+        holds an IPv6 address, whatever IPv4 address it carries)."""
+        return any(ip in net for net in self.allowed_networks)
+
+
+@dataclass(frozen=True)
+class SourceRules:
+    """The rules for each kind of job input."""
+
+    links: FetchRules = FetchRules()
+    attachments: FetchRules = field(default_factory=FetchRules.for_attachments)
+
+    def for_kind(self, source_kind: str) -> FetchRules:
+        """The rules for a job's `source_kind`: "attachment", or a link ("url", "stream")."""
+        return self.attachments if source_kind == "attachment" else self.links
+
+
+def parse_network(text: str) -> IPNetwork:
+    """A network in CIDR form (`192.168.1.0/24`, `fd00::/8`); ValueError otherwise."""
+    try:
+        return ipaddress.ip_network(text.strip(), strict=True)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a network in CIDR form, such as 192.168.1.0/24") from None
+
+
+def parse_origin(text: str) -> Origin:
+    """`scheme://host[:port]` (http or https, nothing after the host) as an Origin; ValueError otherwise."""
+    problem = f"{text!r} is not an origin such as https://cdn.example.com or http://10.0.0.5:8080"
+    try:
+        parts = urlsplit(text.strip())
+        port = parts.port
+    except ValueError:
+        raise ValueError(problem) from None
+    scheme = parts.scheme.lower()
+    if (scheme not in ALLOWED_SCHEMES or not parts.hostname or "@" in parts.netloc
+            or parts.path not in ("", "/") or parts.query or parts.fragment):
+        raise ValueError(problem)
+    try:
+        host, _address = _check_host(parts.hostname, bracketed="[" in parts.netloc, local_names=True)
+    except LinkNotAllowedError as exc:
+        raise ValueError(f"{problem}: {exc.reason}") from None
+    return Origin(scheme, host, DEFAULT_PORTS[scheme] if port is None else port)
 
 
 # -- addresses -----------------------------------------------------------------------------
 
 
-def address_problem(ip: IPAddress, allow_loopback: bool = False) -> str | None:
-    """Why `ip` must not be connected to, or None when it is a public address."""
+def address_problem(ip: IPAddress, rules: FetchRules = FetchRules()) -> str | None:
+    """Why a link must not connect to `ip`, or None when it is a public address or one
+    inside the rules' allowed networks."""
+    if rules.allows(ip):
+        return None
     if isinstance(ip, ipaddress.IPv6Address):
         if ip.scope_id or ip.is_unspecified or ip.is_loopback:
             return "a private or reserved network address"
-        # The switch for tests opens plain 127.0.0.0/8 only, never a wrapped form of it.
         for net, kind in _CARRIES_V4:
             if ip in net:
                 return f"an IPv6 address carrying an IPv4 address ({kind})"
         if ip in _NAT64:  # judged by its IPv4 address alone, whatever Python's tables say of the prefix
+            # Held to the public rule: an allowed IPv4 network does not open its NAT64 form.
             if address_problem(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)):
                 return "an IPv6 address carrying a non-public IPv4 address (NAT64)"
             return None
         if any(ip in net for net in _FORBIDDEN_V6) or not ip.is_global:
             return "a private or reserved network address"
-        return None
-    if allow_loopback and ip in _LOOPBACK_V4:
         return None
     if ip in _LOOPBACK_V4:
         return "this machine (a loopback address)"
@@ -165,13 +250,14 @@ def address_problem(ip: IPAddress, allow_loopback: bool = False) -> str | None:
     return None
 
 
-def vet_addresses(infos: Iterable[tuple], allow_loopback_for_tests: bool | None = False) -> list[tuple[int, str]]:
+def vet_addresses(infos: Iterable[tuple], rules: FetchRules = FetchRules()) -> list[tuple[int, str]]:
     """The distinct (family, address) pairs of `getaddrinfo` results.
 
-    Raises LinkNotAllowedError if ANY of them is not public: a name that answers with
-    one public and one private address could be steered to the private one.
+    For a link, raises LinkNotAllowedError if ANY of them is neither public nor inside an
+    allowed network: a name that answers with one public and one private address could be
+    steered to the private one. For an attachment origin (a name the operator configured)
+    any internet address passes.
     """
-    allow_loopback = loopback_allowed(allow_loopback_for_tests)
     found: list[tuple[int, str]] = []
     for family, _type, _proto, _canonname, sockaddr in infos:
         if family not in (socket.AF_INET, socket.AF_INET6):
@@ -182,7 +268,7 @@ def vet_addresses(infos: Iterable[tuple], allow_loopback_for_tests: bool | None 
             raise LinkNotAllowedError("the link's host resolves to an address that is not valid") from None
         if isinstance(sockaddr, tuple) and len(sockaddr) >= 4 and sockaddr[3]:
             raise LinkNotAllowedError("the link points to a link-local network address")
-        problem = address_problem(ip, allow_loopback)
+        problem = None if rules.origins else address_problem(ip, rules)
         if problem:
             raise LinkNotAllowedError(f"the link points to {problem}")
         pair = (family, str(ip))
@@ -196,9 +282,8 @@ def vet_addresses(infos: Iterable[tuple], allow_loopback_for_tests: bool | None 
 # -- links ---------------------------------------------------------------------------------
 
 
-def check_url(url: str, allow_loopback_for_tests: bool | None = False) -> Target:
-    """Parse and check `url` without any network access; raises LinkNotAllowedError."""
-    allow_loopback = loopback_allowed(allow_loopback_for_tests)
+def check_url(url: str, rules: FetchRules = FetchRules()) -> Target:
+    """Parse and check `url` against `rules` without any network access; raises LinkNotAllowedError."""
     if not isinstance(url, str) or not url:
         raise LinkNotAllowedError("the link is empty")
     if len(url) > MAX_URL_LENGTH:
@@ -222,16 +307,21 @@ def check_url(url: str, allow_loopback_for_tests: bool | None = False) -> Target
         raise LinkNotAllowedError("the link has no host name")
     if port is None:
         port = DEFAULT_PORTS[scheme]
-    if port not in ALLOWED_PORTS and not allow_loopback:
-        raise LinkNotAllowedError("only links on the standard web ports (80 and 443) are allowed")
-
-    host, address = _check_host(raw_host, bracketed="[" in parts.netloc)
-    if address is not None:
-        problem = address_problem(address, allow_loopback)
-        if problem:
-            raise LinkNotAllowedError(f"the link points to {problem}")
-        if port not in ALLOWED_PORTS and address not in _LOOPBACK_V4:
-            raise LinkNotAllowedError("only links on the standard web ports (80 and 443) are allowed")
+    if rules.origins:
+        host, address = _check_host(raw_host, bracketed="[" in parts.netloc, local_names=True)
+        if Origin(scheme, host, port) not in rules.origins:
+            raise LinkNotAllowedError(NOT_ON_CDN)
+    else:
+        # Another port only on an allowed network (checked again once the name is resolved).
+        if port not in ALLOWED_PORTS and not rules.allowed_networks:
+            raise LinkNotAllowedError(STANDARD_PORTS)
+        host, address = _check_host(raw_host, bracketed="[" in parts.netloc)
+        if address is not None:
+            problem = address_problem(address, rules)
+            if problem:
+                raise LinkNotAllowedError(f"the link points to {problem}")
+            if port not in ALLOWED_PORTS and not rules.allows(address):
+                raise LinkNotAllowedError(STANDARD_PORTS)
 
     netloc = f"[{host}]" if isinstance(address, ipaddress.IPv6Address) else host
     if port != DEFAULT_PORTS[scheme]:
@@ -246,8 +336,9 @@ def check_url(url: str, allow_loopback_for_tests: bool | None = False) -> Target
     return Target(normal, scheme, host, port, address)
 
 
-def _check_host(raw_host: str, bracketed: bool) -> tuple[str, IPAddress | None]:
-    """The host as ASCII and, for an address literal, the address."""
+def _check_host(raw_host: str, bracketed: bool, local_names: bool = False) -> tuple[str, IPAddress | None]:
+    """The host as ASCII and, for an address literal, the address. A name that only means
+    something inside a network is refused unless `local_names`."""
     if "%" in raw_host:  # IPv6 zone ids and percent-escapes in names
         raise LinkNotAllowedError("the link's host name is not valid")
     if bracketed:
@@ -277,15 +368,15 @@ def _check_host(raw_host: str, bracketed: bool) -> tuple[str, IPAddress | None]:
         raise LinkNotAllowedError("the link's host name is not valid")
     if _NUMERIC_LABEL.fullmatch(labels[-1]):
         raise LinkNotAllowedError("the link uses an unusual form of network address")
-    if len(labels) < 2 or any(host == s or host.endswith("." + s) for s in _LOCAL_SUFFIXES):
+    if not local_names and (len(labels) < 2 or any(host == s or host.endswith("." + s) for s in _LOCAL_SUFFIXES)):
         raise LinkNotAllowedError("the link points to a local network name, not a public site")
     return host, None
 
 
-async def resolve_target(target: Target, allow_loopback_for_tests: bool | None = False) -> list[tuple[int, str]]:
-    """The vetted addresses for `target`: its literal, or every DNS answer, all public."""
+async def resolve_target(target: Target, rules: FetchRules = FetchRules()) -> list[tuple[int, str]]:
+    """The vetted addresses for `target`: its literal, or every DNS answer, each passing `rules`."""
     if target.address is not None:
-        return _vet_target(target, [], allow_loopback_for_tests)
+        return _vet_target(target, [], rules)
     loop = asyncio.get_running_loop()
     try:
         async with asyncio.timeout(DNS_TIMEOUT_S):
@@ -295,29 +386,29 @@ async def resolve_target(target: Target, allow_loopback_for_tests: bool | None =
         raise UnreachableError(f"the site {target.host} could not be found") from None
     except TimeoutError:
         raise TimedOutError(f"looking up {target.host} took too long") from None
-    return _vet_target(target, infos, allow_loopback_for_tests)
+    return _vet_target(target, infos, rules)
 
 
-def resolve_target_blocking(target: Target, allow_loopback_for_tests: bool | None = False) -> list[tuple[int, str]]:
+def resolve_target_blocking(target: Target, rules: FetchRules = FetchRules()) -> list[tuple[int, str]]:
     """`resolve_target` for code that runs in a thread (yt-dlp)."""
     if target.address is not None:
-        return _vet_target(target, [], allow_loopback_for_tests)
+        return _vet_target(target, [], rules)
     try:
         infos = socket.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
     except socket.gaierror:
         raise UnreachableError(f"the site {target.host} could not be found") from None
-    return _vet_target(target, infos, allow_loopback_for_tests)
+    return _vet_target(target, infos, rules)
 
 
-def _vet_target(target: Target, infos: list[tuple], allow_loopback_for_tests: bool | None) -> list[tuple[int, str]]:
+def _vet_target(target: Target, infos: list[tuple], rules: FetchRules) -> list[tuple[int, str]]:
     if target.address is not None:
         family = socket.AF_INET6 if target.address.version == 6 else socket.AF_INET
         infos = [(family, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (str(target.address), target.port))]
-    addresses = vet_addresses(infos, allow_loopback_for_tests)
-    # Another port only gets past check_url with the switch for tests, and then only to loopback.
-    if target.port not in ALLOWED_PORTS and not all(
-            ipaddress.ip_address(a) in _LOOPBACK_V4 for _, a in addresses):
-        raise LinkNotAllowedError("only links on the standard web ports (80 and 443) are allowed")
+    addresses = vet_addresses(infos, rules)
+    # A link on another port got past check_url only for an allowed network: every answer must be inside one.
+    if not rules.origins and target.port not in ALLOWED_PORTS and not all(
+            rules.allows(ipaddress.ip_address(a)) for _, a in addresses):
+        raise LinkNotAllowedError(STANDARD_PORTS)
     return addresses
 
 
@@ -419,25 +510,23 @@ def _size(n: int) -> str:
 
 async def download(url: str, dest: Path, max_bytes: int, timeout_s: float = 120.0, *,
                    connect_timeout_s: float = 10.0, read_timeout_s: float = 30.0,
-                   max_redirects: int = MAX_REDIRECTS,
-                   allow_loopback_for_tests: bool | None = None) -> int:
+                   max_redirects: int = MAX_REDIRECTS, rules: FetchRules = FetchRules()) -> int:
     """Download `url` to `dest` and return its size in bytes.
 
     Raises an InputError: LinkNotAllowedError, UnreachableError, TimedOutError,
     TooLargeError (past `max_bytes`) or NotAudioError. `dest` only appears when the
     download is complete and looks like media; a partial file never stays behind.
-    `allow_loopback_for_tests=None` reads STEMBOT_ALLOW_LOOPBACK_FETCH_FOR_TESTS.
+    Every hop is checked against `rules` (default: public sites only).
     """
-    allow_loopback = loopback_allowed(allow_loopback_for_tests)
     dest.parent.mkdir(parents=True, exist_ok=True)
     partial = dest.with_name(dest.name + ".part")
     timeouts = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout_s, sock_read=read_timeout_s)
     try:
         async with asyncio.timeout(timeout_s):
             current = url
-            for _hop in range(max_redirects + 1):
-                target = check_url(current, allow_loopback)
-                addresses = await resolve_target(target, allow_loopback)
+            for hop in range(max_redirects + 1):
+                target = _check_hop(current, rules, hop)
+                addresses = await resolve_target(target, rules)
                 location, size = await _get(target, addresses, partial, max_bytes, timeouts)
                 if location is None:
                     os.replace(partial, dest)
@@ -456,6 +545,15 @@ async def download(url: str, dest: Path, max_bytes: int, timeout_s: float = 120.
         raise UnreachableError(f"the file could not be downloaded ({exc.__class__.__name__})") from None
     finally:
         partial.unlink(missing_ok=True)
+
+
+def _check_hop(url: str, rules: FetchRules, hop: int) -> Target:
+    try:
+        return check_url(url, rules)
+    except LinkNotAllowedError:
+        if hop and rules.origins:  # the CDN sent us elsewhere: say so, not "not on the CDN"
+            raise LinkNotAllowedError(OFF_CDN_REDIRECT) from None
+        raise
 
 
 async def _get(target: Target, addresses: list[tuple[int, str]], partial: Path, max_bytes: int,

@@ -17,8 +17,8 @@ overridden to refuse any download that is not plain HTTP(S), should one get that
 
 What is and is not guarded against reaching a non-public address:
 - Every request yt-dlp makes goes through `YoutubeDL.urlopen`, which we override to run
-  the checks of `core.net.fetcher` (scheme, port, host form, and every DNS answer public)
-  first: the page, the site's API calls and the chosen media file.
+  the checks of `core.net.fetcher` for a link (scheme, port, host form, and every DNS answer
+  public or inside a network the operator allowed) first: the page, the site's API calls and the chosen media file.
 - Not covered: redirects that yt-dlp's HTTP layer follows by itself are not re-checked,
   and yt-dlp resolves the name again when it connects, so the address is not pinned as
   in `core.net.fetcher` (a DNS answer that changes in between is not caught). The page must be
@@ -57,7 +57,7 @@ from core.errors import (
 )
 from core.helper_env import CA_NAMES, HelperProcess, helper_env
 from core.media.audio import Limits, format_duration
-from core.net.fetcher import check_url, loopback_allowed, resolve_target_blocking, sniff_not_media
+from core.net.fetcher import FetchRules, check_url, resolve_target_blocking, sniff_not_media
 
 log = logging.getLogger(__name__)
 
@@ -160,8 +160,10 @@ _CHILD_ERRORS: dict[str, type[InputError]] = {
 
 
 def fetch_media(url: str, dest: Path, limits: Limits = Limits(), *, enabled: bool = False,
-                timeout_s: float = 300.0, allow_loopback_for_tests: bool | None = None) -> int:
+                timeout_s: float = 300.0, rules: FetchRules = FetchRules()) -> int:
     """Download the audio of one YouTube or SoundCloud track to `dest`; returns its size.
+    Every request yt-dlp makes is checked against `rules` (a link's: public sites, and
+    the operator's allowed networks).
 
     yt-dlp runs in a child process with a minimal environment (`download_track` there).
     Blocking: from async code, `await asyncio.to_thread(...)`.
@@ -171,14 +173,13 @@ def fetch_media(url: str, dest: Path, limits: Limits = Limits(), *, enabled: boo
         raise LinkNotAllowedError("links to video and music sites are turned off on this bot")
     if not available():
         raise LinkNotAllowedError("links to video and music sites need yt-dlp, which is not installed here")
-    allow_loopback = loopback_allowed(allow_loopback_for_tests)
-    url = single_track_url(check_url(url, allow_loopback).url)
+    url = single_track_url(check_url(url, rules).url)
     key = extractor_for(url)  # matches the link only: no request is made here
     dest.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".ytdl-", dir=dest.parent))
     done = False
     try:
-        _download_in_child(url, key, dest, work, limits, timeout_s, allow_loopback)
+        _download_in_child(url, key, dest, work, limits, timeout_s, rules)
         # What the child says is data: the file it left is checked here.
         if dest.is_symlink() or not dest.is_file():
             raise UnreachableError("nothing could be downloaded")
@@ -194,11 +195,11 @@ def fetch_media(url: str, dest: Path, limits: Limits = Limits(), *, enabled: boo
 
 
 def _download_in_child(url: str, key: str, dest: Path, work: Path, limits: Limits, timeout_s: float,
-                       allow_loopback: bool) -> None:
+                       rules: FetchRules) -> None:
     """Run `download_track` in a child process with a minimal environment; raise what it reports."""
     receiver, sender = multiprocessing.get_context("spawn").Pipe(duplex=False)
     child = HelperProcess(target=_child_main, args=(sender, url, key, str(dest), str(work), limits, timeout_s,
-                                                    allow_loopback),
+                                                    rules),
                           name="stembot-ytdl", daemon=True, env=helper_env(CA_NAMES))
     answer = b""
     timed_out = False
@@ -241,11 +242,11 @@ def _raise_unless_done(answer: bytes) -> None:
 
 
 def _child_main(answer: Any, url: str, key: str, dest: str, work: str, limits: Limits, timeout_s: float,
-                allow_loopback: bool) -> None:
+                rules: FetchRules) -> None:
     """The child process: download, then answer in JSON on `answer` (a Connection)."""
     reply: dict[str, Any]
     try:
-        download_track(url, key, Path(dest), Path(work), limits, timeout_s, allow_loopback)
+        download_track(url, key, Path(dest), Path(work), limits, timeout_s, rules)
         reply = {"done": True}
     except StembotError as exc:
         reply = {"error": type(exc).__name__, "reason": exc.reason}
@@ -257,14 +258,15 @@ def _child_main(answer: Any, url: str, key: str, dest: str, work: str, limits: L
 
 
 def download_track(url: str, key: str, dest: Path, work: Path, limits: Limits, timeout_s: float,
-                   allow_loopback: bool = False) -> int:
+                   rules: FetchRules = FetchRules()) -> int:
     """Download one track to `dest` with the extractor `key`, in this process, through
     `work` (an empty folder that the caller removes): what `fetch_media` runs in its child
     process. Returns its size."""
-    return _run(url, key, dest, work, limits, time.monotonic() + timeout_s, allow_loopback)
+    return _run(url, key, dest, work, limits, time.monotonic() + timeout_s, rules)
 
 
-def guarded_downloader(params: dict[str, Any], deadline: float, allow_loopback: bool = False) -> Any:  # yt-dlp: untyped
+def guarded_downloader(params: dict[str, Any], deadline: float,
+                       rules: FetchRules = FetchRules()) -> Any:  # yt-dlp: untyped
     """A YoutubeDL with no extractors loaded whose every request is first checked like a
     user's link (and against `deadline`, a `time.monotonic()` value)."""
     import yt_dlp  # noqa: PLC0415 - yt-dlp is an optional extra
@@ -277,7 +279,7 @@ def guarded_downloader(params: dict[str, Any], deadline: float, allow_loopback: 
             if time.monotonic() > deadline:
                 raise TimedOutError("the download took too long")
             target_url = req if isinstance(req, str) else getattr(req, "url", None) or req.full_url
-            resolve_target_blocking(check_url(target_url, allow_loopback), allow_loopback)
+            resolve_target_blocking(check_url(target_url, rules), rules)
             return super().urlopen(req)
 
         def dl(self, name: str, info: dict, subtitle: bool = False, test: bool = False) -> Any:
@@ -331,12 +333,12 @@ def downloader_params(work: Path, limits: Limits, deadline: float) -> dict:
 
 
 def _run(url: str, key: str, dest: Path, work: Path, limits: Limits, deadline: float,
-         allow_loopback: bool) -> int:
+         rules: FetchRules) -> int:
     from yt_dlp.utils import DownloadError, ExtractorError  # noqa: PLC0415 - yt-dlp is an optional extra
 
     params = downloader_params(work, limits, deadline)
     try:
-        with guarded_downloader(params, deadline, allow_loopback) as ydl:
+        with guarded_downloader(params, deadline, rules) as ydl:
             ydl.get_info_extractor(key)  # loads this one extractor, and no other
             info = ydl.extract_info(url, download=False, ie_key=key, process=False)
             check_info(info, limits)

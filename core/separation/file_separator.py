@@ -5,8 +5,9 @@ decoded and track N-1 is encoded (ffmpeg runs in its own processes), so the mode
 rarely idle; on a CPU the steps run in turn (see `FileSeparator`).
 Each track's stems are written to a hidden staging folder and moved into place only
 when every stem is written: a failed track leaves nothing behind.
-An input that is an http(s) link is downloaded with the safe fetcher (`core.net.fetcher`) into
-a temporary folder, decoded like a file, and deleted as soon as it is decoded.
+An input that is an http(s) link is downloaded with the safe fetcher (`core.net.fetcher`), under
+the link rules it is given, into a temporary folder, decoded like a file, and deleted as soon as
+it is decoded.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import numpy as np
 from core.errors import StembotError
 from core.media.audio import Limits, MediaInfo, OutputFormat, decode, probe
 from core.media.stem_files import write_track
-from core.net.fetcher import download
+from core.net.fetcher import FetchRules, download
 from core.net.urls import is_link, output_name
 from core.separation import blockwise
 from core.separation.engine import SeparationEngine, SeparationOptions
@@ -78,16 +79,17 @@ class _NoEvents(FileSeparatorEvents):
 
 def prepare(path: str | Path, engine: SeparationEngine, limits: Limits,
             fetch_dir: Path | None = None,
-            stage: Callable[[Path, MediaInfo], object | None] | None = None) -> DecodedTrack | object:
+            stage: Callable[[Path, MediaInfo], object | None] | None = None,
+            link_rules: FetchRules = FetchRules()) -> DecodedTrack | object:
     """Probe, check limits, and decode one input for `engine`'s model. A link is first
-    downloaded into a temporary folder (under `fetch_dir`, or the system's), removed as
+    downloaded under `link_rules` into a temporary folder (under `fetch_dir`, or the system's), removed as
     soon as the audio is decoded or refused. `stage(path, info)`, if given, may take the
     file instead (a long track, decoded to disk by core.separation.blockwise): what it returns, if
     not None, is returned."""
     if is_link(path):
         with tempfile.TemporaryDirectory(prefix="stembot-fetch-", dir=fetch_dir) as folder:
             local = Path(folder) / "download"
-            fetch_link(str(path), local, limits)
+            fetch_link(str(path), local, limits, link_rules)
             return prepare(local, engine, limits, stage=stage)
     info = probe(Path(path), limits)
     if stage is not None:
@@ -98,9 +100,9 @@ def prepare(path: str | Path, engine: SeparationEngine, limits: Limits,
     return DecodedTrack(info, mix)
 
 
-def fetch_link(url: str, dest: Path, limits: Limits) -> int:
-    """Download `url` to `dest` with the safe fetcher (from a worker thread: its own loop)."""
-    return asyncio.run(download(url, dest, limits.max_input_bytes))
+def fetch_link(url: str, dest: Path, limits: Limits, rules: FetchRules = FetchRules()) -> int:
+    """Download `url` to `dest` with the safe fetcher under `rules` (from a worker thread: its own loop)."""
+    return asyncio.run(download(url, dest, limits.max_input_bytes, rules=rules))
 
 
 def _describe(exc: BaseException) -> str:
@@ -116,8 +118,9 @@ class FileSeparator:
     def __init__(self, engine: SeparationEngine, request: StemRequest, fmt: OutputFormat,
                  options: SeparationOptions = SeparationOptions(), limits: Limits = Limits(),
                  overlap_io: bool | None = None, block_s: float | None = blockwise.BLOCK_S,
-                 blocks_above_s: float = blockwise.BLOCKS_ABOVE_S):
+                 blocks_above_s: float = blockwise.BLOCKS_ABOVE_S, link_rules: FetchRules = FetchRules()):
         self.engine = engine
+        self.link_rules = link_rules  # where links among the inputs may be fetched from
         # Tracks over `blocks_above_s` go through core.separation.blockwise (None: never).
         self.block_s = block_s
         self.blocks_above_s = blocks_above_s
@@ -152,7 +155,8 @@ class FileSeparator:
                 # The input as given: a link must not go through Path, which folds its `//`.
                 track_result = results[todo[position]]
                 return decoder.submit(prepare, track_result.input, self.engine, self.limits,
-                                      stage=lambda path, info: self._stage(path, info, out_dir, track_result.name))
+                                      stage=lambda path, info: self._stage(path, info, out_dir, track_result.name),
+                                      link_rules=self.link_rules)
 
             encodes: list[Future] = []
             next_decode = submit_decode(0)

@@ -39,8 +39,10 @@ class BotProcess:
             "STEMBOT_WEB_PORT": str(self.web_port),
             "STEMBOT_OPS_PORT": str(self.ops_port),
             "PYTHONUNBUFFERED": "1",
-            # The fake's CDN is on loopback; honoured only under pytest (see core.net.fetcher).
-            "STEMBOT_ALLOW_LOOPBACK_FETCH_FOR_TESTS": "1",
+            # As an operator of a Discord-compatible server would: attachments come from the
+            # fake's own origin, and links may reach the loopback web servers of the tests.
+            "STEMBOT_DISCORD_CDN_URL": fake.base_url,
+            "STEMBOT_FETCH_ALLOWED_NETWORKS": "127.0.0.0/8",
             **env,
         }
         self.data_dir = data_dir

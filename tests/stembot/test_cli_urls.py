@@ -1,7 +1,6 @@
 """`stembot separate URL`: links are fetched safely, separated like files, and refused with
-one `error: <url>: <reason>` line each. The loopback server is reached through the switch
-for tests (STEMBOT_ALLOW_LOOPBACK_FETCH_FOR_TESTS), which the child inherits with pytest's
-PYTEST_CURRENT_TEST."""
+one `error: <url>: <reason>` line each. The loopback server is reached as an operator would
+reach an intranet server: STEMBOT_FETCH_ALLOWED_NETWORKS=127.0.0.0/8, the bot's setting."""
 
 from __future__ import annotations
 
@@ -55,7 +54,7 @@ def test_links_are_fetched_separated_and_refused_one_line_each(tmp_path, model_d
     out = tmp_path / "out"
     done = stembot("separate", good, spaced, metadata, page, missing, "-o", str(out), "--model", "tiny",
                    "--model-dir", str(model_dir), "--stems", "karaoke", "--format", "wav", "--quiet",
-                   env={"STEMBOT_ALLOW_LOOPBACK_FETCH_FOR_TESTS": "1", "TMPDIR": str(temp)})
+                   env={"STEMBOT_FETCH_ALLOWED_NETWORKS": "127.0.0.0/8", "TMPDIR": str(temp)})
     assert done.returncode == 1, done.stderr
     errors = {line.split(": ", 2)[1]: line.split(": ", 2)[2]
               for line in done.stderr.splitlines() if line.startswith("error: ")}
@@ -69,14 +68,19 @@ def test_links_are_fetched_separated_and_refused_one_line_each(tmp_path, model_d
     assert list(temp.iterdir()) == []  # downloads were removed
 
 
-def test_without_the_switch_loopback_links_are_refused(tmp_path, model_dir, site):
-    url = f"{site}/song.wav"
+def test_by_default_loopback_links_are_refused(tmp_path, model_dir, site):
+    url, other_network = f"{site}/song.wav", f"{site.replace('127.0.0.1', '10.0.0.1')}/song.wav"
     done = stembot("separate", url, "ftp://example.com/other.wav", "-o", str(tmp_path / "out"), "--model", "tiny",
-                   "--model-dir", str(model_dir), "--quiet", env={"STEMBOT_ALLOW_LOOPBACK_FETCH_FOR_TESTS": ""})
+                   "--model-dir", str(model_dir), "--quiet", env={"STEMBOT_FETCH_ALLOWED_NETWORKS": ""})
     assert done.returncode == 1
     assert f"error: {url}: only links on the standard web ports (80 and 443) are allowed" in done.stderr
     assert "error: ftp://example.com/other.wav: only http and https links are allowed" in done.stderr
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    # An allowed network opens itself, nothing beside it.
+    done = stembot("separate", other_network, "-o", str(tmp_path / "out"), "--model", "tiny",
+                   "--model-dir", str(model_dir), "--quiet", env={"STEMBOT_FETCH_ALLOWED_NETWORKS": "127.0.0.0/8"})
+    assert done.returncode == 1
+    assert f"error: {other_network}: the link points to a private or reserved network address" in done.stderr
 
 
 @pytest.mark.parametrize("url,name", [

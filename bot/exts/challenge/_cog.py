@@ -15,7 +15,8 @@
   entry is checked like any input (an audio or video file with an audio track, within
   the length limits of the member's policy and the bot's) and must fit this server's
   upload limit, so that it can be attached to its voting post. Links go through the
-  same safe fetcher as /split (direct links only; no YouTube or SoundCloud). Stored as
+  same safe fetcher as /split (direct links only; no YouTube or SoundCloud), and files
+  only from the Discord CDN origins (STEMBOT_DISCORD_CDN_URL), as for /split. Stored as
   `challenges/<id>/entries/<user>.<ext>` under the storage root; a new entry replaces
   the old one, up to STEMBOT_CHALLENGE_SUBMISSIONS_PER_MEMBER submissions per member and
   challenge. A member checks one entry at a time (download and probe), and the bot at
@@ -325,6 +326,9 @@ class Challenges(commands.Cog):
             return "Attach your remix with `file:` or give a link with `url:` (one of the two)."
         if not is_media(file):
             return f"`{file.filename}` isn't an audio file. Attach an mp3, wav, flac, ogg or m4a."
+        reason = self.bot.get_cog("Split").attachment_refusal(file)
+        if reason is not None:
+            return reason
         limit = min(settings.max_input_bytes, interaction.filesize_limit)
         if file.size > limit:
             return (f"`{file.filename}` is {human_size(file.size)}; entries can be up to {human_size(limit)} so that "
@@ -340,7 +344,9 @@ class Challenges(commands.Cog):
         limit = min(settings.max_input_bytes, interaction.filesize_limit)
         temporary = folder / f".{user}-{secrets.token_hex(4)}.part"
         try:
-            size = await download(source["source_url"], temporary, limit)
+            # An attachment only from the Discord CDN origins, a link under the link rules.
+            rules = self.services.fetch_rules.for_kind(source["source_kind"])
+            size = await download(source["source_url"], temporary, limit, rules=rules)
             limits = Limits(settings.min_duration_s, min(settings.max_duration_s, policy.max_track_minutes * 60),
                             limit)
             info = await asyncio.to_thread(probe, temporary, limits)

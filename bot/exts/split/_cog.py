@@ -204,6 +204,9 @@ class Split(commands.Cog):
             return "Attach a song with `file:` or give a link with `url:` (one of the two)."
         if not is_media(file):
             return f"`{file.filename}` isn't an audio or video file. Attach an mp3, wav, flac, ogg, m4a or a video."
+        reason = self.attachment_refusal(file)
+        if reason is not None:
+            return reason
         if file.size > settings.max_input_bytes:
             return (f"`{file.filename}` is {human_size(file.size)}; the limit is "
                     f"{human_size(settings.max_input_bytes)}.")
@@ -215,6 +218,16 @@ class Split(commands.Cog):
             return f"This server allows these formats: {', '.join(policy.allowed_formats)}."
         return None
 
+    def attachment_refusal(self, file: discord.Attachment) -> str | None:
+        """Refuse an attachment at once when its URL is not on the Discord CDN origins this bot
+        fetches attachments from (the fetch checks it again, on every redirect)."""
+        try:
+            check_url(file.url, self.services.fetch_rules.attachments)
+        except LinkNotAllowedError as exc:
+            log.warning("attachment %s refused: %s", file.id, exc.reason)  # not its URL: it is signed
+            return f"`{file.filename}` can't be fetched: {exc.reason}."
+        return None
+
     def link_refusal(self, policy, url: str) -> str | None:
         """Refuse a link at once when it can be refused without the network."""
         ceilings = self.services.quotas.ceilings
@@ -222,7 +235,7 @@ class Split(commands.Cog):
             where = "this bot" if ceilings is not None and not ceilings.links_allowed else "this server"
             return f"Links are not allowed on {where}; attach the file instead."
         try:
-            check_url(url.strip(), None)
+            check_url(url.strip(), self.services.fetch_rules.links)
         except LinkNotAllowedError as exc:
             return f"That link can't be used: {exc.reason}."
         if ytdl.is_streaming_link(url):

@@ -1,5 +1,6 @@
 """core.net.fetcher: hostile links refused without touching the network, and a real loopback
-server (opened with the switch for tests) for downloads, redirects, caps and sniffing."""
+server for downloads, redirects, caps and sniffing (reached as an operator would reach an
+intranet server: 127.0.0.0/8 in the link rules' allowed networks)."""
 
 from __future__ import annotations
 
@@ -13,11 +14,26 @@ import pytest
 from aiohttp import web
 
 from core.errors import InputError, LinkNotAllowedError, UnreachableError
-from core.net import fetcher
-from core.net.fetcher import address_problem, check_url, download, loopback_allowed, sniff_not_media, vet_addresses
+from core.net.fetcher import (
+    DISCORD_CDN_ORIGINS,
+    NOT_ON_CDN,
+    OFF_CDN_REDIRECT,
+    FetchRules,
+    Origin,
+    SourceRules,
+    address_problem,
+    check_url,
+    download,
+    parse_origin,
+    sniff_not_media,
+    vet_addresses,
+)
+from core.settings import Settings
 from tests.support.media import music
 
 MB = 2**20
+# The tests' loopback servers, as an operator's trusted network.
+LOOPBACK = FetchRules.for_links(["127.0.0.0/8"])
 
 # -- links refused before any lookup or connection -------------------------------------------
 
@@ -150,7 +166,7 @@ async def test_hostile_link_is_refused_at_once(url, tmp_path, no_network):
     dest = tmp_path / "in" / "song"
     started = time.monotonic()
     with pytest.raises(LinkNotAllowedError) as caught:
-        await download(url, dest, 10 * MB, allow_loopback_for_tests=False)
+        await download(url, dest, 10 * MB)
     assert time.monotonic() - started < 0.5
     assert caught.value.kind == "link_not_allowed"
     assert caught.value.reason and "\n" not in caught.value.reason and len(caught.value.reason) < 120
@@ -210,8 +226,12 @@ def test_ipv6_carrying_ipv4_is_refused_by_name(address, words):
         check_url(f"http://[{address}]/a.mp3")
     with pytest.raises(LinkNotAllowedError, match=f"IPv6 address carrying .*\\({words}\\)"):
         vet_addresses(_info("93.184.216.34", address))
-    with pytest.raises(LinkNotAllowedError, match=f"\\({words}\\)"):  # the switch for tests opens 127/8 only
-        check_url(f"http://[{address}]/a.mp3", allow_loopback_for_tests=True)
+    # Not even when every IPv4 address is allowed: an IPv4 network never holds an IPv6 form.
+    every_v4 = FetchRules.for_links(["0.0.0.0/0"])
+    with pytest.raises(LinkNotAllowedError, match=f"\\({words}\\)"):
+        check_url(f"http://[{address}]/a.mp3", every_v4)
+    with pytest.raises(LinkNotAllowedError, match=f"\\({words}\\)"):
+        vet_addresses(_info(address), every_v4)
 
 
 def _info(*addresses: str) -> list[tuple]:
@@ -250,29 +270,139 @@ def test_vetting_refuses_empty_and_odd_answers():
         vet_addresses([(socket.AF_UNIX, socket.SOCK_STREAM, 0, "", "/run/docker.sock")])
 
 
-def test_the_loopback_switch_opens_127_only():
-    assert vet_addresses(_info("127.0.0.2"), allow_loopback_for_tests=True) == [(socket.AF_INET, "127.0.0.2")]
-    for other in ("10.0.0.1", "169.254.169.254", "::1", "::ffff:127.0.0.1", "192.168.1.1"):
+def test_allowed_networks_open_only_what_they_cover():
+    assert vet_addresses(_info("127.0.0.2"), LOOPBACK) == [(socket.AF_INET, "127.0.0.2")]
+    for other in ("10.0.0.1", "169.254.169.254", "::1", "::ffff:127.0.0.1", "::127.0.0.1", "64:ff9b::7f00:1",
+                  "2002:7f00:1::1", "192.168.1.1"):
         with pytest.raises(LinkNotAllowedError):
-            vet_addresses(_info(other), allow_loopback_for_tests=True)
-    with pytest.raises(LinkNotAllowedError):  # other ports only for loopback literals
-        check_url("http://10.0.0.1:8080/", allow_loopback_for_tests=True)
-    assert check_url("http://127.0.0.1:8080/", allow_loopback_for_tests=True).port == 8080
+            vet_addresses(_info(other), LOOPBACK)
+    with pytest.raises(LinkNotAllowedError, match="private"):  # one answer outside refuses the name
+        vet_addresses(_info("127.0.0.1", "10.0.0.1"), LOOPBACK)
+    assert vet_addresses(_info("127.0.0.1", "93.184.216.34"), LOOPBACK) == [  # public still passes beside it
+        (socket.AF_INET, "127.0.0.1"), (socket.AF_INET, "93.184.216.34")]
+    with pytest.raises(LinkNotAllowedError, match="private"):
+        check_url("http://10.0.0.1:8080/", LOOPBACK)
+    with pytest.raises(LinkNotAllowedError, match="standard web ports"):  # other ports only inside the networks
+        check_url("http://93.184.216.34:8080/", LOOPBACK)
+    assert check_url("http://127.0.0.1:8080/", LOOPBACK).port == 8080
+    with pytest.raises(LinkNotAllowedError, match="local network name"):  # names local to a network: never
+        check_url("http://localhost:8080/", LOOPBACK)
 
 
-def test_the_loopback_switch_is_refused_outside_pytest(monkeypatch):
-    monkeypatch.setenv(fetcher.LOOPBACK_SWITCH, "1")
-    assert loopback_allowed() is True
-    monkeypatch.delenv("PYTEST_CURRENT_TEST")
-    assert loopback_allowed() is False
-    assert loopback_allowed(True) is False
-    with pytest.raises(LinkNotAllowedError):
-        check_url("http://127.0.0.1/song.mp3", allow_loopback_for_tests=True)
+def test_an_ipv6_form_of_ipv4_passes_only_when_an_ipv6_network_covers_it():
+    mapped = ipaddress.ip_address("::ffff:127.0.0.1")
+    assert address_problem(mapped, LOOPBACK) is not None
+    assert address_problem(mapped, FetchRules.for_links(["::ffff:127.0.0.0/104"])) is None
+    nat64 = ipaddress.ip_address("64:ff9b::7f00:1")
+    assert address_problem(nat64, LOOPBACK) is not None
+    assert address_problem(nat64, FetchRules.for_links(["64:ff9b::/96"])) is None
 
 
-def test_the_switch_is_off_by_default(monkeypatch):
-    monkeypatch.delenv(fetcher.LOOPBACK_SWITCH, raising=False)
-    assert loopback_allowed() is False
+def test_no_network_is_allowed_by_default():
+    assert FetchRules() == FetchRules.for_links([]) and FetchRules().allowed_networks == ()
+    with pytest.raises(LinkNotAllowedError, match="loopback"):
+        check_url("http://127.0.0.1/song.mp3")
+    with pytest.raises(LinkNotAllowedError, match="standard web ports"):
+        check_url("http://127.0.0.1:8080/song.mp3")
+    with pytest.raises(LinkNotAllowedError, match="loopback"):
+        vet_addresses(_info("127.0.0.1"))
+
+
+@pytest.mark.parametrize("text", ["127.0.0.1/8", "10.0.0.0/33", "nas.lan", "", "192.168.1.0/24:8096", "fe80::/10%eth0"])
+def test_allowed_networks_must_be_exact_cidr(text):
+    with pytest.raises(ValueError, match="CIDR"):
+        FetchRules.for_links([text])
+
+
+# -- attachments: from the CDN origins only --------------------------------------------------
+
+
+def test_attachments_come_from_discords_cdn_by_default():
+    rules = FetchRules.for_attachments()
+    assert [str(o) for o in rules.origins] == ["https://cdn.discordapp.com", "https://media.discordapp.net"]
+    assert SourceRules().for_kind("attachment") == rules
+    assert SourceRules().for_kind("url") == SourceRules().for_kind("stream") == FetchRules()
+    assert Settings(_env_file=None).discord_cdn_origins == DISCORD_CDN_ORIGINS
+
+
+@pytest.mark.parametrize("url", [
+    "https://cdn.discordapp.com/attachments/1/2/song.mp3?ex=6&is=7&hm=8",
+    "https://media.discordapp.net/attachments/1/2/My%20Song.flac",
+    "HTTPS://CDN.discordapp.com:443/attachments/1/2/song.mp3",
+])
+def test_an_attachment_on_the_cdn_passes(url):
+    target = check_url(url, FetchRules.for_attachments())
+    assert target.scheme == "https" and target.port == 443
+
+
+@pytest.mark.parametrize("url", [
+    "https://example.com/attachments/1/2/song.mp3",           # a public site: elsewhere all the same
+    "https://8.8.8.8/song.mp3",
+    "http://cdn.discordapp.com/attachments/1/2/song.mp3",     # another scheme
+    "https://cdn.discordapp.com:8443/attachments/song.mp3",   # another port
+    "https://cdn.discordapp.com.example.com/song.mp3",
+    "https://evil.example/cdn.discordapp.com/song.mp3",
+    "https://discordapp.com/song.mp3",
+    "http://127.0.0.1/song.mp3",
+    "http://localhost/song.mp3",
+])
+async def test_an_attachment_anywhere_else_is_refused_at_once(url, tmp_path, no_network):
+    with pytest.raises(LinkNotAllowedError) as caught:
+        await download(url, tmp_path / "song", MB, rules=FetchRules.for_attachments())
+    assert caught.value.reason == NOT_ON_CDN and no_network == []
+
+
+@pytest.mark.parametrize("text,origin", [
+    ("https://cdn.discordapp.com", Origin("https", "cdn.discordapp.com", 443)),
+    ("HTTPS://Media.Discordapp.NET/", Origin("https", "media.discordapp.net", 443)),
+    ("http://fakecdn:8080", Origin("http", "fakecdn", 8080)),          # a local name: the operator's own
+    ("http://127.0.0.1:8080", Origin("http", "127.0.0.1", 8080)),
+    ("https://[::1]:8443", Origin("https", "::1", 8443)),
+    ("http://cdn.example:80", Origin("http", "cdn.example", 80)),
+])
+def test_origins_are_parsed_and_normalised(text, origin):
+    assert parse_origin(text) == origin
+    assert parse_origin(str(origin)) == origin
+
+
+@pytest.mark.parametrize("text", [
+    "cdn.discordapp.com", "ftp://cdn.example", "https://cdn.example/attachments", "https://cdn.example?x=1",
+    "https://cdn.example#x", "https://user@cdn.example", "https://cdn.example:99999", "https://", "https://[::1",
+    "https://0x7f.1", "",
+])
+def test_anything_but_an_origin_is_refused(text):
+    with pytest.raises(ValueError, match="not an origin"):
+        parse_origin(text)
+
+
+def test_attachments_need_an_origin():
+    with pytest.raises(ValueError, match="at least one origin"):
+        FetchRules.for_attachments([])
+
+
+@pytest.mark.parametrize("env,words", [
+    ({"STEMBOT_DISCORD_CDN_URL": ""}, "at least one origin"),
+    ({"STEMBOT_DISCORD_CDN_URL": "https://cdn.example/attachments"}, "not an origin"),
+    ({"STEMBOT_DISCORD_CDN_URL": "cdn.example"}, "not an origin"),
+    ({"STEMBOT_FETCH_ALLOWED_NETWORKS": "127.0.0.1/8"}, "CIDR"),
+    ({"STEMBOT_FETCH_ALLOWED_NETWORKS": "nas.lan"}, "CIDR"),
+])
+def test_settings_refuse_bad_values_on_load(monkeypatch, env, words):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=words):
+        Settings(_env_file=None)
+
+
+def test_settings_read_lists(monkeypatch):
+    monkeypatch.setenv("STEMBOT_DISCORD_CDN_URL", " http://127.0.0.1:8080 , https://cdn.example ")
+    monkeypatch.setenv("STEMBOT_FETCH_ALLOWED_NETWORKS", "127.0.0.0/8, fd00::/8")
+    settings = Settings(_env_file=None)
+    assert settings.discord_cdn_origins == ("http://127.0.0.1:8080", "https://cdn.example")
+    assert settings.fetch_allowed_network_list == ("127.0.0.0/8", "fd00::/8")
+    monkeypatch.delenv("STEMBOT_DISCORD_CDN_URL")
+    monkeypatch.delenv("STEMBOT_FETCH_ALLOWED_NETWORKS")
+    assert Settings(_env_file=None).fetch_allowed_network_list == ()  # nothing opened by default
 
 
 # -- content sniffing ------------------------------------------------------------------------
@@ -431,7 +561,7 @@ async def server(song_bytes):
 async def fetch_to(tmp_path, url, max_bytes=10 * MB, **kwargs):
     dest = tmp_path / "in" / "song"
     try:
-        return await download(url, dest, max_bytes, allow_loopback_for_tests=True, **kwargs), dest
+        return await download(url, dest, max_bytes, rules=LOOPBACK, **kwargs), dest
     finally:
         # Whatever happened, nothing half-written stays behind.
         assert not list((tmp_path / "in").glob("*.part"))
@@ -508,6 +638,48 @@ async def test_unreachable_port(tmp_path):
     assert caught.value.kind == "unreachable"
 
 
+# -- attachments from a CDN origin on loopback (a self-hosted Discord-compatible server) -------
+
+
+async def fetch_attachment(tmp_path, server, path, max_bytes=10 * MB):
+    cdn = FetchRules.for_attachments([f"http://127.0.0.1:{server.port}"])
+    return await download(server.url(path), tmp_path / "in" / "song", max_bytes, rules=cdn)
+
+
+async def test_the_configured_origin_is_fetched_even_on_loopback(server, tmp_path, song_bytes):
+    assert await fetch_attachment(tmp_path, server, "/song.wav") == len(song_bytes)
+    assert await fetch_attachment(tmp_path, server, "/chain/2") == len(song_bytes)  # redirects on the origin
+    assert [r.path for r in server.requests] == ["/song.wav", "/chain/2", "/chain/1", "/song.wav"]
+
+
+@pytest.mark.parametrize("path", [
+    "/to-private", "/to-metadata", "/to-localhost", "/to-ftp",
+    "/redirect?to=http://localhost:{port}/song.wav",          # the same server under another name
+    "/redirect?to=http://127.0.0.2:{port}/song.wav",          # another loopback address
+    "/redirect?to=https://example.com/song.wav",              # a public site
+])
+async def test_a_redirect_may_not_leave_the_origin(server, tmp_path, path):
+    with pytest.raises(LinkNotAllowedError) as caught:
+        await fetch_attachment(tmp_path, server, path.format(port=server.port))
+    assert caught.value.reason == OFF_CDN_REDIRECT
+    assert len(server.requests) == 1 and not (tmp_path / "in" / "song").exists()
+
+
+@pytest.mark.parametrize("path,kind", [("/page", "not_audio"), ("/gzip", "not_audio"), ("/stream-huge", "too_large"),
+                                       ("/missing", "unreachable")])
+async def test_the_cdn_gets_every_other_check(server, tmp_path, path, kind):
+    with pytest.raises(InputError) as caught:
+        await fetch_attachment(tmp_path, server, path, max_bytes=1 * MB)
+    assert caught.value.kind == kind and not (tmp_path / "in" / "song").exists()
+
+
+async def test_an_attachment_on_another_origin_is_refused_though_it_serves_the_song(server, tmp_path):
+    other = FetchRules.for_attachments([f"http://127.0.0.1:{server.port + 1}"])
+    with pytest.raises(LinkNotAllowedError, match="only fetched from Discord's CDN"):
+        await download(server.url("/song.wav"), tmp_path / "song", MB, rules=other)
+    assert server.requests == []
+
+
 # -- DNS: the answer is vetted, and the connection is pinned to it -----------------------------
 
 
@@ -538,7 +710,7 @@ def _info_for_port(addresses, port):
 
 async def test_connection_is_pinned_to_the_vetted_address(server, tmp_path, song_bytes, fake_dns):
     table, asked = fake_dns
-    # First answer loopback (allowed by the switch), then a private address: if anything
+    # First answer loopback (an allowed network), then a private address: if anything
     # looked the name up again to connect, the download would go there and fail.
     table["media.test"] = [["127.0.0.1"], ["10.255.255.1"]]
     size, dest = await fetch_to(tmp_path, f"http://media.test:{server.port}/song.wav", connect_timeout_s=2)
@@ -570,8 +742,30 @@ async def test_a_name_with_one_private_answer_is_refused_without_connecting(tmp_
 
     monkeypatch.setattr(loop, "create_connection", no_connect)
     with pytest.raises(LinkNotAllowedError, match="private"):
-        await download("https://mixed.test/song.mp3", tmp_path / "song", MB, allow_loopback_for_tests=True)
+        await download("https://mixed.test/song.mp3", tmp_path / "song", MB, rules=LOOPBACK)
     assert asked == ["mixed.test"] and connects == []
+
+
+async def test_a_named_cdn_origin_is_not_held_to_the_public_rule(server, tmp_path, song_bytes, fake_dns):
+    table, asked = fake_dns
+    table["cdn.test"] = [["127.0.0.1"]]
+    cdn = FetchRules.for_attachments([f"http://cdn.test:{server.port}"])
+    assert await download(f"http://cdn.test:{server.port}/song.wav", tmp_path / "song", MB, rules=cdn) == len(
+        song_bytes)
+    assert server.requests[0].headers["Host"] == f"cdn.test:{server.port}"
+    with pytest.raises(LinkNotAllowedError, match="loopback"):  # the same name as a link: public rule
+        await download("http://cdn.test/song.wav", tmp_path / "song2", MB)
+
+
+async def test_a_name_on_another_port_must_resolve_inside_the_allowed_networks(server, tmp_path, fake_dns,
+                                                                                 monkeypatch):
+    table, asked = fake_dns
+    table["public.test"] = [["93.184.216.34"]]
+    loop = asyncio.get_running_loop()
+    monkeypatch.setattr(loop, "create_connection", lambda *a, **k: pytest.fail("connected"))
+    with pytest.raises(LinkNotAllowedError, match="standard web ports"):
+        await download(f"http://public.test:{server.port}/song.wav", tmp_path / "song", MB, rules=LOOPBACK)
+    assert asked == ["public.test"]
 
 
 async def test_a_name_that_does_not_resolve_is_unreachable(tmp_path, monkeypatch):

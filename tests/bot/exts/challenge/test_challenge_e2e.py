@@ -136,6 +136,11 @@ async def test_a_full_challenge_with_three_members(fake, bot, tmp_path):
     disguised = fake.add_attachment("fake.mp3", b"<html>no</html>" * 100, content_type="audio/mpeg")
     wrong = await challenge(fake, "submit", attachment_option("file", disguised), user=dave, channel_id=thread_id)
     assert "Your entry was refused" in await answer(fake, wrong)
+    elsewhere = upload(fake, tmp_path, "elsewhere.wav")
+    elsewhere = {**elsewhere, "url": "https://files.example.com/elsewhere.wav"}  # not the CDN's origin
+    wrong = await challenge(fake, "submit", attachment_option("file", elsewhere), user=dave, channel_id=thread_id,
+                            attachments=[elsewhere])
+    assert "can't be fetched: attachments are only fetched from Discord's CDN" in await answer(fake, wrong)
 
     # Voting opens by itself at the deadline: one post per entry, with its file and a Vote button.
     await fake.wait_for(lambda: in_thread(fake, thread_id, "Voting is open"), timeout=30, what="voting to open")

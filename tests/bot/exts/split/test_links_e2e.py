@@ -16,7 +16,8 @@ pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 
 def hosted_song(fake, tmp_path, name="linked.wav"):
-    """A song on a loopback web server (the fake's CDN); the test switch lets the bot fetch it."""
+    """A song on a loopback web server (the fake's CDN), which the bot's links may reach:
+    the tests' bot allows 127.0.0.0/8 (STEMBOT_FETCH_ALLOWED_NETWORKS), as an operator would."""
     path = music(tmp_path / name, seconds=4.0, tone=random.uniform(200.0, 900.0))
     return fake.add_attachment(name, path.read_bytes(), content_type="audio/wav")["url"]
 

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from core.media.audio import probe
-from tests.bot.helpers import final_message, upload
+from tests.bot.helpers import final_message, private_answer, upload
 from tests.support.deployment import compose_healthcheck, dockerfile_healthcheck
 from tests.support.fake_discord import attachment_option, string_option
 
@@ -54,6 +55,38 @@ async def test_split_attachment_delivers_every_stem_with_a_preview(fake, bot, tm
     assert cancel_custom_id(result) is None, "the Cancel button goes away with the result"
     # (That the status message shows the queue and the stages first: a test of its own below.)
     assert not result.is_ephemeral
+
+
+async def test_an_attachment_is_fetched_only_from_the_discord_cdn_origin(fake, bot, tmp_path):
+    """The bot's STEMBOT_DISCORD_CDN_URL is the fake's origin. An attachment whose URL is on any
+    other origin is refused at once, privately, and never fetched: even one that serves the song
+    on loopback, which this bot's links may reach (127.0.0.0/8 is an allowed network here)."""
+    song = upload(fake, tmp_path, "elsewhere.wav")
+    requests: list[str] = []
+
+    async def serve(request):
+        requests.append(request.path)
+        return web.Response(body=fake.attachments[int(song["id"])].data, content_type="audio/wav")
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", serve)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    other = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+    try:
+        for url in (f"{other}/cdn/attachments/{song['id']}/elsewhere.wav",
+                    "https://media.example.com/attachments/1/2/elsewhere.wav"):
+            elsewhere = {**song, "url": url, "proxy_url": url}
+            job = await fake.send_slash_command("split", [attachment_option("file", elsewhere)],
+                                                attachments=[elsewhere])
+            text = await private_answer(fake, job, timeout=3.0)
+            assert "`elsewhere.wav` can't be fetched" in text and "only fetched from Discord's CDN" in text, text
+            assert not any(m for m in fake.messages_for(job) if not m.is_ephemeral)
+    finally:
+        await runner.cleanup()
+    assert requests == []  # (attachments on the configured origin are split by the tests above and below)
 
 
 async def test_status_message_shows_the_queue_and_the_stages_before_the_result(fake, bot, tmp_path):
