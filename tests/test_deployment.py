@@ -175,3 +175,17 @@ def test_the_healthchecks_ask_the_operators_listener():
 
 def test_the_migration_does_not_inherit_the_bots_healthcheck(services):
     assert services["migrate"]["healthcheck"] == {"disable": True}
+
+
+def test_the_bot_is_given_the_time_to_finish_its_deliveries_when_stopped(services):
+    """The bot waits up to 30 s for deliveries under way (Dispatcher.stop); Docker kills
+    after 10 s unless told otherwise."""
+    import inspect
+    import re
+
+    from core.jobs.dispatcher import Dispatcher
+
+    grace = inspect.signature(Dispatcher.stop).parameters["delivery_grace_s"].default
+    given = services["bot"].get("stop_grace_period", "10s")
+    seconds = sum(int(n) * {"s": 1, "m": 60}[unit] for n, unit in re.findall(r"(\d+)([sm])", given))
+    assert seconds > grace
