@@ -92,7 +92,8 @@ def test_no_password_or_secret_has_a_default(compose):
 
 @pytest.mark.parametrize("value", [None, ""])
 def test_compose_stops_without_a_postgres_password(compose, value):
-    env = {"AWS_ACCESS_KEY_ID": "stembot", "AWS_SECRET_ACCESS_KEY": "a" * 40}
+    env = {"AWS_ACCESS_KEY_ID": "stembot", "AWS_SECRET_ACCESS_KEY": "a" * 40,
+           "STEMBOT_WORKER_DATABASE_PASSWORD": "W0rker"}
     if value is not None:
         env["POSTGRES_PASSWORD"] = value
     with pytest.raises(MissingVariable) as caught:
@@ -101,7 +102,8 @@ def test_compose_stops_without_a_postgres_password(compose, value):
 
 
 def test_the_postgres_password_reaches_the_server_and_every_database_url(services):
-    env = {"AWS_ACCESS_KEY_ID": "stembot", "AWS_SECRET_ACCESS_KEY": "a" * 40, "POSTGRES_PASSWORD": "Pw0rd"}
+    env = {"AWS_ACCESS_KEY_ID": "stembot", "AWS_SECRET_ACCESS_KEY": "a" * 40, "POSTGRES_PASSWORD": "Pw0rd",
+           "STEMBOT_WORKER_DATABASE_PASSWORD": "W0rker"}
     resolved = interpolate(services, env)
     assert resolved["postgres"]["environment"]["POSTGRES_PASSWORD"] == "Pw0rd"
     urls = [s["environment"]["STEMBOT_DATABASE_URL"] for s in resolved.values()
@@ -110,6 +112,9 @@ def test_the_postgres_password_reaches_the_server_and_every_database_url(service
     # Each service's own role (the worker may get another one); never a built-in password.
     assert all(re.match(r"postgresql\+asyncpg://[^:]+:[^@]+@postgres:5432/", url) for url in urls), urls
     assert "stembot@" not in " ".join(urls)
+    # The worker logs in as its own role (`stembot db worker-role`, run by `migrate`).
+    worker_url = resolved["worker"]["environment"]["STEMBOT_DATABASE_URL"]
+    assert worker_url.startswith("postgresql+asyncpg://stembot_worker:W0rker@")
 
 
 def test_the_env_example_leaves_the_postgres_password_to_the_operator():
