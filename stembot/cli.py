@@ -1,4 +1,4 @@
-"""The `stembot` command line: `separate`, `models list`, `models pull`."""
+"""The `stembot` command line: `run`, `worker`, `sync`, `db`, `jobs`, `models`, `separate`."""
 
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ from core.runtime import fetch_rules_of, limits_of
 from core.separation import catalogue
 from core.separation.stems import parse_stems
 from core.settings import Precision, get_settings
+from stembot import jobs_cli
 
 if TYPE_CHECKING:
     from core.separation.file_separator import TrackResult
@@ -97,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "Give the workers its URL as STEMBOT_DATABASE_URL.")
     role.add_argument("name", metavar="NAME", help="the role's name (lower-case letters, digits, _)")
     role.set_defaults(handler=cmd_db_worker_role)
+
+    jobs_cli.add_parser(commands)
 
     models = commands.add_parser("models", help="list or download models")
     models_cmds = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")

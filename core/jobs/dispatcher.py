@@ -20,6 +20,7 @@ import random
 import shutil
 from collections.abc import Awaitable, Coroutine
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -149,7 +150,9 @@ class Dispatcher:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
-        self._reported: set[int] = set()  # jobs whose end was already reported
+        # The ends already reported: (job, when it ended), so a job an operator retried
+        # (`stembot jobs retry`) has its next end reported too.
+        self._reported: set[tuple[int, datetime | None]] = set()
         self._deliveries: set[asyncio.Task[None]] = set()
         self.paused = False
         self.loop_error: str | None = None  # why the dispatch loop's last round failed
@@ -415,10 +418,10 @@ class Dispatcher:
             await self.ended(job)
 
     async def ended(self, job: Job | None) -> None:
-        """Count and report a failed or cancelled job, once."""
-        if job is None or job.id in self._reported:
+        """Count and report a failed or cancelled job, once per end."""
+        if job is None or (job.id, job.finished_at) in self._reported:
             return
-        self._reported.add(job.id)
+        self._reported.add((job.id, job.finished_at))
         self._finish_metrics(job)
         try:
             await self.notifier.job_ended(job)

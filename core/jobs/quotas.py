@@ -343,6 +343,16 @@ class QuotaBook:
                 update(QuotaSlot).where(QuotaSlot.guild_id == guild, QuotaSlot.user_id == who,
                                         QuotaSlot.active > 0).values(active=QuotaSlot.active - 1))
 
+    async def hold_slots(self, session: AsyncSession, guild_id: int, user_id: int, across_servers: bool = False
+                         ) -> None:
+        """Inside the caller's transaction: count one more active job on the counters
+        `release_slots` frees, whatever the limits (an operator's retry of a failed job)."""
+        keys = [(EVERY_SERVER, user_id), (EVERY_SERVER, SERVER)] if across_servers else []
+        for guild, who in [*keys, (guild_id, user_id), (guild_id, SERVER)]:
+            await self._ensure(session, QuotaSlot, guild_id=guild, user_id=who)
+            await session.execute(update(QuotaSlot).where(QuotaSlot.guild_id == guild, QuotaSlot.user_id == who)
+                                  .values(active=QuotaSlot.active + 1))
+
     # -- minutes -------------------------------------------------------------------------
 
     async def reserve(self, session: AsyncSession, guild_id: int, user_id: int, seconds: float, limits: dict,

@@ -444,6 +444,64 @@ class JobStore:
             rows = await session.execute(select(Job.state, func.count()).group_by(Job.state))
             return {state: count for state, count in rows}
 
+    # -- the operator's actions (`stembot jobs`) --------------------------------------------
+
+    async def latest(self, state: JobState | None = None, limit: int = 20) -> list[Job]:
+        """The newest jobs (in `state`), newest first."""
+        async with self.sessions() as session:
+            query = select(Job).order_by(Job.id.desc()).limit(limit)
+            if state is not None:
+                query = query.where(Job.state == state.value)
+            return list(await session.scalars(query))
+
+    async def retry(self, job_id: int) -> JobState | None:
+        """Operator: put a failed job, or one stuck in a running state, back in the queue.
+        Returns the state it left, or None when it is in neither (or moved meanwhile).
+
+        Its attempt count is kept, never reset: the next claim counts one more, so the lease
+        of a run still under way (its worker and attempt) matches the row no more and that
+        run can write nothing of the job again. A running job keeps its slot and its one
+        reservation. A failed job takes its slot again (whatever the limits: the operator
+        decides) and reserves its minutes anew when its length is known; if it still held
+        its slot or reservation (not settled yet), it keeps them instead."""
+        retryable = [s.value for s in (*RUNNING, JobState.failed)]
+        async with self.sessions() as session:
+            job = await session.get(Job, job_id)
+            if job is None or job.state not in retryable:
+                return None
+            was = job.job_state
+            values: dict[str, Any] = {"state": JobState.queued.value, "worker": None, "progress": 0.0,
+                                      "heartbeat_at": None, "queue_job_id": None, "updated_at": utcnow()}
+            take_slot = False
+            if was is JobState.failed:
+                values.update(error=None, error_kind=None, finished_at=None, delivered_at=None, transfer=None,
+                              artifacts=None, artifacts_deleted_at=None, duration_s=None, separation_s=None,
+                              cache_hit=False)
+                if job.quota_state == "released":
+                    values.update(quota_state="none", reserved_s=0.0, quota_day=None)
+                take_slot = self.quotas is not None and job.slot_state == "released"
+                if take_slot:
+                    values["slot_state"] = "held"
+            # Guarded on what was read: a concurrent claim, settle or retry makes it a no-op.
+            moved = await session.execute(update(Job).where(
+                Job.id == job_id, Job.state == job.state, Job.attempts == job.attempts,
+                Job.slot_state == job.slot_state, Job.quota_state == job.quota_state).values(**values))
+            if rowcount(moved) != 1:
+                await session.rollback()
+                return None
+            if take_slot:
+                assert self.quotas is not None  # see take_slot
+                await self.quotas.hold_slots(session, job.guild_id or 0, job.user_id,
+                                             bool((job.limits or {}).get(quotas.ACROSS_SERVERS)))
+            await session.commit()
+            return was
+
+    async def fail_by_operator(self, job_id: int, reason: str) -> bool:
+        """Operator: end an unfinished job `failed` with `reason`, settling its slot and
+        reservation once (see `transition`). Its worker column is cleared, so the lease of a
+        run still under way matches no more. Returns whether it moved."""
+        return await self.transition(job_id, JobState.failed, error=reason, error_kind="operator", worker=None)
+
 
 def _check_length(limits: dict[str, Any] | None, seconds: float) -> None:
     if limits and seconds > limits["max_track_s"]:

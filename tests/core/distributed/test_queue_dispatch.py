@@ -280,3 +280,48 @@ async def test_a_handed_over_job_may_upload_only_its_own_files_until_its_run_end
         assert ["content-length-range", 1, limit] in policy["conditions"]
         assert before + lasts - 2 <= expires_at(policy) <= time.time() + lasts + 1
     assert cap < 2 * 1024 * 1024  # two seconds of audio, not a gigabyte
+
+
+async def test_a_job_the_operator_fails_is_reported_by_the_running_bot(setup, tmp_path):
+    """`stembot jobs fail` in distributed mode, while the bot runs: the bot's watcher sees the
+    end and reports it, the worker's queue job is aborted, and the run's lease is dead."""
+    import os
+    import sys
+
+    from core.jobs.quotas import Policy, QuotaBook
+
+    unbooked, fleet, queue, storage, song = setup
+    policy = Policy(user_minutes_per_day=60, guild_minutes_per_day=600, user_concurrent_jobs=5,
+                    guild_queued_jobs=20, max_track_minutes=20)
+    bot, worker = JobStore(unbooked.sessions, QuotaBook(unbooked.sessions, policy)), JobStore(unbooked.sessions)
+    job, _ = await bot.admit(policy, user_id=5, guild_id=1, source_kind="attachment", source_url="u",
+                             source_name="a.wav", model="tiny", stems="all", format="mp3")
+    assert (await bot.claim_next("bot")).id == job.id
+    queue_job_id = await queue.enqueue(job.id, 0)
+    await bot.update(job.id, queue_job_id=queue_job_id)
+    await next_run(queue, await queue.app.job_manager.register_worker())  # a worker runs it
+    _, lease = await worker.take(job.id, "w/cpu")
+    notifier = Ended()
+    dispatcher = Dispatcher(bot, storage, notifier, QueueExecution(queue, fleet, watch_interval_s=0.1),
+                            DispatcherConfig(worker_name="bot"))
+    await dispatcher.start()
+    try:
+        await asyncio.sleep(0.3)  # the watcher has seen it running
+        env = {k: v for k, v in os.environ.items() if not k.startswith("STEMBOT_")}
+        env.update(STEMBOT_QUEUE="postgres", STEMBOT_DATABASE_URL=unbooked.sessions.kw["bind"].url
+                   .render_as_string(hide_password=False), STEMBOT_DATA_DIR=str(tmp_path / "data"))
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "stembot", "jobs", "fail", str(job.id), "--reason", "bad track", env=env,
+            cwd=str(tmp_path), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await asyncio.wait_for(process.communicate(), 60)
+        assert process.returncode == 0, err.decode()
+        assert "a running bot tells the user" in out.decode()
+        for _ in range(50):
+            if notifier.ended:
+                break
+            await asyncio.sleep(0.1)
+    finally:
+        await dispatcher.stop()
+    assert notifier.ended == [(job.id, "none", "released")]  # no minutes reserved yet; its slot freed
+    assert not await worker.update(job.id, lease=lease, progress=0.5)
+    assert queue_job_id in await queue.app.job_manager.list_jobs_to_abort_async()  # its worker stops

@@ -1,0 +1,56 @@
+"""A job the operator retried (`stembot jobs retry`) has its next end reported to the user
+too: the dispatcher reports each end of a job once, not each job once."""
+
+from __future__ import annotations
+
+import pytest_asyncio
+
+from core.host.handle import HostHandle
+from core.jobs.dispatcher import Dispatcher
+from core.jobs.embedded_execution import EmbeddedExecution
+from core.jobs.job import JobState
+from core.runtime import Runtime
+from core.settings import Settings
+
+
+class Recorder:
+    """The notifier's side (Discord, in the bot): what the user would be shown."""
+
+    def __init__(self) -> None:
+        self.ended: list[tuple[int, str, str | None]] = []
+
+    async def job_changed(self, job):
+        return None
+
+    async def deliver(self, job):
+        return None
+
+    async def job_ended(self, job):
+        self.ended.append((job.id, job.state, job.error))
+
+
+@pytest_asyncio.fixture
+async def runtime(sqlite_url, tmp_path):
+    runtime = Runtime.from_settings(Settings(_env_file=None, data_dir=tmp_path / "data", database_url=sqlite_url))
+    yield runtime
+    await runtime.close()
+
+
+async def test_each_end_of_a_retried_job_is_reported_once(runtime):
+    recorder = Recorder()
+    execution = EmbeddedExecution(HostHandle(runtime.host_config()))  # attached, never started
+    dispatcher = Dispatcher(runtime.store, runtime.storage, recorder, execution, runtime.dispatcher_config("local"))
+    policy = await runtime.quotas.policy(None)
+    job, refusal = await dispatcher.submit(policy, source_kind="url", source_url="https://example.com/a.mp3",
+                                           source_name="a.mp3", model="tiny", stems="all", format="mp3", user_id=5)
+    assert refusal is None
+    await runtime.store.claim_next("local")
+
+    await dispatcher.fail(job.id, "the first end", "error")
+    await dispatcher.ended(await runtime.store.get(job.id))  # seen again (e.g. by a watcher): not twice
+    assert recorder.ended == [(job.id, "failed", "the first end")]
+
+    assert await runtime.store.retry(job.id) is JobState.failed
+    await runtime.store.claim_next("local")
+    await dispatcher.fail(job.id, "the second end", "error")
+    assert recorder.ended == [(job.id, "failed", "the first end"), (job.id, "failed", "the second end")]
