@@ -19,6 +19,7 @@ from typing import Any
 
 from sqlalchemy import (
     Row,
+    String,
     Text,
     and_,
     case,
@@ -28,13 +29,14 @@ from sqlalchemy import (
     func,
     or_,
     select,
+    type_coerce,
     update,
 )
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import load_only, raiseload
 from sqlalchemy.sql.elements import ColumnElement
 
-from core.db import rowcount, utcnow
+from core.db import as_utc, rowcount, utcnow
 from core.errors import TooLongError
 from core.jobs import quotas
 from core.jobs.fair_order import QueuedJob, fair_order
@@ -277,7 +279,9 @@ class JobStore:
         """The queued jobs' ids in fair order. Two indexed queries; the Python part (rows to
         `QueuedJob`s, the order) runs in a thread, off the event loop, for any queue length."""
         rows = (await session.execute(
-            select(Job.id, Job.priority, Job.created_at, Job.guild_id, Job.user_id)
+            # created_at as the driver gives it: parsed in the thread, not row by row on the loop.
+            select(Job.id, Job.priority, type_coerce(Job.created_at, String).label("created_at"), Job.guild_id,
+                   Job.user_id)
             .where(Job.state == JobState.queued.value, _attached)
         )).all()
         if not rows:
@@ -479,12 +483,17 @@ def _check_length(limits: dict[str, Any] | None, seconds: float) -> None:
 
 def _order_rows(rows: Sequence[Row[Any]], served: Sequence[Row[Any]]) -> list[int]:
     """`fair_order` of the queued rows given the served ones (run in a thread)."""
-    queued = [QueuedJob(r.id, r.priority, r.created_at, r.guild_id or 0, r.user_id) for r in rows]
+    queued = [QueuedJob(r.id, r.priority, _moment(r.created_at), r.guild_id or 0, r.user_id) for r in rows]
     last_user = {(g, u): _timestamp(t) for g, u, t in served if t is not None}  # None: filtered out
     last_guild: dict[int, float] = {}
     for (g, _), t in last_user.items():
         last_guild[g] = max(last_guild.get(g, t), t)
     return fair_order(queued, last_guild, last_user)
+
+
+def _moment(value: str | datetime) -> datetime:
+    """A timestamp read raw: SQLite gives its text, PostgreSQL's driver a datetime."""
+    return as_utc(datetime.fromisoformat(value) if isinstance(value, str) else value)
 
 
 def _timestamp(moment: datetime) -> float:

@@ -281,6 +281,7 @@ def test_render_far_back_in_the_queue_shows_a_rounded_place_without_the_length()
     assert "Position **10** of 12" in render_status(make_job(), StatusView(position=10, queue_length=12))
     assert [shown_place(p) for p in (11, 99, 100, 109, 110, 1234, 99_999)] == [11, 99, 100, 100, 110, 1200, 99_000]
     # Of 10,000 queued jobs each moving up one place, few need a new text.
-    changed = sum(render_status(make_job(), StatusView(p, 10_000)) != render_status(make_job(), StatusView(p - 1, 9_999))
+    job = make_job()
+    changed = sum(render_status(job, StatusView(p, 10_000)) != render_status(job, StatusView(p - 1, 9_999))
                   for p in range(2, 10_001))
     assert changed < 300
