@@ -18,7 +18,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import (
-    Row,
     String,
     Text,
     and_,
@@ -74,6 +73,9 @@ _has_transfer = and_(Job.transfer.is_not(None), cast(Job.transfer, Text) != "nul
 # may read no other), never the bot's interaction token.
 _AS_RUN = (load_only(*(getattr(Job, name) for name in RUN_READS), raiseload=True), raiseload("*"))
 
+
+# Rows read per step of a long read: the event loop runs between steps.
+_PARTITION = 1000
 
 # Columns that decide whether and where a job stands in the queue (`update` may write them).
 _QUEUE_COLUMNS = frozenset({"state", "status_message_id", "priority", "created_at", "guild_id", "user_id"})
@@ -278,12 +280,15 @@ class JobStore:
     async def _fair_order(self, session: AsyncSession) -> list[int]:
         """The queued jobs' ids in fair order. Two indexed queries; the Python part (rows to
         `QueuedJob`s, the order) runs in a thread, off the event loop, for any queue length."""
-        rows = (await session.execute(
-            # created_at as the driver gives it: parsed in the thread, not row by row on the loop.
+        # created_at as the driver gives it: parsed in the thread, not row by row on the loop;
+        # read in partitions, so that the loop runs between them.
+        rows: list[Any] = []
+        result = await session.stream(
             select(Job.id, Job.priority, type_coerce(Job.created_at, String).label("created_at"), Job.guild_id,
                    Job.user_id)
-            .where(Job.state == JobState.queued.value, _attached)
-        )).all()
+            .where(Job.state == JobState.queued.value, _attached).execution_options(yield_per=_PARTITION))
+        async for partition in result.partitions():
+            rows.extend(partition)
         if not rows:
             return []
         since = utcnow() - timedelta(days=1)
@@ -350,11 +355,16 @@ class JobStore:
         """Queued jobs whose status message can still be edited: their interaction token
         has more than `margin` left (see `Job.token_usable`). Jobs whose token expired
         cannot show a new place, so they are not even loaded."""
+        jobs: list[Job] = []
         async with self.sessions() as session:
-            return list(await session.scalars(
+            result = await session.stream_scalars(
                 select(Job).join(InteractionToken, InteractionToken.job_id == Job.id)
                 .where(Job.state == JobState.queued.value, Job.status_message_id.is_not(None),
-                       InteractionToken.expires_at > utcnow() + margin).order_by(Job.id)))
+                       InteractionToken.expires_at > utcnow() + margin).order_by(Job.id)
+                .execution_options(yield_per=_PARTITION // 10))
+            async for partition in result.partitions():
+                jobs.extend(partition)
+        return jobs
 
     async def _compute_order(self) -> list[int]:
         async with self.sessions() as session:
@@ -481,7 +491,7 @@ def _check_length(limits: dict[str, Any] | None, seconds: float) -> None:
                            f"{format_duration(limits['max_track_s'])}")
 
 
-def _order_rows(rows: Sequence[Row[Any]], served: Sequence[Row[Any]]) -> list[int]:
+def _order_rows(rows: Sequence[Any], served: Sequence[Any]) -> list[int]:
     """`fair_order` of the queued rows given the served ones (run in a thread)."""
     queued = [QueuedJob(r.id, r.priority, _moment(r.created_at), r.guild_id or 0, r.user_id) for r in rows]
     last_user = {(g, u): _timestamp(t) for g, u, t in served if t is not None}  # None: filtered out
