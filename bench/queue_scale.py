@@ -18,6 +18,7 @@ the time of a `/queue`-like snapshot, and SQL statements per completion (a SQLAl
 event listener on the engine).
 
     python bench/queue_scale.py                      # SQLite in a temporary folder
+    python bench/queue_scale.py --postgres           # a throwaway PostgreSQL server
     python bench/queue_scale.py --url postgresql+asyncpg://...   # an empty database
 """
 
@@ -192,9 +193,17 @@ def main() -> None:
     parser.add_argument("--live", type=int, default=1_000, help="queued jobs whose token is still usable")
     parser.add_argument("--served", type=int, default=5_000, help="jobs started in the last day")
     parser.add_argument("--url", help="an empty database (default: SQLite in a temporary folder)")
+    parser.add_argument("--postgres", action="store_true",
+                        help="a throwaway PostgreSQL server of the machine (tests/support/postgres.py)")
     parser.add_argument("--old-ref", default="main", help="git ref of the old store ('' to skip it)")
     parser.add_argument("--old-sample", type=int, default=100)
     args = parser.parse_args()
+    if args.postgres:
+        from tests.support.postgres import temporary_server
+        with temporary_server() as url:
+            upgrade(url)
+            asyncio.run(run(url, args))
+        return
     with tempfile.TemporaryDirectory() as folder:
         url = args.url or f"sqlite+aiosqlite:///{folder}/queue.db"
         upgrade(url)  # Alembic runs its own event loop
