@@ -187,7 +187,8 @@ class QueueExecution(AttachedBackend):
         if queue_moved:
             dispatcher.wake()
             for job in current.values():
-                if job.job_state is JobState.queued and job.id not in notified:
+                # Only messages that can still be edited show their new place.
+                if job.job_state is JobState.queued and job.id not in notified and job.token_usable():
                     dispatcher.spawn(dispatcher.notify(job))
 
 

@@ -8,7 +8,7 @@ import logging
 
 from core.host.handle import HostHandle
 from core.jobs.dispatcher import AttachedBackend, Dispatcher
-from core.jobs.job import Job, JobState
+from core.jobs.job import Job
 from core.jobs.runner import JobRunner, Outcome
 from core.storage.local import LocalJobFiles
 
@@ -93,11 +93,11 @@ class EmbeddedExecution(AttachedBackend):
             await dispatcher.or_fail(job.id, self._process(job), "unexpected failure")
         finally:
             seats.release()
-        # Jobs behind it moved up one place.
+        # Jobs behind it moved up one place: those whose message can still show it. (Each
+        # place comes from one shared computation, `JobStore.queue_snapshot`.)
         try:
-            for queued in await dispatcher.store.unfinished():
-                if queued.job_state is JobState.queued:
-                    dispatcher.spawn(dispatcher.notify(queued))
+            for queued in await dispatcher.store.queued_to_show():
+                dispatcher.spawn(dispatcher.notify(queued))
         except Exception:  # logged: their places show at the next change
             log.warning("could not show the queue's new places", exc_info=True)
 

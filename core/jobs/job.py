@@ -18,6 +18,7 @@ from sqlalchemy import (
     Date,
     Float,
     ForeignKey,
+    Index,
     Integer,
     String,
     Text,
@@ -62,6 +63,9 @@ ALLOWED_FROM: dict[JobState, tuple[JobState, ...]] = {
 
 class Job(Base):
     __tablename__ = "jobs"
+    # The fair order's "who was served lately" (`JobStore._fair_order`): a range of
+    # started_at, read from the index alone. (Queued jobs are found by `state`'s index.)
+    __table_args__ = (Index("ix_jobs_started_at_guild_user", "started_at", "guild_id", "user_id"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

@@ -11,12 +11,14 @@ finds every job where it was left.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import asyncio
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import (
+    String,
     Text,
     and_,
     case,
@@ -26,13 +28,14 @@ from sqlalchemy import (
     func,
     or_,
     select,
+    type_coerce,
     update,
 )
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import load_only, raiseload
 from sqlalchemy.sql.elements import ColumnElement
 
-from core.db import rowcount, utcnow
+from core.db import as_utc, rowcount, utcnow
 from core.errors import TooLongError
 from core.jobs import quotas
 from core.jobs.fair_order import QueuedJob, fair_order
@@ -48,6 +51,7 @@ from core.jobs.job import (
     JobState,
     Lease,
 )
+from core.jobs.queue_board import QueueBoard
 from core.jobs.quotas import EVERY_SERVER, SERVER, Policy, QuotaBook, QuotaExceeded, QuotaSlot
 from core.media.audio import format_duration
 
@@ -68,6 +72,13 @@ _has_transfer = and_(Job.transfer.is_not(None), cast(Job.transfer, Text) != "nul
 # How a run loads its job: the columns it reads and nothing else (a worker's database role
 # may read no other), never the bot's interaction token.
 _AS_RUN = (load_only(*(getattr(Job, name) for name in RUN_READS), raiseload=True), raiseload("*"))
+
+
+# Rows read per step of a long read: the event loop runs between steps.
+_PARTITION = 1000
+
+# Columns that decide whether and where a job stands in the queue (`update` may write them).
+_QUEUE_COLUMNS = frozenset({"state", "status_message_id", "priority", "created_at", "guild_id", "user_id"})
 
 
 def _interaction(fields: dict[str, Any]) -> InteractionToken | None:
@@ -93,6 +104,8 @@ class JobStore:
     def __init__(self, sessions: async_sessionmaker[AsyncSession], quotas: QuotaBook | None = None) -> None:
         self.sessions = sessions
         self.quotas = quotas
+        # Queue places, shared by every status message; changes made here invalidate them.
+        self.board = QueueBoard(self._compute_order)
 
     async def create(self, **fields: Any) -> Job:
         """A job row; `interaction_token` and `token_expires_at` go to its InteractionToken."""
@@ -101,6 +114,7 @@ class JobStore:
             job = Job(**fields, interaction=interaction)
             session.add(job)
             await session.commit()
+            self.board.changed()
             return job
 
     async def admit(self, policy: Policy, **fields: Any) -> tuple[Job | None, str | None]:
@@ -117,6 +131,7 @@ class JobStore:
             job = Job(**fields, interaction=interaction, slot_state="held", limits=self.quotas.job_limits(policy))
             session.add(job)
             await session.commit()
+            self.board.changed()
             return job, None
 
     async def reserve(self, job_id: int, seconds: float) -> None:
@@ -231,6 +246,8 @@ class JobStore:
         async with self.sessions() as session:
             result = await session.execute(update(Job).where(condition).values(updated_at=utcnow(), **fields))
             await session.commit()
+            if _QUEUE_COLUMNS.intersection(fields):
+                self.board.changed()
             return rowcount(result) == 1
 
     async def transition(self, job_id: int, to: JobState, lease: Lease | None = None, **fields: Any) -> bool:
@@ -256,39 +273,41 @@ class JobStore:
             if moved and to in FINAL:
                 await self._settle(session, job_id)
             await session.commit()
+            if moved:
+                self.board.changed()
             return moved
 
-    async def _queued(self, session: AsyncSession
-                      ) -> tuple[list[QueuedJob], dict[int, float], dict[tuple[int, int], float]]:
-        rows = (await session.execute(
-            select(Job.id, Job.priority, Job.created_at, Job.guild_id, Job.user_id)
-            .where(Job.state == JobState.queued.value, _attached)
-            .order_by(Job.created_at, Job.id).limit(2000)
-        )).all()
-        queued = [QueuedJob(r.id, r.priority, r.created_at, r.guild_id or 0, r.user_id) for r in rows]
-        if not queued:
-            return [], {}, {}
+    async def _fair_order(self, session: AsyncSession) -> list[int]:
+        """The queued jobs' ids in fair order. Two indexed queries; the Python part (rows to
+        `QueuedJob`s, the order) runs in a thread, off the event loop, for any queue length."""
+        # created_at as the driver gives it: parsed in the thread, not row by row on the loop;
+        # read in partitions, so that the loop runs between them.
+        rows: list[Any] = []
+        result = await session.stream(
+            select(Job.id, Job.priority, type_coerce(Job.created_at, String).label("created_at"), Job.guild_id,
+                   Job.user_id)
+            .where(Job.state == JobState.queued.value, _attached).execution_options(yield_per=_PARTITION))
+        async for partition in result.partitions():
+            rows.extend(partition)
+        if not rows:
+            return []
         since = utcnow() - timedelta(days=1)
         guild = func.coalesce(Job.guild_id, 0)
+        # Only servers with queued jobs matter; the range on started_at uses its index.
         served = (await session.execute(
             select(guild, Job.user_id, func.max(Job.started_at))
-            .where(Job.started_at.is_not(None), Job.started_at > since,
-                   guild.in_({j.guild for j in queued})).group_by(guild, Job.user_id)
+            .where(Job.started_at > since, guild.in_({r.guild_id or 0 for r in rows})).group_by(guild, Job.user_id)
         )).all()
-        last_user = {(g, u): _timestamp(t) for g, u, t in served if t is not None}  # None: filtered above
-        last_guild: dict[int, float] = {}
-        for (g, _), t in last_user.items():
-            last_guild[g] = max(last_guild.get(g, t), t)
-        return queued, last_guild, last_user
+        return await asyncio.to_thread(_order_rows, rows, served)
 
     async def claim_next(self, worker: str) -> Job | None:
         """Take the next queued job in fair order (see `fair_order`) for `worker`, atomically."""
         async with self.sessions() as session:
             while True:
-                queued, last_guild, last_user = await self._queued(session)
-                if not queued:
+                order = await self._fair_order(session)
+                if not order:
                     return None
-                candidate = fair_order(queued, last_guild, last_user)[0]
+                candidate = order[0]
                 now = utcnow()
                 result = await session.execute(
                     update(Job).where(Job.id == candidate, Job.state == JobState.queued.value).values(
@@ -297,6 +316,7 @@ class JobStore:
                     )
                 )
                 await session.commit()
+                self.board.changed()
                 if rowcount(result) == 1:
                     return await session.get(Job, candidate, populate_existing=True)
 
@@ -326,11 +346,29 @@ class JobStore:
         return None
 
     async def queue_snapshot(self, job_id: int) -> QueueSnapshot:
+        """The job's place in the fair order: one computation shared by every caller until
+        the queue changes (see `QueueBoard`), then a dictionary look-up."""
+        places = await self.board.places()
+        return QueueSnapshot(places.places.get(job_id), places.length)
+
+    async def queued_to_show(self, margin: timedelta = timedelta(seconds=60)) -> list[Job]:
+        """Queued jobs whose status message can still be edited: their interaction token
+        has more than `margin` left (see `Job.token_usable`). Jobs whose token expired
+        cannot show a new place, so they are not even loaded."""
+        jobs: list[Job] = []
         async with self.sessions() as session:
-            queued, last_guild, last_user = await self._queued(session)
-        order = fair_order(queued, last_guild, last_user)
-        position = order.index(job_id) + 1 if job_id in order else None
-        return QueueSnapshot(position, len(order))
+            result = await session.stream_scalars(
+                select(Job).join(InteractionToken, InteractionToken.job_id == Job.id)
+                .where(Job.state == JobState.queued.value, Job.status_message_id.is_not(None),
+                       InteractionToken.expires_at > utcnow() + margin).order_by(Job.id)
+                .execution_options(yield_per=_PARTITION // 10))
+            async for partition in result.partitions():
+                jobs.extend(partition)
+        return jobs
+
+    async def _compute_order(self) -> list[int]:
+        async with self.sessions() as session:
+            return await self._fair_order(session)
 
     async def queue_length(self) -> int:
         async with self.sessions() as session:
@@ -425,6 +463,7 @@ class JobStore:
                     )
                 )
                 await session.commit()
+                self.board.changed()
             return ids
 
     async def requeue_preparing(self) -> list[int]:
@@ -437,6 +476,7 @@ class JobStore:
                 await session.execute(update(Job).where(Job.id.in_(ids), condition).values(
                     state=JobState.queued.value, worker=None, progress=0.0, updated_at=utcnow()))
                 await session.commit()
+                self.board.changed()
             return ids
 
     async def counts_by_state(self) -> dict[str, int]:
@@ -507,6 +547,21 @@ def _check_length(limits: dict[str, Any] | None, seconds: float) -> None:
     if limits and seconds > limits["max_track_s"]:
         raise TooLongError(f"the track is {format_duration(seconds)} long; this server allows up to "
                            f"{format_duration(limits['max_track_s'])}")
+
+
+def _order_rows(rows: Sequence[Any], served: Sequence[Any]) -> list[int]:
+    """`fair_order` of the queued rows given the served ones (run in a thread)."""
+    queued = [QueuedJob(r.id, r.priority, _moment(r.created_at), r.guild_id or 0, r.user_id) for r in rows]
+    last_user = {(g, u): _timestamp(t) for g, u, t in served if t is not None}  # None: filtered out
+    last_guild: dict[int, float] = {}
+    for (g, _), t in last_user.items():
+        last_guild[g] = max(last_guild.get(g, t), t)
+    return fair_order(queued, last_guild, last_user)
+
+
+def _moment(value: str | datetime) -> datetime:
+    """A timestamp read raw: SQLite gives its text, PostgreSQL's driver a datetime."""
+    return as_utc(datetime.fromisoformat(value) if isinstance(value, str) else value)
 
 
 def _timestamp(moment: datetime) -> float:

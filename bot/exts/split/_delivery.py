@@ -42,6 +42,8 @@ class DiscordNotifier:
         stage = self._stage_started.get(job.id)
         if stage is None or stage[0] != job.state:
             self._stage_started[job.id] = (job.state, time.monotonic())
+        if job.job_state is JobState.queued and not job.token_usable():
+            return  # its message can no longer be edited: no place to compute for it
         self.board.update(job)
 
     async def _render(self, job: Job) -> str:

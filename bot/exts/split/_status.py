@@ -41,6 +41,18 @@ def eta_seconds(fraction: float, elapsed_s: float) -> float | None:
     return elapsed_s * (1.0 - fraction) / fraction
 
 
+# Places shown exactly (with the queue's length); further back, a rounded place and no
+# length, so that one finished job edits a few hundred messages of a long queue, not all.
+EXACT_PLACES = 10
+
+
+def shown_place(position: int) -> int:
+    """`position` rounded down to two significant digits (1234 -> 1200): the text of a
+    message far back in the queue changes only when this does."""
+    step = 10 ** max(len(str(position)) - 2, 0)
+    return position // step * step
+
+
 @dataclass(frozen=True)
 class StatusView:
     """What the status message needs to know beyond the job row."""
@@ -66,8 +78,10 @@ def render_status(job: Job, view: StatusView = StatusView()) -> str:
             line = "Waiting for a worker…"
         elif view.position == 1:
             line = "Next in line." if view.worker_ready else "Next in line; the separation engine is warming up."
-        else:
+        elif view.position <= EXACT_PLACES:
             line = f"Position **{view.position}** of {view.queue_length} in the queue."
+        else:
+            line = f"Position **~{shown_place(view.position):,}** in the queue."
         return f"{header}\n{line}"
     if state is JobState.separating:
         fraction = job.progress or 0.0

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from bot.exts.split._status import StatusBoard, StatusView, eta_seconds, progress_bar, render_status
+from bot.exts.split._status import StatusBoard, StatusView, eta_seconds, progress_bar, render_status, shown_place
 from core.jobs.job import Job, JobState
 
 FULL, EMPTY = "▰", "▱"
@@ -269,3 +269,19 @@ async def test_close_waits_for_an_edit_in_flight():
     board.update(separating(0.8))
     await asyncio.sleep(0.3)
     assert len(editor.started) == 1
+
+
+def test_render_far_back_in_the_queue_shows_a_rounded_place_without_the_length():
+    """A finished job moves every place up one: far back, the text (so the message) stays
+    the same unless the rounded place changes."""
+    far = render_status(make_job(), StatusView(position=5678, queue_length=10_000))
+    assert "Position **~5,600** in the queue." in far and "10,000" not in far and "10000" not in far
+    assert render_status(make_job(), StatusView(position=5677, queue_length=9_999)) == far
+    assert render_status(make_job(), StatusView(position=5599, queue_length=9_999)) != far
+    assert "Position **10** of 12" in render_status(make_job(), StatusView(position=10, queue_length=12))
+    assert [shown_place(p) for p in (11, 99, 100, 109, 110, 1234, 99_999)] == [11, 99, 100, 100, 110, 1200, 99_000]
+    # Of 10,000 queued jobs each moving up one place, few need a new text.
+    job = make_job()
+    changed = sum(render_status(job, StatusView(p, 10_000)) != render_status(job, StatusView(p - 1, 9_999))
+                  for p in range(2, 10_001))
+    assert changed < 300
