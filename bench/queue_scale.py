@@ -8,7 +8,7 @@ from `render_status`; an edit is counted when the text changed).
 
 - new: `JobStore` of this tree: the jobs to redraw come from `queued_to_show`, the places
   from one shared computation (`QueueBoard`).
-- old: `JobStore` of git `--old-ref` (default main), loaded from git beside the new one:
+- old: `JobStore` of git `--old-ref` (default 25ec167, before the queue board), loaded from git beside the new one:
   every queued job (`unfinished`) is redrawn, each redraw computing the whole fair order.
   It is measured on `--old-sample` redraws and the total extrapolated (all of them take
   minutes).
@@ -195,7 +195,8 @@ def main() -> None:
     parser.add_argument("--url", help="an empty database (default: SQLite in a temporary folder)")
     parser.add_argument("--postgres", action="store_true",
                         help="a throwaway PostgreSQL server of the machine (tests/support/postgres.py)")
-    parser.add_argument("--old-ref", default="main", help="git ref of the old store ('' to skip it)")
+    # The last commit before the queue board (0d0f626 merged it).
+    parser.add_argument("--old-ref", default="25ec167", help="git ref of the old store ('' to skip it)")
     parser.add_argument("--old-sample", type=int, default=100)
     args = parser.parse_args()
     if args.postgres:
