@@ -128,7 +128,8 @@ async def test_no_ready_slot_no_handover(setup):
         await fleet.beat("w/cpu", state="ready")
         dispatcher.wake()
         for _ in range(100):
-            if await queue.in_flight():
+            # The queue's id reaches the row just after the queue has the job.
+            if await queue.in_flight() and (await store.get(job_id)).queue_job_id is not None:
                 break
             await asyncio.sleep(0.1)
         assert await queue.in_flight() == 1
