@@ -25,6 +25,12 @@ from ._views import cancel_view, link_view
 log = logging.getLogger(__name__)
 
 PAYLOAD_TOO_LARGE = 40005
+# What Discord answers an edit through the interaction token when the status message was
+# deleted (10008 Unknown Message), the interaction is gone (10015 Unknown Webhook) or the
+# token expired (401, 50027 Invalid Webhook Token): the answer must go another way.
+UNKNOWN_MESSAGE = 10008
+UNKNOWN_WEBHOOK = 10015
+INVALID_WEBHOOK_TOKEN = 50027
 
 
 class DiscordNotifier:
@@ -35,6 +41,7 @@ class DiscordNotifier:
         self.services = services
         self.board = StatusBoard(self._edit_status, self._render)
         self._stage_started: dict[int, tuple[str, float]] = {}
+        self._reply_gone: set[int] = set()  # jobs whose status message can no longer be edited
 
     # -- progress ----------------------------------------------------------------------
 
@@ -61,11 +68,23 @@ class DiscordNotifier:
         return discord.Webhook.partial(job.application_id or self.bot.application_id, token, client=self.bot)
 
     async def _edit_reply(self, job: Job, **fields) -> bool:
-        """Edit the job's status message through the interaction token, if still valid."""
+        """Edit the job's status message through the interaction token, if still valid.
+        False when it cannot be: no token, expired, or the message deleted (by the user or
+        a moderator), so that the caller answers in the channel or by DM instead."""
         token = job.interaction_token
-        if token is None or not job.token_usable() or job.status_message_id is None:
+        if token is None or not job.token_usable() or job.status_message_id is None or job.id in self._reply_gone:
             return False
-        await self._webhook(job, token).edit_message(job.status_message_id, **fields)
+        try:
+            await self._webhook(job, token).edit_message(job.status_message_id, **fields)
+        except discord.HTTPException as exc:
+            if not _reply_unusable(exc):
+                raise
+            log.info("job %s: its status message can no longer be edited (%s %s); answering elsewhere",
+                     job.id, exc.status, exc.code)
+            self._reply_gone.add(job.id)
+            for file in fields.get("attachments") or []:
+                file.reset()  # the failed request may have read them
+            return False
         return True
 
     # -- results -----------------------------------------------------------------------
@@ -75,8 +94,11 @@ class DiscordNotifier:
         self._stage_started.pop(job.id, None)
         # Only checked files go out, under names the bot makes (see core.jobs.results);
         # a failed check raises ResultsRefused, which fails the job.
-        async with open_checked(self.services.storage, job) as (stems_dir, results):
-            await self._deliver_from(job, stems_dir, results)
+        try:
+            async with open_checked(self.services.storage, job) as (stems_dir, results):
+                await self._deliver_from(job, stems_dir, results)
+        finally:
+            self._reply_gone.discard(job.id)
 
     async def _deliver_from(self, job: Job, stems_dir, results: CheckedResults) -> None:
         files = results.files
@@ -157,13 +179,18 @@ class DiscordNotifier:
             content = f"✖️ **Cancelled:** `{job.source_name}`. Nothing was charged."
         else:
             content = f"❌ **Couldn't split** `{job.source_name}`: {shown_error(job)}"
-        if job.job_state is JobState.failed and job.error_kind in input_error_kinds():
-            await self._tell_privately(job, content + " Nothing was charged.")
-            return
-        if await self._edit_reply(job, content=content, view=None):
-            return
-        if job.job_state is JobState.failed:
-            await self._send_result(job, content=content, files=[])
+        try:
+            if job.job_state is JobState.failed and job.error_kind in input_error_kinds():
+                await self._tell_privately(job, content + " Nothing was charged.")
+                return
+            if await self._edit_reply(job, content=content, view=None):
+                return
+            if job.job_state is JobState.failed:
+                # The status message is gone or out of reach: the failure goes to the
+                # channel (mentioning only the user), else by DM, like a result.
+                await self._send_result(job, content=content, files=[])
+        finally:
+            self._reply_gone.discard(job.id)
 
     async def _tell_privately(self, job: Job, content: str) -> None:
         """A refused file or link is the member's business: the public "thinking" message
@@ -188,6 +215,13 @@ class DiscordNotifier:
             await user.send(content=content, allowed_mentions=discord.AllowedMentions.none())
         except (discord.Forbidden, discord.NotFound):
             await self._send_result(job, content=content, files=[])
+
+
+def _reply_unusable(exc: discord.HTTPException) -> bool:
+    """Whether a failed edit of the status message means it can never succeed."""
+    if isinstance(exc, discord.NotFound):
+        return exc.code in (UNKNOWN_MESSAGE, UNKNOWN_WEBHOOK)
+    return exc.status == 401 and exc.code == INVALID_WEBHOOK_TOKEN
 
 
 def _join(*parts: str) -> str:
