@@ -42,10 +42,16 @@ class DiscordNotifier:
         self.board = StatusBoard(self._edit_status, self._render)
         self._stage_started: dict[int, tuple[str, float]] = {}
         self._reply_gone: set[int] = set()  # jobs whose status message can no longer be edited
+        self._reply_sought: set[int] = set()  # jobs whose lost status message id was looked for
 
     # -- progress ----------------------------------------------------------------------
 
     async def job_changed(self, job: Job) -> None:
+        if job.status_message_id is None and job.interaction_token is not None:
+            found = await self._find_reply(job)
+            if found is None:
+                return
+            job = found
         stage = self._stage_started.get(job.id)
         if stage is None or stage[0] != job.state:
             self._stage_started[job.id] = (job.state, time.monotonic())
@@ -63,6 +69,27 @@ class DiscordNotifier:
 
     async def _edit_status(self, job: Job, text: str) -> None:
         await self._edit_reply(job, content=text, view=cancel_view(job.id))
+
+    async def _find_reply(self, job: Job) -> Job | None:
+        """A job admitted whose status message id was never saved (the bot was killed
+        between deferring the interaction and saving it) cannot start and would leave its
+        user "thinking...": find that reply through the token, save it, and let it start.
+        Looked for once per job; what stays unattached the sweeper cancels."""
+        token = job.interaction_token
+        if token is None or not job.token_usable() or job.id in self._reply_sought:
+            return None
+        self._reply_sought.add(job.id)
+        try:
+            # The interaction's reply is the webhook message "@original".
+            message = await self._webhook(job, token).fetch_message("@original")  # type: ignore[arg-type]
+        except discord.HTTPException as exc:
+            log.info("job %s: no reply to attach it to (%s %s)", job.id, exc.status, exc.code)
+            return None
+        if not await self.services.store.update(job.id, status_message_id=message.id):
+            return None
+        log.info("job %s: attached to its reply %s after a restart", job.id, message.id)
+        self.services.dispatcher.wake()
+        return await self.services.store.get(job.id)
 
     def _webhook(self, job: Job, token: str) -> discord.Webhook:
         return discord.Webhook.partial(job.application_id or self.bot.application_id, token, client=self.bot)
