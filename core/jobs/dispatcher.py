@@ -20,7 +20,7 @@ import random
 import shutil
 from collections.abc import Awaitable, Coroutine
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -49,6 +49,9 @@ LOW_DISK = "the bot is short of disk space right now, so it takes no new songs; 
 LOW_DISK_FOR_TRACK = "the bot is short of disk space for a track this long right now; please try again later"
 LOOP_RETRY_BASE_S = 1.0
 LOOP_RETRY_MAX_S = 30.0
+# At start, the ends of jobs left untold are told if they ended this recently; older ones
+# are past caring about (and past the stored files' retention).
+TELL_ENDINGS_WITHIN = timedelta(days=1)
 
 
 class JobMetrics(Protocol):
@@ -167,6 +170,7 @@ class Dispatcher:
         for job in await self.store.unfinished():
             self.execution.resumed(job)
             self._resume(job)
+        self.spawn(self._tell_untold_endings())
         self._task = asyncio.create_task(self._supervise(), name="dispatcher")
 
     async def _supervise(self) -> None:
@@ -187,6 +191,18 @@ class Dispatcher:
             self.start_delivery(job)
         else:
             self.spawn(self.notify(job))
+
+    async def _tell_untold_endings(self) -> None:
+        """Report, once, the failed and cancelled jobs whose user was never told (the end
+        came while the bot was down, or it stopped before telling)."""
+        try:
+            untold = await self.store.untold_endings(since=utcnow() - TELL_ENDINGS_WITHIN)
+        except Exception:
+            log.exception("could not look for job endings left untold")
+            return
+        for job in untold:
+            await self.storage.delete_job(job.id)
+            await self.ended(job)
 
     async def stop(self, delivery_grace_s: float = 30.0) -> None:
         """Stop taking jobs. A delivery under way is allowed to finish: stopping half-way
@@ -381,7 +397,8 @@ class Dispatcher:
                     return
                 log.warning("job %s: delivery failed (%r); retrying", job.id, exc)
                 await asyncio.sleep(delays.pop(0))
-        await self.store.transition(job.id, JobState.done, delivered_at=utcnow())
+        now = utcnow()
+        await self.store.transition(job.id, JobState.done, delivered_at=now, notified_at=now)
         self._finish_metrics(await self.store.get(job.id))
 
     # -- endings -----------------------------------------------------------------------
@@ -427,6 +444,11 @@ class Dispatcher:
             await self.notifier.job_ended(job)
         except Exception:
             log.exception("job %s: could not report its end", job.id)
+            return  # left untold: the next start tries again
+        try:
+            await self.store.update(job.id, notified_at=utcnow())
+        except Exception:
+            log.exception("job %s: could not note that its end was reported", job.id)
 
     def _finish_metrics(self, job: Job | None) -> None:
         if self.metrics is None or job is None:

@@ -122,6 +122,9 @@ class Job(Base):
     separation_s: Mapped[float | None] = mapped_column(Float)
     artifacts: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # When its user was told how it ended (the result delivered, or why it failed or was
+    # cancelled): a restarted bot tells the ones left untold, once (see Dispatcher.start).
+    notified_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     # The bot's alone, in a table of its own that workers cannot read (see InteractionToken).
     # Loaded with the job by the bot's queries; a run's queries never load it (RUN_READS).

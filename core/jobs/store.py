@@ -448,6 +448,15 @@ class JobStore:
             )
             return list(rows)
 
+    async def untold_endings(self, since: datetime) -> list[Job]:
+        """Failed or cancelled jobs, ended after `since`, whose user was never told (the bot
+        stopped first, or a worker ended them while the bot was down), oldest first."""
+        async with self.sessions() as session:
+            rows = await session.scalars(select(Job).where(
+                Job.state.in_([JobState.failed.value, JobState.cancelled.value]), Job.notified_at.is_(None),
+                Job.finished_at > since).order_by(Job.id))
+            return list(rows)
+
     async def requeue_running(self, worker: str | None = None) -> list[int]:
         """Put jobs that were running (on `worker`, or anywhere) back in the queue, e.g.
         after the process running them died. Their attempt count is kept."""

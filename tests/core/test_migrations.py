@@ -97,6 +97,7 @@ def test_interaction_tokens_move_out_of_the_job_rows_and_back(empty_url):
                         "false)", t=datetime(2026, 1, 1, tzinfo=UTC), name=name, token=token,
              expires=expires if token else None)
     upgrade(empty_url, "0007")
+    upgrade(empty_url)  # the store reads through today's models
 
     async def tokens():
         engine = make_engine(empty_url)
@@ -109,7 +110,7 @@ def test_interaction_tokens_move_out_of_the_job_rows_and_back(empty_url):
     columns = {c["name"] for c in _columns(empty_url, "jobs")}
     assert "interaction_token" not in columns and "token_expires_at" not in columns
     assert [tuple(r) for r in _run(empty_url, "SELECT token FROM interaction_tokens")] == [("tok-secret",)]
-    upgrade(empty_url)  # later revisions (0008: indexes) complete the schema the models describe
+    upgrade(empty_url)  # later revisions (0008: indexes, 0009: notified_at) complete the schema the models describe
     assert _drift(empty_url) == []
 
     command.downgrade(alembic_config(empty_url), "0006")
@@ -125,3 +126,21 @@ def _columns(url: str, table: str) -> list:
         await engine.dispose()
         return found
     return asyncio.run(go())
+
+
+def test_jobs_that_ended_before_0009_count_as_told(empty_url):
+    """0009: `notified_at` is set on the jobs that had already ended, so a bot upgraded and
+    restarted does not tell their ends again; unfinished jobs are left untold."""
+    upgrade(empty_url, "0008")
+    for name, state in (("failed.mp3", "failed"), ("running.mp3", "separating")):
+        _run(empty_url, "INSERT INTO jobs (created_at, updated_at, finished_at, user_id, attachment_size_limit, "
+                        "source_kind, source_url, source_name, model, stems, format, priority, state, progress, "
+                        "attempts, cancel_requested, slot_state, quota_state, reserved_s, cache_hit) VALUES (:t, "
+                        ":t, :f, 42, 10, 'attachment', 'u', :name, 'htdemucs', 'all', 'mp3', 0, :state, 0.5, 1, "
+                        "false, 'none', 'none', 0, false)", t=datetime(2026, 1, 1, tzinfo=UTC),
+             f=datetime(2026, 1, 2, tzinfo=UTC) if state == "failed" else None, name=name, state=state)
+    upgrade(empty_url, "0009")
+    rows = _run(empty_url, "SELECT source_name, notified_at IS NOT NULL FROM jobs ORDER BY source_name")
+    assert [tuple(r) for r in rows] == [("failed.mp3", True), ("running.mp3", False)]
+    command.downgrade(alembic_config(empty_url), "0008")
+    assert "notified_at" not in {c["name"] for c in _columns(empty_url, "jobs")}

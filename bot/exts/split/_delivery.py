@@ -25,6 +25,12 @@ from ._views import cancel_view, link_view
 log = logging.getLogger(__name__)
 
 PAYLOAD_TOO_LARGE = 40005
+# What Discord answers an edit through the interaction token when the status message was
+# deleted (10008 Unknown Message), the interaction is gone (10015 Unknown Webhook) or the
+# token expired (401, 50027 Invalid Webhook Token): the answer must go another way.
+UNKNOWN_MESSAGE = 10008
+UNKNOWN_WEBHOOK = 10015
+INVALID_WEBHOOK_TOKEN = 50027
 
 
 class DiscordNotifier:
@@ -35,10 +41,17 @@ class DiscordNotifier:
         self.services = services
         self.board = StatusBoard(self._edit_status, self._render)
         self._stage_started: dict[int, tuple[str, float]] = {}
+        self._reply_gone: set[int] = set()  # jobs whose status message can no longer be edited
+        self._reply_sought: set[int] = set()  # jobs whose lost status message id was looked for
 
     # -- progress ----------------------------------------------------------------------
 
     async def job_changed(self, job: Job) -> None:
+        if job.status_message_id is None and job.interaction_token is not None:
+            found = await self._find_reply(job)
+            if found is None:
+                return
+            job = found
         stage = self._stage_started.get(job.id)
         if stage is None or stage[0] != job.state:
             self._stage_started[job.id] = (job.state, time.monotonic())
@@ -59,15 +72,48 @@ class DiscordNotifier:
     async def _edit_status(self, job: Job, text: str) -> None:
         await self._edit_reply(job, content=text, view=cancel_view(job.id))
 
+    async def _find_reply(self, job: Job) -> Job | None:
+        """A job admitted whose status message id was never saved (the bot was killed
+        between deferring the interaction and saving it) cannot start and would leave its
+        user "thinking...": find that reply through the token, save it, and let it start.
+        Looked for once per job; what stays unattached the sweeper cancels."""
+        token = job.interaction_token
+        if token is None or not job.token_usable() or job.id in self._reply_sought:
+            return None
+        self._reply_sought.add(job.id)
+        try:
+            # The interaction's reply is the webhook message "@original".
+            message = await self._webhook(job, token).fetch_message("@original")  # type: ignore[arg-type]
+        except discord.HTTPException as exc:
+            log.info("job %s: no reply to attach it to (%s %s)", job.id, exc.status, exc.code)
+            return None
+        if not await self.services.store.update(job.id, status_message_id=message.id):
+            return None
+        log.info("job %s: attached to its reply %s after a restart", job.id, message.id)
+        self.services.dispatcher.wake()
+        return await self.services.store.get(job.id)
+
     def _webhook(self, job: Job, token: str) -> discord.Webhook:
         return discord.Webhook.partial(job.application_id or self.bot.application_id, token, client=self.bot)
 
     async def _edit_reply(self, job: Job, **fields) -> bool:
-        """Edit the job's status message through the interaction token, if still valid."""
+        """Edit the job's status message through the interaction token, if still valid.
+        False when it cannot be: no token, expired, or the message deleted (by the user or
+        a moderator), so that the caller answers in the channel or by DM instead."""
         token = job.interaction_token
-        if token is None or not job.token_usable() or job.status_message_id is None:
+        if token is None or not job.token_usable() or job.status_message_id is None or job.id in self._reply_gone:
             return False
-        await self._webhook(job, token).edit_message(job.status_message_id, **fields)
+        try:
+            await self._webhook(job, token).edit_message(job.status_message_id, **fields)
+        except discord.HTTPException as exc:
+            if not _reply_unusable(exc):
+                raise
+            log.info("job %s: its status message can no longer be edited (%s %s); answering elsewhere",
+                     job.id, exc.status, exc.code)
+            self._reply_gone.add(job.id)
+            for file in fields.get("attachments") or []:
+                file.reset()  # the failed request may have read them
+            return False
         return True
 
     # -- results -----------------------------------------------------------------------
@@ -77,8 +123,11 @@ class DiscordNotifier:
         self._stage_started.pop(job.id, None)
         # Only checked files go out, under names the bot makes (see core.jobs.results);
         # a failed check raises ResultsRefused, which fails the job.
-        async with open_checked(self.services.storage, job) as (stems_dir, results):
-            await self._deliver_from(job, stems_dir, results)
+        try:
+            async with open_checked(self.services.storage, job) as (stems_dir, results):
+                await self._deliver_from(job, stems_dir, results)
+        finally:
+            self._reply_gone.discard(job.id)
 
     async def _deliver_from(self, job: Job, stems_dir, results: CheckedResults) -> None:
         files = results.files
@@ -159,13 +208,18 @@ class DiscordNotifier:
             content = f"✖️ **Cancelled:** `{job.source_name}`. Nothing was charged."
         else:
             content = f"❌ **Couldn't split** `{job.source_name}`: {shown_error(job)}"
-        if job.job_state is JobState.failed and job.error_kind in input_error_kinds():
-            await self._tell_privately(job, content + " Nothing was charged.")
-            return
-        if await self._edit_reply(job, content=content, view=None):
-            return
-        if job.job_state is JobState.failed:
-            await self._send_result(job, content=content, files=[])
+        try:
+            if job.job_state is JobState.failed and job.error_kind in input_error_kinds():
+                await self._tell_privately(job, content + " Nothing was charged.")
+                return
+            if await self._edit_reply(job, content=content, view=None):
+                return
+            if job.job_state is JobState.failed:
+                # The status message is gone or out of reach: the failure goes to the
+                # channel (mentioning only the user), else by DM, like a result.
+                await self._send_result(job, content=content, files=[])
+        finally:
+            self._reply_gone.discard(job.id)
 
     async def _tell_privately(self, job: Job, content: str) -> None:
         """A refused file or link is the member's business: the public "thinking" message
@@ -190,6 +244,13 @@ class DiscordNotifier:
             await user.send(content=content, allowed_mentions=discord.AllowedMentions.none())
         except (discord.Forbidden, discord.NotFound):
             await self._send_result(job, content=content, files=[])
+
+
+def _reply_unusable(exc: discord.HTTPException) -> bool:
+    """Whether a failed edit of the status message means it can never succeed."""
+    if isinstance(exc, discord.NotFound):
+        return exc.code in (UNKNOWN_MESSAGE, UNKNOWN_WEBHOOK)
+    return exc.status == 401 and exc.code == INVALID_WEBHOOK_TOKEN
 
 
 def _join(*parts: str) -> str:
