@@ -267,9 +267,10 @@ class Dispatcher:
 
     async def submit(self, policy: Policy, **fields: Any) -> tuple[Job | None, str | None]:
         """Queue a job if its user and server have a free slot; else say why not."""
-        if self.config.min_free_bytes and self.free_bytes() < self.config.min_free_bytes:
+        free = self.free_bytes() if self.config.min_free_bytes else None
+        if free is not None and free < self.config.min_free_bytes:
             log.warning("refusing a new job: %d MB free in %s, below the %d MB kept free",
-                        self.free_bytes() // 2**20, self.storage.root, self.config.min_free_bytes // 2**20)
+                        free // 2**20, self.storage.root, self.config.min_free_bytes // 2**20)
             return None, LOW_DISK
         job, refusal = await self.store.admit(policy, **fields)
         if job is not None:
@@ -314,9 +315,10 @@ class Dispatcher:
     def _check_room_to_stage(self, duration_s: float) -> None:
         """Refuse a track whose split would not fit on this disk beside the space kept free."""
         needed = int(duration_s * STAGING_BYTES_PER_SECOND) + self.config.min_free_bytes
-        if self.free_bytes() < needed:
+        free = self.free_bytes()
+        if free < needed:
             log.warning("refusing a %.0f s track: %d MB free, %d MB needed to split it",
-                        duration_s, self.free_bytes() // 2**20, needed // 2**20)
+                        duration_s, free // 2**20, needed // 2**20)
             raise LowDiskError(LOW_DISK_FOR_TRACK)
 
     async def _fetch(self, job: Job, dest: Path) -> int:
