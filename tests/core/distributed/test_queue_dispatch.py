@@ -27,17 +27,7 @@ from core.storage.s3_client import S3Client
 from core.storage.s3_storage import S3Storage
 from tests.support.media import music
 from tests.support.s3_policy import expires_at, signed_policy
-
-
-class Silent:
-    async def job_changed(self, job):
-        return None
-
-    async def deliver(self, job):
-        return None
-
-    async def job_ended(self, job):
-        return None
+from tests.support.silent_notifier import Silent
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ import asyncio
 from dataclasses import replace
 
 import pytest
-import pytest_asyncio
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from core.db import make_engine
@@ -29,7 +28,7 @@ from core.jobs.quotas import (
 )
 from core.runtime import ceilings_of, default_policy
 from core.settings import Settings
-from tests.support.quota_db import FIELDS, admit, open_db
+from tests.support.quota_db import FIELDS, admit
 
 G = 5  # the server of most tests; G + k are others
 
@@ -40,19 +39,6 @@ CEILINGS = Ceilings(user_minutes_per_day=60.0, guild_minutes_per_day=300.0, user
 # Ceilings far above every test's policy: the counters across servers, and nothing else.
 ROOMY_CEILINGS = Ceilings(user_minutes_per_day=10_000.0, guild_minutes_per_day=100_000.0, user_concurrent_jobs=1000,
                           guild_queued_jobs=10_000, max_track_minutes=600.0, total_queued_jobs=10_000)
-
-
-@pytest_asyncio.fixture
-async def db(database_url):
-    async with open_db(database_url) as db:
-        yield db
-
-
-@pytest_asyncio.fixture
-async def wide(database_url):
-    """The same database through 4 engines (60 connections): room for 50 at once."""
-    async with open_db(database_url, engines=4) as db:
-        yield db
 
 
 # -- the policy in force -----------------------------------------------------------------------

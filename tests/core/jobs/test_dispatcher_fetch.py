@@ -17,17 +17,7 @@ from core.net.fetcher import NOT_ON_CDN
 from core.runtime import Runtime
 from core.settings import Settings
 from tests.support.media import music
-
-
-class Silent:
-    async def job_changed(self, job):
-        return None
-
-    async def deliver(self, job):
-        return None
-
-    async def job_ended(self, job):
-        return None
+from tests.support.silent_notifier import Silent
 
 
 class Site:

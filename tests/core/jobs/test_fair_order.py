@@ -4,11 +4,9 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-import pytest_asyncio
-
 from core.db import utcnow
 from core.jobs.fair_order import QueuedJob, fair_order
-from tests.support.quota_db import admit, open_db
+from tests.support.quota_db import admit
 
 T0 = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
 
@@ -128,12 +126,6 @@ def test_fair_order_does_not_modify_its_inputs():
 
 
 # -- on a real database ----------------------------------------------------------------------
-
-
-@pytest_asyncio.fixture
-async def db(database_url):
-    async with open_db(database_url) as db:
-        yield db
 
 
 async def _claims_follow_snapshots(store, expected: list[int]) -> None:

@@ -6,18 +6,11 @@ from __future__ import annotations
 import asyncio
 from datetime import timedelta
 
-import pytest_asyncio
 from sqlalchemy import event
 
 from core.db import utcnow
 from core.jobs.job import JobState
-from tests.support.quota_db import admit, open_db
-
-
-@pytest_asyncio.fixture
-async def db(database_url):
-    async with open_db(database_url) as db:
-        yield db
+from tests.support.quota_db import admit
 
 
 class Statements:

@@ -7,7 +7,6 @@ import asyncio
 from datetime import UTC, date, datetime, timedelta, timezone
 
 import pytest
-import pytest_asyncio
 
 import core.jobs.quotas as quotas
 from core.errors import TooLongError
@@ -29,19 +28,6 @@ G = 5  # the server of most tests
 
 DEFAULTS = Policy(user_minutes_per_day=30.0, guild_minutes_per_day=120.0, user_concurrent_jobs=2,
                   guild_queued_jobs=10, max_track_minutes=15.0)
-
-
-@pytest_asyncio.fixture
-async def db(database_url):
-    async with open_db(database_url) as db:
-        yield db
-
-
-@pytest_asyncio.fixture
-async def wide(database_url):
-    """The same database through 4 engines (60 connections): room for 50 at once."""
-    async with open_db(database_url, engines=4) as db:
-        yield db
 
 
 async def start(store, job_id: int) -> None:
