@@ -94,7 +94,12 @@ class DiscordNotifier:
         return await self.services.store.get(job.id)
 
     def _webhook(self, job: Job, token: str) -> discord.Webhook:
-        return discord.Webhook.partial(job.application_id or self.bot.application_id, token, client=self.bot)
+        """The interaction's webhook. An application webhook, as discord.py builds
+        `Interaction.followup` from the same id and token: only such a webhook may send
+        ephemeral follow-ups."""
+        return discord.Webhook.from_state(
+            data={"id": job.application_id or self.bot.application_id, "type": 3, "token": token},
+            state=self.bot._connection)
 
     async def _edit_reply(self, job: Job, **fields) -> bool:
         """Edit the job's status message through the interaction token, if still valid.
@@ -227,11 +232,7 @@ class DiscordNotifier:
         interaction token has expired; the channel, mentioning them, when DMs are closed)."""
         token = job.interaction_token
         if token is not None and job.token_usable():
-            # Only an application webhook may send ephemeral follow-ups; this is how
-            # discord.py builds `Interaction.followup` from the same id and token.
-            webhook = discord.Webhook.from_state(
-                data={"id": job.application_id or self.bot.application_id, "type": 3, "token": token},
-                state=self.bot._connection)
+            webhook = self._webhook(job, token)
             if job.status_message_id is not None:
                 try:
                     await webhook.delete_message(job.status_message_id)
