@@ -41,6 +41,13 @@ async def echo(interaction: discord.Interaction, text: str) -> None:
     await interaction.followup.send(content=text, file=discord.File(io.BytesIO(text.encode()), filename="echo.txt"))
 
 
+@app_commands.command(name="retract", description="Defer, delete the placeholder, then answer privately")
+async def retract(interaction: discord.Interaction) -> None:
+    await interaction.response.defer(thinking=True)
+    await interaction.delete_original_response()
+    await interaction.followup.send("only you can see this", ephemeral=True)
+
+
 @app_commands.command(name="size", description="Report the size of an uploaded file")
 async def size(interaction: discord.Interaction, upload: discord.Attachment) -> None:
     data = await upload.read()  # fetched from the fake's CDN
@@ -85,7 +92,7 @@ class FixtureBot(commands.Bot):
         self.errors.append(error)
 
     async def setup_hook(self) -> None:
-        for command in (echo, size, button, post, count_words):
+        for command in (echo, retract, size, button, post, count_words):
             self.tree.add_command(command)
         await self.tree.sync()
 
@@ -108,7 +115,7 @@ async def bot(fake: FakeDiscord):
 async def test_bot_logs_in_syncs_commands_and_identifies(fake: FakeDiscord, bot: FixtureBot) -> None:
     assert fake.identifies[0]["token"] == "fake-token"
     assert bot.user is not None and bot.user.id == fake.application_id
-    assert {c["name"] for c in fake.commands} == {"echo", "size", "button", "post", "Count words"}
+    assert {c["name"] for c in fake.commands} == {"echo", "retract", "size", "button", "post", "Count words"}
     assert all(int(c["id"]) > 0 for c in fake.commands)
     # discord.py asks for a compressed stream; the fake honours it.
     assert "compress=zlib-stream" in fake.gateway_urls[0] or "compress=zstd-stream" in fake.gateway_urls[0]
@@ -127,6 +134,19 @@ async def test_deferred_echo_replaces_thinking_message_with_file(fake: FakeDisco
     assert followup_request.status == 200
     assert [f.filename for f in followup_request.files] == ["echo.txt"]
     assert followup_request.files[0].data == b"hello stems"
+
+
+async def test_followup_after_the_placeholder_was_deleted_is_a_message_of_its_own(
+    fake: FakeDiscord, bot: FixtureBot
+) -> None:
+    interaction = await fake.send_slash_command("retract", [])
+
+    [answer] = await fake.wait_for_messages(interaction, 1)
+
+    assert answer.id != interaction.original_message_id
+    assert answer.content == "only you can see this" and answer.is_ephemeral
+    [placeholder] = [m for m in fake.messages_for(interaction, include_deleted=True) if m.deleted]
+    assert placeholder.id == interaction.original_message_id
 
 
 async def test_attachment_option_is_downloaded_from_fake_cdn(fake: FakeDiscord, bot: FixtureBot) -> None:

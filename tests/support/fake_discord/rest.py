@@ -276,9 +276,10 @@ class RestApi:
     def _create_followup(self, record: RecordedRequest, app_id: str, token: str) -> Any:
         interaction = self._acknowledged_interaction(app_id, token)
         original = self.state.messages.get(interaction.original_message_id) if interaction.original_message_id else None
-        if original is not None and original.is_loading and not interaction.followup_ids:
+        if original is not None and original.is_loading and not original.deleted and not interaction.followup_ids:
             # Discord turns the first followup after a deferred response into that response:
             # it replaces the "thinking" placeholder, and the defer fixed its ephemerality.
+            # Once the placeholder is deleted, a followup is a message of its own.
             ephemeral = original.flags & FLAG_EPHEMERAL
             self.state.apply_message_payload(original, record.json or {}, record.files, editing=True)
             original.flags = (original.flags & ~FLAG_EPHEMERAL) | ephemeral
