@@ -65,7 +65,10 @@ class Job(Base):
     __tablename__ = "jobs"
     # The fair order's "who was served lately" (`JobStore._fair_order`): a range of
     # started_at, read from the index alone. (Queued jobs are found by `state`'s index.)
-    __table_args__ = (Index("ix_jobs_started_at_guild_user", "started_at", "guild_id", "user_id"),)
+    # The sweeper's old rows (`expired_history`) and the files past retention: a range of
+    # finished_at, oldest first.
+    __table_args__ = (Index("ix_jobs_started_at_guild_user", "started_at", "guild_id", "user_id"),
+                      Index("ix_jobs_finished_at", "finished_at"))
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
