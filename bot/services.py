@@ -164,11 +164,7 @@ class Services:
 
     async def forget_user(self, user_id: int) -> int:
         """Delete the stored files of a user's finished jobs now (/forget)."""
-        jobs = await self.store.finished_before(utcnow(), user_id=user_id)
-        for job in jobs:
-            await self.storage.delete_job(job.id)
-            await self.store.update(job.id, artifacts_deleted_at=utcnow())
-        return len(jobs)
+        return len(await self.sweeper.expire(utcnow(), user_id=user_id))
 
     async def stem_links(self, job_id: int, names: list[str]) -> dict[str, str]:
         """Expiring download links for a job's stems: presigned by the object store, or

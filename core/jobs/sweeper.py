@@ -16,7 +16,7 @@ import logging
 import shutil
 import time
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from core.db import utcnow
 from core.jobs.job import FINAL, JobState
@@ -68,16 +68,23 @@ class Sweeper:
         await self.store.cancel_unattached(utcnow() - timedelta(seconds=UNATTACHED_AFTER_S))
         report.settled = await self.store.settle_finished()
         await self.store.reconcile_slots()
-        cutoff = utcnow() - timedelta(seconds=self.retention_s)
-        for job in await self.store.finished_before(cutoff):
-            await self.storage.delete_job(job.id)
-            await self.store.update(job.id, artifacts_deleted_at=utcnow())
-            report.expired.append(job.id)
+        report.expired = await self.expire(utcnow() - timedelta(seconds=self.retention_s))
         report.removed = await self._leftovers(time.time() if now is None else now)
         # Rows go only after their files (the retention above marks them deleted).
         history_cutoff = utcnow() - timedelta(seconds=max(self.history_s, self.retention_s))
         report.forgotten = await self.store.delete_history(history_cutoff)
         return report
+
+    async def expire(self, before: datetime, user_id: int | None = None) -> list[int]:
+        """Delete the files of the finished jobs that ended before `before` (only those of
+        `user_id`: /forget), wherever the storage keeps them, and mark them deleted: their
+        download links stop working, and the results cache no longer offers them."""
+        expired = []
+        for job in await self.store.finished_before(before, user_id=user_id):
+            await self.storage.delete_job(job.id)
+            await self.store.update(job.id, artifacts_deleted_at=utcnow())
+            expired.append(job.id)
+        return expired
 
     async def _leftovers(self, now: float) -> list[str]:
         removed: list[str] = []
