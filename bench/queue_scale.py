@@ -39,7 +39,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sqlalchemy import event
+from sqlalchemy import event, insert
 
 from bot.exts.split._status import StatusView, render_status
 from core.db import make_engine, make_sessions, upgrade, utcnow
@@ -67,9 +67,18 @@ def old_store_class(ref: str) -> type:
     return module.JobStore
 
 
-async def fill(sessions, queued: int, servers: int, live: int, served: int) -> None:
+async def fill(sessions, queued: int, servers: int, live: int, served: int, history: int) -> None:
     now = utcnow()
     async with sessions() as session:
+        # Older history: jobs that ended 1 to 30 days ago, files deleted (what the job
+        # history keeps; the queries of a completion must not read them).
+        for start in range(0, history, 5000):
+            rows = []
+            for k in range(start, min(history, start + 5000)):
+                ended = now - timedelta(days=1 + 29 * (k + 1) / history)
+                rows.append(dict(**FIELDS, user_id=k % 3000, guild_id=k % servers, state=JobState.done.value,
+                                 created_at=ended, started_at=ended, finished_at=ended, artifacts_deleted_at=ended))
+            await session.execute(insert(Job), rows)
         for k in range(served):  # a day of history: who was served when
             started = now - timedelta(seconds=80_000 * (k + 1) / served)
             session.add(Job(**FIELDS, user_id=k % 3000, guild_id=k % servers, state=JobState.done.value,
@@ -194,10 +203,10 @@ async def run(url: str, args) -> None:
 
     event.listen(engine.sync_engine, "before_cursor_execute", count)
     sessions = make_sessions(engine)
-    await fill(sessions, args.jobs, args.servers, args.live, args.served)
+    await fill(sessions, args.jobs, args.servers, args.live, args.served, args.history)
     kind = url.split(":")[0]
     print(f"{args.jobs} queued jobs over {args.servers} servers ({args.live} with a live token), "
-          f"{args.served} served in the last day; {kind}")
+          f"{args.served} served in the last day, {args.history} in the 29 days before; {kind}")
     await explain(engine)
 
     sides = [Side("new", JobStore(sessions), frozen=True, sample=args.old_sample)]
@@ -286,6 +295,7 @@ def main() -> None:
     parser.add_argument("--servers", type=int, default=500)
     parser.add_argument("--live", type=int, default=1_000, help="queued jobs whose token is still usable")
     parser.add_argument("--served", type=int, default=5_000, help="jobs started in the last day")
+    parser.add_argument("--history", type=int, default=50_000, help="jobs that ended 1 to 30 days ago")
     parser.add_argument("--url", help="an empty database (default: SQLite in a temporary folder)")
     parser.add_argument("--postgres", action="store_true",
                         help="a throwaway PostgreSQL server of the machine (tests/support/postgres.py)")

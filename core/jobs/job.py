@@ -165,6 +165,9 @@ class InteractionToken(Base):
     workers read, and the workers' database role has no right on this table."""
 
     __tablename__ = "interaction_tokens"
+    # The queued jobs whose message can still be edited (`JobStore.queued_to_show`): the few
+    # tokens of the last 15 minutes, found by a range of expires_at.
+    __table_args__ = (Index("ix_interaction_tokens_expires_at", "expires_at"),)
 
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
     token: Mapped[str] = mapped_column(Text)
