@@ -23,7 +23,7 @@ from core.host.handle import HostHandle
 from core.jobs.dispatcher import Dispatcher, ExecutionBackend
 from core.jobs.embedded_execution import EmbeddedExecution
 from core.jobs.sweeper import Sweeper
-from core.ops.looplag import LoopLagMonitor
+from core.ops.looplag import LoopLagMonitor, freeze_start_up_heap
 from core.ops.web import HealthChecks, Metrics, build_ops_app, build_public_app, start_web, stop_web
 from core.runtime import Runtime
 from core.separation import catalogue
@@ -79,7 +79,8 @@ class Services:
         self._boot: asyncio.Task | None = None
         self._metrics_task: asyncio.Task | None = None
         self._sweeper_task: asyncio.Task | None = None
-        self.sweeper = Sweeper(self.store, self.storage, settings.retention_hours * 3600)
+        self.sweeper = Sweeper(self.store, self.storage, settings.retention_hours * 3600,
+                               history_s=settings.job_history_days * 86400)
         self._models: list[str] | None = None
         self._extras: list = []  # what extensions started beside these (see `add_background`)
 
@@ -117,6 +118,9 @@ class Services:
         self._boot = asyncio.create_task(self._start_worker(dispatcher), name="worker-boot")
         self._metrics_task = asyncio.create_task(self._metrics_loop(), name="metrics")
         self.loop_lag.start()
+        # Everything imported and built so far lives as long as the bot: out of the
+        # garbage collector's full collections, which would otherwise walk it each time.
+        freeze_start_up_heap()
         self._sweeper_task = asyncio.create_task(self.sweeper.run(), name="sweeper")
 
     async def _start_worker(self, dispatcher: Dispatcher) -> None:
@@ -160,11 +164,7 @@ class Services:
 
     async def forget_user(self, user_id: int) -> int:
         """Delete the stored files of a user's finished jobs now (/forget)."""
-        jobs = await self.store.finished_before(utcnow(), user_id=user_id)
-        for job in jobs:
-            await self.storage.delete_job(job.id)
-            await self.store.update(job.id, artifacts_deleted_at=utcnow())
-        return len(jobs)
+        return len(await self.sweeper.expire(utcnow(), user_id=user_id))
 
     async def stem_links(self, job_id: int, names: list[str]) -> dict[str, str]:
         """Expiring download links for a job's stems: presigned by the object store, or

@@ -155,6 +155,12 @@ class Settings(BaseSettings):
     discord_cdn_url: str = "https://cdn.discordapp.com,https://media.discordapp.net"
     fetch_allowed_networks: str = ""
 
+    # Job history (core/jobs/sweeper.py): the rows of jobs that ended more than this many
+    # days ago (and whose files are gone) are deleted, in batches. Stats (/stembot stats) and
+    # `stembot jobs` see this far back; quota usage lives in its own table and is kept. At
+    # least a day: the fair order and the restart's untold endings read the last day's rows.
+    job_history_days: float = Field(default=30.0, ge=1.0)
+
     @field_validator("model_dir", "public_url", "database_url", "discord_api_url", "discord_gateway_url",
                      "worker_name", "worker_devices", "s3_bucket", "s3_endpoint_url", "s3_public_endpoint_url",
                      mode="before")

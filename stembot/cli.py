@@ -17,7 +17,7 @@ from sqlalchemy.engine import make_url
 from tqdm import tqdm
 
 from core import db
-from core.distributed.queue import install_schema
+from core.distributed.queue_schema import INSTALLED, upgrade_queue_schema
 from core.distributed.queue_worker import QueueWorker
 from core.distributed.worker_role import check_name, ensure_worker_role, reapply_worker_grants
 from core.errors import StembotError
@@ -262,15 +262,18 @@ def cmd_run(args, parser) -> int:
 
 
 def _upgrade_database(settings) -> None:
-    """Migrate the schema; on PostgreSQL also install the job queue's tables."""
+    """Migrate the schema; on PostgreSQL also install or migrate the job queue's tables."""
     url = settings.resolved_database_url
     if settings.queue == "postgres" and not url.startswith("postgresql"):
         raise ValueError("STEMBOT_QUEUE=postgres needs a PostgreSQL database "
                          "(STEMBOT_DATABASE_URL=postgresql+asyncpg://user:password@host/db)")
     db.upgrade(url)
     if url.startswith("postgresql"):
-        if asyncio.run(install_schema(url)):
+        done = asyncio.run(upgrade_queue_schema(url))
+        if done == [INSTALLED]:
             print("installed the job queue's tables", file=sys.stderr)
+        elif done:
+            print(f"upgraded the job queue's tables: {', '.join(done)}", file=sys.stderr)
         # A migration may have added a column that a worker reads or writes.
         roles = asyncio.run(reapply_worker_grants(url))
         if roles:

@@ -15,7 +15,6 @@ import logging
 from collections.abc import Awaitable, Callable
 
 import procrastinate
-import psycopg
 from procrastinate import exceptions as pq_errors
 from sqlalchemy.engine import make_url
 
@@ -114,19 +113,3 @@ class JobQueue:
         """Delete the queue's records of jobs finished more than `hours` ago."""
         await self.app.job_manager.delete_old_jobs(nb_hours=max(1, round(hours)), queue=QUEUE, include_failed=True,
                                                   include_cancelled=True, include_aborted=True)
-
-
-async def schema_installed(database_url: str) -> bool:
-    async with await psycopg.AsyncConnection.connect(conninfo(database_url)) as connection:
-        row = await (await connection.execute("SELECT to_regclass('procrastinate_jobs')")).fetchone()
-        return row is not None and row[0] is not None
-
-
-async def install_schema(database_url: str) -> bool:
-    """Create procrastinate's tables on a database that has none. Returns whether it did."""
-    if await schema_installed(database_url):
-        return False
-    app = make_app(database_url)
-    async with app.open_async():
-        await app.schema_manager.apply_schema_async()
-    return True

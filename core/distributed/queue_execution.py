@@ -186,10 +186,9 @@ class QueueExecution(AttachedBackend):
             queue_moved = True
         if queue_moved:
             dispatcher.wake()
-            for job in current.values():
-                # Only messages that can still be edited show their new place.
-                if job.job_state is JobState.queued and job.id not in notified and job.token_usable():
-                    dispatcher.spawn(dispatcher.notify(job))
+            # Only messages that can still be edited show their new place.
+            await dispatcher.show_places(job for job in current.values() if job.job_state is JobState.queued
+                                         and job.id not in notified and job.token_usable())
 
 
     async def _reserve(self, job: Job) -> bool:

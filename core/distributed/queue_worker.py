@@ -28,7 +28,8 @@ import procrastinate
 
 from core.db import head_revision, known_revisions, schema_revision
 from core.distributed.fleet import Fleet
-from core.distributed.queue import QUEUE, JobQueue, make_app, schema_installed
+from core.distributed.queue import QUEUE, JobQueue, make_app
+from core.distributed.queue_schema import schema_installed
 from core.errors import StembotError
 from core.host.handle import HostHandle
 from core.jobs.job import Job

@@ -18,7 +18,7 @@ import hashlib
 import logging
 import random
 import shutil
-from collections.abc import Awaitable, Coroutine
+from collections.abc import Awaitable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -101,6 +101,10 @@ class ExecutionBackend(Protocol):
 
     async def cancel(self, job_id: int) -> None:
         """Stop job `job_id`, whose cancel the store accepted, and see its end reported."""
+
+
+# Status messages redrawn per turn of the event loop when the queue moves (`show_places`).
+PLACES_PER_STEP = 50
 
 
 class AttachedBackend:
@@ -464,6 +468,17 @@ class Dispatcher:
         job = await self.store.get(job_id)
         if job is not None:
             await self.notify(job)
+
+    async def show_places(self, jobs: Iterable[Job]) -> None:
+        """Show queued jobs their new place after the queue moved: the order computed once,
+        then their messages redrawn `PLACES_PER_STEP` at a time, the event loop running
+        between steps (a thousand redraws started at once all run in one turn of the loop,
+        holding it for tens of milliseconds)."""
+        await self.store.board.places()
+        for k, job in enumerate(jobs, start=1):
+            self.spawn(self.notify(job))
+            if k % PLACES_PER_STEP == 0:
+                await asyncio.sleep(0)
 
     async def notify(self, job: Job) -> None:
         """Show the job's state; a failure to show it is logged, never raised."""

@@ -96,8 +96,7 @@ class EmbeddedExecution(AttachedBackend):
         # Jobs behind it moved up one place: those whose message can still show it. (Each
         # place comes from one shared computation, `JobStore.queue_snapshot`.)
         try:
-            for queued in await dispatcher.store.queued_to_show():
-                dispatcher.spawn(dispatcher.notify(queued))
+            await dispatcher.show_places(await dispatcher.store.queued_to_show())
         except Exception:  # logged: their places show at the next change
             log.warning("could not show the queue's new places", exc_info=True)
 

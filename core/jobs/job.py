@@ -65,7 +65,10 @@ class Job(Base):
     __tablename__ = "jobs"
     # The fair order's "who was served lately" (`JobStore._fair_order`): a range of
     # started_at, read from the index alone. (Queued jobs are found by `state`'s index.)
-    __table_args__ = (Index("ix_jobs_started_at_guild_user", "started_at", "guild_id", "user_id"),)
+    # The sweeper's old rows (`expired_history`) and the files past retention: a range of
+    # finished_at, oldest first.
+    __table_args__ = (Index("ix_jobs_started_at_guild_user", "started_at", "guild_id", "user_id"),
+                      Index("ix_jobs_finished_at", "finished_at"))
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
@@ -162,6 +165,9 @@ class InteractionToken(Base):
     workers read, and the workers' database role has no right on this table."""
 
     __tablename__ = "interaction_tokens"
+    # The queued jobs whose message can still be edited (`JobStore.queued_to_show`): the few
+    # tokens of the last 15 minutes, found by a range of expires_at.
+    __table_args__ = (Index("ix_interaction_tokens_expires_at", "expires_at"),)
 
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
     token: Mapped[str] = mapped_column(Text)

@@ -18,27 +18,29 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import (
-    String,
+    Select,
     Text,
     and_,
     case,
     cast,
+    column,
+    delete,
     exists,
     false,
     func,
     or_,
     select,
-    type_coerce,
+    table,
     update,
 )
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import load_only, raiseload
 from sqlalchemy.sql.elements import ColumnElement
 
-from core.db import as_utc, rowcount, utcnow
+from core.db import rowcount, utcnow
 from core.errors import TooLongError
 from core.jobs import quotas
-from core.jobs.fair_order import QueuedJob, fair_order
+from core.jobs.fair_order import fair_order_oldest_first
 from core.jobs.job import (
     ALLOWED_FROM,
     FINAL,
@@ -65,6 +67,15 @@ class QueueSnapshot:
 # A job asked for through an interaction may start only once its status message exists:
 # until then there is nothing to show its progress or its end in.
 _attached = or_(Job.status_message_id.is_not(None), ~exists().where(InteractionToken.job_id == Job.id))
+
+_guild = func.coalesce(Job.guild_id, 0)
+_queued_to_start = and_(Job.state == JobState.queued.value, _attached)
+
+_FINAL_VALUES = [s.value for s in FINAL]
+
+# A challenge (core.challenges, a layer above) refers to its track's split by job id; while
+# it waits for the split ("splitting") it reads that job's row.
+_challenges = table("challenges", column("job_id"), column("state"))
 
 # The job still holds presigned URLs. (Clearing them writes JSON null, not SQL NULL.)
 _has_transfer = and_(Job.transfer.is_not(None), cast(Job.transfer, Text) != "null")
@@ -278,26 +289,17 @@ class JobStore:
             return moved
 
     async def _fair_order(self, session: AsyncSession) -> list[int]:
-        """The queued jobs' ids in fair order. Two indexed queries; the Python part (rows to
-        `QueuedJob`s, the order) runs in a thread, off the event loop, for any queue length."""
-        # created_at as the driver gives it: parsed in the thread, not row by row on the loop;
-        # read in partitions, so that the loop runs between them.
+        """The queued jobs' ids in fair order. Two indexed queries that return only plain
+        numbers, the jobs oldest first (so no timestamp is read, parsed or compared in
+        Python); the order itself is computed in a thread, off the event loop."""
+        # Read in partitions, so that the loop runs between them.
         rows: list[Any] = []
-        result = await session.stream(
-            select(Job.id, Job.priority, type_coerce(Job.created_at, String).label("created_at"), Job.guild_id,
-                   Job.user_id)
-            .where(Job.state == JobState.queued.value, _attached).execution_options(yield_per=_PARTITION))
+        result = await session.stream(queued_oldest_first().execution_options(yield_per=_PARTITION))
         async for partition in result.partitions():
             rows.extend(partition)
         if not rows:
             return []
-        since = utcnow() - timedelta(days=1)
-        guild = func.coalesce(Job.guild_id, 0)
-        # Only servers with queued jobs matter; the range on started_at uses its index.
-        served = (await session.execute(
-            select(guild, Job.user_id, func.max(Job.started_at))
-            .where(Job.started_at > since, guild.in_({r.guild_id or 0 for r in rows})).group_by(guild, Job.user_id)
-        )).all()
+        served = (await session.execute(served_lately(utcnow() - timedelta(days=1)))).all()
         return await asyncio.to_thread(_order_rows, rows, served)
 
     async def claim_next(self, worker: str) -> Job | None:
@@ -358,10 +360,7 @@ class JobStore:
         jobs: list[Job] = []
         async with self.sessions() as session:
             result = await session.stream_scalars(
-                select(Job).join(InteractionToken, InteractionToken.job_id == Job.id)
-                .where(Job.state == JobState.queued.value, Job.status_message_id.is_not(None),
-                       InteractionToken.expires_at > utcnow() + margin).order_by(Job.id)
-                .execution_options(yield_per=_PARTITION // 10))
+                editable_queued(utcnow() + margin).execution_options(yield_per=_PARTITION // 10))
             async for partition in result.partitions():
                 jobs.extend(partition)
         return jobs
@@ -432,6 +431,25 @@ class JobStore:
             for (g, u), n in counts.items():
                 session.add(QuotaSlot(guild_id=g, user_id=u, active=n))
             await session.commit()
+
+    async def delete_history(self, before: datetime, batch: int = 500) -> int:
+        """Sweeper: delete the rows of jobs that ended before `before` and hold nothing any
+        more (see `expired_history`), `batch` rows per transaction, the loop running between
+        batches. Returns how many went."""
+        deleted = 0
+        while True:
+            async with self.sessions() as session:
+                ids = list(await session.scalars(expired_history(before, batch)))
+                if not ids:
+                    return deleted
+                # Their tokens first: SQLite enforces the foreign key only where it is switched on.
+                await session.execute(delete(InteractionToken).where(InteractionToken.job_id.in_(ids)))
+                result = await session.execute(delete(Job).where(Job.id.in_(ids), Job.state.in_(_FINAL_VALUES)))
+                await session.commit()
+            deleted += rowcount(result)
+            if len(ids) < batch or rowcount(result) == 0:  # the rest is not to delete (yet)
+                return deleted
+            await asyncio.sleep(0)
 
     async def for_user(self, user_id: int, states: Iterable[JobState] = UNFINISHED, limit: int = 10) -> list[Job]:
         async with self.sessions() as session:
@@ -558,19 +576,50 @@ def _check_length(limits: dict[str, Any] | None, seconds: float) -> None:
                            f"{format_duration(limits['max_track_s'])}")
 
 
+def queued_oldest_first() -> Select[int, int, int, int]:
+    """The queued jobs that may start, as (id, priority, server, user), oldest first."""
+    return (select(Job.id, Job.priority, _guild, Job.user_id).where(_queued_to_start)
+            .order_by(Job.created_at, Job.id))
+
+
+def served_lately(since: datetime) -> Select[int, int, datetime | None]:
+    """When each (server, user) with a queued job was last served since `since`. Only
+    servers with queued jobs matter; the range on started_at uses its index, which
+    holds the server and user too (the rows are not read)."""
+    return (select(_guild, Job.user_id, func.max(Job.started_at))
+            .where(Job.started_at > since, _guild.in_(select(_guild).where(_queued_to_start).distinct()))
+            .group_by(_guild, Job.user_id))
+
+
+def editable_queued(expiring_after: datetime) -> Select[Job]:
+    """Queued jobs with a status message and an interaction token valid after `expiring_after`."""
+    return (select(Job).join(InteractionToken, InteractionToken.job_id == Job.id)
+            .where(Job.state == JobState.queued.value, Job.status_message_id.is_not(None),
+                   InteractionToken.expires_at > expiring_after).order_by(Job.id))
+
+
+def expired_history(before: datetime, limit: int) -> Select[int]:
+    """Ids of up to `limit` jobs, oldest first, that ended before `before` and hold nothing
+    any more: their files deleted, their slot and minutes settled, no presigned URLs, and
+    not the split of a challenge still waiting for it. Their rows can go; the minutes they
+    used stay counted in quota_usage."""
+    # Only an ended job has a finished_at (a retry clears it): no test of the state here, or
+    # a planner might walk the index of states (every done job) instead of this range.
+    return (select(Job.id).where(
+        Job.finished_at < before, Job.artifacts_deleted_at.is_not(None),
+        Job.quota_state != "reserved", Job.slot_state != "held", ~_has_transfer,
+        ~exists().where(_challenges.c.job_id == Job.id, _challenges.c.state == "splitting"),
+    ).order_by(Job.finished_at).limit(limit))
+
+
 def _order_rows(rows: Sequence[Any], served: Sequence[Any]) -> list[int]:
-    """`fair_order` of the queued rows given the served ones (run in a thread)."""
-    queued = [QueuedJob(r.id, r.priority, _moment(r.created_at), r.guild_id or 0, r.user_id) for r in rows]
+    """`fair_order` of the queued rows (id, priority, server, user; oldest first) given
+    the served ones (run in a thread)."""
     last_user = {(g, u): _timestamp(t) for g, u, t in served if t is not None}  # None: filtered out
     last_guild: dict[int, float] = {}
     for (g, _), t in last_user.items():
         last_guild[g] = max(last_guild.get(g, t), t)
-    return fair_order(queued, last_guild, last_user)
-
-
-def _moment(value: str | datetime) -> datetime:
-    """A timestamp read raw: SQLite gives its text, PostgreSQL's driver a datetime."""
-    return as_utc(datetime.fromisoformat(value) if isinstance(value, str) else value)
+    return fair_order_oldest_first(rows, last_guild, last_user)
 
 
 def _timestamp(moment: datetime) -> float:

@@ -5,6 +5,8 @@
 - Deletes inputs and stems once they are older than the retention time (their signed
   links stop working with them), and the leftovers of failed or cancelled jobs, of
   jobs whose row is gone, and of interrupted encodes.
+- Deletes the rows of jobs that ended longer ago than the job history (and than the
+  retention), in batches, so the jobs table does not grow with every job ever run.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import logging
 import shutil
 import time
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from core.db import utcnow
 from core.jobs.job import FINAL, JobState
@@ -27,6 +29,8 @@ log = logging.getLogger(__name__)
 GRACE_S = 3600.0
 # A job whose status message was never created (the reply failed) is cancelled after this.
 UNATTACHED_AFTER_S = 600.0
+# The rows of finished jobs are kept this long by default (STEMBOT_JOB_HISTORY_DAYS).
+HISTORY_S = 30 * 86400.0
 
 
 @dataclass
@@ -34,22 +38,25 @@ class SweepReport:
     settled: list[int] = field(default_factory=list)
     expired: list[int] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
+    forgotten: int = 0  # rows of old jobs deleted
 
 
 class Sweeper:
-    def __init__(self, store: JobStore, storage: LocalStorage, retention_s: float, interval_s: float = 300.0):
+    def __init__(self, store: JobStore, storage: LocalStorage, retention_s: float, interval_s: float = 300.0,
+                 history_s: float = HISTORY_S):
         self.store = store
         self.storage = storage
         self.retention_s = retention_s
         self.interval_s = interval_s
+        self.history_s = history_s
 
     async def run(self) -> None:
         while True:
             try:
                 report = await self.sweep()
-                if report.settled or report.expired or report.removed:
-                    log.info("sweeper: settled %d, expired %d, removed %d leftovers",
-                             len(report.settled), len(report.expired), len(report.removed))
+                if report.settled or report.expired or report.removed or report.forgotten:
+                    log.info("sweeper: settled %d, expired %d, removed %d leftovers, deleted %d old job rows",
+                             len(report.settled), len(report.expired), len(report.removed), report.forgotten)
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -61,13 +68,23 @@ class Sweeper:
         await self.store.cancel_unattached(utcnow() - timedelta(seconds=UNATTACHED_AFTER_S))
         report.settled = await self.store.settle_finished()
         await self.store.reconcile_slots()
-        cutoff = utcnow() - timedelta(seconds=self.retention_s)
-        for job in await self.store.finished_before(cutoff):
+        report.expired = await self.expire(utcnow() - timedelta(seconds=self.retention_s))
+        report.removed = await self._leftovers(time.time() if now is None else now)
+        # Rows go only after their files (the retention above marks them deleted).
+        history_cutoff = utcnow() - timedelta(seconds=max(self.history_s, self.retention_s))
+        report.forgotten = await self.store.delete_history(history_cutoff)
+        return report
+
+    async def expire(self, before: datetime, user_id: int | None = None) -> list[int]:
+        """Delete the files of the finished jobs that ended before `before` (only those of
+        `user_id`: /forget), wherever the storage keeps them, and mark them deleted: their
+        download links stop working, and the results cache no longer offers them."""
+        expired = []
+        for job in await self.store.finished_before(before, user_id=user_id):
             await self.storage.delete_job(job.id)
             await self.store.update(job.id, artifacts_deleted_at=utcnow())
-            report.expired.append(job.id)
-        report.removed = await self._leftovers(time.time() if now is None else now)
-        return report
+            expired.append(job.id)
+        return expired
 
     async def _leftovers(self, now: float) -> list[str]:
         removed: list[str] = []

@@ -11,7 +11,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from core.db import head_revision, upgrade
-from core.distributed.queue import install_schema
+from core.distributed.queue_schema import install_schema
 
 
 def run_worker(url: str, tmp_path, model_dir) -> subprocess.CompletedProcess:

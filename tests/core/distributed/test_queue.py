@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import pytest_asyncio
 
-from core.distributed.queue import QUEUE, JobQueue, conninfo, install_schema, schema_installed
+from core.distributed.queue import QUEUE, JobQueue, conninfo
+from core.distributed.queue_schema import install_schema, schema_installed
 
 
 @pytest.fixture

@@ -14,8 +14,9 @@ from procrastinate.jobs import Status
 
 from core.db import make_engine, make_sessions, upgrade
 from core.distributed.fleet import Fleet
-from core.distributed.queue import QUEUE, JobQueue, install_schema
+from core.distributed.queue import QUEUE, JobQueue
 from core.distributed.queue_execution import QueueExecution
+from core.distributed.queue_schema import install_schema
 from core.jobs.dispatcher import Dispatcher, DispatcherConfig
 from core.jobs.job import JobState
 from core.jobs.results import stem_bytes_cap, with_tolerance

@@ -22,7 +22,8 @@ from sqlalchemy.engine import make_url
 
 from core.db import make_engine, make_sessions, upgrade, utcnow
 from core.distributed.fleet import Fleet
-from core.distributed.queue import QUEUE, JobQueue, conninfo, install_schema, make_app
+from core.distributed.queue import QUEUE, JobQueue, conninfo, make_app
+from core.distributed.queue_schema import install_schema
 from core.distributed.worker_role import ensure_worker_role, reapply_worker_grants
 from core.errors import TooLongError
 from core.jobs.job import JobState

@@ -209,3 +209,21 @@ def test_the_order_is_the_reference_rule_s_on_random_queues():
         last_user = {(g, u): rng.choice(times) for g in range(1, guilds + 1) for u in range(1, users + 1)
                      if rng.random() < 0.3}
         assert queue.order(last_guild, last_user) == reference_fair_order(queue.jobs, last_guild, last_user)
+
+
+async def test_the_stores_order_from_sql_age_order_is_fair_orders_with_equal_creation_times(db):
+    """The store reads the queue oldest first from SQL (ORDER BY created_at, id) and never
+    compares timestamps itself: ties and DM jobs (no server) must come out as fair_order's."""
+    import random
+
+    rng = random.Random(15)
+    store = db.store()
+    base = utcnow() - timedelta(minutes=5)
+    queued = []
+    for _ in range(60):
+        created = base + timedelta(seconds=rng.randint(0, 3), microseconds=rng.choice((0, 0, 1)))
+        job = await admit(store, user_id=rng.randint(1, 5), guild_id=rng.choice((None, 1, 2, 3)),
+                          priority=rng.choice((0, 0, 5)), created_at=created)
+        queued.append(QueuedJob(job.id, job.priority, created, job.guild_id or 0, job.user_id))
+    expected = fair_order(queued, {}, {})
+    assert [(await store.queue_snapshot(job_id)).position for job_id in expected] == list(range(1, 61))
