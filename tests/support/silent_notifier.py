@@ -13,3 +13,6 @@ class Silent:
 
     async def job_ended(self, job):
         return None
+
+    def transient(self, exc):
+        return False
