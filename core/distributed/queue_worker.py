@@ -15,6 +15,7 @@ file the bot expects, each for its exact key and size.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import shutil
@@ -120,7 +121,7 @@ class RemoteJobFiles:
             raise StorageUnreachable(f"the bot takes no file named {', '.join(unexpected)[:200]} for this job")
         try:
             for name in names:
-                await self._transfer_through_outages(lambda name=name: upload(posts[name], folder / name),
+                await self._transfer_through_outages(functools.partial(upload, posts[name], folder / name),
                                                      "storing the stems")
         except TransferError as exc:
             raise StorageUnreachable(f"the worker could not store the stems ({exc})") from exc

@@ -191,7 +191,9 @@ class S3Client:
             # several S3-compatible stores reject; send checksums only where S3 demands them.
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
-            retries={"max_attempts": 4, "mode": "standard"},
+            # One try per call: S3Client._call tries again (core.outages: backoff with jitter
+            # within STEMBOT_TRANSIENT_RETRY_S), noting the store down as soon as a call fails.
+            retries={"total_max_attempts": 1, "mode": "standard"},
             connect_timeout=10,
             read_timeout=60,
         )
