@@ -101,7 +101,7 @@ class Services:
             execution = EmbeddedExecution(self.worker)
         config = self.runtime.dispatcher_config("bot" if self.distributed else "local")
         self.dispatcher = dispatcher = Dispatcher(self.store, self.storage, notifier, execution, config,
-                                                  metrics=self.metrics)
+                                                  metrics=self.metrics, transient=notifier.transient)
         self.health.register("gateway", self._gateway_ok(bot))
         self.health.register("database", self._database_ok)
         self.health.register("worker", self._worker_ok)

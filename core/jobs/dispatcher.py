@@ -18,7 +18,7 @@ import hashlib
 import logging
 import random
 import shutil
-from collections.abc import Awaitable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -35,7 +35,7 @@ from core.media.audio import Limits, probe
 from core.media.upload_plan import fits, links_note
 from core.net import ytdl
 from core.net.fetcher import SourceRules, download
-from core.outages import DEFAULT_BUDGET_S, DependencyDown, Outage, retry_transient
+from core.outages import DEFAULT_BUDGET_S, DependencyDown, Outage, network_error, retry_transient
 from core.storage.local import LocalStorage
 
 log = logging.getLogger(__name__)
@@ -79,10 +79,6 @@ class Notifier(Protocol):
 
     async def job_ended(self, job: Job) -> None:
         """The job failed or was cancelled; `job.error` says why."""
-
-    def transient(self, exc: BaseException) -> bool:
-        """Whether an error raised by `deliver` or `job_ended` may go away if tried again
-        (the service answering 5xx, a connection refused or reset, a timeout)."""
 
 
 class ExecutionBackend(Protocol):
@@ -153,13 +149,17 @@ class Dispatcher:
     """Takes jobs from the store to `execution` and their results to the notifier."""
 
     def __init__(self, store: JobStore, storage: LocalStorage, notifier: Notifier, execution: ExecutionBackend,
-                 config: DispatcherConfig | None = None, metrics: JobMetrics | None = None):
+                 config: DispatcherConfig | None = None, metrics: JobMetrics | None = None,
+                 transient: Callable[[BaseException], bool] = network_error):
+        """`transient(exc)`: whether an error the notifier raised may go away if tried again
+        (its service answering 5xx, a connection refused or reset, a timeout)."""
         self.store = store
         self.storage = storage
         self.notifier = notifier
         self.config = config or DispatcherConfig()
         self.metrics = metrics
         self.execution = execution
+        self.transient = transient
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
@@ -407,7 +407,7 @@ class Dispatcher:
         try:
             # Through an outage of Discord (5xx, connections refused) or of the storage the
             # stems are read from, the job stays `delivering` and is tried again.
-            await retry_transient(lambda: self.notifier.deliver(job), transient=self.notifier.transient,
+            await retry_transient(lambda: self.notifier.deliver(job), transient=self.transient,
                                   budget_s=self.config.transient_retry_s, outage=self.discord_outage)
         except asyncio.CancelledError:
             raise
@@ -492,7 +492,7 @@ class Dispatcher:
         self._reported.add((job.id, job.finished_at))
         self._finish_metrics(job)
         try:
-            await retry_transient(lambda: self.notifier.job_ended(job), transient=self.notifier.transient,
+            await retry_transient(lambda: self.notifier.job_ended(job), transient=self.transient,
                                   budget_s=self.config.transient_retry_s, outage=self.discord_outage)
         except Exception:
             log.exception("job %s: could not report its end", job.id)

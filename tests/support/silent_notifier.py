@@ -13,6 +13,3 @@ class Silent:
 
     async def job_ended(self, job):
         return None
-
-    def transient(self, exc):
-        return False

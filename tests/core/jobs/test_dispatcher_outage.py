@@ -28,9 +28,6 @@ class Recorder:
     async def job_ended(self, job):
         self.ended.append((job.id, job.state, job.error))
 
-    def transient(self, exc):
-        return False
-
 
 async def test_a_job_failed_while_the_store_is_down_is_told_once_and_uncharged(s3_server, sqlite_url, tmp_path):
     async with OutageProxy(s3_server.endpoint_url) as proxy:
