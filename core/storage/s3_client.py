@@ -19,13 +19,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import hashlib
 import logging
 import os
 import secrets
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 import aiohttp
@@ -38,12 +40,14 @@ from core.outages import DEFAULT_BUDGET_S, Outage, network_error, retry_transien
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 CHUNK = 1 << 16
 # SigV4 presigned URLs and POST policies are valid for at most 7 days.
 MAX_PRESIGN_TTL_S = 7 * 24 * 3600
 _MISSING_CODES = ("404", "NoSuchKey", "NotFound", "NoSuchBucket")
 # What S3 answers when it is overloaded or briefly away, whatever the HTTP status says.
-_TRANSIENT_CODES = ("InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "RequestTimeTooSkewed")
+_TRANSIENT_CODES = ("InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout")
 
 
 @dataclass(frozen=True)
@@ -205,7 +209,7 @@ class S3Client:
             "config": config,
         }
 
-    async def _call(self, call: Any) -> Any:
+    async def _call(self, call: Callable[[], Awaitable[T]]) -> T:
         """`await call()`, tried again through transient errors for `transient_retry_s`."""
         return await retry_transient(call, transient=is_transient, budget_s=self.config.transient_retry_s,
                                      outage=self.outage)
@@ -277,7 +281,7 @@ class S3Client:
 
     async def get_file(self, key: str, dest: Path) -> int:
         """Download `key` to `dest`; returns the bytes written. FileNotFoundError if missing."""
-        return int(await self._call(lambda: self._get_once(key, Path(dest))))
+        return await self._call(lambda: self._get_once(key, Path(dest)))
 
     async def _get_once(self, key: str, dest: Path) -> int:
         partial = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.part")
@@ -311,7 +315,7 @@ class S3Client:
 
     async def list_keys(self, prefix: str) -> list[str]:
         """Every key that starts with `prefix`, in S3's (lexicographic) order."""
-        return list(await self._call(lambda: self._list_once(prefix)))
+        return await self._call(lambda: self._list_once(prefix))
 
     async def _list_once(self, prefix: str) -> list[str]:
         keys: list[str] = []
@@ -336,9 +340,9 @@ class S3Client:
         deleted = 0
         for start in range(0, len(keys), self.DELETE_BATCH):
             batch = keys[start:start + self.DELETE_BATCH]
-            response = await self._call(lambda batch=batch: self.client.delete_objects(
-                Bucket=self.bucket,
-                Delete={"Objects": [{"Key": key} for key in batch], "Quiet": True}))
+            delete = {"Objects": [{"Key": key} for key in batch], "Quiet": True}
+            response = await self._call(functools.partial(self.client.delete_objects, Bucket=self.bucket,
+                                                          Delete=delete))
             errors = response.get("Errors") or []
             deleted += len(batch) - len(errors)
             if errors:
