@@ -97,6 +97,7 @@ class OutageProxy:
         self.refused = 0  # requests answered 503
         self._server: asyncio.Server | None = None
         self._open: set[asyncio.StreamWriter] = set()
+        self._tasks: set[asyncio.Task] = set()
 
     @property
     def endpoint(self) -> str:
@@ -112,6 +113,9 @@ class OutageProxy:
         assert self._server is not None
         self._server.close()
         self._cut()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._server.wait_closed()
 
     def down(self) -> None:
@@ -127,6 +131,19 @@ class OutageProxy:
         self._open.clear()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        try:
+            await self._serve_one(reader, writer)
+        except asyncio.CancelledError:
+            # The proxy is closing. Ending cancelled would have asyncio's stream callback log
+            # the cancellation as an error.
+            writer.transport.abort()
+        finally:
+            self._tasks.discard(task)
+
+    async def _serve_one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self.is_down:
             await self._refuse(reader, writer)
             return
