@@ -102,11 +102,15 @@ class Services:
             execution = EmbeddedExecution(self.worker)
         config = self.runtime.dispatcher_config("bot" if self.distributed else "local")
         self.dispatcher = dispatcher = Dispatcher(self.store, self.storage, notifier, execution, config,
-                                                  metrics=self.metrics)
+                                                  metrics=self.metrics, transient=notifier.transient)
         self.health.register("gateway", self._gateway_ok(bot))
         self.health.register("database", self._database_ok)
         self.health.register("worker", self._worker_ok)
         self.health.register("dispatcher", self._dispatcher_ok)
+        # False while calls wait on an outage (core.outages); no new job starts meanwhile.
+        if self.storage.outages:
+            self.health.register("storage", self._storage_ok)
+        self.health.register("deliveries", self._deliveries_ok)
         # Operators' endpoints first, on their own address: never on the public listener.
         ops_app = build_ops_app(health=self.health, metrics=self.metrics)
         self._ops_web = await start_web(ops_app, self.settings.ops_host, self.settings.ops_port)
@@ -156,6 +160,12 @@ class Services:
 
     async def _dispatcher_ok(self) -> bool:
         return self.dispatcher is not None and self.dispatcher.dispatching
+
+    async def _storage_ok(self) -> bool:
+        return not any(outage.down for outage in self.storage.outages)
+
+    async def _deliveries_ok(self) -> bool:
+        return self.dispatcher is not None and not self.dispatcher.discord_outage.down
 
     async def _worker_ok(self) -> bool:
         if self.worker is None:

@@ -88,7 +88,7 @@ def make_storage(settings: Settings) -> LocalStorage:
         public_endpoint_url=settings.s3_public_endpoint_url, region=settings.s3_region,
         prefix=settings.s3_prefix, access_key_id=settings.aws_access_key_id,
         secret_access_key=settings.aws_secret_access_key.get_secret_value()
-        if settings.aws_secret_access_key else None))
+        if settings.aws_secret_access_key else None, transient_retry_s=settings.transient_retry_s))
     # A job's presigned transfer URLs end with its run (`core.jobs.uploads.TransferWindow`),
     # and never outlive the files they reach.
     return S3Storage(root, client, max_transfer_ttl_s=settings.retention_hours * 3600)
@@ -140,6 +140,7 @@ class Runtime:
             min_free_bytes=settings.min_free_disk_mb * 1024 * 1024,
             # Embedded mode splits on this machine; a worker stages on its own disk.
             stages_here=settings.queue == "local",
+            transient_retry_s=settings.transient_retry_s,
         )
 
     def transfer_window(self) -> TransferWindow:

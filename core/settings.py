@@ -161,6 +161,12 @@ class Settings(BaseSettings):
     # least a day: the fair order and the restart's untold endings read the last day's rows.
     job_history_days: float = Field(default=30.0, ge=1.0)
 
+    # Outages (issue #15): a call to the object store or a delivery to Discord that fails with a
+    # transient error (5xx, a timeout, a connection refused or reset) is tried again, with
+    # exponential backoff and jitter, for up to this long before its job fails (uncharged).
+    # Meanwhile the job keeps its place and no new job is started into the outage.
+    transient_retry_s: float = Field(default=300.0, ge=1.0, le=3600.0)
+
     @field_validator("model_dir", "public_url", "database_url", "discord_api_url", "discord_gateway_url",
                      "worker_name", "worker_devices", "s3_bucket", "s3_endpoint_url", "s3_public_endpoint_url",
                      mode="before")

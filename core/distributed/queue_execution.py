@@ -92,7 +92,7 @@ class QueueExecution(AttachedBackend):
                     await self.queue.forget_old(dispatcher.config.link_valid_hours)
                     await self.fleet.forget_stale()  # workers gone for an hour: off /stembot workers
                 self.ready_slots = await self.fleet.ready_slots()
-                if not dispatcher.paused:
+                if dispatcher.may_claim():
                     wanted = self.ready_slots + (self.prefetch if self.ready_slots else 0)
                     free = wanted - await self.queue.in_flight() - len(self._preparing)
                     while free > 0:
@@ -169,8 +169,8 @@ class QueueExecution(AttachedBackend):
                 queue_moved = True
             if job.job_state is JobState.delivering:
                 if not dispatcher.delivery_under_way(job_id):
-                    await dispatcher.storage.delete_input_async(job_id)
                     dispatcher.start_delivery(job)
+                    dispatcher.spawn(dispatcher.discard_input(job_id))
             else:
                 notified.add(job_id)
                 dispatcher.spawn(dispatcher.notify(job))
@@ -181,7 +181,7 @@ class QueueExecution(AttachedBackend):
                 await dispatcher.store.settle(job_id)  # a worker may have ended it
                 gone = await dispatcher.store.get(job_id)
             if gone is not None and gone.job_state in (JobState.failed, JobState.cancelled):
-                await dispatcher.storage.delete_job(job_id)
+                await dispatcher.discard_files(job_id)
                 await dispatcher.ended(gone)
             queue_moved = True
         if queue_moved:

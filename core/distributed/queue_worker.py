@@ -15,6 +15,7 @@ file the bot expects, each for its exact key and size.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import shutil
@@ -22,7 +23,7 @@ import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import procrastinate
 
@@ -35,26 +36,50 @@ from core.host.handle import HostHandle
 from core.jobs.job import Job
 from core.jobs.runner import JobRunner, Outcome
 from core.jobs.store import JobStore
+from core.outages import DEFAULT_BUDGET_S, DependencyDown, Outage, retry_transient
 from core.runtime import Runtime
 from core.settings import Settings
 from core.storage.local import LocalJobFiles, LocalStorage
-from core.storage.transfer import TransferError, download, upload
+from core.storage.transfer import TransferError, download, is_transient, upload
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class StorageUnreachable(StembotError):
     kind = "storage"
 
 
+class StorageOutage(StembotError):
+    kind = "outage"
+
+
+def outage_message(what: str, budget_s: float) -> str:
+    return (f"the storage could not be reached for {budget_s / 60:.0f} min while {what}; "
+            "nothing was charged, please try again later")
+
+
 class RemoteJobFiles:
     """A run's files on a worker: the input downloaded, the stems uploaded, through the
     job's presigned URLs; or in place, when bot and worker share a disk (no object store)."""
 
-    def __init__(self, work_dir: Path, shared_root: Path, max_input_bytes: int):
+    def __init__(self, work_dir: Path, shared_root: Path, max_input_bytes: int,
+                 transient_retry_s: float = DEFAULT_BUDGET_S):
         self.work_dir = Path(work_dir)
         self.max_input_bytes = max_input_bytes
         self.shared = LocalJobFiles(LocalStorage(shared_root))
+        # A transfer that meets an outage of the store waits for it (the job keeps this
+        # slot) for up to this long, rather than failing at once.
+        self.transient_retry_s = transient_retry_s
+        self.outage = Outage("the object store")
+
+    async def _transfer_through_outages(self, call: Callable[[], Awaitable[T]], what: str) -> T:
+        try:
+            return await retry_transient(call, transient=is_transient, budget_s=self.transient_retry_s,
+                                         outage=self.outage)
+        except DependencyDown as exc:
+            raise StorageOutage(outage_message(what, self.transient_retry_s)) from exc
 
     @staticmethod
     def _transfer(job: Job) -> dict[str, Any] | None:
@@ -68,7 +93,8 @@ class RemoteJobFiles:
         dest = self.work_dir / str(job.id) / f"input{transfer.get('input_suffix', '')}"
         dest.parent.mkdir(parents=True, exist_ok=True)
         try:
-            await download(transfer["input_url"], dest, self.max_input_bytes)
+            await self._transfer_through_outages(
+                lambda: download(transfer["input_url"], dest, self.max_input_bytes), "reading the track")
         except TransferError as exc:
             raise StorageUnreachable(f"the worker could not read the track from storage ({exc})") from exc
         return dest
@@ -96,7 +122,8 @@ class RemoteJobFiles:
             raise StorageUnreachable(f"the bot takes no file named {', '.join(unexpected)[:200]} for this job")
         try:
             for name in names:
-                await upload(posts[name], folder / name)
+                await self._transfer_through_outages(functools.partial(upload, posts[name], folder / name),
+                                                     "storing the stems")
         except TransferError as exc:
             raise StorageUnreachable(f"the worker could not store the stems ({exc})") from exc
 
@@ -161,7 +188,7 @@ class QueueWorker:
         store = JobStore(runtime.sessions)
         fleet = Fleet(runtime.sessions, self.stale_s)
         files = RemoteJobFiles(Path(settings.data_dir) / "worker" / self.name, Path(settings.data_dir) / "jobs",
-                               settings.max_input_bytes)
+                               settings.max_input_bytes, settings.transient_retry_s)
         run_config = runtime.run_config(progress_write_interval_s=min(2.0, self.heartbeat_s))
         for device, config in zip(self.devices, runtime.slot_host_configs(self.devices), strict=True):
             host = HostHandle(config)

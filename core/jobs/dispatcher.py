@@ -18,7 +18,7 @@ import hashlib
 import logging
 import random
 import shutil
-from collections.abc import Awaitable, Coroutine, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -35,6 +35,7 @@ from core.media.audio import Limits, probe
 from core.media.upload_plan import fits, links_note
 from core.net import ytdl
 from core.net.fetcher import SourceRules, download
+from core.outages import DEFAULT_BUDGET_S, DependencyDown, Outage, network_error, retry_transient
 from core.storage.local import LocalStorage
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,10 @@ LOOP_RETRY_MAX_S = 30.0
 # At start, the ends of jobs left untold are told if they ended this recently; older ones
 # are past caring about (and past the stored files' retention).
 TELL_ENDINGS_WITHIN = timedelta(days=1)
+# What a user reads when a dependency stayed away for the whole retry budget.
+STORAGE_OUTAGE = "the storage stayed unreachable for {minutes} min; nothing was charged, please try again later"
+DISCORD_OUTAGE = ("the stems were made but Discord would not take them for {minutes} min; "
+                  "nothing was charged, please try again later")
 
 
 class JobMetrics(Protocol):
@@ -131,7 +136,8 @@ class DispatcherConfig:
     links_available: bool = False
     link_valid_hours: float = 24.0
     progress_write_interval_s: float = 2.0
-    delivery_retry_delays_s: tuple[float, ...] = (1.0, 5.0, 15.0)
+    # A delivery or a storage call meeting an outage is tried again for this long (core.outages).
+    transient_retry_s: float = DEFAULT_BUDGET_S
     min_free_bytes: int = 0  # new jobs are refused below this much free space (0: no check)
     stages_here: bool = True  # whether jobs are split on this machine's disk (embedded mode)
     # Attachments from the Discord CDN origins only, links from public sites (and allowed networks).
@@ -147,13 +153,17 @@ class Dispatcher:
     """Takes jobs from the store to `execution` and their results to the notifier."""
 
     def __init__(self, store: JobStore, storage: LocalStorage, notifier: Notifier, execution: ExecutionBackend,
-                 config: DispatcherConfig | None = None, metrics: JobMetrics | None = None):
+                 config: DispatcherConfig | None = None, metrics: JobMetrics | None = None,
+                 transient: Callable[[BaseException], bool] = network_error):
+        """`transient(exc)`: whether an error the notifier raised may go away if tried again
+        (its service answering 5xx, a connection refused or reset, a timeout)."""
         self.store = store
         self.storage = storage
         self.notifier = notifier
         self.config = config or DispatcherConfig()
         self.metrics = metrics
         self.execution = execution
+        self.transient = transient
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
@@ -164,6 +174,9 @@ class Dispatcher:
         self.paused = False
         self.loop_error: str | None = None  # why the dispatch loop's last round failed
         self._loop_failures = 0
+        # Deliveries waiting on Discord; with the storage's own, what holds new jobs back.
+        self.discord_outage = Outage("Discord")
+        self.outages = (*storage.outages, self.discord_outage)
         execution.attach(self)
 
     # -- life cycle --------------------------------------------------------------------
@@ -205,7 +218,7 @@ class Dispatcher:
             log.exception("could not look for job endings left untold")
             return
         for job in untold:
-            await self.storage.delete_job(job.id)
+            await self.discard_files(job.id)
             await self.ended(job)
 
     async def stop(self, delivery_grace_s: float = 30.0) -> None:
@@ -248,6 +261,16 @@ class Dispatcher:
         log.warning("the dispatch loop failed (%d in a row); trying again", self._loop_failures, exc_info=exc)
         delay = min(LOOP_RETRY_MAX_S, LOOP_RETRY_BASE_S * 2 ** (self._loop_failures - 1))
         await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+
+    @property
+    def held_back(self) -> Outage | None:
+        """A dependency that calls are waiting on right now: while there is one, no new job
+        is started, since it would only run into the same outage and fail."""
+        return next((outage for outage in self.outages if outage.down), None)
+
+    def may_claim(self) -> bool:
+        """Whether the backend may start another job now."""
+        return not self.paused and self.held_back is None
 
     def wake(self) -> None:
         """Have the backend look for jobs now (one was queued, or a place freed up)."""
@@ -385,24 +408,24 @@ class Dispatcher:
             return
         await self.store.update(job.id, in_state=JobState.delivering, artifacts=checked.artifacts())
         job = await self.store.require(job.id)
-        delays = list(self.config.delivery_retry_delays_s)
-        while True:
-            try:
-                await self.notifier.deliver(job)
-                break
-            except asyncio.CancelledError:
-                raise
-            except ResultsRefused as exc:  # the files failed the check: no retry
-                await self.refuse_results(job.id, exc.why)
-                return
-            except Exception as exc:  # noqa: BLE001 - retried, then reported
-                if not delays:
-                    log.error("job %s: delivery failed for good: %r", job.id, exc)
-                    await self.fail(job.id, "the stems were made but could not be sent to Discord",
-                                    "delivery_failed")
-                    return
-                log.warning("job %s: delivery failed (%r); retrying", job.id, exc)
-                await asyncio.sleep(delays.pop(0))
+        try:
+            # Through an outage of Discord (5xx, connections refused) or of the storage the
+            # stems are read from, the job stays `delivering` and is tried again.
+            await retry_transient(lambda: self.notifier.deliver(job), transient=self.transient,
+                                  budget_s=self.config.transient_retry_s, outage=self.discord_outage)
+        except asyncio.CancelledError:
+            raise
+        except ResultsRefused as exc:  # the files failed the check: no retry
+            await self.refuse_results(job.id, exc.why)
+            return
+        except DependencyDown as exc:
+            log.error("job %s: delivery failed for good: %s", job.id, exc)
+            await self.fail_outage(job.id, exc)
+            return
+        except Exception as exc:  # noqa: BLE001 - not an outage: trying again would fail the same way
+            log.error("job %s: delivery failed: %r", job.id, exc)
+            await self.fail(job.id, "the stems were made but could not be sent to Discord", "delivery_failed")
+            return
         now = utcnow()
         await self.store.transition(job.id, JobState.done, delivered_at=now, notified_at=now)
         self._finish_metrics(await self.store.get(job.id))
@@ -415,6 +438,9 @@ class Dispatcher:
             await step
         except asyncio.CancelledError:
             raise
+        except DependencyDown as exc:
+            log.error("job %s: %s: %s", job_id, what, exc)
+            await self.fail_outage(job_id, exc)
         except Exception:
             log.exception("job %s: %s", job_id, what)
             await self.fail(job_id, "something went wrong on our side; please try again", "internal")
@@ -425,10 +451,16 @@ class Dispatcher:
         log.warning("job %s: the worker's results were refused: %s", job_id, why)
         await self.fail(job_id, RESULTS_REFUSED, "bad_results")
 
+    async def fail_outage(self, job_id: int, exc: DependencyDown) -> None:
+        """Fail a job whose dependency stayed down for the whole retry budget: uncharged
+        (failing releases the minutes), told why in a few words."""
+        text = DISCORD_OUTAGE if exc.name == self.discord_outage.name else STORAGE_OUTAGE
+        await self.fail(job_id, text.format(minutes=f"{exc.budget_s / 60:.0f}"), "outage")
+
     async def fail(self, job_id: int, reason: str, kind: str | None) -> None:
         """Fail the job and report it; if it was cancelled meanwhile, settle that instead."""
         if await self.store.transition(job_id, JobState.failed, error=reason, error_kind=kind or "error"):
-            await self.storage.delete_job(job_id)
+            await self.discard_files(job_id)
             await self.ended(await self.store.get(job_id))
         else:
             await self.settle_cancelled(job_id)
@@ -437,8 +469,25 @@ class Dispatcher:
         """If the job is cancelled: delete its files and report its end."""
         job = await self.store.get(job_id)
         if job is not None and job.job_state is JobState.cancelled:
-            await self.storage.delete_job(job_id)
+            await self.discard_files(job_id)
             await self.ended(job)
+
+    async def discard_files(self, job_id: int) -> None:
+        """Delete an ended job's files. It never raises: the storage may be what failed the
+        job, and its user must be told all the same. What stays behind the sweeper deletes
+        after the retention (`finished_before`)."""
+        try:
+            await self.storage.delete_job(job_id)
+        except Exception as exc:  # noqa: BLE001 - logged; the sweeper deletes them later
+            log.warning("job %s: its files could not be deleted now (%s); the sweeper deletes them later",
+                        job_id, exc)
+
+    async def discard_input(self, job_id: int) -> None:
+        """Delete a separated job's input; like `discard_files`, it never raises."""
+        try:
+            await self.storage.delete_input_async(job_id)
+        except Exception as exc:  # noqa: BLE001 - logged; it goes with the job's files
+            log.warning("job %s: its input could not be deleted now (%s)", job_id, exc)
 
     async def ended(self, job: Job | None) -> None:
         """Count and report a failed or cancelled job, once per end."""
@@ -447,7 +496,8 @@ class Dispatcher:
         self._reported.add((job.id, job.finished_at))
         self._finish_metrics(job)
         try:
-            await self.notifier.job_ended(job)
+            await retry_transient(lambda: self.notifier.job_ended(job), transient=self.transient,
+                                  budget_s=self.config.transient_retry_s, outage=self.discord_outage)
         except Exception:
             log.exception("job %s: could not report its end", job.id)
             return  # left untold: the next start tries again

@@ -59,7 +59,10 @@ class EmbeddedExecution(AttachedBackend):
         while True:
             await seats.acquire()
             try:
-                job = None if dispatcher.paused else await dispatcher.store.claim_next(dispatcher.config.worker_name)
+                # Not while a dependency is down: the job would run into the outage and fail.
+                job = None
+                if dispatcher.may_claim():
+                    job = await dispatcher.store.claim_next(dispatcher.config.worker_name)
             except Exception as exc:  # noqa: BLE001 - the database may be away for a while
                 seats.release()
                 await dispatcher.loop_failed(exc)
@@ -111,11 +114,11 @@ class EmbeddedExecution(AttachedBackend):
         """Act on how a run ended: deliver, report, or clean up."""
         dispatcher = self.dispatcher
         if outcome is Outcome.delivering:
-            await dispatcher.storage.delete_input_async(job_id)
+            await dispatcher.discard_input(job_id)
             # Shielded: a shutdown waits for it instead of cutting it off (Dispatcher.stop).
             await asyncio.shield(dispatcher.start_delivery(await dispatcher.store.require(job_id)))
         elif outcome is Outcome.failed:
-            await dispatcher.storage.delete_job(job_id)
+            await dispatcher.discard_files(job_id)
             await dispatcher.ended(await dispatcher.store.get(job_id))
         elif outcome in (Outcome.cancelled, Outcome.skipped):
             await dispatcher.settle_cancelled(job_id)

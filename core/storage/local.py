@@ -11,6 +11,8 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
+from core.outages import Outage
+
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -34,6 +36,11 @@ class LocalStorage:
     def __init__(self, root: Path):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def outages(self) -> tuple[Outage, ...]:
+        """The remote services behind this storage whose outages hold new jobs back: none."""
+        return ()
 
     def job_dir(self, job_id: int) -> Path:
         return self.root / str(int(job_id))

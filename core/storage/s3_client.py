@@ -19,25 +19,35 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import hashlib
 import logging
 import os
 import secrets
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote
 
+import aiohttp
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
-from botocore.exceptions import ClientError
+from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError
+from botocore.exceptions import ConnectionError as BotoConnectionError
+
+from core.outages import DEFAULT_BUDGET_S, Outage, network_error, retry_transient
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 CHUNK = 1 << 16
 # SigV4 presigned URLs and POST policies are valid for at most 7 days.
 MAX_PRESIGN_TTL_S = 7 * 24 * 3600
 _MISSING_CODES = ("404", "NoSuchKey", "NotFound", "NoSuchBucket")
+# What S3 answers when it is overloaded or briefly away, whatever the HTTP status says.
+_TRANSIENT_CODES = ("InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout")
 
 
 @dataclass(frozen=True)
@@ -53,6 +63,9 @@ class S3Config:
     prefix: str = "stembot/"
     access_key_id: str | None = None
     secret_access_key: str | None = None
+    # How long a call keeps trying through transient errors (5xx, timeouts, connections
+    # refused or reset) before it gives up with core.outages.DependencyDown.
+    transient_retry_s: float = DEFAULT_BUDGET_S
 
 
 class S3ClientError(Exception):
@@ -86,6 +99,20 @@ def _is_missing(exc: ClientError) -> bool:
     return status == 404 or str(error.get("Code")) in _MISSING_CODES
 
 
+def is_transient(exc: BaseException) -> bool:
+    """Whether an error of a call to the store may go away if the call is made again: a
+    5xx or a throttle, a timeout, a connection refused, reset or closed. A 4xx is not."""
+    if isinstance(exc, ClientError):
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        code = str(exc.response.get("Error", {}).get("Code"))
+        return status >= 500 or status == 429 or code in _TRANSIENT_CODES
+    if isinstance(exc, BotoConnectionError | HTTPClientError):
+        return True  # refused, reset, closed, timed out, or the body cut off
+    if isinstance(exc, BotoCoreError):
+        return False  # a bad parameter, missing credentials: trying again changes nothing
+    return isinstance(exc, aiohttp.ClientConnectionError | aiohttp.ClientPayloadError) or network_error(exc)
+
+
 def _md5_b64(path: Path) -> str:
     digest = hashlib.md5(usedforsecurity=False)
     with open(path, "rb") as source:
@@ -114,6 +141,9 @@ class S3Client:
         # aiobotocore's clients are untyped.
         self._client: Any = None
         self._presigner: Any = None
+        # Down while a call is retried through an outage: the dispatcher starts no new job
+        # meanwhile, and /readyz says "storage" false.
+        self.outage = Outage("the object store")
 
     async def start(self) -> None:
         """Open the clients (no network yet)."""
@@ -165,7 +195,9 @@ class S3Client:
             # several S3-compatible stores reject; send checksums only where S3 demands them.
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
-            retries={"max_attempts": 4, "mode": "standard"},
+            # One try per call: S3Client._call tries again (core.outages: backoff with jitter
+            # within STEMBOT_TRANSIENT_RETRY_S), noting the store down as soon as a call fails.
+            retries={"total_max_attempts": 1, "mode": "standard"},
             connect_timeout=10,
             read_timeout=60,
         )
@@ -176,6 +208,11 @@ class S3Client:
             "aws_secret_access_key": self.config.secret_access_key,
             "config": config,
         }
+
+    async def _call(self, call: Callable[[], Awaitable[T]]) -> T:
+        """`await call()`, tried again through transient errors for `transient_retry_s`."""
+        return await retry_transient(call, transient=is_transient, budget_s=self.config.transient_retry_s,
+                                     outage=self.outage)
 
     @property
     def client(self) -> Any:
@@ -208,7 +245,7 @@ class S3Client:
     async def ensure_bucket(self) -> None:
         """Create the bucket when missing (compose, tests); an existing one is fine."""
         try:
-            await self.client.head_bucket(Bucket=self.bucket)
+            await self._call(lambda: self.client.head_bucket(Bucket=self.bucket))
             return
         except ClientError as exc:
             if not _is_missing(exc):
@@ -218,7 +255,7 @@ class S3Client:
             # us-east-1 is the default and refuses an explicit constraint.
             args["CreateBucketConfiguration"] = {"LocationConstraint": self.config.region}
         try:
-            await self.client.create_bucket(**args)
+            await self._call(lambda: self.client.create_bucket(**args))
             log.info("created bucket %s", self.bucket)
         except ClientError as exc:
             # Another process may have created it between the two calls.
@@ -233,15 +270,20 @@ class S3Client:
         args: dict = {"Bucket": self.bucket, "Key": key, "ContentMD5": md5}
         if content_type:
             args["ContentType"] = content_type
+        await self._call(lambda: self._put_once(path, args))
+        log.debug("stored %s (%d bytes)", key, path.stat().st_size)
+
+    async def _put_once(self, path: Path, args: dict) -> None:
         with open(path, "rb") as body:  # noqa: ASYNC230 - a local file, read or written chunk by chunk as the network goes
             # The file object is streamed (aiohttp reads it in a thread); the store checks
             # Content-MD5, so a body damaged on the way is refused, not kept.
             await self.client.put_object(Body=body, **args)
-        log.debug("stored %s (%d bytes)", key, path.stat().st_size)
 
     async def get_file(self, key: str, dest: Path) -> int:
         """Download `key` to `dest`; returns the bytes written. FileNotFoundError if missing."""
-        dest = Path(dest)
+        return await self._call(lambda: self._get_once(key, Path(dest)))
+
+    async def _get_once(self, key: str, dest: Path) -> int:
         partial = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.part")
         try:
             try:
@@ -264,7 +306,7 @@ class S3Client:
 
     async def exists(self, key: str) -> bool:
         try:
-            await self.client.head_object(Bucket=self.bucket, Key=key)
+            await self._call(lambda: self.client.head_object(Bucket=self.bucket, Key=key))
         except ClientError as exc:
             if _is_missing(exc):
                 return False
@@ -273,6 +315,9 @@ class S3Client:
 
     async def list_keys(self, prefix: str) -> list[str]:
         """Every key that starts with `prefix`, in S3's (lexicographic) order."""
+        return await self._call(lambda: self._list_once(prefix))
+
+    async def _list_once(self, prefix: str) -> list[str]:
         keys: list[str] = []
         paginator = self.client.get_paginator("list_objects_v2")
         pages = paginator.paginate(Bucket=self.bucket, Prefix=prefix,
@@ -283,8 +328,8 @@ class S3Client:
 
     async def copy(self, src_key: str, dst_key: str) -> None:
         """Server-side copy within the bucket (up to 5 GB)."""
-        await self.client.copy_object(Bucket=self.bucket, Key=dst_key,
-                                      CopySource={"Bucket": self.bucket, "Key": src_key})
+        await self._call(lambda: self.client.copy_object(Bucket=self.bucket, Key=dst_key,
+                                                          CopySource={"Bucket": self.bucket, "Key": src_key}))
 
     async def delete_prefix(self, prefix: str) -> int:
         """Delete every key under `prefix`; returns how many. The prefix must lie inside this
@@ -295,9 +340,9 @@ class S3Client:
         deleted = 0
         for start in range(0, len(keys), self.DELETE_BATCH):
             batch = keys[start:start + self.DELETE_BATCH]
-            response = await self.client.delete_objects(
-                Bucket=self.bucket,
-                Delete={"Objects": [{"Key": key} for key in batch], "Quiet": True})
+            delete = {"Objects": [{"Key": key} for key in batch], "Quiet": True}
+            response = await self._call(functools.partial(self.client.delete_objects, Bucket=self.bucket,
+                                                          Delete=delete))
             errors = response.get("Errors") or []
             deleted += len(batch) - len(errors)
             if errors:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from core.storage.local import JobFilesOf, LocalStorage, plain_name
 
 if TYPE_CHECKING:
+    from core.outages import Outage
     from core.storage.s3_client import S3Client
 
 
@@ -33,6 +34,11 @@ class S3Storage(LocalStorage):
         super().__init__(root)
         self.store = store
         self.max_transfer_ttl_s = max_transfer_ttl_s
+
+    @property
+    def outages(self) -> tuple[Outage, ...]:
+        """The bucket: while calls wait on it, no new job is started (core.jobs.dispatcher)."""
+        return (self.store.outage,)
 
     async def start(self) -> None:
         await self.store.start()

@@ -30,12 +30,20 @@ _ERROR_CODE = re.compile(rb"<Code>([A-Za-z0-9.]{1,64})</Code>")
 
 
 class TransferError(Exception):
-    """A transfer failed. The message is short and never contains the URL's query."""
+    """A transfer failed. The message is short and never contains the URL's query.
+    `transient`: the store was away or overloaded (a 5xx, a timeout, a connection refused
+    or reset), so the same transfer may work later."""
 
-    def __init__(self, reason: str, status: int | None = None):
+    def __init__(self, reason: str, status: int | None = None, transient: bool = False):
         super().__init__(reason)
         self.reason = reason
         self.status = status
+        self.transient = transient
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a failed transfer is worth trying again (for core.outages.retry_transient)."""
+    return isinstance(exc, TransferError) and exc.transient
 
 
 def _session(timeout_s: float) -> aiohttp.ClientSession:
@@ -55,14 +63,16 @@ async def _status_error(response: aiohttp.ClientResponse, action: str) -> Transf
         return TransferError(f"storage link expired or refused (HTTP 403{code})", status)
     if status == 404:
         return TransferError(f"storage has no such object or bucket (HTTP 404{code})", status)
-    return TransferError(f"storage refused the {action} (HTTP {status}{code})", status)
+    return TransferError(f"storage refused the {action} (HTTP {status}{code})", status,
+                         transient=status >= 500 or status == 429)
 
 
 def _network_error(exc: BaseException, action: str) -> TransferError:
     # Only the class name: aiohttp's messages can quote the whole URL, query included.
     if isinstance(exc, asyncio.TimeoutError):
-        return TransferError(f"storage {action} timed out")
-    return TransferError(f"storage {action} failed ({type(exc).__name__})")
+        return TransferError(f"storage {action} timed out", transient=True)
+    return TransferError(f"storage {action} failed ({type(exc).__name__})",
+                         transient=isinstance(exc, aiohttp.ClientConnectionError | aiohttp.ClientPayloadError))
 
 
 async def download(url: str, dest: Path, max_bytes: int, timeout_s: float = 600) -> int:

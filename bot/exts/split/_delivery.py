@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 
+import aiohttp
 import discord
 
 from core.errors import input_error_kinds
@@ -43,6 +44,15 @@ class DiscordNotifier:
         self._stage_started: dict[int, tuple[str, float]] = {}
         self._reply_gone: set[int] = set()  # jobs whose status message can no longer be edited
         self._reply_sought: set[int] = set()  # jobs whose lost status message id was looked for
+
+    @staticmethod
+    def transient(exc: BaseException) -> bool:
+        """Whether a failed delivery may go through later: Discord answering 5xx, or still
+        rate limiting after discord.py's own waits, or the connection refused, reset or
+        timed out. Any other 4xx means the request itself is wrong."""
+        if isinstance(exc, discord.HTTPException):
+            return exc.status >= 500 or exc.status == 429
+        return isinstance(exc, aiohttp.ClientConnectionError | ConnectionError | TimeoutError)
 
     # -- progress ----------------------------------------------------------------------
 

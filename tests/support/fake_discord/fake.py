@@ -97,6 +97,7 @@ class FakeDiscord:
     unhandled_requests = _Forward("log")
     requests_matching = _Forward("log")
     fail_next = _Forward("log")
+    fail_uploads_for = _Forward("log")
 
     # The gateway.
     heartbeat_interval_ms = _Forward("gateway")

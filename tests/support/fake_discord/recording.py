@@ -30,12 +30,23 @@ class InjectedFailure:
     remaining: int
 
 
+@dataclass
+class Outage:
+    """Every request with uploaded files (multipart) answered `status` until `until`
+    (time.monotonic()), as Discord's upload path does when it is down."""
+
+    status: int
+    until: float
+    answered: int = 0
+
+
 class RequestLog:
     """What the client asked the fake over HTTP, and the failures waiting for its next requests."""
 
     def __init__(self) -> None:
         self.requests: list[RecordedRequest] = []
         self._failures: list[InjectedFailure] = []
+        self.upload_outage: Outage | None = None
 
     def record(self, request: web.Request, path: str, body: Any, files: list[UploadedFile]) -> RecordedRequest:
         record = RecordedRequest(
@@ -79,8 +90,20 @@ class RequestLog:
             InjectedFailure(method.upper(), re.compile(path_pattern), status, retry_after, is_global, times)
         )
 
+    def fail_uploads_for(self, seconds: float, *, status: int = 503) -> Outage:
+        """Answer every request that uploads files (a message or edit with attachments)
+        with `status` for the next `seconds`; other requests go through."""
+        self.upload_outage = Outage(status, time.monotonic() + seconds)
+        return self.upload_outage
+
     def answer_injected_failure(self, record: RecordedRequest) -> web.Response | None:
         """The injected failure's answer if one is due for this request (recorded on it), else None."""
+        outage = self.upload_outage
+        if outage is not None and record.files and time.monotonic() < outage.until:
+            outage.answered += 1
+            failure = InjectedFailure(record.method, re.compile(".*"), outage.status, 0.0, False, 1)
+            record.status, record.response, response = self._failure_response(failure)
+            return response
         failure = self._take_failure(record.method, record.path)
         if failure is None:
             return None

@@ -266,7 +266,8 @@ async def test_health_and_metrics_only_on_the_operators_listener(fake, bot):
                 assert response.status == 404, path
                 assert "stembot_" not in await response.text()
     assert checks == {"ready": True,
-                      "checks": {"gateway": True, "database": True, "worker": True, "dispatcher": True}}
+                      "checks": {"gateway": True, "database": True, "worker": True, "dispatcher": True,
+                                 "deliveries": True}}
     assert re.search(r'stembot_jobs_total\{state="done"\} [1-9]', text), text[:2000]
     # Commands are synced by `stembot sync`, never on start (Discord limits command creation).
     assert not fake.requests_matching("PUT", r"/applications/\d+/(guilds/\d+/)?commands")
