@@ -98,6 +98,9 @@ class FakeDiscord:
     requests_matching = _Forward("log")
     fail_next = _Forward("log")
 
+    # Discord's rules the REST API enforces.
+    callback_deadline_s = _Forward("rest")  # an interaction answered later is "Unknown interaction"
+
     # The gateway.
     heartbeat_interval_ms = _Forward("gateway")
     gateway_frames = _Forward("gateway", "frames")  # every frame the client sent
@@ -149,7 +152,12 @@ class FakeDiscord:
         self.interaction_sender = InteractionSender(
             self.state, self.gateway.dispatch, default_attachment_size_limit=default_attachment_size_limit
         )
-        self.rest = RestApi(self.state, self.log, gateway_url=lambda: self.server.gateway_url)
+        self.rest = RestApi(
+            self.state,
+            self.log,
+            gateway_url=lambda: self.server.gateway_url,
+            default_attachment_size_limit=lambda: self.interaction_sender.default_attachment_size_limit,
+        )
 
     # ------------------------------------------------------------------ lifecycle
 
