@@ -523,9 +523,9 @@ class JobStore:
                                       "heartbeat_at": None, "queue_job_id": None, "updated_at": utcnow()}
             take_slot = False
             if was is JobState.failed:
-                values.update(error=None, error_kind=None, finished_at=None, delivered_at=None, transfer=None,
-                              artifacts=None, artifacts_deleted_at=None, duration_s=None, separation_s=None,
-                              cache_hit=False)
+                values.update(error=None, error_kind=None, finished_at=None, delivered_at=None, notified_at=None,
+                              transfer=None, artifacts=None, artifacts_deleted_at=None, duration_s=None,
+                              separation_s=None, cache_hit=False)
                 if job.quota_state == "released":
                     values.update(quota_state="none", reserved_s=0.0, quota_day=None)
                 take_slot = self.quotas is not None and job.slot_state == "released"

@@ -15,6 +15,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
+from bot.timely import TimelyAnswer
 from core.errors import LinkNotAllowedError
 from core.jobs.job import RUNNING, Job, JobState
 from core.media.audio import format_duration
@@ -22,8 +23,6 @@ from core.media.upload_plan import human_size
 from core.net import ytdl
 from core.net.fetcher import check_url
 from core.net.urls import link_output_name
-
-from bot.timely import TimelyAnswer
 
 from ._status import STAGES
 

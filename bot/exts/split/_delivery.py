@@ -15,6 +15,7 @@ import discord
 
 from core.errors import input_error_kinds
 from core.jobs.job import Job, JobState
+from core.jobs.recent import RecentKeys
 from core.jobs.results import CheckedResults, open_checked, shown_error
 from core.media.audio import OutputFormat, format_duration
 from core.media.upload_plan import describe_format, links_note, too_large_error
@@ -31,6 +32,8 @@ PAYLOAD_TOO_LARGE = 40005
 UNKNOWN_MESSAGE = 10008
 UNKNOWN_WEBHOOK = 10015
 INVALID_WEBHOOK_TOKEN = 50027
+# Unfinished jobs the notifier remembers a fact about, at most (see DiscordNotifier.__init__).
+JOBS_KEPT = 10_000
 
 
 class DiscordNotifier:
@@ -40,13 +43,26 @@ class DiscordNotifier:
         self.bot = bot
         self.services = services
         self.board = StatusBoard(self._edit_status, self._render)
+        # Per unfinished job; each is forgotten when its job ends (see `_forget`), and the
+        # sets are bounded anyway: the bot runs for months.
         self._stage_started: dict[int, tuple[str, float]] = {}
-        self._reply_gone: set[int] = set()  # jobs whose status message can no longer be edited
-        self._reply_sought: set[int] = set()  # jobs whose lost status message id was looked for
+        self._reply_gone: RecentKeys[int] = RecentKeys(JOBS_KEPT)  # status message can no longer be edited
+        self._reply_sought: RecentKeys[int] = RecentKeys(JOBS_KEPT)  # lost status message id was looked for
+
+    def _forget(self, job_id: int) -> None:
+        self._stage_started.pop(job_id, None)
+        self._reply_gone.discard(job_id)
+        self._reply_sought.discard(job_id)
+
+    def tracked_jobs(self) -> int:
+        """How many jobs the notifier holds anything for (bounded: for tests and metrics)."""
+        return len(self._stage_started) + len(self._reply_gone) + len(self._reply_sought) + self.board.tracked_jobs()
 
     # -- progress ----------------------------------------------------------------------
 
     async def job_changed(self, job: Job) -> None:
+        if job.is_final:
+            return  # a late update: its end is (being) told by deliver or job_ended
         if job.status_message_id is None and job.interaction_token is not None:
             found = await self._find_reply(job)
             if found is None:
@@ -132,7 +148,7 @@ class DiscordNotifier:
             async with open_checked(self.services.storage, job) as (stems_dir, results):
                 await self._deliver_from(job, stems_dir, results)
         finally:
-            self._reply_gone.discard(job.id)
+            self._forget(job.id)
 
     async def _deliver_from(self, job: Job, stems_dir, results: CheckedResults) -> None:
         files = results.files
@@ -224,7 +240,7 @@ class DiscordNotifier:
                 # channel (mentioning only the user), else by DM, like a result.
                 await self._send_result(job, content=content, files=[])
         finally:
-            self._reply_gone.discard(job.id)
+            self._forget(job.id)
 
     async def _tell_privately(self, job: Job, content: str) -> None:
         """A refused file or link is the member's business: the public "thinking" message
