@@ -290,6 +290,17 @@ class Dispatcher:
         await self.execution.cancel(job_id)
         return True
 
+    async def fail_by_operator(self, job_id: int, reason: str) -> bool:
+        """The bot's owner ends an unfinished job: failed with `reason` (slot and minutes
+        released), its run stopped, its files deleted, its user told. False when it had
+        ended meanwhile."""
+        if not await self.store.fail_by_operator(job_id, reason):
+            return False
+        await self.execution.cancel(job_id)  # a run under way stops; the failed row stays failed
+        await self.storage.delete_job(job_id)
+        await self.ended(await self.store.get(job_id))
+        return True
+
     # -- the steps around a run ----------------------------------------------------------
 
     async def prepare(self, job: Job) -> bool:
