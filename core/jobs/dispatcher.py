@@ -53,6 +53,9 @@ LOOP_RETRY_MAX_S = 30.0
 # At start, the ends of jobs left untold are told if they ended this recently; older ones
 # are past caring about (and past the stored files' retention).
 TELL_ENDINGS_WITHIN = timedelta(days=1)
+# A job cancelled because its request was never answered in the chat before a restart.
+UNANSWERED = "unanswered"
+UNANSWERED_ERROR = "the bot restarted before it answered the request"
 # Job ends remembered as told, beyond the row's notified_at (see Dispatcher.ended).
 RECENT_ENDS_KEPT = 100
 
@@ -288,6 +291,19 @@ class Dispatcher:
         if await self.store.request_cancel(job_id) is None:
             return False
         await self.execution.cancel(job_id)
+        return True
+
+    async def cancel_unanswered(self, job_id: int) -> bool:
+        """Cancel a queued job whose request was never answered in the chat (the bot stopped
+        between admitting it and acknowledging it, and the chat no longer takes an answer):
+        its slot and minutes are released, and its user is told to send it again (the
+        notifier knows it by `UNANSWERED`). False when it had moved on meanwhile."""
+        if not await self.store.transition(job_id, JobState.cancelled, error=UNANSWERED_ERROR,
+                                           error_kind=UNANSWERED):
+            return False
+        log.warning("job %s: its request was never answered before a restart; cancelled", job_id)
+        await self.storage.delete_job(job_id)
+        await self.ended(await self.store.get(job_id))
         return True
 
     async def fail_by_operator(self, job_id: int, reason: str) -> bool:

@@ -8,12 +8,16 @@ the channel is gone.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from datetime import datetime, timedelta
 
 import discord
 
+from core.db import as_utc, utcnow
 from core.errors import input_error_kinds
+from core.jobs.dispatcher import UNANSWERED
 from core.jobs.job import Job, JobState
 from core.jobs.recent import RecentKeys
 from core.jobs.results import CheckedResults, open_checked, shown_error
@@ -32,6 +36,8 @@ PAYLOAD_TOO_LARGE = 40005
 UNKNOWN_MESSAGE = 10008
 UNKNOWN_WEBHOOK = 10015
 INVALID_WEBHOOK_TOKEN = 50027
+# Discord takes the first answer to an interaction within 3 s; 2 s more for clocks.
+INTERACTION_ANSWER_WINDOW = timedelta(seconds=5)
 # Unfinished jobs the notifier remembers a fact about, at most (see DiscordNotifier.__init__).
 JOBS_KEPT = 10_000
 
@@ -89,25 +95,42 @@ class DiscordNotifier:
         await self._edit_reply(job, content=text, view=cancel_view(job.id))
 
     async def _find_reply(self, job: Job) -> Job | None:
-        """A job admitted whose status message id was never saved (the bot was killed
-        between deferring the interaction and saving it) cannot start and would leave its
-        user "thinking...": find that reply through the token, save it, and let it start.
-        Looked for once per job; what stays unattached the sweeper cancels."""
+        """A job admitted whose status message id was never saved cannot start and would
+        leave its user "thinking...". If the bot was killed between deferring the interaction
+        and saving the id, find that reply through the token, save it, and let the job
+        start. If it was killed before deferring, the interaction was never answered and
+        never can be: cancel the job (nothing charged) and tell its user, in the channel or
+        by DM, to send it again. Looked for once per job."""
         token = job.interaction_token
-        if token is None or not job.token_usable() or job.id in self._reply_sought:
+        if token is None or job.id in self._reply_sought:
             return None
         self._reply_sought.add(job.id)
-        try:
-            # The interaction's reply is the webhook message "@original".
-            message = await self._webhook(job, token).fetch_message("@original")  # type: ignore[arg-type]
-        except discord.HTTPException as exc:
-            log.info("job %s: no reply to attach it to (%s %s)", job.id, exc.status, exc.code)
+        message, never = await self._original_reply(job, token) if job.token_usable() else (None, True)
+        if message is None:
+            if never and job.job_state is JobState.queued:
+                await self.services.dispatcher.cancel_unanswered(job.id)
             return None
         if not await self.services.store.update(job.id, status_message_id=message.id):
             return None
         log.info("job %s: attached to its reply %s after a restart", job.id, message.id)
         self.services.dispatcher.wake()
         return await self.services.store.get(job.id)
+
+    async def _original_reply(self, job: Job, token: str) -> tuple[discord.Message | None, bool]:
+        """The interaction's reply; else None, and whether there never will be one (Discord
+        knows no reply and the time to answer the interaction is over)."""
+        while True:
+            try:
+                # The interaction's reply is the webhook message "@original".
+                return await self._webhook(job, token).fetch_message("@original"), False  # type: ignore[arg-type]
+            except discord.HTTPException as exc:
+                log.info("job %s: no reply to attach it to (%s %s)", job.id, exc.status, exc.code)
+                if not (isinstance(exc, discord.NotFound) and exc.code in (UNKNOWN_WEBHOOK, UNKNOWN_MESSAGE)):
+                    return None, False  # Discord is unwell: the sweeper settles it if it lasts
+            wait = (_answer_deadline(job) - utcnow()).total_seconds()
+            if wait <= 0:
+                return None, True
+            await asyncio.sleep(wait)  # the bot that admitted it may be deferring right now
 
     def _webhook(self, job: Job, token: str) -> discord.Webhook:
         """The interaction's webhook. An application webhook, as discord.py builds
@@ -225,6 +248,15 @@ class DiscordNotifier:
     async def job_ended(self, job: Job) -> None:
         await self.board.close(job.id)
         self._stage_started.pop(job.id, None)
+        if job.job_state is JobState.cancelled and job.error_kind == UNANSWERED:
+            try:
+                # It has no reply to edit: the channel (mentioning only them), else a DM.
+                await self._send_result(job, content=f"⚠️ Your request to split `{job.source_name}` was lost: the "
+                                        "bot restarted before it could answer. Nothing was charged; please send it "
+                                        "again.", files=[])
+            finally:
+                self._forget(job.id)
+            return
         if job.job_state is JobState.cancelled:
             content = f"✖️ **Cancelled:** `{job.source_name}`. Nothing was charged."
         else:
@@ -261,6 +293,16 @@ class DiscordNotifier:
             await user.send(content=content, allowed_mentions=discord.AllowedMentions.none())
         except (discord.Forbidden, discord.NotFound):
             await self._send_result(job, content=content, files=[])
+
+
+def _answer_deadline(job: Job) -> datetime:
+    """When Discord stops taking the first answer to the job's interaction (plus a margin
+    for clocks): made from the interaction's id, a snowflake, else from the job's row."""
+    if job.interaction_id is not None:
+        asked = discord.utils.snowflake_time(job.interaction_id)
+    else:
+        asked = as_utc(job.created_at)
+    return asked + INTERACTION_ANSWER_WINDOW
 
 
 def _reply_unusable(exc: discord.HTTPException) -> bool:

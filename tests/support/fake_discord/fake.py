@@ -97,6 +97,8 @@ class FakeDiscord:
     unhandled_requests = _Forward("log")
     requests_matching = _Forward("log")
     fail_next = _Forward("log")
+    hold_next = _Forward("log")
+    held = _Forward("log")
 
     # Discord's rules the REST API enforces.
     callback_deadline_s = _Forward("rest")  # an interaction answered later is "Unknown interaction"
@@ -180,6 +182,7 @@ class FakeDiscord:
 
     async def close(self) -> None:
         """Close open websockets and stop the server."""
+        self.log.released.set()
         await self.gateway.close()
         await self.server.stop()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import time
@@ -36,6 +37,9 @@ class RequestLog:
     def __init__(self) -> None:
         self.requests: list[RecordedRequest] = []
         self._failures: list[InjectedFailure] = []
+        self._holds: list[InjectedFailure] = []
+        self.held: list[RecordedRequest] = []  # requests held unanswered (see hold_next)
+        self.released = asyncio.Event()  # set when the fake stops: held requests then get a 503
 
     def record(self, request: web.Request, path: str, body: Any, files: list[UploadedFile]) -> RecordedRequest:
         record = RecordedRequest(
@@ -78,6 +82,25 @@ class RequestLog:
         self._failures.append(
             InjectedFailure(method.upper(), re.compile(path_pattern), status, retry_after, is_global, times)
         )
+
+    def hold_next(self, method: str, path_pattern: str, *, times: int = 1) -> None:
+        """Hold the next `times` matching requests unanswered and never act on them: as if
+        they never reached Discord (a client killed while sending them). `held` lists them."""
+        self._holds.append(InjectedFailure(method.upper(), re.compile(path_pattern), 503, 0.0, False, times))
+
+    async def hold_if_due(self, record: RecordedRequest) -> web.Response | None:
+        """For a request a hold is due for: wait until the fake stops, then answer 503 (by then
+        nobody listens). None for any other request."""
+        for hold in self._holds:
+            if hold.remaining > 0 and hold.method in ("*", record.method) and hold.pattern.fullmatch(record.path):
+                hold.remaining -= 1
+                if hold.remaining == 0:
+                    self._holds.remove(hold)
+                self.held.append(record)
+                await self.released.wait()
+                record.status, record.response = 503, {"message": "held by the test", "code": 0}
+                return json_response(record.response, 503)
+        return None
 
     def answer_injected_failure(self, record: RecordedRequest) -> web.Response | None:
         """The injected failure's answer if one is due for this request (recorded on it), else None."""

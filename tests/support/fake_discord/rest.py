@@ -144,7 +144,7 @@ class RestApi:
         path = "/" + request.match_info["tail"]
         body, files = await read_body(request)
         record = self.log.record(request, path, body, files)
-        failure = self.log.answer_injected_failure(record)
+        failure = self.log.answer_injected_failure(record) or await self.log.hold_if_due(record)
         if failure is not None:
             return failure
         for methods, pattern, name, handler in self._routes:
