@@ -39,9 +39,14 @@ class TimelyAnswer:
         self._lock = asyncio.Lock()
         self._timer: asyncio.Task[None] | None = None
 
-    async def __aenter__(self) -> TimelyAnswer:
+    def start(self) -> TimelyAnswer:
+        """Start the clock. Used without `async with`, the timer is left to run out: it
+        defers only if nothing was answered by then (checked under the lock)."""
         self._timer = asyncio.create_task(self._defer_later())
         return self
+
+    async def __aenter__(self) -> TimelyAnswer:
+        return self.start()
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self._stop_timer()
