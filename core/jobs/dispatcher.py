@@ -26,7 +26,7 @@ from typing import Any, Protocol
 
 from core.db import as_utc, utcnow
 from core.errors import InputError, LowDiskError
-from core.jobs.job import Job, JobState
+from core.jobs.job import UNANSWERED, UNANSWERED_ERROR, Job, JobState
 from core.jobs.quotas import Policy
 from core.jobs.recent import RecentKeys
 from core.jobs.results import RESULTS_REFUSED, ResultsRefused, check_artifacts
@@ -53,9 +53,6 @@ LOOP_RETRY_MAX_S = 30.0
 # At start, the ends of jobs left untold are told if they ended this recently; older ones
 # are past caring about (and past the stored files' retention).
 TELL_ENDINGS_WITHIN = timedelta(days=1)
-# A job cancelled because its request was never answered in the chat before a restart.
-UNANSWERED = "unanswered"
-UNANSWERED_ERROR = "the bot restarted before it answered the request"
 # Job ends remembered as told, beyond the row's notified_at (see Dispatcher.ended).
 RECENT_ENDS_KEPT = 100
 

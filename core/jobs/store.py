@@ -45,6 +45,8 @@ from core.jobs.job import (
     RUN_READS,
     RUN_WRITES,
     RUNNING,
+    UNANSWERED,
+    UNANSWERED_ERROR,
     UNFINISHED,
     InteractionToken,
     Job,
@@ -201,13 +203,15 @@ class JobStore:
             await session.commit()
 
     async def cancel_unattached(self, before: datetime) -> list[int]:
-        """Sweeper: cancel queued jobs whose status message never came (the reply to the
-        interaction failed), so they release their slot instead of waiting for ever."""
+        """Sweeper: cancel queued jobs whose status message never came (the interaction was
+        never answered), so they release their slot instead of waiting for ever. Marked
+        `UNANSWERED`: the bot tells their users (at its next start at the latest) to send
+        the request again."""
         async with self.sessions() as session:
             ids = list(await session.scalars(select(Job.id).where(
                 Job.state == JobState.queued.value, ~_attached, Job.created_at < before)))
-        return [i for i in ids if await self.transition(i, JobState.cancelled, error="the reply to Discord failed",
-                                                        error_kind="cancelled")]
+        return [i for i in ids if await self.transition(i, JobState.cancelled, error=UNANSWERED_ERROR,
+                                                        error_kind=UNANSWERED)]
 
     async def settle_finished(self) -> list[int]:
         """Sweeper: settle finished jobs that still hold a slot, a reservation or presigned URLs."""

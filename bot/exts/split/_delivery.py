@@ -17,8 +17,7 @@ import discord
 
 from core.db import as_utc, utcnow
 from core.errors import input_error_kinds
-from core.jobs.dispatcher import UNANSWERED
-from core.jobs.job import Job, JobState
+from core.jobs.job import UNANSWERED, Job, JobState
 from core.jobs.recent import RecentKeys
 from core.jobs.results import CheckedResults, open_checked, shown_error
 from core.media.audio import OutputFormat, format_duration
