@@ -40,11 +40,13 @@ async def test_split_and_its_refusal_are_answered_in_time_while_the_database_is_
     try:
         lock = asyncio.create_task(hold_locked(database, LOCKED_S))
         await asyncio.sleep(0.3)  # the lock is taken
-        admitted = await fake.send_slash_command("split", [attachment_option("file", upload(fake, tmp_path))])
-        refused = await fake.send_slash_command("split", [attachment_option("file", upload(fake, tmp_path))])
+        admitted = await fake.send_slash_command("split", [attachment_option("file", upload(fake, tmp_path,
+                                                                                             seconds=3.0))])
+        refused = await fake.send_slash_command("split", [attachment_option("file", upload(fake, tmp_path,
+                                                                                           "other.wav"))])
         await lock
 
-        result = await final_message(fake, admitted)
+        result = await final_message(fake, admitted, timeout=180)  # a shared CI machine can be slow
         assert "Done" in result.content
         assert result.id == admitted.original_message_id  # the deferred reply became the result
         # The second job is over the member's one job at once: the refusal reaches only them,
