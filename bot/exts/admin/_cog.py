@@ -88,7 +88,8 @@ class Admin(commands.Cog):
             return False
         # Every command here reads or writes the database before it answers: deferred in
         # time when that is slow (see bot.timely); `_reply` gives the answer either way.
-        interaction.extras[ANSWER] = TimelyAnswer(interaction, ephemeral=True).start()
+        if interaction.type is discord.InteractionType.application_command:  # not an autocomplete
+            interaction.extras[ANSWER] = TimelyAnswer(interaction, ephemeral=True).start()
         return True
 
     async def _reply(self, interaction: discord.Interaction, text: str, **fields) -> None:
