@@ -10,12 +10,11 @@ import argparse
 import asyncio
 import sys
 from collections.abc import Awaitable, Callable
-from datetime import datetime
-from urllib.parse import urlsplit, urlunsplit
 
 from core.db import utcnow
 from core.distributed.queue import JobQueue
 from core.jobs.job import RUNNING, UNFINISHED, Job, JobState
+from core.jobs.job_report import age, describe, short
 from core.ops.bot_lock import AnotherBotRunning, BotLock
 from core.runtime import Runtime
 from core.settings import Settings, get_settings
@@ -75,31 +74,6 @@ def _run(action: Callable[[Settings, Runtime], Awaitable[int]]) -> int:
 # -- reading ----------------------------------------------------------------------------
 
 
-def _age(moment: datetime | None, now: datetime) -> str:
-    if moment is None:
-        return "-"
-    seconds = max(0, int((now - moment).total_seconds()))
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds // size}{unit}"
-    return f"{seconds}s"
-
-
-def _short(text: str | None, width: int = 40) -> str:
-    if not text:
-        return "-"
-    text = " ".join(text.split())
-    return text if len(text) <= width else text[:width - 1] + "…"
-
-
-def _without_query(url: str) -> str:
-    """A link without its query and fragment (where signatures live)."""
-    parts = urlsplit(url)
-    if not parts.query and not parts.fragment:
-        return url
-    return urlunsplit(parts._replace(query="", fragment="")) + " (query hidden)"
-
-
 def cmd_list(args, parser) -> int:
     state = JobState(args.state) if args.state else None
 
@@ -109,9 +83,9 @@ def cmd_list(args, parser) -> int:
         print(f"{'ID':>7} {'STATE':10} {'AGE':>5} {'USER':>20} {'SERVER':>20} {'MODEL':14} {'STEMS':16} "
               f"{'ATT':>3} {'WORKER':20} ERROR")
         for job in jobs:
-            print(f"{job.id:>7} {job.state:10} {_age(job.created_at, now):>5} {job.user_id:>20} "
-                  f"{job.guild_id or 'DM':>20} {_short(job.model, 14):14} {_short(job.stems, 16):16} "
-                  f"{job.attempts:>3} {_short(job.worker, 20):20} {_short(job.error)}")
+            print(f"{job.id:>7} {job.state:10} {age(job.created_at, now):>5} {job.user_id:>20} "
+                  f"{job.guild_id or 'DM':>20} {short(job.model, 14):14} {short(job.stems, 16):16} "
+                  f"{job.attempts:>3} {short(job.worker, 20):20} {short(job.error)}")
         if not jobs:
             print("no jobs" + (f" in state {state.value}" if state else ""))
         return 0
@@ -119,40 +93,12 @@ def cmd_list(args, parser) -> int:
     return _run(action)
 
 
-def _describe(job: Job) -> list[tuple[str, str]]:
-    def when(moment: datetime | None) -> str:
-        return "-" if moment is None else f"{moment:%Y-%m-%d %H:%M:%S} UTC"
-
-    artifacts = sorted(job.artifacts) if isinstance(job.artifacts, dict) else []
-    return [
-        ("id", str(job.id)), ("state", job.state), ("progress", f"{job.progress:.0%}"),
-        ("attempts", str(job.attempts)), ("worker", job.worker or "-"),
-        ("error", job.error or "-"), ("error kind", job.error_kind or "-"),
-        ("user", str(job.user_id)), ("server", str(job.guild_id or "DM")), ("channel", str(job.channel_id or "-")),
-        ("status message", str(job.status_message_id or "-")),
-        ("interaction token", "present" if job.interaction_token else "none"),
-        ("source", f"{job.source_kind}: {job.source_name}"), ("source link", _without_query(job.source_url)),
-        ("model", job.model), ("stems", job.stems), ("format", job.format), ("priority", str(job.priority)),
-        ("length", "-" if job.duration_s is None else f"{job.duration_s:.1f} s"),
-        ("queue job", str(job.queue_job_id or "-")),
-        ("transfer URLs", "present" if job.transfer else "none"),
-        ("slot", job.slot_state),
-        ("minutes", f"{job.quota_state} ({job.reserved_s:.1f} s, day {job.quota_day or '-'})"),
-        ("cache hit", "yes" if job.cache_hit else "no"),
-        ("files", ", ".join(artifacts) if artifacts else "-"),
-        ("created", when(job.created_at)), ("started", when(job.started_at)),
-        ("last heartbeat", when(job.heartbeat_at)), ("updated", when(job.updated_at)),
-        ("finished", when(job.finished_at)), ("delivered", when(job.delivered_at)),
-        ("files deleted", when(job.artifacts_deleted_at)),
-    ]
-
-
 def cmd_show(args, parser) -> int:
     async def action(settings: Settings, runtime: Runtime) -> int:
         job = await runtime.store.get(args.job_id)
         if job is None:
             return _error(f"no job {args.job_id}")
-        for name, value in _describe(job):
+        for name, value in describe(job):
             print(f"{name + ':':19} {value}")
         return 0
 

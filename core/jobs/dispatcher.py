@@ -24,10 +24,11 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
-from core.db import utcnow
+from core.db import as_utc, utcnow
 from core.errors import InputError, LowDiskError
-from core.jobs.job import Job, JobState
+from core.jobs.job import UNANSWERED, UNANSWERED_ERROR, Job, JobState
 from core.jobs.quotas import Policy
+from core.jobs.recent import RecentKeys
 from core.jobs.results import RESULTS_REFUSED, ResultsRefused, check_artifacts
 from core.jobs.runner import RunConfig
 from core.jobs.store import JobStore
@@ -57,6 +58,8 @@ TELL_ENDINGS_WITHIN = timedelta(days=1)
 STORAGE_OUTAGE = "the storage stayed unreachable for {minutes} min; nothing was charged, please try again later"
 DISCORD_OUTAGE = ("the stems were made but Discord would not take them for {minutes} min; "
                   "nothing was charged, please try again later")
+# Job ends remembered as told, beyond the row's notified_at (see Dispatcher.ended).
+RECENT_ENDS_KEPT = 100
 
 
 class JobMetrics(Protocol):
@@ -167,9 +170,12 @@ class Dispatcher:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
-        # The ends already reported: (job, when it ended), so a job an operator retried
-        # (`stembot jobs retry`) has its next end reported too.
-        self._reported: set[tuple[int, datetime | None]] = set()
+        # Ends are told once: (job, when it ended), so a job an operator retried (`stembot
+        # jobs retry`) has its next end told too. The row's notified_at says an end was told;
+        # in memory only the ends being told now and the last few told (against a row read
+        # before the telling) are kept, so that this does not grow with every job ever run.
+        self._reporting: set[tuple[int, datetime | None]] = set()
+        self._told: RecentKeys[tuple[int, datetime | None]] = RecentKeys(RECENT_ENDS_KEPT)
         self._deliveries: set[asyncio.Task[None]] = set()
         self.paused = False
         self.loop_error: str | None = None  # why the dispatch loop's last round failed
@@ -309,6 +315,30 @@ class Dispatcher:
         if await self.store.request_cancel(job_id) is None:
             return False
         await self.execution.cancel(job_id)
+        return True
+
+    async def cancel_unanswered(self, job_id: int) -> bool:
+        """Cancel a queued job whose request was never answered in the chat (the bot stopped
+        between admitting it and acknowledging it, and the chat no longer takes an answer):
+        its slot and minutes are released, and its user is told to send it again (the
+        notifier knows it by `UNANSWERED`). False when it had moved on meanwhile."""
+        if not await self.store.transition(job_id, JobState.cancelled, error=UNANSWERED_ERROR,
+                                           error_kind=UNANSWERED):
+            return False
+        log.warning("job %s: its request was never answered before a restart; cancelled", job_id)
+        await self.storage.delete_job(job_id)
+        await self.ended(await self.store.get(job_id))
+        return True
+
+    async def fail_by_operator(self, job_id: int, reason: str) -> bool:
+        """The bot's owner ends an unfinished job: failed with `reason` (slot and minutes
+        released), its run stopped, its files deleted, its user told. False when it had
+        ended meanwhile."""
+        if not await self.store.fail_by_operator(job_id, reason):
+            return False
+        await self.execution.cancel(job_id)  # a run under way stops; the failed row stays failed
+        await self.storage.delete_job(job_id)
+        await self.ended(await self.store.get(job_id))
         return True
 
     # -- the steps around a run ----------------------------------------------------------
@@ -491,20 +521,31 @@ class Dispatcher:
 
     async def ended(self, job: Job | None) -> None:
         """Count and report a failed or cancelled job, once per end."""
-        if job is None or (job.id, job.finished_at) in self._reported:
+        if job is None or _end_told(job):
             return
-        self._reported.add((job.id, job.finished_at))
-        self._finish_metrics(job)
+        end = (job.id, job.finished_at)
+        if end in self._reporting or end in self._told:
+            return
+        self._reporting.add(end)
         try:
-            await retry_transient(lambda: self.notifier.job_ended(job), transient=self.transient,
-                                  budget_s=self.config.transient_retry_s, outage=self.discord_outage)
-        except Exception:
-            log.exception("job %s: could not report its end", job.id)
-            return  # left untold: the next start tries again
-        try:
-            await self.store.update(job.id, notified_at=utcnow())
-        except Exception:
-            log.exception("job %s: could not note that its end was reported", job.id)
+            self._finish_metrics(job)
+            try:
+                await retry_transient(lambda: self.notifier.job_ended(job), transient=self.transient,
+                                      budget_s=self.config.transient_retry_s, outage=self.discord_outage)
+            except Exception:
+                log.exception("job %s: could not report its end", job.id)
+                return  # left untold: the next start tries again
+            try:
+                await self.store.update(job.id, notified_at=utcnow())
+            except Exception:
+                log.exception("job %s: could not note that its end was reported", job.id)
+        finally:
+            self._reporting.discard(end)
+            self._told.add(end)
+
+    def remembered_ends(self) -> int:
+        """How many job ends the dispatcher keeps in memory (bounded; for tests and metrics)."""
+        return len(self._reporting) + len(self._told)
 
     def _finish_metrics(self, job: Job | None) -> None:
         if self.metrics is None or job is None:
@@ -536,6 +577,13 @@ class Dispatcher:
             await self.notifier.job_changed(job)
         except Exception:
             log.exception("job %s: progress update failed", job.id)
+
+
+def _end_told(job: Job) -> bool:
+    """Whether the row says this end of the job was told (a retried job's older telling does not count)."""
+    if job.notified_at is None or job.finished_at is None:
+        return False
+    return as_utc(job.notified_at) >= as_utc(job.finished_at)
 
 
 def file_sha256(path: Path) -> str:

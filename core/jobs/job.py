@@ -42,6 +42,11 @@ class JobState(str, enum.Enum):  # noqa: UP042 - StrEnum would change str()/f-st
     cancelled = "cancelled"
 
 
+# A job cancelled because its request was never answered in the chat (the bot stopped
+# between admitting it and acknowledging the interaction): its user is told to send it again.
+UNANSWERED = "unanswered"
+UNANSWERED_ERROR = "the bot restarted before it answered the request"
+
 RUNNING = (JobState.fetching, JobState.decoding, JobState.separating, JobState.encoding)
 FINAL = (JobState.done, JobState.failed, JobState.cancelled)
 UNFINISHED = (JobState.queued, *RUNNING, JobState.delivering)

@@ -47,6 +47,8 @@ from core.jobs.job import (
     RUN_READS,
     RUN_WRITES,
     RUNNING,
+    UNANSWERED,
+    UNANSWERED_ERROR,
     UNFINISHED,
     InteractionToken,
     Job,
@@ -212,13 +214,15 @@ class JobStore:
             await session.commit()
 
     async def cancel_unattached(self, before: datetime) -> list[int]:
-        """Sweeper: cancel queued jobs whose status message never came (the reply to the
-        interaction failed), so they release their slot instead of waiting for ever."""
+        """Sweeper: cancel queued jobs whose status message never came (the interaction was
+        never answered), so they release their slot instead of waiting for ever. Marked
+        `UNANSWERED`: the bot tells their users (at its next start at the latest) to send
+        the request again."""
         async with self.sessions() as session:
             ids = list(await session.scalars(select(Job.id).where(
                 Job.state == JobState.queued.value, ~_attached, Job.created_at < before)))
-        return [i for i in ids if await self.transition(i, JobState.cancelled, error="the reply to Discord failed",
-                                                        error_kind="cancelled")]
+        return [i for i in ids if await self.transition(i, JobState.cancelled, error=UNANSWERED_ERROR,
+                                                        error_kind=UNANSWERED)]
 
     async def settle_finished(self) -> list[int]:
         """Sweeper: settle finished jobs that still hold a slot, a reservation or presigned URLs."""
@@ -541,9 +545,9 @@ class JobStore:
                                       "heartbeat_at": None, "queue_job_id": None, "updated_at": utcnow()}
             take_slot = False
             if was is JobState.failed:
-                values.update(error=None, error_kind=None, finished_at=None, delivered_at=None, transfer=None,
-                              artifacts=None, artifacts_deleted_at=None, duration_s=None, separation_s=None,
-                              cache_hit=False)
+                values.update(error=None, error_kind=None, finished_at=None, delivered_at=None, notified_at=None,
+                              transfer=None, artifacts=None, artifacts_deleted_at=None, duration_s=None,
+                              separation_s=None, cache_hit=False)
                 if job.quota_state == "released":
                     values.update(quota_state="none", reserved_s=0.0, quota_day=None)
                 take_slot = self.quotas is not None and job.slot_state == "released"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 
 import aiohttp
@@ -13,8 +14,11 @@ from discord.ext import commands
 
 from .fake_discord import (
     CALLBACK_DEFERRED_CHANNEL_MESSAGE,
+    REQUEST_ENTITY_TOO_LARGE,
+    UNKNOWN_INTERACTION,
     FakeDiscord,
     attachment_option,
+    integer_option,
     string_option,
 )
 
@@ -74,6 +78,25 @@ async def post(interaction: discord.Interaction, text: str) -> None:
     await interaction.edit_original_response(content=f"posted {posted.id}, dm {dm.channel.id}")
 
 
+@app_commands.command(name="late", description="Answer after `delay` seconds, whatever Discord's deadline")
+async def late(interaction: discord.Interaction, delay: float) -> None:
+    await asyncio.sleep(delay)
+    try:
+        await interaction.response.send_message("finally")
+    except discord.HTTPException as exc:
+        interaction.client.refusals.append(exc)
+
+
+@app_commands.command(name="blob", description="Defer, then send a file of `size` bytes, then post it in the channel")
+async def blob(interaction: discord.Interaction, size: int) -> None:
+    await interaction.response.defer(thinking=True)
+    for send in (interaction.followup.send, interaction.channel.send):
+        try:
+            await send(content="blob", file=discord.File(io.BytesIO(b"x" * size), filename="blob.bin"))
+        except discord.HTTPException as exc:
+            interaction.client.refusals.append(exc)
+
+
 @app_commands.context_menu(name="Count words")
 async def count_words(interaction: discord.Interaction, message: discord.Message) -> None:
     await interaction.response.send_message(f"{len(message.content.split())} words", ephemeral=True)
@@ -86,13 +109,14 @@ class FixtureBot(commands.Bot):
         # READY carries no guilds; a short guild_ready_timeout makes the bot ready at once.
         super().__init__(command_prefix="!", intents=discord.Intents.none(), guild_ready_timeout=0.1)
         self.errors: list[BaseException] = []
+        self.refusals: list[discord.HTTPException] = []  # what the fake refused, as Discord would
         self.tree.error(self._record_error)
 
     async def _record_error(self, interaction: discord.Interaction, error: app_commands.AppCommandError) -> None:
         self.errors.append(error)
 
     async def setup_hook(self) -> None:
-        for command in (echo, retract, size, button, post, count_words):
+        for command in (echo, retract, size, button, post, late, blob, count_words):
             self.tree.add_command(command)
         await self.tree.sync()
 
@@ -115,7 +139,8 @@ async def bot(fake: FakeDiscord):
 async def test_bot_logs_in_syncs_commands_and_identifies(fake: FakeDiscord, bot: FixtureBot) -> None:
     assert fake.identifies[0]["token"] == "fake-token"
     assert bot.user is not None and bot.user.id == fake.application_id
-    assert {c["name"] for c in fake.commands} == {"echo", "retract", "size", "button", "post", "Count words"}
+    assert {c["name"] for c in fake.commands} == {"echo", "retract", "size", "button", "post", "late", "blob",
+                                                "Count words"}
     assert all(int(c["id"]) > 0 for c in fake.commands)
     # discord.py asks for a compressed stream; the fake honours it.
     assert "compress=zlib-stream" in fake.gateway_urls[0] or "compress=zstd-stream" in fake.gateway_urls[0]
@@ -275,3 +300,34 @@ async def test_threads_from_a_message_and_commands_inside_them(fake: FakeDiscord
     assert fake.channel_messages(thread.id)[0].attachment_named("vocals.mp3").data == b"stem"
     with pytest.raises(discord.HTTPException):
         await bot.http.start_thread_with_message(fake.channel_id, starter.id, name="Again", auto_archive_duration=60)
+
+
+async def test_an_answer_after_the_deadline_is_unknown_interaction(fake: FakeDiscord, bot: FixtureBot) -> None:
+    fake.callback_deadline_s = 0.3  # Discord's 3 s, shortened to keep the test short
+
+    in_time = await fake.send_slash_command("late", [{"type": 10, "name": "delay", "value": 0.0}])
+    [answer] = await fake.wait_for_messages(in_time, 1)
+    late_one = await fake.send_slash_command("late", [{"type": 10, "name": "delay", "value": 0.5}])
+    await fake.wait_for(lambda: bot.refusals, what="the late answer to be refused")
+
+    assert answer.content == "finally"
+    [refused] = bot.refusals
+    assert isinstance(refused, discord.NotFound) and refused.code == UNKNOWN_INTERACTION
+    assert not late_one.acknowledged and fake.messages_for(late_one) == []
+
+
+async def test_files_over_the_attachment_size_limit_are_refused(fake: FakeDiscord, bot: FixtureBot) -> None:
+    fits = await fake.send_slash_command("blob", [integer_option("size", 1024)], attachment_size_limit=1024)
+    [reply] = await fake.wait_for_messages(fits, 1)
+    # Over the interaction's limit; the channel post is checked against the server's
+    # limit, which is the default 10 MiB here (an interaction's limit does not lower it).
+    too_big = await fake.send_slash_command("blob", [integer_option("size", 1025)], attachment_size_limit=1024)
+    await fake.wait_for(lambda: len(fake.channel_messages(fake.channel_id)) >= 4, what="the channel post")
+    over_server = await fake.send_slash_command("blob", [integer_option("size", 10 * 2**20 + 1)])
+    await fake.wait_for(lambda: len(bot.refusals) >= 3, what="the refusals", timeout=15)
+
+    assert reply.attachment_named("blob.bin").size == 1024
+    assert [(r.status, r.code) for r in bot.refusals] == [(413, REQUEST_ENTITY_TOO_LARGE)] * 3
+    assert fake.messages_for(too_big)[0].is_loading and fake.messages_for(over_server)[0].is_loading
+    sizes = [m.attachments[0].size for m in fake.channel_messages(fake.channel_id) if m.attachments]
+    assert sizes == [1024, 1024, 1025]

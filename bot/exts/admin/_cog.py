@@ -10,7 +10,10 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
+from bot.timely import TimelyAnswer
 from core.db import utcnow
+from core.jobs.job import UNFINISHED, JobState
+from core.jobs.job_report import age, describe, short
 from core.jobs.stats import server_stats
 from core.media.audio import OUTPUT_FORMATS, format_duration
 
@@ -24,6 +27,12 @@ LIMIT_LABELS = {"user_minutes_per_day": "Minutes per member per day",
                 "guild_minutes_per_day": "Minutes per server per day",
                 "user_concurrent_jobs": "Jobs at once per member", "guild_queued_jobs": "Jobs queued per server",
                 "max_track_minutes": "Longest track"}
+# `/stembot jobs`: the states a listing can be narrowed to, and how long it may be.
+JobStateName = Literal["queued", "fetching", "decoding", "separating", "encoding", "delivering", "done", "failed",
+                       "cancelled"]
+JOBS_LISTED_MAX = 50
+MESSAGE_LIMIT = 2000
+DEFAULT_REASON = "stopped by the bot's owner"
 PERIODS = {"day": timedelta(days=1), "week": timedelta(days=7), "month": timedelta(days=30), "all": None}
 
 
@@ -49,6 +58,7 @@ def _above_ceilings(ceilings, values: dict[str, float | None], options: dict[str
             for name, value in values.items() if value is not None and ceilings.binds(name, value)]
 
 
+ANSWER = "stembot.answer"  # where interaction_check leaves the interaction's TimelyAnswer (Interaction.extras)
 OPERATOR_CEILING = "on this bot (the ceiling its operator set); nothing was changed."
 
 
@@ -59,6 +69,8 @@ class Admin(commands.Cog):
         allowed_contexts=app_commands.AppCommandContext(guild=True),
     )
 
+    jobs = app_commands.Group(name="jobs", description="(bot owner) Stuck or failed jobs", parent=stembot)
+
     def __init__(self, bot):
         self.bot = bot
         self.services = bot.services
@@ -66,17 +78,26 @@ class Admin(commands.Cog):
     async def interaction_check(self, interaction: discord.Interaction) -> bool:
         # default_permissions only hides the commands; a server can change who sees them.
         # The owner-only ones check for themselves.
-        if interaction.command and interaction.command.name in ("pause", "resume", "workers"):
+        if interaction.command and (interaction.command.name in ("pause", "resume", "workers")
+                                    or interaction.command.qualified_name.startswith("stembot jobs ")):
             return True
         permissions = interaction.permissions
         if interaction.guild_id is None or not permissions.manage_guild:
             await interaction.response.send_message("You need the Manage Server permission for this.",
                                                     ephemeral=True)
             return False
+        # Every command here reads or writes the database before it answers: deferred in
+        # time when that is slow (see bot.timely); `_reply` gives the answer either way.
+        if interaction.type is discord.InteractionType.application_command:  # not an autocomplete
+            interaction.extras[ANSWER] = TimelyAnswer(interaction, ephemeral=True).start()
         return True
 
-    async def _reply(self, interaction: discord.Interaction, text: str) -> None:
-        await interaction.response.send_message(text, ephemeral=True)
+    async def _reply(self, interaction: discord.Interaction, text: str, **fields) -> None:
+        answer = interaction.extras.get(ANSWER)
+        if answer is None:
+            await interaction.response.send_message(text, ephemeral=True, **fields)
+        else:
+            await answer.send(text, **fields)
 
     # -- showing and setting the policy ------------------------------------------------
 
@@ -281,8 +302,7 @@ class Admin(commands.Cog):
         if stats.busiest:
             lines.append("Busiest: " + ", ".join(f"<@{user}> {minutes:.1f} min ({count} jobs)"
                                                  for user, count, minutes in stats.busiest))
-        await interaction.response.send_message("\n".join(lines), ephemeral=True,
-                                                allowed_mentions=discord.AllowedMentions.none())
+        await self._reply(interaction, "\n".join(lines), allowed_mentions=discord.AllowedMentions.none())
 
     # -- the bot owner's controls ------------------------------------------------------
 
@@ -325,6 +345,92 @@ class Admin(commands.Cog):
             f"**local** (pid {worker.pid}): {state}, {current}; model {info.get('model', '?')} on "
             f"{info.get('device', '?')}, started in {info.get('start_s', 0):.1f} s.\n"
             f"Queue: {queue} waiting{' (paused)' if self.services.dispatcher.paused else ''}."))
+
+
+    # -- the bot owner's job tools (as `stembot jobs` on the host) -------------------------
+
+    @jobs.command(name="list", description="(bot owner) The newest jobs, one line each")
+    @app_commands.describe(state="only jobs in this state", limit="at most this many (default 20)")
+    async def jobs_list(self, interaction: discord.Interaction, state: JobStateName | None = None,
+                        limit: app_commands.Range[int, 1, JOBS_LISTED_MAX] = 20) -> None:
+        if not await self._owner(interaction):
+            return
+        chosen = JobState(state) if state else None
+        found = await self.services.store.latest(chosen, limit)
+        now = utcnow()
+        lines = [f"#{job.id} {job.state} {age(job.created_at, now)} ago · <@{job.user_id}> · "
+                 f"{'server ' + str(job.guild_id) if job.guild_id else 'DM'} · {short(job.model, 14)} · "
+                 f"{job.attempts} attempt{'s' if job.attempts != 1 else ''}"
+                 + (f" · {short(job.error, 60)}" if job.error else "") for job in found]
+        if not lines:
+            lines = ["No jobs" + (f" in state {state}." if state else ".")]
+        await self._reply(interaction, _fit("\n".join(lines)), allowed_mentions=discord.AllowedMentions.none())
+
+    @jobs.command(name="show", description="(bot owner) One job's fields and timeline")
+    @app_commands.describe(job="the job number")
+    async def jobs_show(self, interaction: discord.Interaction, job: int) -> None:
+        if not await self._owner(interaction):
+            return
+        found = await self.services.store.get(job)
+        if found is None:
+            await self._reply(interaction, f"There is no job #{job}.")
+            return
+        width = max(len(name) for name, _ in describe(found)) + 1
+        text = "\n".join(f"{name + ':':{width}} {value}" for name, value in describe(found))
+        await self._reply(interaction, _fit(text, code=True))
+
+    @jobs.command(name="retry", description="(bot owner) Put a failed job back in the queue")
+    @app_commands.describe(job="the job number")
+    async def jobs_retry(self, interaction: discord.Interaction, job: int) -> None:
+        if not await self._owner(interaction):
+            return
+        found = await self.services.store.get(job)
+        if found is None:
+            await self._reply(interaction, f"There is no job #{job}.")
+            return
+        if found.job_state is not JobState.failed:
+            # A running job's run may still be under way here or on a worker: the host's
+            # `stembot jobs retry` (or a restart, in embedded mode) deals with that.
+            await self._reply(interaction, f"Job #{job} is {found.state}: only a failed job can be retried from "
+                              "Discord. For a job stuck running, use `stembot jobs retry` on the bot's host.")
+            return
+        if await self.services.store.retry(job) is None:
+            await self._reply(interaction, f"Job #{job} changed meanwhile; look again with `/stembot jobs show`.")
+            return
+        self.services.dispatcher.wake()
+        log.info("job %s retried by the bot's owner %s", job, interaction.user.id)
+        await self._reply(interaction, f"Job #{job}: failed → queued (attempts so far: {found.attempts}).")
+
+    @jobs.command(name="fail", description="(bot owner) End an unfinished job as failed, releasing its quota")
+    @app_commands.describe(job="the job number", reason=f'what its user is told (default "{DEFAULT_REASON}")')
+    async def jobs_fail(self, interaction: discord.Interaction, job: int,
+                        reason: app_commands.Range[str, 1, 200] = DEFAULT_REASON) -> None:
+        if not await self._owner(interaction):
+            return
+        reason = " ".join(reason.split()) or DEFAULT_REASON
+        found = await self.services.store.get(job)
+        if found is None:
+            await self._reply(interaction, f"There is no job #{job}.")
+            return
+        if found.job_state not in UNFINISHED:
+            await self._reply(interaction,
+                              f"Job #{job} is {found.state} already: only an unfinished job can be failed.")
+            return
+        if not await self.services.dispatcher.fail_by_operator(job, reason):
+            await self._reply(interaction, f"Job #{job} changed meanwhile; look again with `/stembot jobs show`.")
+            return
+        log.info("job %s failed by the bot's owner %s", job, interaction.user.id)
+        await self._reply(interaction, f"Job #{job}: {found.state} → failed ({reason}); slot and minutes released, "
+                          "files deleted, its user told.")
+
+
+
+def _fit(text: str, *, code: bool = False) -> str:
+    """`text` within Discord's 2,000 characters a message (in a code block with `code`)."""
+    room = MESSAGE_LIMIT - (8 if code else 0)
+    if len(text) > room:
+        text = text[:room - 1] + "…"
+    return f"```\n{text}\n```" if code else text
 
 
 def _slot_line(slot, stale_s: float) -> str:

@@ -15,6 +15,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
+from bot.timely import TimelyAnswer
 from core.errors import LinkNotAllowedError
 from core.jobs.job import RUNNING, Job, JobState
 from core.media.audio import format_duration
@@ -93,8 +94,12 @@ class Split(commands.Cog):
 
     @app_commands.command(name="queue", description="Your jobs and the queue")
     async def queue(self, interaction: discord.Interaction) -> None:
+        async with TimelyAnswer(interaction, ephemeral=True) as answer:
+            await answer.send(await self._queue_text(interaction.user.id))
+
+    async def _queue_text(self, user_id: int) -> str:
         store = self.services.store
-        jobs = await store.for_user(interaction.user.id)
+        jobs = await store.for_user(user_id)
         length = await store.queue_length()
         lines = []
         for job in jobs:
@@ -108,37 +113,34 @@ class Split(commands.Cog):
             lines.append(f"{icon} `#{job.id}` `{job.source_name}` — {detail}")
         body = "\n".join(lines) if lines else "You have no jobs in progress."
         waiting = "nobody is waiting" if length == 0 else f"{length} job{'s' if length != 1 else ''} waiting"
-        await interaction.response.send_message(f"{body}\n\nQueue: {waiting}.", ephemeral=True)
+        return f"{body}\n\nQueue: {waiting}."
 
     @app_commands.command(name="cancel", description="Cancel your latest job, or the job with this number")
     @app_commands.describe(job="the job number (see /queue)")
     async def cancel(self, interaction: discord.Interaction, job: int | None = None) -> None:
-        store = self.services.store
-        if job is None:
-            mine = await store.for_user(interaction.user.id, states=(JobState.queued, *RUNNING), limit=1)
-            if not mine:
-                await interaction.response.send_message("You have no job to cancel.", ephemeral=True)
-                return
-            job = mine[0].id
-        await self._cancel(interaction, job)
+        async with TimelyAnswer(interaction, ephemeral=True) as answer:
+            if job is None:
+                mine = await self.services.store.for_user(interaction.user.id, states=(JobState.queued, *RUNNING),
+                                                          limit=1)
+                if not mine:
+                    await answer.send("You have no job to cancel.")
+                    return
+                job = mine[0].id
+            await answer.send(await self._cancel(interaction, job))
 
     async def cancel_from_button(self, interaction: discord.Interaction, job_id: int) -> None:
-        await self._cancel(interaction, job_id)
+        async with TimelyAnswer(interaction, ephemeral=True) as answer:
+            await answer.send(await self._cancel(interaction, job_id))
 
-    async def _cancel(self, interaction: discord.Interaction, job_id: int) -> None:
+    async def _cancel(self, interaction: discord.Interaction, job_id: int) -> str:
         job = await self.services.store.get(job_id)
         if job is None:
-            await interaction.response.send_message(f"There is no job #{job_id}.", ephemeral=True)
-            return
+            return f"There is no job #{job_id}."
         if not self._may_cancel(interaction, job):
-            await interaction.response.send_message("Only the person who asked (or a server manager) can cancel "
-                                                    "this job.", ephemeral=True)
-            return
+            return "Only the person who asked (or a server manager) can cancel this job."
         if await self.services.dispatcher.cancel(job_id):
-            await interaction.response.send_message(f"Cancelled job #{job_id}. Nothing was charged.", ephemeral=True)
-        else:
-            await interaction.response.send_message(f"Job #{job_id} is already {job.state}; too late to cancel.",
-                                                    ephemeral=True)
+            return f"Cancelled job #{job_id}. Nothing was charged."
+        return f"Job #{job_id} is already {job.state}; too late to cancel."
 
     @staticmethod
     def _may_cancel(interaction: discord.Interaction, job: Job) -> bool:
@@ -165,6 +167,10 @@ class Split(commands.Cog):
 
     @app_commands.command(name="quota", description="Your minutes and jobs left today")
     async def quota(self, interaction: discord.Interaction) -> None:
+        async with TimelyAnswer(interaction, ephemeral=True) as answer:
+            await answer.send(await self._quota_text(interaction))
+
+    async def _quota_text(self, interaction: discord.Interaction) -> str:
         policy = await self.services.quotas.policy(interaction.guild_id, _role_ids(interaction))
         status = await self.services.quotas.status(interaction.guild_id, interaction.user.id, policy)
         reset = discord.utils.format_dt(status.resets_at, "R")
@@ -180,14 +186,14 @@ class Split(commands.Cog):
                          f"min left today, {status.guild_active} of {policy.guild_queued_jobs} jobs queued or running")
         lines.append(f"Tracks up to {format_duration(policy.max_track_minutes * 60)}. Allowances reset at 00:00 UTC "
                      f"({reset}).")
-        await interaction.response.send_message("\n".join(lines), ephemeral=True)
+        return "\n".join(lines)
 
     @app_commands.command(name="forget", description="Delete your stored songs and stems now")
     async def forget(self, interaction: discord.Interaction) -> None:
-        jobs = await self.services.forget_user(interaction.user.id)
-        text = (f"Deleted the files of {jobs} finished job{'s' if jobs != 1 else ''}; their download links no "
-                "longer work." if jobs else "You have no stored results.")
-        await interaction.response.send_message(text, ephemeral=True)
+        async with TimelyAnswer(interaction, ephemeral=True) as answer:
+            jobs = await self.services.forget_user(interaction.user.id)
+            await answer.send(f"Deleted the files of {jobs} finished job{'s' if jobs != 1 else ''}; their download "
+                              "links no longer work." if jobs else "You have no stored results.")
 
     # -- starting a job ----------------------------------------------------------------
 
@@ -250,6 +256,15 @@ class Split(commands.Cog):
 
     async def start_job(self, interaction: discord.Interaction, file: discord.Attachment | None, url: str | None,
                         stems: str, fmt: str | None, model: str | None) -> None:
+        # The policy, the quota and the admission read and write the database: when that is
+        # slow, the interaction is deferred in time (publicly: it becomes the status message),
+        # and a refusal still reaches only the member.
+        async with TimelyAnswer(interaction, ephemeral=False) as answer:
+            await self._start_job(interaction, answer, file, url, stems, fmt, model)
+
+    async def _start_job(self, interaction: discord.Interaction, answer: TimelyAnswer,
+                         file: discord.Attachment | None, url: str | None, stems: str, fmt: str | None,
+                         model: str | None) -> None:
         services = self.services
         policy = await services.quotas.policy(interaction.guild_id, _role_ids(interaction))
         model = model or policy.default_model or services.settings.model
@@ -271,11 +286,11 @@ class Split(commands.Cog):
             if reason is not None:
                 reason = reason[0].upper() + reason[1:] + "."
         if reason is not None:
-            await interaction.response.send_message(reason, ephemeral=True)
+            await answer.send(reason, private=True)
             return
         assert job is not None, "the dispatcher refuses with a reason or queues a job"
         try:
-            await interaction.response.defer(thinking=True)
+            await answer.defer()
             status_message = await interaction.original_response()
         except Exception:
             await services.dispatcher.cancel(job.id)  # nowhere to show it: give the slot back

@@ -8,14 +8,18 @@ the channel is gone.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from datetime import datetime, timedelta
 
 import aiohttp
 import discord
 
+from core.db import as_utc, utcnow
 from core.errors import input_error_kinds
-from core.jobs.job import Job, JobState
+from core.jobs.job import UNANSWERED, Job, JobState
+from core.jobs.recent import RecentKeys
 from core.jobs.results import CheckedResults, open_checked, shown_error
 from core.media.audio import OutputFormat, format_duration
 from core.media.upload_plan import describe_format, links_note, too_large_error
@@ -32,6 +36,10 @@ PAYLOAD_TOO_LARGE = 40005
 UNKNOWN_MESSAGE = 10008
 UNKNOWN_WEBHOOK = 10015
 INVALID_WEBHOOK_TOKEN = 50027
+# Discord takes the first answer to an interaction within 3 s; 2 s more for clocks.
+INTERACTION_ANSWER_WINDOW = timedelta(seconds=5)
+# Unfinished jobs the notifier remembers a fact about, at most (see DiscordNotifier.__init__).
+JOBS_KEPT = 10_000
 
 
 class DiscordNotifier:
@@ -41,9 +49,20 @@ class DiscordNotifier:
         self.bot = bot
         self.services = services
         self.board = StatusBoard(self._edit_status, self._render)
+        # Per unfinished job; each is forgotten when its job ends (see `_forget`), and the
+        # sets are bounded anyway: the bot runs for months.
         self._stage_started: dict[int, tuple[str, float]] = {}
-        self._reply_gone: set[int] = set()  # jobs whose status message can no longer be edited
-        self._reply_sought: set[int] = set()  # jobs whose lost status message id was looked for
+        self._reply_gone: RecentKeys[int] = RecentKeys(JOBS_KEPT)  # status message can no longer be edited
+        self._reply_sought: RecentKeys[int] = RecentKeys(JOBS_KEPT)  # lost status message id was looked for
+
+    def _forget(self, job_id: int) -> None:
+        self._stage_started.pop(job_id, None)
+        self._reply_gone.discard(job_id)
+        self._reply_sought.discard(job_id)
+
+    def tracked_jobs(self) -> int:
+        """How many jobs the notifier holds anything for (bounded: for tests and metrics)."""
+        return len(self._stage_started) + len(self._reply_gone) + len(self._reply_sought) + self.board.tracked_jobs()
 
     @staticmethod
     def transient(exc: BaseException) -> bool:
@@ -57,6 +76,8 @@ class DiscordNotifier:
     # -- progress ----------------------------------------------------------------------
 
     async def job_changed(self, job: Job) -> None:
+        if job.is_final:
+            return  # a late update: its end is (being) told by deliver or job_ended
         if job.status_message_id is None and job.interaction_token is not None:
             found = await self._find_reply(job)
             if found is None:
@@ -83,25 +104,42 @@ class DiscordNotifier:
         await self._edit_reply(job, content=text, view=cancel_view(job.id))
 
     async def _find_reply(self, job: Job) -> Job | None:
-        """A job admitted whose status message id was never saved (the bot was killed
-        between deferring the interaction and saving it) cannot start and would leave its
-        user "thinking...": find that reply through the token, save it, and let it start.
-        Looked for once per job; what stays unattached the sweeper cancels."""
+        """A job admitted whose status message id was never saved cannot start and would
+        leave its user "thinking...". If the bot was killed between deferring the interaction
+        and saving the id, find that reply through the token, save it, and let the job
+        start. If it was killed before deferring, the interaction was never answered and
+        never can be: cancel the job (nothing charged) and tell its user, in the channel or
+        by DM, to send it again. Looked for once per job."""
         token = job.interaction_token
-        if token is None or not job.token_usable() or job.id in self._reply_sought:
+        if token is None or job.id in self._reply_sought:
             return None
         self._reply_sought.add(job.id)
-        try:
-            # The interaction's reply is the webhook message "@original".
-            message = await self._webhook(job, token).fetch_message("@original")  # type: ignore[arg-type]
-        except discord.HTTPException as exc:
-            log.info("job %s: no reply to attach it to (%s %s)", job.id, exc.status, exc.code)
+        message, never = await self._original_reply(job, token) if job.token_usable() else (None, True)
+        if message is None:
+            if never and job.job_state is JobState.queued:
+                await self.services.dispatcher.cancel_unanswered(job.id)
             return None
         if not await self.services.store.update(job.id, status_message_id=message.id):
             return None
         log.info("job %s: attached to its reply %s after a restart", job.id, message.id)
         self.services.dispatcher.wake()
         return await self.services.store.get(job.id)
+
+    async def _original_reply(self, job: Job, token: str) -> tuple[discord.Message | None, bool]:
+        """The interaction's reply; else None, and whether there never will be one (Discord
+        knows no reply and the time to answer the interaction is over)."""
+        while True:
+            try:
+                # The interaction's reply is the webhook message "@original".
+                return await self._webhook(job, token).fetch_message("@original"), False  # type: ignore[arg-type]
+            except discord.HTTPException as exc:
+                log.info("job %s: no reply to attach it to (%s %s)", job.id, exc.status, exc.code)
+                if not (isinstance(exc, discord.NotFound) and exc.code in (UNKNOWN_WEBHOOK, UNKNOWN_MESSAGE)):
+                    return None, False  # Discord is unwell: the sweeper settles it if it lasts
+            wait = (_answer_deadline(job) - utcnow()).total_seconds()
+            if wait <= 0:
+                return None, True
+            await asyncio.sleep(wait)  # the bot that admitted it may be deferring right now
 
     def _webhook(self, job: Job, token: str) -> discord.Webhook:
         """The interaction's webhook. An application webhook, as discord.py builds
@@ -142,7 +180,7 @@ class DiscordNotifier:
             async with open_checked(self.services.storage, job) as (stems_dir, results):
                 await self._deliver_from(job, stems_dir, results)
         finally:
-            self._reply_gone.discard(job.id)
+            self._forget(job.id)
 
     async def _deliver_from(self, job: Job, stems_dir, results: CheckedResults) -> None:
         files = results.files
@@ -219,6 +257,15 @@ class DiscordNotifier:
     async def job_ended(self, job: Job) -> None:
         await self.board.close(job.id)
         self._stage_started.pop(job.id, None)
+        if job.job_state is JobState.cancelled and job.error_kind == UNANSWERED:
+            try:
+                # It has no reply to edit: the channel (mentioning only them), else a DM.
+                await self._send_result(job, content=f"⚠️ Your request to split `{job.source_name}` was lost: the "
+                                        "bot restarted before it could answer. Nothing was charged; please send it "
+                                        "again.", files=[])
+            finally:
+                self._forget(job.id)
+            return
         if job.job_state is JobState.cancelled:
             content = f"✖️ **Cancelled:** `{job.source_name}`. Nothing was charged."
         else:
@@ -234,7 +281,7 @@ class DiscordNotifier:
                 # channel (mentioning only the user), else by DM, like a result.
                 await self._send_result(job, content=content, files=[])
         finally:
-            self._reply_gone.discard(job.id)
+            self._forget(job.id)
 
     async def _tell_privately(self, job: Job, content: str) -> None:
         """A refused file or link is the member's business: the public "thinking" message
@@ -255,6 +302,16 @@ class DiscordNotifier:
             await user.send(content=content, allowed_mentions=discord.AllowedMentions.none())
         except (discord.Forbidden, discord.NotFound):
             await self._send_result(job, content=content, files=[])
+
+
+def _answer_deadline(job: Job) -> datetime:
+    """When Discord stops taking the first answer to the job's interaction (plus a margin
+    for clocks): made from the interaction's id, a snowflake, else from the job's row."""
+    if job.interaction_id is not None:
+        asked = discord.utils.snowflake_time(job.interaction_id)
+    else:
+        asked = as_utc(job.created_at)
+    return asked + INTERACTION_ANSWER_WINDOW
 
 
 def _reply_unusable(exc: discord.HTTPException) -> bool:

@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from core.jobs.job import Job, JobState
+from core.jobs.recent import RecentKeys
 from core.media.audio import format_duration
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,8 @@ def render_status(job: Job, view: StatusView = StatusView()) -> str:
 
 
 Editor = Callable[[Job, str], Awaitable[None]]
+# Closed jobs the board remembers (see StatusBoard._closed).
+CLOSED_KEPT = 1000
 
 
 class StatusBoard:
@@ -111,7 +114,10 @@ class StatusBoard:
         self._last_text: dict[int, str] = {}
         self._tasks: dict[int, asyncio.Task] = {}
         self._editing: set[int] = set()  # jobs whose edit request is in flight
-        self._closed: set[int] = set()
+        # Jobs whose final message is written: a late update must not overwrite it. Only
+        # the last ones closed are kept (updates come late by seconds, not by thousands of
+        # jobs), so that the board does not grow with every job the bot ever ran.
+        self._closed: RecentKeys[int] = RecentKeys(CLOSED_KEPT)
 
     def update(self, job: Job) -> None:
         if job.id in self._closed or job.is_final:
@@ -160,6 +166,12 @@ class StatusBoard:
                 await task
             except (asyncio.CancelledError, Exception):  # noqa: BLE001
                 pass
-        remaining = self._last_edit.get(job_id, 0.0) + self.interval_s - time.monotonic()
+        remaining = self._last_edit.pop(job_id, 0.0) + self.interval_s - time.monotonic()
+        self._last_text.pop(job_id, None)
         if remaining > 0:
             await asyncio.sleep(remaining)
+
+    def tracked_jobs(self) -> int:
+        """How many jobs the board holds anything for (bounded: for tests and metrics)."""
+        per_job = (self._latest, self._last_edit, self._last_text, self._tasks, self._editing)
+        return len(set().union(*per_job)) + len(self._closed)

@@ -13,7 +13,7 @@ import pytest_asyncio
 from core.db import utcnow
 from core.jobs.job import JobState
 from core.jobs.quotas import SERVER, utc_day
-from core.jobs.sweeper import GRACE_S, Sweeper
+from core.jobs.sweeper import GRACE_S, UNATTACHED_AFTER_S, Sweeper
 from core.storage.local import LocalStorage
 from tests.support.quota_db import admit, open_db
 
@@ -221,3 +221,22 @@ async def test_run_survives_a_failed_round(db, storage, caplog):
         await task
     assert len(rounds) >= 3
     assert "sweeper round failed" in caplog.text
+
+
+# -- jobs whose interaction was never answered --------------------------------------------
+
+
+async def test_sweep_cancels_an_unanswered_job_marked_so_that_its_user_is_told(db, storage):
+    store = db.store()
+    lost = await admit(store, interaction_token="never-answered", token_expires_at=utcnow() + timedelta(minutes=15))
+    answered = await admit(store, interaction_token="answered", token_expires_at=utcnow() + timedelta(minutes=15))
+    await store.update(answered.id, status_message_id=42)
+    await db.sql("UPDATE jobs SET created_at = :old", old=utcnow() - timedelta(seconds=UNATTACHED_AFTER_S + 60))
+
+    await Sweeper(store, storage, RETENTION_S).sweep()
+
+    swept = await store.get(lost.id)
+    assert (swept.state, swept.error_kind, swept.slot_state) == ("cancelled", "unanswered", "released")
+    assert swept.notified_at is None  # told by the bot (Dispatcher.ended), at its next start at the latest
+    assert (await store.get(answered.id)).state == "queued"
+    assert [job.id for job in await store.untold_endings(since=utcnow() - timedelta(days=1))] == [lost.id]

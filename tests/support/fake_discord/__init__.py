@@ -11,7 +11,10 @@ from .constants import (
     FLAG_EPHEMERAL,
     FLAG_LOADING,
     INTERACTION_APPLICATION_COMMAND,
+    INTERACTION_CALLBACK_DEADLINE_S,
     INTERACTION_MESSAGE_COMPONENT,
+    REQUEST_ENTITY_TOO_LARGE,
+    UNKNOWN_INTERACTION,
 )
 from .fake import FakeDiscord
 from .options import attachment_option, boolean_option, integer_option, string_option, subcommand_option
@@ -28,7 +31,10 @@ __all__ = [
     "FLAG_EPHEMERAL",
     "FLAG_LOADING",
     "INTERACTION_APPLICATION_COMMAND",
+    "INTERACTION_CALLBACK_DEADLINE_S",
     "INTERACTION_MESSAGE_COMPONENT",
+    "REQUEST_ENTITY_TOO_LARGE",
+    "UNKNOWN_INTERACTION",
     "FakeAttachment",
     "FakeDiscord",
     "FakeInteraction",

@@ -2,6 +2,12 @@
 
 DISCORD_EPOCH_MS = 1420070400000
 DEFAULT_ATTACHMENT_SIZE_LIMIT = 10 * 1024 * 1024
+# Discord refuses an interaction's initial response after this long (404, code 10062).
+INTERACTION_CALLBACK_DEADLINE_S = 3.0
+
+# JSON error codes Discord answers with.
+UNKNOWN_INTERACTION = 10062
+REQUEST_ENTITY_TOO_LARGE = 40005
 
 # Interaction types (Discord API).
 INTERACTION_APPLICATION_COMMAND = 2

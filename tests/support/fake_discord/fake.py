@@ -98,6 +98,11 @@ class FakeDiscord:
     requests_matching = _Forward("log")
     fail_next = _Forward("log")
     fail_uploads_for = _Forward("log")
+    hold_next = _Forward("log")
+    held = _Forward("log")
+
+    # Discord's rules the REST API enforces.
+    callback_deadline_s = _Forward("rest")  # an interaction answered later is "Unknown interaction"
 
     # The gateway.
     heartbeat_interval_ms = _Forward("gateway")
@@ -150,7 +155,12 @@ class FakeDiscord:
         self.interaction_sender = InteractionSender(
             self.state, self.gateway.dispatch, default_attachment_size_limit=default_attachment_size_limit
         )
-        self.rest = RestApi(self.state, self.log, gateway_url=lambda: self.server.gateway_url)
+        self.rest = RestApi(
+            self.state,
+            self.log,
+            gateway_url=lambda: self.server.gateway_url,
+            default_attachment_size_limit=lambda: self.interaction_sender.default_attachment_size_limit,
+        )
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -173,6 +183,7 @@ class FakeDiscord:
 
     async def close(self) -> None:
         """Close open websockets and stop the server."""
+        self.log.released.set()
         await self.gateway.close()
         await self.server.stop()
 

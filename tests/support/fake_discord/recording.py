@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import time
@@ -47,6 +48,9 @@ class RequestLog:
         self.requests: list[RecordedRequest] = []
         self._failures: list[InjectedFailure] = []
         self.upload_outage: Outage | None = None
+        self._holds: list[InjectedFailure] = []
+        self.held: list[RecordedRequest] = []  # requests held unanswered (see hold_next)
+        self.released = asyncio.Event()  # set when the fake stops: held requests then get a 503
 
     def record(self, request: web.Request, path: str, body: Any, files: list[UploadedFile]) -> RecordedRequest:
         record = RecordedRequest(
@@ -95,6 +99,25 @@ class RequestLog:
         with `status` for the next `seconds`; other requests go through."""
         self.upload_outage = Outage(status, time.monotonic() + seconds)
         return self.upload_outage
+
+    def hold_next(self, method: str, path_pattern: str, *, times: int = 1) -> None:
+        """Hold the next `times` matching requests unanswered and never act on them: as if
+        they never reached Discord (a client killed while sending them). `held` lists them."""
+        self._holds.append(InjectedFailure(method.upper(), re.compile(path_pattern), 503, 0.0, False, times))
+
+    async def hold_if_due(self, record: RecordedRequest) -> web.Response | None:
+        """For a request a hold is due for: wait until the fake stops, then answer 503 (by then
+        nobody listens). None for any other request."""
+        for hold in self._holds:
+            if hold.remaining > 0 and hold.method in ("*", record.method) and hold.pattern.fullmatch(record.path):
+                hold.remaining -= 1
+                if hold.remaining == 0:
+                    self._holds.remove(hold)
+                self.held.append(record)
+                await self.released.wait()
+                record.status, record.response = 503, {"message": "held by the test", "code": 0}
+                return json_response(record.response, 503)
+        return None
 
     def answer_injected_failure(self, record: RecordedRequest) -> web.Response | None:
         """The injected failure's answer if one is due for this request (recorded on it), else None."""

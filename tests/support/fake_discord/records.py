@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -150,6 +151,7 @@ class FakeInteraction:
     guild_id: int | None
     user: dict[str, Any]
     message_id: int | None = None  # for components: the message holding the component
+    sent_at: float = field(default_factory=time.monotonic)  # when the fake dispatched it
     callback_type: int | None = None
     callback_data: dict[str, Any] | None = None
     original_message_id: int | None = None
@@ -158,3 +160,8 @@ class FakeInteraction:
     @property
     def acknowledged(self) -> bool:
         return self.callback_type is not None
+
+    @property
+    def attachment_size_limit(self) -> int:
+        """The most bytes one file may have in an answer to it (the guild's boost tier, or DMs)."""
+        return int(self.payload["attachment_size_limit"])

@@ -17,6 +17,9 @@ from .constants import (
     FLAG_EPHEMERAL,
     FLAG_LOADING,
     INTERACTION_APPLICATION_COMMAND,
+    INTERACTION_CALLBACK_DEADLINE_S,
+    REQUEST_ENTITY_TOO_LARGE,
+    UNKNOWN_INTERACTION,
 )
 from .recording import RequestLog, json_response
 from .records import FakeInteraction, FakeMessage, RecordedRequest, UploadedFile, now_iso
@@ -66,10 +69,20 @@ async def read_body(request: web.Request) -> tuple[Any, list[UploadedFile]]:
 class RestApi:
     """Answers /api/v10 requests from the fake's state; `gateway_url()` is what GET /gateway hands out."""
 
-    def __init__(self, state: DiscordState, log: RequestLog, *, gateway_url: Callable[[], str]) -> None:
+    def __init__(
+        self,
+        state: DiscordState,
+        log: RequestLog,
+        *,
+        gateway_url: Callable[[], str],
+        default_attachment_size_limit: Callable[[], int],
+    ) -> None:
         self.state = state
         self.log = log
         self._gateway_url = gateway_url
+        self._default_attachment_size_limit = default_attachment_size_limit
+        # As on Discord, an interaction not answered (nor deferred) within this is gone.
+        self.callback_deadline_s = INTERACTION_CALLBACK_DEADLINE_S
         self._routes = self._build_routes()
 
     # ------------------------------------------------------------------ routing
@@ -131,7 +144,7 @@ class RestApi:
         path = "/" + request.match_info["tail"]
         body, files = await read_body(request)
         record = self.log.record(request, path, body, files)
-        failure = self.log.answer_injected_failure(record)
+        failure = self.log.answer_injected_failure(record) or await self.log.hold_if_due(record)
         if failure is not None:
             return failure
         for methods, pattern, name, handler in self._routes:
@@ -212,15 +225,31 @@ class RestApi:
     def _interaction_by_token(self, token: str) -> FakeInteraction:
         interaction = self.state.interactions_by_token.get(token)
         if interaction is None:
-            raise ApiError(404, 10062, "Unknown interaction")
+            raise ApiError(404, UNKNOWN_INTERACTION, "Unknown interaction")
         return interaction
+
+    @staticmethod
+    def _check_upload_sizes(files: list[UploadedFile], limit: int) -> None:
+        """Discord refuses the whole message when one of its files is over the limit."""
+        if any(len(upload.data) > limit for upload in files):
+            raise ApiError(413, REQUEST_ENTITY_TOO_LARGE, "Request entity too large")
+
+    def _channel_upload_limit(self, channel: dict[str, Any]) -> int:
+        default = self._default_attachment_size_limit()
+        guild_id = channel.get("guild_id")
+        if guild_id is None:
+            return default
+        return max(default, self.state.guild_attachment_size_limit.get(int(guild_id), 0))
 
     def _interaction_callback(self, record: RecordedRequest, interaction_id: str, token: str) -> Any:
         interaction = self._interaction_by_token(token)
         if interaction.id != int(interaction_id):
-            raise ApiError(404, 10062, "Unknown interaction")
+            raise ApiError(404, UNKNOWN_INTERACTION, "Unknown interaction")
         if interaction.acknowledged:
             raise ApiError(400, 40060, "Interaction has already been acknowledged.")
+        if record.time - interaction.sent_at > self.callback_deadline_s:
+            raise ApiError(404, UNKNOWN_INTERACTION, "Unknown interaction")
+        self._check_upload_sizes(record.files, interaction.attachment_size_limit)
         body = record.json or {}
         callback_type = body.get("type")
         data = body.get("data") or {}
@@ -275,6 +304,7 @@ class RestApi:
 
     def _create_followup(self, record: RecordedRequest, app_id: str, token: str) -> Any:
         interaction = self._acknowledged_interaction(app_id, token)
+        self._check_upload_sizes(record.files, interaction.attachment_size_limit)
         original = self.state.messages.get(interaction.original_message_id) if interaction.original_message_id else None
         if original is not None and original.is_loading and not original.deleted and not interaction.followup_ids:
             # Discord turns the first followup after a deferred response into that response:
@@ -300,6 +330,7 @@ class RestApi:
         message = self.state.messages.get(target_id) if target_id else None
         if message is None or message.deleted:
             raise ApiError(404, 10008, "Unknown Message")
+        self._check_upload_sizes(record.files, interaction.attachment_size_limit)
         return self._message_method(record, message)
 
     def _message_method(self, record: RecordedRequest, message: FakeMessage) -> Any:
@@ -322,13 +353,13 @@ class RestApi:
         return self._channel(channel_id)
 
     def _create_channel_message(self, record: RecordedRequest, channel_id: str) -> dict[str, Any]:
-        self._channel(channel_id)
+        self._check_upload_sizes(record.files, self._channel_upload_limit(self._channel(channel_id)))
         message = self.state.new_bot_message(int(channel_id))
         self.state.apply_message_payload(message, record.json or {}, record.files, editing=False)
         return message.to_payload()
 
     def _channel_message(self, record: RecordedRequest, channel_id: str, message_id: str) -> Any:
-        self._channel(channel_id)
+        self._check_upload_sizes(record.files, self._channel_upload_limit(self._channel(channel_id)))
         message = self.state.messages.get(int(message_id))
         if message is None or message.deleted or message.channel_id != int(channel_id):
             raise ApiError(404, 10008, "Unknown Message")

@@ -52,6 +52,9 @@ class DiscordState:
         self.commands: list[dict[str, Any]] = []
         self.guild_commands: dict[int, list[dict[str, Any]]] = {}
         self.guild_default_channel: dict[int, int] = {}  # of the servers added with add_guild
+        # Per server, the largest attachment_size_limit its interactions announced (its boost
+        # tier); channel messages there may carry files that large, elsewhere the default.
+        self.guild_attachment_size_limit: dict[int, int] = {}
 
         self.register_user(self.bot_user)
         self.register_user(self.user)
@@ -136,6 +139,9 @@ class DiscordState:
     def add_interaction(self, interaction: FakeInteraction) -> None:
         self.interactions[interaction.id] = interaction
         self.interactions_by_token[interaction.token] = interaction
+        if interaction.guild_id is not None:
+            known = self.guild_attachment_size_limit.get(interaction.guild_id, 0)
+            self.guild_attachment_size_limit[interaction.guild_id] = max(known, interaction.attachment_size_limit)
 
     # ------------------------------------------------------------------ attachments
 

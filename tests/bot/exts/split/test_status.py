@@ -5,10 +5,20 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
+from types import SimpleNamespace
 
 import pytest
 
-from bot.exts.split._status import StatusBoard, StatusView, eta_seconds, progress_bar, render_status, shown_place
+from bot.exts.split._delivery import DiscordNotifier
+from bot.exts.split._status import (
+    CLOSED_KEPT,
+    StatusBoard,
+    StatusView,
+    eta_seconds,
+    progress_bar,
+    render_status,
+    shown_place,
+)
 from core.jobs.job import Job, JobState
 
 FULL, EMPTY = "▰", "▱"
@@ -285,3 +295,26 @@ def test_render_far_back_in_the_queue_shows_a_rounded_place_without_the_length()
     changed = sum(render_status(job, StatusView(p, 10_000)) != render_status(job, StatusView(p - 1, 9_999))
                   for p in range(2, 10_001))
     assert changed < 300
+
+
+# -- growth over days (issue #15, item 7) ----------------------------------------------------
+
+
+async def test_the_notifier_and_its_board_forget_each_job_once_it_ended():
+    notifier = DiscordNotifier(bot=None, services=SimpleNamespace(worker_ready=True))
+    notifier.board.interval_s = 0.0
+    edited: list[int] = []
+
+    async def editor(job, text):
+        edited.append(job.id)
+
+    notifier.board.editor = editor
+    jobs = CLOSED_KEPT + 100
+    for job_id in range(1, jobs + 1):
+        await notifier.job_changed(make_job(job_id, JobState.separating, progress=0.5))
+        await asyncio.sleep(0)  # the board's edit runs
+        await notifier.job_ended(make_job(job_id, JobState.cancelled))
+        await notifier.job_changed(make_job(job_id, JobState.cancelled))  # a late update after the end
+
+    assert len(edited) == jobs  # each job's status was shown once
+    assert notifier.tracked_jobs() <= CLOSED_KEPT  # only the last closed ids, against late updates

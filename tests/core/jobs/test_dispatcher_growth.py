@@ -1,0 +1,57 @@
+"""Item 7 of issue #15, growth over days: the dispatcher's memory of the job ends it told
+stays bounded however many jobs it runs (the row's notified_at is what lasts)."""
+
+from __future__ import annotations
+
+import pytest_asyncio
+
+from core.host.handle import HostHandle
+from core.jobs.dispatcher import RECENT_ENDS_KEPT, Dispatcher
+from core.jobs.embedded_execution import EmbeddedExecution
+from core.runtime import Runtime
+from core.settings import Settings
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.ended: list[int] = []
+
+    async def job_changed(self, job):
+        return None
+
+    async def deliver(self, job):
+        return None
+
+    async def job_ended(self, job):
+        self.ended.append(job.id)
+
+
+@pytest_asyncio.fixture
+async def runtime(sqlite_url, tmp_path):
+    runtime = Runtime.from_settings(Settings(_env_file=None, data_dir=tmp_path / "data", database_url=sqlite_url))
+    yield runtime
+    await runtime.close()
+
+
+async def test_the_ends_told_are_remembered_within_a_bound_and_each_told_once(runtime):
+    recorder = Recorder()
+    execution = EmbeddedExecution(HostHandle(runtime.host_config()))  # attached, never started
+    dispatcher = Dispatcher(runtime.store, runtime.storage, recorder, execution, runtime.dispatcher_config("local"))
+    policy = await runtime.quotas.policy(None)
+    ids = []
+    for n in range(RECENT_ENDS_KEPT + 30):
+        job, refusal = await dispatcher.submit(policy, source_kind="url", source_url=f"https://example.com/{n}.mp3",
+                                               source_name=f"{n}.mp3", model="tiny", stems="all", format="mp3",
+                                               user_id=5)
+        assert refusal is None
+        await runtime.store.claim_next("local")
+        await dispatcher.fail(job.id, "no luck", "error")
+        ids.append(job.id)
+
+    assert recorder.ended == ids
+    assert dispatcher.remembered_ends() <= RECENT_ENDS_KEPT
+    # An end seen again after it left memory (a watcher, a late settle) is not told twice:
+    # the row says it was told.
+    for job_id in ids[:5]:
+        await dispatcher.ended(await runtime.store.get(job_id))
+    assert recorder.ended == ids
