@@ -8,7 +8,7 @@ from datetime import timedelta
 import pytest
 
 from core.db import utcnow
-from core.jobs.job import JobState, Lease
+from core.jobs.job import JobState
 from core.jobs.quotas import SERVER, utc_day
 from core.jobs.store import STALLED, Recovered
 from core.jobs.sweeper import Sweeper
