@@ -25,6 +25,8 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from core.db import utcnow
 from core.errors import InputError, LowDiskError
 from core.jobs.job import Job, JobState, Lease
@@ -444,7 +446,7 @@ class Dispatcher:
             await step
         except asyncio.CancelledError:
             raise
-        except (*DATABASE_ERRORS, WriteAbandoned) as exc:
+        except (SQLAlchemyError, WriteAbandoned) as exc:  # not OSError: the step fetches and stores files too
             log.error("job %s: %s (%s); the sweeper takes it back once its heartbeat is stale", job_id, what,
                       type(exc).__name__, exc_info=exc)
         except Exception:

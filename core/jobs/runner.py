@@ -32,7 +32,7 @@ from core.host.protocol import (
     ProgressEvent,
     StageEvent,
 )
-from core.jobs.job import Job, JobState, Lease
+from core.jobs.job import RUNNING, Job, JobState, Lease
 from core.jobs.store import JobStore
 from core.jobs.write_retry import DATABASE_ERRORS, WriteAbandoned, retry_write
 
@@ -94,7 +94,12 @@ class JobRunner:
     async def run(self, job_id: int, on_change: OnChange | None = None) -> Outcome:
         """Run (or take over) job `job_id`. `on_change(job_id)` is awaited after each
         committed change the bot shows (stage, progress)."""
-        taken = await self.store.take(job_id, self.worker_name)
+        try:
+            taken = await retry_write(f"job {job_id}'s start", lambda: self.store.take(job_id, self.worker_name),
+                                      self.config.stale_s)
+        except WriteAbandoned as exc:
+            log.error("job %s: %s; leaving it to the sweeper", job_id, exc)
+            return Outcome.abandoned
         if taken is None:
             return Outcome.skipped
         job, lease = taken
@@ -126,7 +131,7 @@ class JobRunner:
             while True:
                 await asyncio.sleep(self.config.stale_s / 4)
                 try:
-                    if not await self.store.update(job_id, lease=lease, heartbeat_at=utcnow()):
+                    if not await self.store.update(job_id, lease=lease, in_state=RUNNING, heartbeat_at=utcnow()):
                         self.host.cancel(job_id)
                         return
                 except DATABASE_ERRORS as exc:

@@ -245,8 +245,8 @@ class JobStore:
             raise LookupError(f"job {job_id} has no row")
         return job
 
-    async def update(self, job_id: int, lease: Lease | None = None, in_state: JobState | None = None,
-                     **fields: Any) -> bool:
+    async def update(self, job_id: int, lease: Lease | None = None,
+                     in_state: JobState | tuple[JobState, ...] | None = None, **fields: Any) -> bool:
         """Set fields without changing the state (progress, message ids, artifacts). With a
         lease (and `in_state`), only while that run still holds the job (in that state).
         Returns whether the row was written."""
@@ -254,8 +254,10 @@ class JobStore:
         if lease is not None:
             _leased(fields)
             condition = and_(condition, lease.where())
-        if in_state is not None:
+        if isinstance(in_state, JobState):
             condition = and_(condition, Job.state == in_state.value)
+        elif in_state is not None:
+            condition = and_(condition, Job.state.in_([s.value for s in in_state]))
         async with self.sessions() as session:
             result = await session.execute(update(Job).where(condition).values(updated_at=utcnow(), **fields))
             await session.commit()
