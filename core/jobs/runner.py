@@ -239,6 +239,11 @@ class JobRunner:
                 job.id, JobState.delivering, lease=lease, artifacts=artifacts, progress=1.0,
                 duration_s=done.duration_s, separation_s=done.separation_s)):
             return Outcome.delivering
+        # A try whose commit went through but whose answer was lost (the connection dropped)
+        # leaves the row in `delivering` already, still this run's.
+        if await self._write(job.id, "result", lambda: self.store.update(
+                job.id, lease=lease, in_state=JobState.delivering, updated_at=utcnow())):
+            return Outcome.delivering
         return Outcome.cancelled
 
     async def _fail(self, job_id: int, lease: Lease, reason: str, kind: str | None) -> Outcome:
