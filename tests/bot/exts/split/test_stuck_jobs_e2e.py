@@ -60,9 +60,9 @@ async def test_a_database_error_during_separation_costs_no_job(tmp_path, faulty_
     async with FakeDiscord() as fake:
         bot = BotProcess(fake, tmp_path / "data", faulty_dir, STEMBOT_MODEL="tinyslow", STEMBOT_JOB_STALE_S="60",
                          PYTHONPATH=REPOSITORY)
-        await bot.start()
         database = tmp_path / "data" / "stembot.sqlite3"
         try:
+            await bot.start()
             interaction = await fake.send_slash_command(
                 "split", [attachment_option("file", upload(fake, tmp_path, seconds=20.0))])
             await fake.wait_for(lambda: any("Separating" in m.content for m in fake.messages_for(interaction)),
@@ -100,9 +100,9 @@ async def test_a_hung_model_host_is_killed_at_the_deadline_and_the_job_retried_t
         bot = BotProcess(fake, tmp_path / "data", faulty_dir, STEMBOT_MODEL="tinyhang", STEMBOT_MAX_ATTEMPTS="2",
                          STEMBOT_JOB_DEADLINE_MARGIN_S="15", STEMBOT_JOB_DEADLINE_FACTOR="1",
                          STEMBOT_JOB_DEADLINE_DEFAULT_SPEED="1", PYTHONPATH=REPOSITORY)
-        await bot.start()
         database = tmp_path / "data" / "stembot.sqlite3"
         try:
+            await bot.start()
             first_host = model_hosts(bot.process.pid)
             hung = await fake.send_slash_command("split", [attachment_option("file", true_stereo(fake, tmp_path))])
             result = await final_message(fake, hung, timeout=240)
