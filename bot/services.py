@@ -69,7 +69,8 @@ class Services:
         self.link_ttl_s = settings.retention_hours * 3600
         self.distributed = settings.queue == "postgres"
         # Embedded mode: the bot's own model host. Distributed: `stembot worker`s run jobs.
-        self.worker = None if self.distributed else HostHandle(self.runtime.host_config(threads=settings.threads))
+        self.worker = None if self.distributed else HostHandle(self.runtime.host_config(threads=settings.threads),
+                                                               deadline=self.runtime.deadline())
         self.fleet = Fleet(self.runtime.sessions, settings.worker_stale_s)
         self.queue: JobQueue | None = None
         self.notifier: DiscordNotifier | None = None
@@ -80,7 +81,8 @@ class Services:
         self._metrics_task: asyncio.Task | None = None
         self._sweeper_task: asyncio.Task | None = None
         self.sweeper = Sweeper(self.store, self.storage, settings.retention_hours * 3600,
-                               history_s=settings.job_history_days * 86400)
+                               history_s=settings.job_history_days * 86400, stale_s=settings.job_stale_s,
+                               max_attempts=settings.max_attempts)
         self._models: list[str] | None = None
         self._extras: list = []  # what extensions started beside these (see `add_background`)
 
@@ -103,6 +105,7 @@ class Services:
         config = self.runtime.dispatcher_config("bot" if self.distributed else "local")
         self.dispatcher = dispatcher = Dispatcher(self.store, self.storage, notifier, execution, config,
                                                   metrics=self.metrics, transient=notifier.transient)
+        self.sweeper.on_recovered = dispatcher.recovered
         self.health.register("gateway", self._gateway_ok(bot))
         self.health.register("database", self._database_ok)
         self.health.register("worker", self._worker_ok)

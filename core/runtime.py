@@ -10,6 +10,7 @@ from pathlib import Path
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
 from core.db import make_engine, make_sessions
+from core.host.handle import Deadline
 from core.host.protocol import HostConfig
 from core.jobs.dispatcher import DispatcherConfig
 from core.jobs.quotas import Ceilings, Policy, QuotaBook
@@ -137,7 +138,7 @@ class Runtime:
             worker_name=worker_name, max_attempts=settings.max_attempts, limits=self.limits,
             mp3_bitrate_kbps=settings.mp3_bitrate, links_available=settings.download_links_available,
             link_valid_hours=settings.retention_hours, fetch_rules=self.fetch_rules,
-            min_free_bytes=settings.min_free_disk_mb * 1024 * 1024,
+            min_free_bytes=settings.min_free_disk_mb * 1024 * 1024, stale_s=settings.job_stale_s,
             # Embedded mode splits on this machine; a worker stages on its own disk.
             stages_here=settings.queue == "local",
             transient_retry_s=settings.transient_retry_s,
@@ -154,7 +155,13 @@ class Runtime:
         return RunConfig(max_attempts=settings.max_attempts, mp3_bitrate_kbps=settings.mp3_bitrate,
                          links_available=settings.download_links_available,
                          link_valid_hours=settings.retention_hours,
-                         progress_write_interval_s=progress_write_interval_s)
+                         progress_write_interval_s=progress_write_interval_s, stale_s=settings.job_stale_s)
+
+    def deadline(self) -> Deadline:
+        """How long a job may run on a model host before the host is killed."""
+        settings = self.settings
+        return Deadline(margin_s=settings.job_deadline_margin_s, factor=settings.job_deadline_factor,
+                        default_speed=settings.job_deadline_default_speed)
 
     async def close(self) -> None:
         """Close the object store's connections (if used), then the database's."""

@@ -167,6 +167,18 @@ class Settings(BaseSettings):
     # Meanwhile the job keeps its place and no new job is started into the outage.
     transient_retry_s: float = Field(default=300.0, ge=1.0, le=3600.0)
 
+    # Stuck jobs (issue #15): every running job reaches an end or goes back to the queue in
+    # bounded time. A run's heartbeat (jobs.heartbeat_at) is written every stale/4 seconds;
+    # the bot's sweeper requeues (or, out of attempts, fails) a running job whose heartbeat
+    # is older than job_stale_s, and a run retries the writes of its job's state for that
+    # long before it gives the job up to the sweeper. A model host still separating a job
+    # after margin + factor x its length x the host's measured seconds per second of audio
+    # (job_deadline_default_speed before a measure) is killed, and the job retried.
+    job_stale_s: float = Field(default=300.0, ge=4.0)
+    job_deadline_factor: float = Field(default=4.0, gt=0)
+    job_deadline_margin_s: float = Field(default=300.0, ge=1.0)
+    job_deadline_default_speed: float = Field(default=2.0, gt=0)  # separation seconds per audio second, unmeasured
+
     @field_validator("model_dir", "public_url", "database_url", "discord_api_url", "discord_gateway_url",
                      "worker_name", "worker_devices", "s3_bucket", "s3_endpoint_url", "s3_public_endpoint_url",
                      mode="before")

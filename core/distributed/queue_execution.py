@@ -110,9 +110,16 @@ class QueueExecution(AttachedBackend):
             dispatcher.loop_ok()
             await dispatcher.idle(1.0)
 
+    async def withdraw(self, job_id: int, queue_job_id: int | None) -> None:
+        if queue_job_id is not None:
+            # Its worker (hung, or cut off from the database) stops within a segment, and the
+            # queue's lock on the job is free for the next run.
+            await self.queue.abort(queue_job_id)
+
     async def _hand_over(self, job: Job) -> None:
         try:
-            await self.dispatcher.or_fail(job.id, self._enqueue(job), "could not be handed to a worker")
+            async with self.dispatcher.preparing(job):
+                await self.dispatcher.or_fail(job.id, self._enqueue(job), "could not be handed to a worker")
         finally:
             self._preparing.discard(job.id)
 

@@ -191,7 +191,7 @@ class QueueWorker:
                                settings.max_input_bytes, settings.transient_retry_s)
         run_config = runtime.run_config(progress_write_interval_s=min(2.0, self.heartbeat_s))
         for device, config in zip(self.devices, runtime.slot_host_configs(self.devices), strict=True):
-            host = HostHandle(config)
+            host = HostHandle(config, deadline=runtime.deadline())
             name = f"{self.name}/{device}"[:64]
             self.slots.append(Slot(name=name, device=device, host=host,
                                    runner=JobRunner(store, host, files, name, run_config)))

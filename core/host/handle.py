@@ -19,7 +19,7 @@ import queue
 import threading
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from core.errors import StembotError
@@ -56,6 +56,29 @@ class HostCrashed(Exception):
     """The model host died while it had a job."""
 
 
+class HostTimedOut(HostCrashed):
+    """The job ran past its deadline: the model host was killed (and started again)."""
+
+
+# How much a new measure of a host's speed moves the running one.
+SPEED_WEIGHT = 0.3
+
+
+@dataclass(frozen=True)
+class Deadline:
+    """How long a job may take on a host: `margin_s` + `factor` x its length x the host's
+    seconds of separation per second of audio (as measured on its finished jobs; before
+    any, `default_speed`). Before the length is known (decoding), the longest track allowed
+    stands in for it."""
+
+    margin_s: float = 300.0
+    factor: float = 4.0
+    default_speed: float = 2.0
+
+    def seconds(self, duration_s: float, speed: float | None) -> float:
+        return self.margin_s + self.factor * duration_s * (self.default_speed if speed is None else speed)
+
+
 class HostUnavailable(StembotError):
     kind = "worker_unavailable"
 
@@ -63,9 +86,13 @@ class HostUnavailable(StembotError):
 class HostHandle:
     """The bot's side of one model host: starts it, hands it jobs, relays their events."""
 
-    def __init__(self, config: HostConfig, start_timeout_s: float = 600.0):
+    def __init__(self, config: HostConfig, start_timeout_s: float = 600.0, deadline: Deadline | None = None):
         self.config = config
         self.start_timeout_s = start_timeout_s
+        self.deadline = deadline
+        # Seconds of separation per second of audio, a running measure over finished jobs
+        # (None until one finished); it survives restarts of the host process.
+        self.speed: float | None = None
         self._ctx = mp.get_context("spawn")
         self._process: BaseProcess | None = None
         self._requests: Queue[JobSpec | None] | None = None
@@ -180,7 +207,10 @@ class HostHandle:
 
     async def run(self, spec: JobSpec, on_event: EventHandler | None = None) -> JobEndEvent:
         """Run one job on the host; returns its final event (done, failed or cancelled).
-        Raises HostCrashed when the host died meanwhile (it is restarted first)."""
+        Raises HostCrashed when the host died meanwhile (it is restarted first), and
+        HostTimedOut when the job ran past its deadline (the host is killed and restarted:
+        a hung forward pass does not listen to a cancel). An error of `on_event` cancels the
+        job on the host before it is raised: nobody would take its result."""
         if self._seats is None:
             await self._ensure_started()  # the host says how many jobs it takes
         assert self._seats is not None
@@ -193,19 +223,35 @@ class HostHandle:
             self.current_jobs.add(job)
             self._cancel.discard(job)  # a retry of a job abandoned here before
             self._requests.put(spec)
+            loop = asyncio.get_running_loop()
+            # Until the host says the track's length, the longest track allowed stands in.
+            due = self._due(loop.time(), self.config.max_duration_s)
             try:
                 while True:
-                    event = await events.get()
+                    try:
+                        event = await asyncio.wait_for(events.get(), None if due is None else due - loop.time())
+                    except TimeoutError:
+                        await self._overran(job)
+                        raise HostTimedOut("the model host ran past the job's deadline") from None
                     match event:
                         case DiedEvent():
                             await self._ensure_started()
                             raise HostCrashed(f"the model host died (exit code {event.exitcode})")
-                        case DoneEvent() | FailedEvent() | CancelledEvent():
+                        case DoneEvent(result=result):
+                            self._measure(result.separation_s, result.duration_s)
                             return event
-                        case StageEvent() | ProgressEvent() if on_event is not None:
-                            result = on_event(event)
-                            if asyncio.iscoroutine(result):
-                                await result
+                        case FailedEvent() | CancelledEvent():
+                            return event
+                        case StageEvent(stage="separating", duration_s=duration_s) if duration_s is not None:
+                            due = self._due(loop.time(), duration_s)
+                    if isinstance(event, StageEvent | ProgressEvent) and on_event is not None:
+                        try:
+                            handled = on_event(event)
+                            if asyncio.iscoroutine(handled):
+                                await handled
+                        except Exception:
+                            await asyncio.shield(self._abandon(job, events))
+                            raise
             except asyncio.CancelledError:
                 # Our caller gave up on the job (aborted, shutting down): stop the host's
                 # work too, or it would still be separating when the next job arrives.
@@ -214,6 +260,25 @@ class HostHandle:
             finally:
                 self._listeners.pop(job, None)
                 self.current_jobs.discard(job)
+
+    def _due(self, now: float, duration_s: float) -> float | None:
+        """When a job of `duration_s` seconds started `now` is past its deadline (None: never)."""
+        return None if self.deadline is None else now + self.deadline.seconds(duration_s, self.speed)
+
+    def _measure(self, separation_s: float, duration_s: float) -> None:
+        if duration_s <= 0 or separation_s <= 0:
+            return  # served without separating (nothing to learn)
+        speed = separation_s / duration_s
+        self.speed = speed if self.speed is None else (1 - SPEED_WEIGHT) * self.speed + SPEED_WEIGHT * speed
+
+    async def _overran(self, job_id: int) -> None:
+        """Kill the host that holds `job_id` past its deadline, and start a fresh one (its
+        other jobs hear that it died, and go back to the queue like after a crash)."""
+        log.warning("job %s: past its deadline on the model host (%s s of separation per s of audio); killing "
+                    "the host", job_id, "unmeasured" if self.speed is None else f"{self.speed:.2f}")
+        async with self._restart_lock:
+            await self.stop(grace_s=0.0)
+            await self.start()
 
     async def _abandon(self, job_id: int, events: asyncio.Queue[HostEvent], timeout_s: float = 30.0) -> None:
         """Cancel `job_id` on the host and wait until it says it stopped (it checks within
@@ -238,22 +303,23 @@ class HostHandle:
         await self.stop()
         await self.start()
 
-    async def stop(self) -> None:
+    async def stop(self, grace_s: float = 5.0) -> None:
+        """Stop the host: ask it to quit, then kill it after `grace_s` (at once with 0)."""
         self.ready = False
         self._stop_reader.set()
         process, self._process = self._process, None
         if process is None:
             return
-        if process.is_alive():
+        if process.is_alive() and grace_s > 0:
             try:
                 if self._requests is not None:
                     self._requests.put(None)
             except (OSError, ValueError):
                 pass
+            await asyncio.to_thread(process.join, grace_s)
+        if process.is_alive():
+            process.kill()
             await asyncio.to_thread(process.join, 5)
-            if process.is_alive():
-                process.kill()
-                await asyncio.to_thread(process.join, 5)
         if self._reader is not None:
             await asyncio.to_thread(self._reader.join, 2)
         if self._router is not None:

@@ -14,24 +14,28 @@ retries, failing it, settling a cancelled one, reporting each end once, and metr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import random
 import shutil
-from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from core.db import as_utc, utcnow
 from core.errors import InputError, LowDiskError
-from core.jobs.job import UNANSWERED, UNANSWERED_ERROR, Job, JobState
+from core.jobs.job import UNANSWERED, UNANSWERED_ERROR, Job, JobState, Lease
 from core.jobs.quotas import Policy
 from core.jobs.recent import RecentKeys
 from core.jobs.results import RESULTS_REFUSED, ResultsRefused, check_artifacts
 from core.jobs.runner import RunConfig
-from core.jobs.store import JobStore
+from core.jobs.store import JobStore, Recovered
+from core.jobs.write_retry import DATABASE_ERRORS, WriteAbandoned, retry_write
 from core.media.audio import Limits, probe
 from core.media.upload_plan import fits, links_note
 from core.net import ytdl
@@ -110,6 +114,10 @@ class ExecutionBackend(Protocol):
     async def cancel(self, job_id: int) -> None:
         """Stop job `job_id`, whose cancel the store accepted, and see its end reported."""
 
+    async def withdraw(self, job_id: int, queue_job_id: int | None) -> None:
+        """Stop whatever may still run of job `job_id`, which the sweeper took back from a
+        run that stopped heartbeating (`JobStore.recover_stale`)."""
+
 
 # Status messages redrawn per turn of the event loop when the queue moves (`show_places`).
 PLACES_PER_STEP = 50
@@ -141,6 +149,7 @@ class DispatcherConfig:
     progress_write_interval_s: float = 2.0
     # A delivery or a storage call meeting an outage is tried again for this long (core.outages).
     transient_retry_s: float = DEFAULT_BUDGET_S
+    stale_s: float = 300.0  # see RunConfig.stale_s (STEMBOT_JOB_STALE_S)
     min_free_bytes: int = 0  # new jobs are refused below this much free space (0: no check)
     stages_here: bool = True  # whether jobs are split on this machine's disk (embedded mode)
     # Attachments from the Discord CDN origins only, links from public sites (and allowed networks).
@@ -149,7 +158,7 @@ class DispatcherConfig:
     def run_config(self) -> RunConfig:
         return RunConfig(max_attempts=self.max_attempts, mp3_bitrate_kbps=self.mp3_bitrate_kbps,
                          links_available=self.links_available, link_valid_hours=self.link_valid_hours,
-                         progress_write_interval_s=self.progress_write_interval_s)
+                         progress_write_interval_s=self.progress_write_interval_s, stale_s=self.stale_s)
 
 
 class Dispatcher:
@@ -343,6 +352,29 @@ class Dispatcher:
 
     # -- the steps around a run ----------------------------------------------------------
 
+    @contextlib.asynccontextmanager
+    async def preparing(self, job: Job) -> AsyncIterator[None]:
+        """Write the heartbeat of a job the bot prepares (`fetching`) every stale_s / 4 while
+        the body runs: a long download is not a stuck job, and a preparation that a database
+        error cut short is (the sweeper takes it back once the heartbeat is stale)."""
+        lease = Lease(self.config.worker_name, job.attempts)
+
+        async def beat() -> None:
+            while True:
+                await asyncio.sleep(self.config.stale_s / 4)
+                try:
+                    await self.store.update(job.id, lease=lease, in_state=JobState.fetching, heartbeat_at=utcnow())
+                except DATABASE_ERRORS as exc:
+                    log.warning("job %s: heartbeat not written (%s)", job.id, type(exc).__name__)
+
+        task = asyncio.create_task(beat(), name=f"heartbeat {job.id}")
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
     async def prepare(self, job: Job) -> bool:
         """Bring the input here, answer from the cache when possible, and reserve the
         minutes once the length is known. Returns whether the job goes on to a run."""
@@ -463,7 +495,10 @@ class Dispatcher:
     # -- endings -----------------------------------------------------------------------
 
     async def or_fail(self, job_id: int, step: Awaitable[None], what: str) -> None:
-        """Await `step`; an unexpected error fails the job: one job must never stop the others."""
+        """Await `step`; an unexpected error fails the job: one job must never stop the others.
+        A database error does not: the job is left running, its heartbeat goes stale, and
+        the sweeper puts it back in the queue (`JobStore.recover_stale`), as it does when
+        failing the job does not go through either."""
         try:
             await step
         except asyncio.CancelledError:
@@ -471,9 +506,36 @@ class Dispatcher:
         except DependencyDown as exc:
             log.error("job %s: %s: %s", job_id, what, exc)
             await self.fail_outage(job_id, exc)
+        except (SQLAlchemyError, WriteAbandoned) as exc:  # not OSError: the step fetches and stores files too
+            log.error("job %s: %s (%s); the sweeper takes it back once its heartbeat is stale", job_id, what,
+                      type(exc).__name__, exc_info=exc)
         except Exception:
             log.exception("job %s: %s", job_id, what)
-            await self.fail(job_id, "something went wrong on our side; please try again", "internal")
+            try:
+                await retry_write(f"job {job_id}'s failure", lambda: self.fail(
+                    job_id, "something went wrong on our side; please try again", "internal"), self.config.stale_s)
+            except WriteAbandoned:
+                log.exception("job %s: could not fail it; the sweeper takes it back once its heartbeat is stale",
+                              job_id)
+
+    async def recovered(self, jobs: list[Recovered]) -> None:
+        """The sweeper took these jobs back from runs that stopped heartbeating: stop what
+        may still run of them, report the failed ones, show the requeued ones."""
+        for recovered in jobs:
+            log.warning("job %s: its run stopped heartbeating; %s", recovered.job_id,
+                        "failed: out of attempts" if recovered.state is JobState.failed else "back in the queue")
+            try:
+                await self.execution.withdraw(recovered.job_id, recovered.queue_job_id)
+            except Exception:
+                log.warning("job %s: could not withdraw its old run", recovered.job_id, exc_info=True)
+            job = await self.store.get(recovered.job_id)
+            if recovered.state is JobState.failed:
+                await self.storage.delete_job(recovered.job_id)
+                await self.ended(job)
+            elif job is not None:
+                self.spawn(self.notify(job))
+        if jobs:
+            self.wake()
 
     async def refuse_results(self, job_id: int, why: str) -> None:
         """Fail a job whose results did not check out: not charged (failing releases the

@@ -90,6 +90,9 @@ class EmbeddedExecution(AttachedBackend):
             # Not on the host: nobody else will report it.
             await self.dispatcher.ended(await self.dispatcher.store.get(job_id))
 
+    async def withdraw(self, job_id: int, queue_job_id: int | None) -> None:
+        self.host.cancel(job_id)  # no-op when the host no longer has it
+
     async def _run_one(self, job: Job, seats: asyncio.Semaphore) -> None:
         dispatcher = self.dispatcher
         try:
@@ -105,8 +108,9 @@ class EmbeddedExecution(AttachedBackend):
 
     async def _process(self, job: Job) -> None:
         await self.dispatcher.notify(job)
-        if not await self.dispatcher.prepare(job):
-            return
+        async with self.dispatcher.preparing(job):
+            if not await self.dispatcher.prepare(job):
+                return
         outcome = await self.runner.run(job.id, on_change=self.dispatcher.notify_id)
         await self._after_run(job.id, outcome)
 
@@ -122,3 +126,4 @@ class EmbeddedExecution(AttachedBackend):
             await dispatcher.ended(await dispatcher.store.get(job_id))
         elif outcome in (Outcome.cancelled, Outcome.skipped):
             await dispatcher.settle_cancelled(job_id)
+        # Outcome.abandoned: the database is away; the sweeper takes the job back later.

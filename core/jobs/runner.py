@@ -9,17 +9,19 @@ and taken over cannot finish the job a second time.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import enum
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from core.db import utcnow
 from core.errors import InputError, StembotError
-from core.host.handle import HostCrashed, HostHandle
+from core.host.handle import HostCrashed, HostHandle, HostTimedOut
 from core.host.protocol import (
     CancelledEvent,
     DoneEvent,
@@ -30,10 +32,14 @@ from core.host.protocol import (
     ProgressEvent,
     StageEvent,
 )
-from core.jobs.job import Job, JobState, Lease
+from core.jobs.job import RUNNING, Job, JobState, Lease
 from core.jobs.store import JobStore
+from core.jobs.write_retry import DATABASE_ERRORS, WriteAbandoned, retry_write
 
 log = logging.getLogger(__name__)
+
+CRASHED = "the separation crashed repeatedly on this track"
+TIMED_OUT = "the separation took far too long on this track, more than once; please try again later"
 
 # Awaited with a job's id after each committed change the bot shows.
 OnChange = Callable[[int], Awaitable[None]]
@@ -44,6 +50,7 @@ class Outcome(enum.StrEnum):
     failed = "failed"
     cancelled = "cancelled"
     requeued = "requeued"  # the model host crashed; the job went back to the queue
+    abandoned = "abandoned"  # the database did not answer in time; left to the sweeper (recover_stale)
     skipped = "skipped"  # not there to run (cancelled or finished meanwhile)
 
 
@@ -70,6 +77,9 @@ class RunConfig:
     links_available: bool = False
     link_valid_hours: float = 24.0
     progress_write_interval_s: float = 2.0
+    # The run writes its heartbeat every stale_s / 4, and retries a write of its job's state
+    # for stale_s before it gives the job up to the sweeper (STEMBOT_JOB_STALE_S).
+    stale_s: float = 300.0
 
 
 class JobRunner:
@@ -84,21 +94,60 @@ class JobRunner:
     async def run(self, job_id: int, on_change: OnChange | None = None) -> Outcome:
         """Run (or take over) job `job_id`. `on_change(job_id)` is awaited after each
         committed change the bot shows (stage, progress)."""
-        taken = await self.store.take(job_id, self.worker_name)
+        try:
+            taken = await retry_write(f"job {job_id}'s start", lambda: self.store.take(job_id, self.worker_name),
+                                      self.config.stale_s)
+        except WriteAbandoned as exc:
+            log.error("job %s: %s; leaving it to the sweeper", job_id, exc)
+            return Outcome.abandoned
         if taken is None:
             return Outcome.skipped
         job, lease = taken
-        if lease.attempt > self.config.max_attempts:
-            # Taken over once too often: its workers keep dying on this track.
-            await self.store.transition(job_id, JobState.failed, lease=lease, error_kind="worker_crashed",
-                                        error="the separation crashed repeatedly on this track")
-            return Outcome.failed
-        notify = on_change or _nothing
-        await notify(job_id)
         try:
-            return await self._run(job, lease, notify)
+            if lease.attempt > self.config.max_attempts:
+                # Taken over once too often: its workers keep dying on this track.
+                return await self._fail(job_id, lease, CRASHED, "worker_crashed")
+            notify = _quiet(on_change or _nothing)
+            await notify(job_id)
+            try:
+                async with self._heartbeats(job_id, lease):
+                    return await self._run(job, lease, notify)
+            finally:
+                await self.files.discard(job)
+        except WriteAbandoned as exc:
+            # The database is away for longer than a run waits: the job's heartbeat goes
+            # stale, and the sweeper puts it back in the queue (or fails it).
+            log.error("job %s: %s; leaving it to the sweeper", job_id, exc)
+            self.host.cancel(job_id)
+            return Outcome.abandoned
+
+    @contextlib.asynccontextmanager
+    async def _heartbeats(self, job_id: int, lease: Lease) -> AsyncIterator[None]:
+        """Write the run's heartbeat on its row every stale_s / 4 while the body runs,
+        whatever the stage (decoding and encoding report no progress). A heartbeat the
+        database refuses is skipped; one fenced out (the job was taken back) stops the host's
+        work on it."""
+        async def beat() -> None:
+            while True:
+                await asyncio.sleep(self.config.stale_s / 4)
+                try:
+                    if not await self.store.update(job_id, lease=lease, in_state=RUNNING, heartbeat_at=utcnow()):
+                        self.host.cancel(job_id)
+                        return
+                except DATABASE_ERRORS as exc:
+                    log.warning("job %s: heartbeat not written (%s)", job_id, type(exc).__name__)
+
+        task = asyncio.create_task(beat(), name=f"heartbeat {job_id}")
+        try:
+            yield
         finally:
-            await self.files.discard(job)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _write(self, job_id: int, what: str, write: Callable[[], Awaitable[bool]]) -> bool:
+        """A write of the job's state, retried through a short database outage."""
+        return await retry_write(f"job {job_id}'s {what}", write, self.config.stale_s)
 
     async def _run(self, job: Job, lease: Lease, notify: OnChange) -> Outcome:
         try:
@@ -123,22 +172,29 @@ class JobRunner:
                     assert duration_s is not None  # the host says the length as separating starts
                     try:
                         # The container did not tell the length: reserve now that it is decoded.
-                        await self.store.reserve(job.id, duration_s)
+                        await retry_write(f"job {job.id}'s reservation", lambda: self.store.reserve(job.id, duration_s),
+                                          self.config.stale_s)
                     except InputError as exc:
                         refused.append(exc)
                         self.host.cancel(job.id)
                         return
-                    moved = await self.store.transition(job.id, JobState.separating, lease=lease,
-                                                        duration_s=duration_s)
+                    moved = await self._write(job.id, "stage", lambda: self.store.transition(
+                        job.id, JobState.separating, lease=lease, duration_s=duration_s))
                 case StageEvent(stage="encoding"):
-                    moved = await self.store.transition(job.id, JobState.encoding, lease=lease)
+                    moved = await self._write(job.id, "stage", lambda: self.store.transition(
+                        job.id, JobState.encoding, lease=lease))
                 case ProgressEvent(fraction=fraction):
                     now = time.monotonic()
                     if now - last_write[0] < self.config.progress_write_interval_s:
                         return
                     last_write[0] = now
-                    moved = await self.store.update(job.id, lease=lease, in_state=JobState.separating,
-                                                    progress=fraction, heartbeat_at=utcnow())
+                    try:
+                        moved = await self.store.update(job.id, lease=lease, in_state=JobState.separating,
+                                                        progress=fraction, heartbeat_at=utcnow())
+                    except DATABASE_ERRORS as exc:
+                        # Not worth failing a job for: the next one (or the stage) says more.
+                        log.warning("job %s: progress not written (%s)", job.id, type(exc).__name__)
+                        return
                 case _:
                     return
             if not moved:
@@ -151,12 +207,14 @@ class JobRunner:
             result = await self.host.run(spec, on_event)
         except HostCrashed as exc:
             log.warning("job %s: %s (attempt %d)", job.id, exc, lease.attempt)
-            if lease.attempt < self.config.max_attempts and await self.store.transition(
-                    job.id, JobState.queued, lease=lease, worker=None):
+            if lease.attempt < self.config.max_attempts and await self._write(
+                    job.id, "return to the queue",
+                    lambda: self.store.transition(job.id, JobState.queued, lease=lease, worker=None)):
                 await notify(job.id)
                 return Outcome.requeued
-            return await self._fail(job.id, lease, "the separation crashed repeatedly on this track",
-                                    "worker_crashed")
+            if isinstance(exc, HostTimedOut):
+                return await self._fail(job.id, lease, TIMED_OUT, "deadline")
+            return await self._fail(job.id, lease, CRASHED, "worker_crashed")
         except StembotError as exc:  # the host could not be (re)started
             return await self._fail(job.id, lease, exc.reason, exc.kind)
 
@@ -177,18 +235,34 @@ class JobRunner:
             await self.files.publish(job, artifacts)
         except StembotError as exc:
             return await self._fail(job.id, lease, exc.reason, exc.kind)
-        if await self.store.transition(job.id, JobState.delivering, lease=lease, artifacts=artifacts,
-                                       progress=1.0, duration_s=done.duration_s,
-                                       separation_s=done.separation_s):
+        if await self._write(job.id, "result", lambda: self.store.transition(
+                job.id, JobState.delivering, lease=lease, artifacts=artifacts, progress=1.0,
+                duration_s=done.duration_s, separation_s=done.separation_s)):
+            return Outcome.delivering
+        # A try whose commit went through but whose answer was lost (the connection dropped)
+        # leaves the row in `delivering` already, still this run's.
+        if await self._write(job.id, "result", lambda: self.store.update(
+                job.id, lease=lease, in_state=JobState.delivering, updated_at=utcnow())):
             return Outcome.delivering
         return Outcome.cancelled
 
     async def _fail(self, job_id: int, lease: Lease, reason: str, kind: str | None) -> Outcome:
-        if await self.store.transition(job_id, JobState.failed, lease=lease, error=reason,
-                                       error_kind=kind or "error"):
+        if await self._write(job_id, "failure", lambda: self.store.transition(
+                job_id, JobState.failed, lease=lease, error=reason, error_kind=kind or "error")):
             return Outcome.failed
         return Outcome.cancelled
 
 
 async def _nothing(job_id: int) -> None:
     return None
+
+
+def _quiet(notify: OnChange) -> OnChange:
+    """`notify`, whose failures (it reads the row again) are logged, never raised: showing a
+    change is not worth abandoning the run for."""
+    async def quiet(job_id: int) -> None:
+        try:
+            await notify(job_id)
+        except Exception:  # logged; the next change shows again
+            log.warning("job %s: could not show its change", job_id, exc_info=True)
+    return quiet

@@ -61,6 +61,19 @@ from core.media.audio import format_duration
 
 
 @dataclass(frozen=True)
+class Recovered:
+    """A running job whose heartbeat went stale, taken back by the sweeper."""
+
+    job_id: int
+    state: JobState  # where it went: queued, or failed (out of attempts)
+    queue_job_id: int | None  # the queue's "run job N" it had (distributed mode), to withdraw
+
+
+# Why a job that stopped heartbeating too often fails.
+STALLED = "the separation stopped answering repeatedly on this track; please try again later"
+
+
+@dataclass(frozen=True)
 class QueueSnapshot:
     position: int | None  # 1-based among queued jobs, None when not queued
     length: int
@@ -247,8 +260,8 @@ class JobStore:
             raise LookupError(f"job {job_id} has no row")
         return job
 
-    async def update(self, job_id: int, lease: Lease | None = None, in_state: JobState | None = None,
-                     **fields: Any) -> bool:
+    async def update(self, job_id: int, lease: Lease | None = None,
+                     in_state: JobState | tuple[JobState, ...] | None = None, **fields: Any) -> bool:
         """Set fields without changing the state (progress, message ids, artifacts). With a
         lease (and `in_state`), only while that run still holds the job (in that state).
         Returns whether the row was written."""
@@ -256,8 +269,10 @@ class JobStore:
         if lease is not None:
             _leased(fields)
             condition = and_(condition, lease.where())
-        if in_state is not None:
+        if isinstance(in_state, JobState):
             condition = and_(condition, Job.state == in_state.value)
+        elif in_state is not None:
+            condition = and_(condition, Job.state.in_([s.value for s in in_state]))
         async with self.sessions() as session:
             result = await session.execute(update(Job).where(condition).values(updated_at=utcnow(), **fields))
             await session.commit()
@@ -496,6 +511,43 @@ class JobStore:
                 await session.commit()
                 self.board.changed()
             return ids
+
+    async def recover_stale(self, before: datetime, max_attempts: int) -> list[Recovered]:
+        """Sweeper: running jobs whose heartbeat is older than `before` (their run died, hung
+        or lost its database): back to the queue, or, after `max_attempts` attempts, failed
+        and settled (nothing charged). A job in `fetching` that the queue holds for a worker
+        (distributed mode) is waiting, not running, and stays. Each job is moved by one
+        UPDATE guarded on the state, attempt, worker and old heartbeat it was found with, so
+        a heartbeat written meanwhile keeps it; the attempt stays as it was and the next
+        claim counts one more, so the lease of the old run matches no more: a late write of
+        that run cannot finish the job."""
+        beat = func.coalesce(Job.heartbeat_at, Job.updated_at)
+        stale = and_(beat < before, or_(Job.state.in_([s.value for s in RUNNING if s is not JobState.fetching]),
+                                        and_(Job.state == JobState.fetching.value, Job.queue_job_id.is_(None))))
+        async with self.sessions() as session:
+            found = (await session.execute(
+                select(Job.id, Job.state, Job.attempts, Job.worker, Job.queue_job_id).where(stale))).all()
+        recovered: list[Recovered] = []
+        for job_id, state, attempts, worker, queue_job_id in found:
+            same_run = and_(Job.id == job_id, Job.state == state, Job.attempts == attempts, stale,
+                            Job.worker.is_(None) if worker is None else Job.worker == worker)
+            out = attempts >= max_attempts
+            values: dict[str, Any] = {"worker": None, "heartbeat_at": None, "queue_job_id": None,
+                                      "updated_at": utcnow()}
+            if out:
+                values.update(state=JobState.failed.value, finished_at=utcnow(), error=STALLED,
+                              error_kind="stalled", transfer=None)
+            else:
+                values.update(state=JobState.queued.value, progress=0.0)
+            async with self.sessions() as session:
+                moved = rowcount(await session.execute(update(Job).where(same_run).values(**values))) == 1
+                if moved and out:
+                    await self._settle(session, job_id)
+                await session.commit()
+            if moved:
+                self.board.changed()
+                recovered.append(Recovered(job_id, JobState.failed if out else JobState.queued, queue_job_id))
+        return recovered
 
     async def requeue_preparing(self) -> list[int]:
         """Distributed mode, at the bot's start: jobs the bot was still preparing (fetching,

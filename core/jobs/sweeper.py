@@ -1,5 +1,7 @@
 """The sweeper: periodic housekeeping that makes crashes and forgotten files harmless.
 
+- Takes back running jobs whose heartbeat went stale (their run died, hung or lost its
+  database): back to the queue, or failed when out of attempts (`JobStore.recover_stale`).
 - Settles finished jobs that still hold a slot or a reservation, and recounts the slot
   counters from the jobs, so quota never leaks.
 - Deletes inputs and stems once they are older than the retention time (their signed
@@ -15,12 +17,13 @@ import asyncio
 import logging
 import shutil
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from core.db import utcnow
 from core.jobs.job import FINAL, JobState
-from core.jobs.store import JobStore
+from core.jobs.store import JobStore, Recovered
 from core.storage.local import LocalStorage
 
 log = logging.getLogger(__name__)
@@ -41,27 +44,49 @@ class SweepReport:
     forgotten: int = 0  # rows of old jobs deleted
 
 
+# Told of the jobs taken back from stale runs (Dispatcher.recovered).
+OnRecovered = Callable[[list[Recovered]], Awaitable[None]]
+
+
 class Sweeper:
     def __init__(self, store: JobStore, storage: LocalStorage, retention_s: float, interval_s: float = 300.0,
-                 history_s: float = HISTORY_S):
+                 history_s: float = HISTORY_S, stale_s: float = 300.0, max_attempts: int = 3,
+                 on_recovered: OnRecovered | None = None):
         self.store = store
         self.storage = storage
         self.retention_s = retention_s
         self.interval_s = interval_s
         self.history_s = history_s
+        self.stale_s = stale_s
+        self.max_attempts = max_attempts
+        self.on_recovered = on_recovered
 
     async def run(self) -> None:
+        """A sweep every interval_s; stale runs looked for more often, every stale_s / 4,
+        so a stuck job is back in the queue (or failed) within 1.25 x stale_s."""
+        loop = asyncio.get_running_loop()
+        last_sweep: float | None = None
         while True:
             try:
-                report = await self.sweep()
-                if report.settled or report.expired or report.removed or report.forgotten:
-                    log.info("sweeper: settled %d, expired %d, removed %d leftovers, deleted %d old job rows",
-                             len(report.settled), len(report.expired), len(report.removed), report.forgotten)
+                await self.recover_stale()
+                if last_sweep is None or loop.time() - last_sweep >= self.interval_s:
+                    last_sweep = loop.time()
+                    report = await self.sweep()
+                    if report.settled or report.expired or report.removed or report.forgotten:
+                        log.info("sweeper: settled %d, expired %d, removed %d leftovers, deleted %d old job rows",
+                                 len(report.settled), len(report.expired), len(report.removed), report.forgotten)
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("sweeper round failed")
-            await asyncio.sleep(self.interval_s)
+            await asyncio.sleep(min(self.interval_s, self.stale_s / 4))
+
+    async def recover_stale(self) -> list[Recovered]:
+        """Take back the running jobs whose heartbeat is older than stale_s, and say so."""
+        recovered = await self.store.recover_stale(utcnow() - timedelta(seconds=self.stale_s), self.max_attempts)
+        if recovered and self.on_recovered is not None:
+            await self.on_recovered(recovered)
+        return recovered
 
     async def sweep(self, now: float | None = None) -> SweepReport:
         report = SweepReport()

@@ -283,3 +283,53 @@ async def test_worker_with_a_missing_model_fails_fast_and_leaves_no_slot(distrib
     log = worker.read_log()
     assert code == 1 and "no_such_model" in log and "Traceback" not in log, log
     assert await query(distributed["url"], "SELECT name FROM worker_slots") == []
+
+
+async def rename_table(url: str, old: str, new: str) -> None:
+    engine = create_async_engine(url)
+    try:
+        async with engine.begin() as connection:
+            await connection.execute(text(f"ALTER TABLE {old} RENAME TO {new}"))
+    finally:
+        await engine.dispose()
+
+
+async def test_a_database_error_during_a_workers_separation_costs_no_job(distributed, tmp_path):
+    """The fault is real: the `jobs` table renamed away in PostgreSQL for a few seconds (a
+    botched manual change, a restore), so the worker's progress, heartbeat and stage writes
+    fail with "relation does not exist"; the queue's own tables stay, so procrastinate goes
+    on. The job must still end done, its user answered once, its slot free."""
+    url = distributed["url"]
+    worker = WorkerProcess(distributed, "solo")
+    async with FakeDiscord() as fake:
+        bot = BotProcess(fake, tmp_path / "bot", Path(distributed["worker"]["STEMBOT_MODEL_DIR"]),
+                         **distributed["bot"])
+        try:
+            await worker.start()
+            await ready_slots(url, 1)
+            await bot.start()
+            interaction = await fake.send_slash_command(
+                "split", [attachment_option("file", song(fake, tmp_path, "long.wav", 60.0))])
+
+            async def separating():
+                rows = await query(url, "SELECT id FROM jobs WHERE state = 'separating'")
+                return rows[0].id if rows else None
+            job_id = await wait_until(separating, 120, "the separation to start")
+            await rename_table(url, "jobs", "jobs_away")
+            try:
+                await asyncio.sleep(5.0)  # progress is written every 2 s: some writes fail
+            finally:
+                await rename_table(url, "jobs_away", "jobs")
+            result = await final_message(fake, interaction, timeout=180)
+            assert "Done" in result.content, result.content
+            await asyncio.sleep(1.0)  # time for a second answer, were one coming
+            assert len(done(fake.messages_for(interaction))) == 1
+            assert not [m for m in fake.channel_messages(fake.channel_id)
+                        if "long.wav" in m.content and m.id != result.id]
+            rows = await query(url, "SELECT state, attempts, slot_state, quota_state FROM jobs WHERE id = :id",
+                               id=job_id)
+            assert [tuple(r) for r in rows] == [("done", 1, "released", "charged")]
+            assert "progress not written" in worker.read_log()
+        finally:
+            await bot.stop()
+            await worker.stop()

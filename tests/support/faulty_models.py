@@ -4,6 +4,8 @@ name), so a spawned model host runs them through demucs's own loading code."""
 
 from __future__ import annotations
 
+import time
+
 import torch
 from demucs.htdemucs import HTDemucs
 
@@ -31,4 +33,25 @@ class BreaksOnTrueStereo(HTDemucs):
     def forward(self, mix):
         if any(not torch.equal(row[0], row[-1]) for row in mix):
             raise RuntimeError("this model cannot take true stereo")
+        return super().forward(mix)
+
+
+class SlowOnSound(HTDemucs):
+    """A slow device: each forward pass over sound (not the warm-up's silence) takes 1.5 s
+    more, so that a test can act while a job is separating."""
+
+    def forward(self, mix):
+        if bool(mix.abs().max() > 0):
+            time.sleep(1.5)
+        return super().forward(mix)
+
+
+class HangsOnTrueStereo(HTDemucs):
+    """A hung forward pass (a driver that never returns) on any segment whose channels
+    differ; tracks with identical channels, and the warm-up's silence, run normally."""
+
+    def forward(self, mix):
+        if any(not torch.equal(row[0], row[-1]) for row in mix):
+            while True:
+                time.sleep(3600)
         return super().forward(mix)

@@ -1,6 +1,6 @@
 """indexes for the sweeper's finished rows (past retention, past the job history) and live tokens
 
-Revision ID: 0011
+Revision ID: 0010
 Revises: 0009
 Create Date: 2026-12-06 07:30:00
 """
@@ -8,7 +8,7 @@ Create Date: 2026-12-06 07:30:00
 from alembic import op
 
 
-revision = '0011'
+revision = '0010'
 down_revision = '0009'
 branch_labels = None
 depends_on = None
