@@ -50,6 +50,7 @@ class QueueExecution(AttachedBackend):
         self.ready_slots = 0  # worker slots taking jobs, as of the last look
         self._preparing: set[int] = set()
         self._seen: dict[int, Shown] = {}  # of the jobs handed out
+        self._ending: set[int] = set()  # jobs that left the watch, their end not yet handled
         self._rows: JobWatch | None = None  # set by attach
         self._watcher: asyncio.Task[None] | None = None
 
@@ -200,8 +201,11 @@ class QueueExecution(AttachedBackend):
                 dispatcher.spawn(dispatcher.notify(job))
         for job_id in [*found.left, *found.dequeued]:
             self._seen.pop(job_id, None)
-            if found.left.get(job_id) == JobState.queued.value:
-                continue  # shown above, as it came back
+            if found.left.get(job_id) != JobState.queued.value:  # if it did, it was shown above
+                self._ending.add(job_id)
+        # Jobs that left the watch other than to the queue may have ended; kept until handled,
+        # so that a database error meanwhile only puts their report off to the next look.
+        for job_id in sorted(self._ending):
             gone = await store.get(job_id)
             if gone is not None and gone.is_final:
                 await store.settle(job_id)  # a worker (or an operator) may have ended it
@@ -209,6 +213,7 @@ class QueueExecution(AttachedBackend):
             if gone is not None and gone.job_state in (JobState.failed, JobState.cancelled):
                 await dispatcher.discard_files(job_id)
                 await dispatcher.ended(gone)
+            self._ending.discard(job_id)
         if queue_moved:
             dispatcher.wake()
             # Only messages that can still be edited show their new place.

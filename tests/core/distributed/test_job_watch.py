@@ -160,3 +160,47 @@ async def test_a_look_notices_what_other_processes_do_to_the_queue(bot):
     await look()
     assert notifier.changed[-1] == (fresh.id, "queued")
     assert execution._watch_rows.queue_reads == queue_reads
+
+
+async def test_an_end_the_database_kept_the_watcher_from_handling_is_reported_at_the_next_look(migrated, tmp_path):
+    """A worker fails a job; the bot's look sees it leave the workers but cannot settle it
+    (the quota table is away: renamed, for real): the end is kept and reported, settled,
+    at the next look once the table is back."""
+    from sqlalchemy import text
+
+    from core.jobs.quotas import Policy, QuotaBook
+
+    engine = make_engine(migrated)
+    sessions = make_sessions(engine)
+    policy = Policy(user_minutes_per_day=60, guild_minutes_per_day=600, user_concurrent_jobs=5,
+                    guild_queued_jobs=20, max_track_minutes=20)
+    store, worker = JobStore(sessions, QuotaBook(sessions, policy)), JobStore(sessions)
+    job, _ = await store.admit(policy, user_id=5, guild_id=1, **FIELDS)
+    assert (await store.claim_next("bot")).id == job.id
+    await store.update(job.id, queue_job_id=1)
+    _, lease = await worker.take(job.id, "w/cpu")
+    notifier = Recording()
+    execution = QueueExecution(None, Fleet(sessions))  # type: ignore[arg-type]  # no queue call here
+    dispatcher = Dispatcher(store, LocalStorage(tmp_path / "jobs"), notifier, execution,
+                            DispatcherConfig(worker_name="bot"))
+    await execution.recover()
+    for unfinished in await store.unfinished():
+        execution.resumed(unfinished)
+    try:
+        await execution._look()
+        assert await worker.transition(job.id, JobState.failed, lease=lease, error="boom", error_kind="x")
+        async with engine.begin() as connection:
+            await connection.execute(text("ALTER TABLE quota_slots RENAME TO quota_slots_away"))
+        try:
+            with pytest.raises(Exception, match="quota_slots"):
+                await execution._look()
+        finally:
+            async with engine.begin() as connection:
+                await connection.execute(text("ALTER TABLE quota_slots_away RENAME TO quota_slots"))
+        assert notifier.ended == []
+        await execution._look()
+        assert notifier.ended == [job.id]
+        assert (await store.get(job.id)).slot_state == "released"
+    finally:
+        await dispatcher.stop()
+        await engine.dispose()
