@@ -159,6 +159,10 @@ async def test_a_look_notices_what_other_processes_do_to_the_queue(bot):
     queue_reads = execution._watch_rows.queue_reads
     await look()
     assert notifier.changed[-1] == (fresh.id, "queued")
+    # The bot claims the next job: found among the handed-out ones, the queue not read again.
+    claimed = await others.claim_next("bot")
+    await look()
+    assert (claimed.id, "fetching") in notifier.changed
     assert execution._watch_rows.queue_reads == queue_reads
 
 
