@@ -178,6 +178,12 @@ class QueueExecution(AttachedBackend):
         dispatcher = self.dispatcher
         store = dispatcher.store
         found = await self._watch_rows.look()
+        # Jobs that left the watch other than to the queue may have ended: kept until handled,
+        # so that a database error in this look only puts their report off to the next one.
+        for job_id in [*found.left, *found.dequeued]:
+            self._seen.pop(job_id, None)
+            if found.left.get(job_id) != JobState.queued.value:  # if it did, it is shown below
+                self._ending.add(job_id)
         # A job that left the queue for a worker, or came back (its model host crashed),
         # or ended while queued: places moved, and a slot may be free for the next job.
         queue_moved = bool(found.claimed or found.enqueued or found.dequeued or found.left)
@@ -199,12 +205,6 @@ class QueueExecution(AttachedBackend):
             elif not job.is_final:
                 notified.add(job.id)
                 dispatcher.spawn(dispatcher.notify(job))
-        for job_id in [*found.left, *found.dequeued]:
-            self._seen.pop(job_id, None)
-            if found.left.get(job_id) != JobState.queued.value:  # if it did, it was shown above
-                self._ending.add(job_id)
-        # Jobs that left the watch other than to the queue may have ended; kept until handled,
-        # so that a database error meanwhile only puts their report off to the next look.
         for job_id in sorted(self._ending):
             gone = await store.get(job_id)
             if gone is not None and gone.is_final:
