@@ -21,9 +21,10 @@ import asyncio
 import logging
 
 from core.distributed.fleet import Fleet
+from core.distributed.job_watch import HandedOut, JobWatch
 from core.distributed.queue import JobQueue
 from core.errors import InputError
-from core.jobs.dispatcher import AttachedBackend
+from core.jobs.dispatcher import AttachedBackend, Dispatcher
 from core.jobs.job import Job, JobState
 from core.jobs.uploads import TransferWindow, expected_uploads, planned_duration
 
@@ -48,21 +49,36 @@ class QueueExecution(AttachedBackend):
         self.prefetch = prefetch
         self.ready_slots = 0  # worker slots taking jobs, as of the last look
         self._preparing: set[int] = set()
-        self._seen: dict[int, Shown] = {}
+        self._seen: dict[int, Shown] = {}  # of the jobs handed out
+        self._ending: set[int] = set()  # jobs that left the watch, their end not yet handled
+        self._rows: JobWatch | None = None  # set by attach
         self._watcher: asyncio.Task[None] | None = None
 
     @property
     def ready(self) -> bool:
         return self.ready_slots > 0
 
+    def attach(self, dispatcher: Dispatcher) -> None:
+        super().attach(dispatcher)
+        self._rows = JobWatch(dispatcher.store.sessions)
+
+    @property
+    def _watch_rows(self) -> JobWatch:
+        if self._rows is None:
+            raise RuntimeError("not attached to a dispatcher")
+        return self._rows
+
     async def recover(self) -> None:
         """Only jobs the bot was still preparing: jobs with a worker stay theirs."""
+        self._watch_rows.starting()
         requeued = await self.dispatcher.store.requeue_preparing()
         if requeued:
             log.info("requeued %d job(s) whose preparation a restart interrupted: %s", len(requeued), requeued)
 
     def resumed(self, job: Job) -> None:
-        self._seen[job.id] = _shown(job)
+        self._watch_rows.know(job.id, job.job_state)
+        if not job.is_final and job.job_state is not JobState.queued:
+            self._seen[job.id] = _shown(job)
 
     async def stop(self) -> None:
         if self._watcher is not None:
@@ -156,49 +172,54 @@ class QueueExecution(AttachedBackend):
             await asyncio.sleep(self.watch_interval_s)
 
     async def _look(self) -> None:
-        """Tell the notifier what changed since the last look. Reads whole rows, not a
-        time cursor: the workers' clocks need not agree with the bot's."""
+        """Tell the notifier what changed since the last look. Reads the rows of the jobs
+        handed to workers and the queue's membership (`JobWatch`), not every queued row, and
+        compares values, not a time cursor: the workers' clocks need not agree with the bot's."""
         dispatcher = self.dispatcher
-        current = {job.id: job for job in await dispatcher.store.unfinished()}
-        queued = JobState.queued.value
-        queue_moved = False
+        store = dispatcher.store
+        found = await self._watch_rows.look()
+        # Jobs that left the watch other than to the queue may have ended: kept until handled,
+        # so that a database error in this look only puts their report off to the next one.
+        for job_id in [*found.left, *found.dequeued]:
+            self._seen.pop(job_id, None)
+            if found.left.get(job_id) != JobState.queued.value:  # if it did, it is shown below
+                self._ending.add(job_id)
+        # A job that left the queue for a worker, or came back (its model host crashed),
+        # or ended while queued: places moved, and a slot may be free for the next job.
+        queue_moved = bool(found.claimed or found.enqueued or found.dequeued or found.left)
+        changed: dict[int, Shown] = {}
+        for row in found.handed_out:
+            if _length_found_by_worker(row) and not await self._reserve(row):
+                continue
+            shown = _shown(row)
+            if shown != self._seen.get(row.id):
+                changed[row.id] = shown
         notified: set[int] = set()
-        for job_id, job in current.items():
-            if _length_found_by_worker(job) and not await self._reserve(job):
-                continue
-            shown, before = _shown(job), self._seen.get(job_id)
-            if shown == before:
-                continue
-            self._seen[job_id] = shown
-            if before is not None and (before[0] == queued) != (shown[0] == queued):
-                # It left the queue, or came back (its model host crashed): places moved,
-                # and a slot may be free for the next job.
-                queue_moved = True
+        for job in await self._watch_rows.full_rows(changed.keys() | found.enqueued):
+            if job.id in changed:
+                self._seen[job.id] = changed[job.id]
             if job.job_state is JobState.delivering:
-                if not dispatcher.delivery_under_way(job_id):
+                if not dispatcher.delivery_under_way(job.id):
                     dispatcher.start_delivery(job)
-                    dispatcher.spawn(dispatcher.discard_input(job_id))
-            else:
-                notified.add(job_id)
+                    dispatcher.spawn(dispatcher.discard_input(job.id))
+            elif not job.is_final:
+                notified.add(job.id)
                 dispatcher.spawn(dispatcher.notify(job))
-        for job_id in [j for j in self._seen if j not in current]:
-            del self._seen[job_id]
-            gone = await dispatcher.store.get(job_id)
+        for job_id in sorted(self._ending):
+            gone = await store.get(job_id)
             if gone is not None and gone.is_final:
-                await dispatcher.store.settle(job_id)  # a worker may have ended it
-                gone = await dispatcher.store.get(job_id)
+                await store.settle(job_id)  # a worker (or an operator) may have ended it
+                gone = await store.get(job_id)
             if gone is not None and gone.job_state in (JobState.failed, JobState.cancelled):
                 await dispatcher.discard_files(job_id)
                 await dispatcher.ended(gone)
-            queue_moved = True
+            self._ending.discard(job_id)
         if queue_moved:
             dispatcher.wake()
             # Only messages that can still be edited show their new place.
-            await dispatcher.show_places(job for job in current.values() if job.job_state is JobState.queued
-                                         and job.id not in notified and job.token_usable())
+            await dispatcher.show_places(job for job in await store.queued_to_show() if job.id not in notified)
 
-
-    async def _reserve(self, job: Job) -> bool:
+    async def _reserve(self, job: HandedOut) -> bool:
         """Reserve the minutes of a track whose length its worker found; refused, fail the
         job and stop its worker. Returns whether the job goes on."""
         assert job.duration_s is not None  # see _length_found_by_worker
@@ -212,11 +233,11 @@ class QueueExecution(AttachedBackend):
         return True
 
 
-def _length_found_by_worker(job: Job) -> bool:
+def _length_found_by_worker(job: HandedOut) -> bool:
     """A job a worker decoded without the bot knowing its length: no minutes reserved yet."""
     return (job.quota_state == "none" and job.duration_s is not None and bool(job.limits) and not job.cache_hit
             and job.job_state in (JobState.separating, JobState.encoding, JobState.delivering))
 
 
-def _shown(job: Job) -> Shown:
+def _shown(job: Job | HandedOut) -> Shown:
     return (job.state, round(job.progress or 0.0, 3))
