@@ -10,20 +10,7 @@ from core.jobs.dispatcher import RECENT_ENDS_KEPT, Dispatcher
 from core.jobs.embedded_execution import EmbeddedExecution
 from core.runtime import Runtime
 from core.settings import Settings
-
-
-class Recorder:
-    def __init__(self) -> None:
-        self.ended: list[int] = []
-
-    async def job_changed(self, job):
-        return None
-
-    async def deliver(self, job):
-        return None
-
-    async def job_ended(self, job):
-        self.ended.append(job.id)
+from tests.support.silent_notifier import EndRecorder
 
 
 @pytest_asyncio.fixture
@@ -34,7 +21,7 @@ async def runtime(sqlite_url, tmp_path):
 
 
 async def test_the_ends_told_are_remembered_within_a_bound_and_each_told_once(runtime):
-    recorder = Recorder()
+    recorder = EndRecorder()
     execution = EmbeddedExecution(HostHandle(runtime.host_config()))  # attached, never started
     dispatcher = Dispatcher(runtime.store, runtime.storage, recorder, execution, runtime.dispatcher_config("local"))
     policy = await runtime.quotas.policy(None)
@@ -48,10 +35,10 @@ async def test_the_ends_told_are_remembered_within_a_bound_and_each_told_once(ru
         await dispatcher.fail(job.id, "no luck", "error")
         ids.append(job.id)
 
-    assert recorder.ended == ids
+    assert [job_id for job_id, _, _ in recorder.ended] == ids
     assert dispatcher.remembered_ends() <= RECENT_ENDS_KEPT
     # An end seen again after it left memory (a watcher, a late settle) is not told twice:
     # the row says it was told.
     for job_id in ids[:5]:
         await dispatcher.ended(await runtime.store.get(job_id))
-    assert recorder.ended == ids
+    assert [job_id for job_id, _, _ in recorder.ended] == ids

@@ -11,22 +11,7 @@ from core.jobs.embedded_execution import EmbeddedExecution
 from core.runtime import Runtime
 from core.settings import Settings
 from tests.support.s3 import OutageProxy
-
-
-class Recorder:
-    """The notifier's side (Discord, in the bot): what the user would be shown."""
-
-    def __init__(self) -> None:
-        self.ended: list[tuple[int, str, str | None]] = []
-
-    async def job_changed(self, job):
-        return None
-
-    async def deliver(self, job):
-        return None
-
-    async def job_ended(self, job):
-        self.ended.append((job.id, job.state, job.error))
+from tests.support.silent_notifier import EndRecorder
 
 
 async def test_a_job_failed_while_the_store_is_down_is_told_once_and_uncharged(s3_server, sqlite_url, tmp_path):
@@ -38,7 +23,7 @@ async def test_a_job_failed_while_the_store_is_down_is_told_once_and_uncharged(s
         runtime = Runtime.from_settings(settings)
         try:
             await runtime.storage.start()
-            recorder = Recorder()
+            recorder = EndRecorder()
             execution = EmbeddedExecution(HostHandle(runtime.host_config()))  # attached, never started
             dispatcher = Dispatcher(runtime.store, runtime.storage, recorder, execution,
                                     runtime.dispatcher_config("local"))

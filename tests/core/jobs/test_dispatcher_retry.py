@@ -11,22 +11,7 @@ from core.jobs.embedded_execution import EmbeddedExecution
 from core.jobs.job import JobState
 from core.runtime import Runtime
 from core.settings import Settings
-
-
-class Recorder:
-    """The notifier's side (Discord, in the bot): what the user would be shown."""
-
-    def __init__(self) -> None:
-        self.ended: list[tuple[int, str, str | None]] = []
-
-    async def job_changed(self, job):
-        return None
-
-    async def deliver(self, job):
-        return None
-
-    async def job_ended(self, job):
-        self.ended.append((job.id, job.state, job.error))
+from tests.support.silent_notifier import EndRecorder
 
 
 @pytest_asyncio.fixture
@@ -37,7 +22,7 @@ async def runtime(sqlite_url, tmp_path):
 
 
 async def test_each_end_of_a_retried_job_is_reported_once(runtime):
-    recorder = Recorder()
+    recorder = EndRecorder()
     execution = EmbeddedExecution(HostHandle(runtime.host_config()))  # attached, never started
     dispatcher = Dispatcher(runtime.store, runtime.storage, recorder, execution, runtime.dispatcher_config("local"))
     policy = await runtime.quotas.policy(None)
