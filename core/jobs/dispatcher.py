@@ -363,7 +363,7 @@ class Dispatcher:
             while True:
                 await asyncio.sleep(self.config.stale_s / 4)
                 try:
-                    await self.store.update(job.id, lease=lease, in_state=JobState.fetching, heartbeat_at=utcnow())
+                    await self.store.beat(job.id, lease, JobState.fetching)
                 except DATABASE_ERRORS as exc:
                     log.warning("job %s: heartbeat not written (%s)", job.id, type(exc).__name__)
 

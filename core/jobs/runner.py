@@ -32,7 +32,7 @@ from core.host.protocol import (
     ProgressEvent,
     StageEvent,
 )
-from core.jobs.job import RUNNING, Job, JobState, Lease
+from core.jobs.job import Job, JobState, Lease
 from core.jobs.store import JobStore
 from core.jobs.write_retry import DATABASE_ERRORS, WriteAbandoned, retry_write
 
@@ -131,7 +131,7 @@ class JobRunner:
             while True:
                 await asyncio.sleep(self.config.stale_s / 4)
                 try:
-                    if not await self.store.update(job_id, lease=lease, in_state=RUNNING, heartbeat_at=utcnow()):
+                    if not await self.store.beat(job_id, lease):
                         self.host.cancel(job_id)
                         return
                 except DATABASE_ERRORS as exc:
@@ -189,8 +189,7 @@ class JobRunner:
                         return
                     last_write[0] = now
                     try:
-                        moved = await self.store.update(job.id, lease=lease, in_state=JobState.separating,
-                                                        progress=fraction, heartbeat_at=utcnow())
+                        moved = await self.store.beat(job.id, lease, JobState.separating, progress=fraction)
                     except DATABASE_ERRORS as exc:
                         # Not worth failing a job for: the next one (or the stage) says more.
                         log.warning("job %s: progress not written (%s)", job.id, type(exc).__name__)

@@ -83,7 +83,7 @@ class Sweeper:
 
     async def recover_stale(self) -> list[Recovered]:
         """Take back the running jobs whose heartbeat is older than stale_s, and say so."""
-        recovered = await self.store.recover_stale(utcnow() - timedelta(seconds=self.stale_s), self.max_attempts)
+        recovered = await self.store.recover_stale(self.stale_s, self.max_attempts)
         if recovered and self.on_recovered is not None:
             await self.on_recovered(recovered)
         return recovered
