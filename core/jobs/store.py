@@ -486,6 +486,14 @@ class JobStore:
             )
             return list(rows)
 
+    async def delivering(self, limit: int, besides: Iterable[int] = ()) -> list[Job]:
+        """Jobs in `delivering` but those of `besides`, oldest first, `limit` at most."""
+        query = select(Job).where(Job.state == JobState.delivering.value)
+        if skipped := list(besides):
+            query = query.where(Job.id.not_in(skipped))
+        async with self.sessions() as session:
+            return list(await session.scalars(query.order_by(Job.id).limit(limit)))
+
     async def untold_endings(self, since: datetime) -> list[Job]:
         """Failed or cancelled jobs, ended after `since`, whose user was never told (the bot
         stopped first, or a worker ended them while the bot was down), oldest first."""
