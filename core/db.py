@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sqlite3
 import time
@@ -20,6 +21,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import DeclarativeBase
 from sqlalchemy.sql.functions import FunctionElement
+
+from core.errors import StembotError
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection, Dialect
@@ -196,11 +199,35 @@ def alembic_config(url: str) -> Config:
     return config
 
 
+class SchemaTooNew(StembotError):
+    """The database's schema is at a revision this code does not know: a newer stembot
+    migrated it (the operator rolled the code back), and this one would misread it."""
+
+    kind = "schema_too_new"
+
+
 def upgrade(url: str, revision: str = "head") -> None:
-    """Apply Alembic migrations up to `revision` (creates the schema on a new database)."""
+    """Apply Alembic migrations up to `revision` (creates the schema on a new database).
+    Raises SchemaTooNew, touching nothing, when the database is at a revision this code
+    does not know."""
     if url.startswith("sqlite"):
         _ensure_sqlite_folder(url)
+    found = asyncio.run(_stored_revision(url))
+    if found is not None and found not in known_revisions():
+        raise SchemaTooNew(f"the database's schema is at revision {found}, which this stembot does not know "
+                           f"(it knows revisions up to {head_revision()}): a newer stembot migrated it; "
+                           "upgrade stembot to that version or later (rolling back stembot does not roll back "
+                           "the database)")
     command.upgrade(alembic_config(url), revision)
+
+
+async def _stored_revision(url: str) -> str | None:
+    # A plain engine, as Alembic's: nothing about the file changed before the migration.
+    engine = create_async_engine(url)
+    try:
+        return await schema_revision(engine)
+    finally:
+        await engine.dispose()
 
 
 def head_revision() -> str | None:
