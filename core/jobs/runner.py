@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from core.db import utcnow
 from core.errors import InputError, StembotError
 from core.host.handle import HostCrashed, HostHandle, HostTimedOut
 from core.host.protocol import (
@@ -241,7 +240,7 @@ class JobRunner:
         # A try whose commit went through but whose answer was lost (the connection dropped)
         # leaves the row in `delivering` already, still this run's.
         if await self._write(job.id, "result", lambda: self.store.update(
-                job.id, lease=lease, in_state=JobState.delivering, updated_at=utcnow())):
+                job.id, lease=lease, in_state=JobState.delivering)):
             return Outcome.delivering
         return Outcome.cancelled
 

@@ -274,7 +274,7 @@ class JobStore:
         elif in_state is not None:
             condition = and_(condition, Job.state.in_([s.value for s in in_state]))
         async with self.sessions() as session:
-            result = await session.execute(update(Job).where(condition).values(updated_at=utcnow(), **fields))
+            result = await session.execute(update(Job).where(condition).values({"updated_at": utcnow(), **fields}))
             await session.commit()
             if _QUEUE_COLUMNS.intersection(fields):
                 self.board.changed()
