@@ -106,6 +106,7 @@ class Services:
         self.dispatcher = dispatcher = Dispatcher(self.store, self.storage, notifier, execution, config,
                                                   metrics=self.metrics, transient=notifier.transient)
         self.sweeper.on_recovered = dispatcher.recovered
+        self.sweeper.resume_deliveries = dispatcher.resume_deliveries
         self.health.register("gateway", self._gateway_ok(bot))
         self.health.register("database", self._database_ok)
         self.health.register("worker", self._worker_ok)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sqlite3
 import time
@@ -13,16 +14,21 @@ from typing import TYPE_CHECKING, Any
 from alembic import command
 from alembic.config import Config
 from alembic.script import ScriptDirectory
-from sqlalchemy import DateTime, MetaData, TypeDecorator, event, text
+from sqlalchemy import DateTime, MetaData, TypeDecorator, event, select, text
 from sqlalchemy.engine import CursorResult, Result, make_url
-from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
+from sqlalchemy.exc import CompileError, DBAPIError
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import DeclarativeBase
+from sqlalchemy.sql.functions import FunctionElement
+
+from core.errors import StembotError
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection, Dialect
     from sqlalchemy.engine.interfaces import DBAPIConnection
     from sqlalchemy.pool import ConnectionPoolEntry
+    from sqlalchemy.sql.compiler import SQLCompiler
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +70,44 @@ def as_utc(value: datetime) -> datetime:
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+class DatabaseClock(FunctionElement[datetime]):
+    """The database's clock, read by the database as it runs the statement (UTC).
+
+    Times that processes on several machines write and others compare (a run's heartbeat,
+    a worker's liveness) are written and compared on this one clock, whatever each
+    machine's own clock says. SQLite has no server: there it is the clock of the process
+    that writes the file, the same clock as `utcnow()`."""
+
+    type = UTCDateTime()
+    inherit_cache = True
+
+
+@compiles(DatabaseClock)
+def _clock(element: DatabaseClock, compiler: SQLCompiler, **kw: Any) -> str:
+    if compiler.dialect.name != "sqlite":
+        raise CompileError(f"no database clock for {compiler.dialect.name}")
+    # The text SQLAlchemy stores a SQLite datetime as (microseconds; SQLite's %f has
+    # milliseconds), so that values written either way compare and parse alike.
+    return "strftime('%Y-%m-%d %H:%M:%f000', 'now')"
+
+
+@compiles(DatabaseClock, "postgresql")
+def _postgresql_clock(element: DatabaseClock, compiler: SQLCompiler, **kw: Any) -> str:
+    return "statement_timestamp()"
+
+
+def database_clock() -> DatabaseClock:
+    """The database's clock as an SQL expression, for a value to write or compare with."""
+    return DatabaseClock()
+
+
+async def database_now(session: AsyncSession) -> datetime:
+    """The database's clock, read now (UTC)."""
+    now = await session.scalar(select(database_clock()))
+    assert isinstance(now, datetime), now
+    return as_utc(now)
 
 
 def rowcount(result: Result[Any]) -> int:
@@ -155,11 +199,35 @@ def alembic_config(url: str) -> Config:
     return config
 
 
+class SchemaTooNew(StembotError):
+    """The database's schema is at a revision this code does not know: a newer stembot
+    migrated it (the operator rolled the code back), and this one would misread it."""
+
+    kind = "schema_too_new"
+
+
 def upgrade(url: str, revision: str = "head") -> None:
-    """Apply Alembic migrations up to `revision` (creates the schema on a new database)."""
+    """Apply Alembic migrations up to `revision` (creates the schema on a new database).
+    Raises SchemaTooNew, touching nothing, when the database is at a revision this code
+    does not know."""
     if url.startswith("sqlite"):
         _ensure_sqlite_folder(url)
+    found = asyncio.run(_stored_revision(url))
+    if found is not None and found not in known_revisions():
+        raise SchemaTooNew(f"the database's schema is at revision {found}, which this stembot does not know "
+                           f"(it knows revisions up to {head_revision()}): a newer stembot migrated it; "
+                           "upgrade stembot to that version or later (rolling back stembot does not roll back "
+                           "the database)")
     command.upgrade(alembic_config(url), revision)
+
+
+async def _stored_revision(url: str) -> str | None:
+    # A plain engine, as Alembic's: nothing about the file changed before the migration.
+    engine = create_async_engine(url)
+    try:
+        return await schema_revision(engine)
+    finally:
+        await engine.dispose()
 
 
 def head_revision() -> str | None:

@@ -256,6 +256,8 @@ def cmd_run(args, parser) -> int:
         return _fail(exc.reason)
     try:
         _upgrade_database(settings)
+    except StembotError as exc:  # a database migrated by a newer stembot
+        return _fail(exc.reason)
     except ValueError as exc:
         return _fail(str(exc))
     return asyncio.run(_run_bot(settings, token))
@@ -392,6 +394,8 @@ async def _sync(settings, token: str, guild_id: int | None) -> int:
 def cmd_db_upgrade(args, parser) -> int:
     try:
         _upgrade_database(get_settings())
+    except StembotError as exc:  # a database migrated by a newer stembot
+        return _fail(exc.reason)
     except ValueError as exc:
         return _fail(str(exc))
     print("database is up to date")

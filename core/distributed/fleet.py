@@ -10,11 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import Integer, String, delete, func, select, update
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy import Integer, String, delete, select, update
+from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlalchemy.orm import Mapped, mapped_column
 
-from core.db import Base, UTCDateTime, as_utc, utcnow
+from core.db import Base, UTCDateTime, as_utc, database_now, utcnow
 
 
 class WorkerSlot(Base):
@@ -88,10 +88,3 @@ class Fleet:
             await session.commit()
             return gone.rowcount
 
-
-async def database_now(session: AsyncSession) -> datetime:
-    """The database server's clock (UTC). SQLite has no server: there it is this machine's."""
-    if session.get_bind().dialect.name != "postgresql":
-        return utcnow()
-    now = await session.scalar(select(func.statement_timestamp()))
-    return as_utc(now) if isinstance(now, datetime) else utcnow()

@@ -64,6 +64,13 @@ DISCORD_OUTAGE = ("the stems were made but Discord would not take them for {minu
                   "nothing was charged, please try again later")
 # Job ends remembered as told, beyond the row's notified_at (see Dispatcher.ended).
 RECENT_ENDS_KEPT = 100
+# Deliveries a database error cut short that one pass of the sweeper starts again, at most
+# (Dispatcher.resume_deliveries); the others wait for the next pass.
+RESUMED_PER_PASS = 20
+# Jobs whose results went out but whose end could not be written (the database away),
+# remembered so that only that write is done again, never the sending (bounded: the bot
+# runs for months; far more than a database outage leaves).
+SENT_KEPT = 10_000
 
 
 class JobMetrics(Protocol):
@@ -185,7 +192,8 @@ class Dispatcher:
         # before the telling) are kept, so that this does not grow with every job ever run.
         self._reporting: set[tuple[int, datetime | None]] = set()
         self._told: RecentKeys[tuple[int, datetime | None]] = RecentKeys(RECENT_ENDS_KEPT)
-        self._deliveries: set[asyncio.Task[None]] = set()
+        self._deliveries: dict[int, asyncio.Task[None]] = {}  # by job id: one per job at a time
+        self._sent: RecentKeys[int] = RecentKeys(SENT_KEPT)
         self.paused = False
         self.loop_error: str | None = None  # why the dispatch loop's last round failed
         self._loop_failures = 0
@@ -247,7 +255,7 @@ class Dispatcher:
                 pass
         await self.execution.stop()
         if self._deliveries:
-            await asyncio.wait(self._deliveries, timeout=delivery_grace_s)
+            await asyncio.wait(self._deliveries.values(), timeout=delivery_grace_s)
         for task in list(self._background):
             task.cancel()
 
@@ -363,7 +371,7 @@ class Dispatcher:
             while True:
                 await asyncio.sleep(self.config.stale_s / 4)
                 try:
-                    await self.store.update(job.id, lease=lease, in_state=JobState.fetching, heartbeat_at=utcnow())
+                    await self.store.beat(job.id, lease, JobState.fetching)
                 except DATABASE_ERRORS as exc:
                     log.warning("job %s: heartbeat not written (%s)", job.id, type(exc).__name__)
 
@@ -451,24 +459,58 @@ class Dispatcher:
         return True
 
     def delivery_under_way(self, job_id: int) -> bool:
-        return any(task.get_name() == f"deliver-{job_id}" for task in self._deliveries)
+        return job_id in self._deliveries
 
     def start_delivery(self, job: Job) -> asyncio.Task[None]:
-        """Deliver a job in `delivering`, retrying; a stop waits for it (see `stop`)."""
-        task = asyncio.create_task(self._deliver(job), name=f"deliver-{job.id}")
-        self._deliveries.add(task)
-        task.add_done_callback(self._deliveries.discard)
+        """Deliver a job in `delivering`, retrying; a stop waits for it (see `stop`). One
+        delivery per job at a time: while one is under way, that one is returned."""
+        under_way = self._deliveries.get(job.id)
+        if under_way is not None:
+            return under_way
+        task = self._deliveries[job.id] = asyncio.create_task(self._deliver(job), name=f"deliver-{job.id}")
+        task.add_done_callback(lambda _: self._deliveries.pop(job.id, None))
         return task
 
+    async def resume_deliveries(self) -> list[int]:
+        """Start again the deliveries a database error cut short: jobs in `delivering` with
+        no delivery under way in this bot (the only one on its database, core.ops.bot_lock).
+        Called by the sweeper's stale pass, `RESUMED_PER_PASS` jobs at most. A job whose
+        results already went out only has its end written (see `_deliver`)."""
+        resumed: list[int] = []
+        for job in await self.store.delivering(RESUMED_PER_PASS, besides=list(self._deliveries)):
+            if self.delivery_under_way(job.id):  # started while the rows were read
+                continue
+            log.info("job %s: resuming its delivery", job.id)
+            self.start_delivery(job)
+            resumed.append(job.id)
+        return resumed
+
     async def _deliver(self, job: Job) -> None:
+        """Send a job's results and mark it done. A database error leaves it `delivering`
+        with no delivery under way, which `resume_deliveries` picks up; once the results
+        went out, only the `done` is written again, so they are never sent twice."""
+        try:
+            if job.id not in self._sent:
+                if not await self._send(job):
+                    return
+            await self._mark_delivered(job.id)
+        except (*DATABASE_ERRORS, WriteAbandoned) as exc:
+            log.error("job %s: delivery stopped by a database error (%s); resumed once the database answers",
+                      job.id, type(exc).__name__)
+
+    async def _send(self, job: Job) -> bool:
+        """Send the results (or fail the job). Returns whether they went out."""
         try:
             # The row keeps only what was checked, names made by the bot: the results cache
             # and any later delivery act on that, never on what the worker wrote.
             checked = check_artifacts(job, job.artifacts)
         except ResultsRefused as exc:
             await self.refuse_results(job.id, exc.why)
-            return
-        await self.store.update(job.id, in_state=JobState.delivering, artifacts=checked.artifacts())
+            return False
+        # Written only while the job is still `delivering`: one delivered (or cancelled)
+        # meanwhile is not sent (again).
+        if not await self.store.update(job.id, in_state=JobState.delivering, artifacts=checked.artifacts()):
+            return False
         job = await self.store.require(job.id)
         try:
             # Through an outage of Discord (5xx, connections refused) or of the storage the
@@ -479,18 +521,25 @@ class Dispatcher:
             raise
         except ResultsRefused as exc:  # the files failed the check: no retry
             await self.refuse_results(job.id, exc.why)
-            return
+            return False
         except DependencyDown as exc:
             log.error("job %s: delivery failed for good: %s", job.id, exc)
             await self.fail_outage(job.id, exc)
-            return
+            return False
         except Exception as exc:  # noqa: BLE001 - not an outage: trying again would fail the same way
             log.error("job %s: delivery failed: %r", job.id, exc)
             await self.fail(job.id, "the stems were made but could not be sent to Discord", "delivery_failed")
-            return
+            return False
+        self._sent.add(job.id)
+        return True
+
+    async def _mark_delivered(self, job_id: int) -> None:
+        """Write that a job's results went out, retried through a short database outage."""
         now = utcnow()
-        await self.store.transition(job.id, JobState.done, delivered_at=now, notified_at=now)
-        self._finish_metrics(await self.store.get(job.id))
+        await retry_write(f"job {job_id}'s delivery", lambda: self.store.transition(
+            job_id, JobState.done, delivered_at=now, notified_at=now), self.config.stale_s)
+        self._sent.discard(job_id)
+        self._finish_metrics(await self.store.get(job_id))
 
     # -- endings -----------------------------------------------------------------------
 

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from core.db import utcnow
 from core.errors import InputError, StembotError
 from core.host.handle import HostCrashed, HostHandle, HostTimedOut
 from core.host.protocol import (
@@ -32,7 +31,7 @@ from core.host.protocol import (
     ProgressEvent,
     StageEvent,
 )
-from core.jobs.job import RUNNING, Job, JobState, Lease
+from core.jobs.job import Job, JobState, Lease
 from core.jobs.store import JobStore
 from core.jobs.write_retry import DATABASE_ERRORS, WriteAbandoned, retry_write
 
@@ -131,7 +130,7 @@ class JobRunner:
             while True:
                 await asyncio.sleep(self.config.stale_s / 4)
                 try:
-                    if not await self.store.update(job_id, lease=lease, in_state=RUNNING, heartbeat_at=utcnow()):
+                    if not await self.store.beat(job_id, lease):
                         self.host.cancel(job_id)
                         return
                 except DATABASE_ERRORS as exc:
@@ -189,8 +188,7 @@ class JobRunner:
                         return
                     last_write[0] = now
                     try:
-                        moved = await self.store.update(job.id, lease=lease, in_state=JobState.separating,
-                                                        progress=fraction, heartbeat_at=utcnow())
+                        moved = await self.store.beat(job.id, lease, JobState.separating, progress=fraction)
                     except DATABASE_ERRORS as exc:
                         # Not worth failing a job for: the next one (or the stage) says more.
                         log.warning("job %s: progress not written (%s)", job.id, type(exc).__name__)
@@ -242,7 +240,7 @@ class JobRunner:
         # A try whose commit went through but whose answer was lost (the connection dropped)
         # leaves the row in `delivering` already, still this run's.
         if await self._write(job.id, "result", lambda: self.store.update(
-                job.id, lease=lease, in_state=JobState.delivering, updated_at=utcnow())):
+                job.id, lease=lease, in_state=JobState.delivering)):
             return Outcome.delivering
         return Outcome.cancelled
 

@@ -37,7 +37,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import load_only, raiseload
 from sqlalchemy.sql.elements import ColumnElement
 
-from core.db import rowcount, utcnow
+from core.db import database_clock, database_now, rowcount, utcnow
 from core.errors import TooLongError
 from core.jobs import quotas
 from core.jobs.fair_order import fair_order_oldest_first
@@ -274,7 +274,7 @@ class JobStore:
         elif in_state is not None:
             condition = and_(condition, Job.state.in_([s.value for s in in_state]))
         async with self.sessions() as session:
-            result = await session.execute(update(Job).where(condition).values(updated_at=utcnow(), **fields))
+            result = await session.execute(update(Job).where(condition).values({"updated_at": utcnow(), **fields}))
             await session.commit()
             if _QUEUE_COLUMNS.intersection(fields):
                 self.board.changed()
@@ -333,7 +333,7 @@ class JobStore:
                 result = await session.execute(
                     update(Job).where(Job.id == candidate, Job.state == JobState.queued.value).values(
                         state=JobState.fetching.value, worker=worker, started_at=now, updated_at=now,
-                        heartbeat_at=now, attempts=Job.attempts + 1, progress=0.0,
+                        heartbeat_at=database_clock(), attempts=Job.attempts + 1, progress=0.0,
                     )
                 )
                 await session.commit()
@@ -351,7 +351,8 @@ class JobStore:
             attempt = await session.scalar(
                 update(Job).where(Job.id == job_id, Job.state.in_(running)).values(
                     attempts=case((Job.state == JobState.fetching.value, Job.attempts), else_=Job.attempts + 1),
-                    state=JobState.decoding.value, worker=worker, heartbeat_at=now, updated_at=now, progress=0.0,
+                    state=JobState.decoding.value, worker=worker, heartbeat_at=database_clock(), updated_at=now,
+                    progress=0.0,
                 ).returning(Job.attempts))
             await session.commit()
             if attempt is None:
@@ -485,6 +486,14 @@ class JobStore:
             )
             return list(rows)
 
+    async def delivering(self, limit: int, besides: Iterable[int] = ()) -> list[Job]:
+        """Jobs in `delivering` but those of `besides`, oldest first, `limit` at most."""
+        query = select(Job).where(Job.state == JobState.delivering.value)
+        if skipped := list(besides):
+            query = query.where(Job.id.not_in(skipped))
+        async with self.sessions() as session:
+            return list(await session.scalars(query.order_by(Job.id).limit(limit)))
+
     async def untold_endings(self, since: datetime) -> list[Job]:
         """Failed or cancelled jobs, ended after `since`, whose user was never told (the bot
         stopped first, or a worker ended them while the bot was down), oldest first."""
@@ -512,9 +521,18 @@ class JobStore:
                 self.board.changed()
             return ids
 
-    async def recover_stale(self, before: datetime, max_attempts: int) -> list[Recovered]:
-        """Sweeper: running jobs whose heartbeat is older than `before` (their run died, hung
-        or lost its database): back to the queue, or, after `max_attempts` attempts, failed
+    async def beat(self, job_id: int, lease: Lease, in_state: JobState | tuple[JobState, ...] = RUNNING,
+                   **fields: Any) -> bool:
+        """A run's heartbeat on its job (with `fields`, progress say), written on the
+        database's clock: the sweeper compares it with that clock, so a worker whose own
+        clock is off is neither taken for dead nor kept alive once silent. Returns whether
+        the run still holds the job (in `in_state`)."""
+        return await self.update(job_id, lease=lease, in_state=in_state, heartbeat_at=database_clock(), **fields)
+
+    async def recover_stale(self, stale_s: float, max_attempts: int) -> list[Recovered]:
+        """Sweeper: running jobs whose heartbeat is older than `stale_s` on the database's
+        clock (their run died, hung or lost its database): back to the queue, or, after
+        `max_attempts` attempts, failed
         and settled (nothing charged). A job in `fetching` that the queue holds for a worker
         (distributed mode) is waiting, not running, and stays. Each job is moved by one
         UPDATE guarded on the state, attempt, worker and old heartbeat it was found with, so
@@ -522,6 +540,8 @@ class JobStore:
         claim counts one more, so the lease of the old run matches no more: a late write of
         that run cannot finish the job."""
         beat = func.coalesce(Job.heartbeat_at, Job.updated_at)
+        async with self.sessions() as session:
+            before = await database_now(session) - timedelta(seconds=stale_s)
         stale = and_(beat < before, or_(Job.state.in_([s.value for s in RUNNING if s is not JobState.fetching]),
                                         and_(Job.state == JobState.fetching.value, Job.queue_job_id.is_(None))))
         async with self.sessions() as session:

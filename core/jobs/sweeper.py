@@ -2,6 +2,8 @@
 
 - Takes back running jobs whose heartbeat went stale (their run died, hung or lost its
   database): back to the queue, or failed when out of attempts (`JobStore.recover_stale`).
+- Has the bot start again the deliveries a database error cut short
+  (`Dispatcher.resume_deliveries`).
 - Settles finished jobs that still hold a slot or a reservation, and recounts the slot
   counters from the jobs, so quota never leaks.
 - Deletes inputs and stems once they are older than the retention time (their signed
@@ -46,12 +48,14 @@ class SweepReport:
 
 # Told of the jobs taken back from stale runs (Dispatcher.recovered).
 OnRecovered = Callable[[list[Recovered]], Awaitable[None]]
+# Starts again the deliveries a database error cut short (Dispatcher.resume_deliveries).
+ResumeDeliveries = Callable[[], Awaitable[object]]
 
 
 class Sweeper:
     def __init__(self, store: JobStore, storage: LocalStorage, retention_s: float, interval_s: float = 300.0,
                  history_s: float = HISTORY_S, stale_s: float = 300.0, max_attempts: int = 3,
-                 on_recovered: OnRecovered | None = None):
+                 on_recovered: OnRecovered | None = None, resume_deliveries: ResumeDeliveries | None = None):
         self.store = store
         self.storage = storage
         self.retention_s = retention_s
@@ -60,6 +64,7 @@ class Sweeper:
         self.stale_s = stale_s
         self.max_attempts = max_attempts
         self.on_recovered = on_recovered
+        self.resume_deliveries = resume_deliveries
 
     async def run(self) -> None:
         """A sweep every interval_s; stale runs looked for more often, every stale_s / 4,
@@ -82,10 +87,13 @@ class Sweeper:
             await asyncio.sleep(min(self.interval_s, self.stale_s / 4))
 
     async def recover_stale(self) -> list[Recovered]:
-        """Take back the running jobs whose heartbeat is older than stale_s, and say so."""
-        recovered = await self.store.recover_stale(utcnow() - timedelta(seconds=self.stale_s), self.max_attempts)
+        """Take back the running jobs whose heartbeat is older than stale_s, and say so;
+        have the deliveries a database error cut short started again."""
+        recovered = await self.store.recover_stale(self.stale_s, self.max_attempts)
         if recovered and self.on_recovered is not None:
             await self.on_recovered(recovered)
+        if self.resume_deliveries is not None:
+            await self.resume_deliveries()
         return recovered
 
     async def sweep(self, now: float | None = None) -> SweepReport:

@@ -140,3 +140,24 @@ async def test_settings_that_cannot_work_are_refused_by_name_before_anything_sta
     env = _env(tmp_path, STEMBOT_DISCORD_TOKEN="t", STEMBOT_SHIFTS="many")
     code, out, err = await _stembot("run", env=env, cwd=tmp_path, timeout=60)
     assert code == 2 and "error: STEMBOT_SHIFTS: " in err and "Traceback" not in err
+
+
+async def test_run_on_a_database_from_a_newer_stembot_refuses_in_one_line_before_discord(tmp_path, model_dir):
+    from core.db import head_revision, upgrade
+
+    database = tmp_path / "data" / "stembot.sqlite3"
+    await asyncio.to_thread(upgrade, f"sqlite+aiosqlite:///{database}")
+    with sqlite3.connect(database) as db:  # as a newer stembot's migration leaves it
+        db.execute("UPDATE alembic_version SET version_num = '9999_from_a_newer_version'")
+    async with FakeDiscord() as fake:
+        env = _env(tmp_path, STEMBOT_DISCORD_TOKEN="fake-bot-token", STEMBOT_DISCORD_API_URL=fake.api_url,
+                   STEMBOT_DISCORD_GATEWAY_URL=fake.gateway_url, STEMBOT_MODEL="tiny",
+                   STEMBOT_MODEL_DIR=str(model_dir))
+        code, out, err = await _stembot("run", env=env, cwd=tmp_path, timeout=60)
+        assert code == 1
+        assert err.splitlines() == [err.strip()] and err.startswith("error: "), err  # one line, no traceback
+        assert "revision 9999_from_a_newer_version" in err and f"up to {head_revision()}" in err
+        assert "upgrade stembot" in err
+        assert fake.identifies == []  # it never connected to Discord
+    with sqlite3.connect(database) as db:  # and left the database as it was
+        assert db.execute("SELECT version_num FROM alembic_version").fetchall() == [("9999_from_a_newer_version",)]

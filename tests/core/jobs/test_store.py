@@ -580,3 +580,21 @@ async def test_a_worker_store_refuses_a_track_too_long_but_reserves_nothing(both
     with pytest.raises(TooLongError):
         await store.reserve(job.id, 61.0)
     assert (await store.get(job.id)).quota_state == "none"
+
+
+async def test_a_run_may_name_updated_at_in_a_guarded_update(store):
+    """A guarded update that names updated_at itself writes it. It raised TypeError, which
+    broke a run whose hand-over of its results got no answer (the connection dropped after
+    the commit): JobRunner._deliver checks that its job is `delivering` with such a write."""
+    job = await new_job(store)
+    await store.claim_next("bot")
+    taken = await store.take(job.id, "w1")
+    assert taken is not None
+    _, lease = taken
+    for state in (JobState.separating, JobState.encoding, JobState.delivering):
+        assert await store.transition(job.id, state, lease=lease)
+    when = utcnow() - timedelta(seconds=5)
+    assert await store.update(job.id, lease=lease, in_state=JobState.delivering, updated_at=when)
+    assert (await store.require(job.id)).updated_at == when
+    assert await store.transition(job.id, JobState.failed, error="stopped by the operator")
+    assert not await store.update(job.id, lease=lease, in_state=JobState.delivering, updated_at=when)
