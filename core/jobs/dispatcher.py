@@ -29,6 +29,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from core.db import as_utc, utcnow
 from core.errors import InputError, LowDiskError
+from core.jobs.heartbeat import heartbeat
 from core.jobs.job import UNANSWERED, UNANSWERED_ERROR, Job, JobState, Lease
 from core.jobs.quotas import Policy
 from core.jobs.recent import RecentKeys
@@ -366,22 +367,8 @@ class Dispatcher:
         the body runs: a long download is not a stuck job, and a preparation that a database
         error cut short is (the sweeper takes it back once the heartbeat is stale)."""
         lease = Lease(self.config.worker_name, job.attempts)
-
-        async def beat() -> None:
-            while True:
-                await asyncio.sleep(self.config.stale_s / 4)
-                try:
-                    await self.store.beat(job.id, lease, JobState.fetching)
-                except DATABASE_ERRORS as exc:
-                    log.warning("job %s: heartbeat not written (%s)", job.id, type(exc).__name__)
-
-        task = asyncio.create_task(beat(), name=f"heartbeat {job.id}")
-        try:
+        async with heartbeat(self.store, job.id, lease, self.config.stale_s / 4, in_state=JobState.fetching):
             yield
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
 
     async def prepare(self, job: Job) -> bool:
         """Bring the input here, answer from the cache when possible, and reserve the

@@ -9,7 +9,6 @@ and taken over cannot finish the job a second time.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import enum
 import logging
@@ -31,6 +30,7 @@ from core.host.protocol import (
     ProgressEvent,
     StageEvent,
 )
+from core.jobs.heartbeat import heartbeat
 from core.jobs.job import Job, JobState, Lease
 from core.jobs.store import JobStore
 from core.jobs.write_retry import DATABASE_ERRORS, WriteAbandoned, retry_write
@@ -126,23 +126,9 @@ class JobRunner:
         whatever the stage (decoding and encoding report no progress). A heartbeat the
         database refuses is skipped; one fenced out (the job was taken back) stops the host's
         work on it."""
-        async def beat() -> None:
-            while True:
-                await asyncio.sleep(self.config.stale_s / 4)
-                try:
-                    if not await self.store.beat(job_id, lease):
-                        self.host.cancel(job_id)
-                        return
-                except DATABASE_ERRORS as exc:
-                    log.warning("job %s: heartbeat not written (%s)", job_id, type(exc).__name__)
-
-        task = asyncio.create_task(beat(), name=f"heartbeat {job_id}")
-        try:
+        async with heartbeat(self.store, job_id, lease, self.config.stale_s / 4,
+                             on_fenced=lambda: self.host.cancel(job_id)):
             yield
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
 
     async def _write(self, job_id: int, what: str, write: Callable[[], Awaitable[bool]]) -> bool:
         """A write of the job's state, retried through a short database outage."""

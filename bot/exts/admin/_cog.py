@@ -12,7 +12,7 @@ from discord.ext import commands
 
 from bot.timely import TimelyAnswer
 from core.db import utcnow
-from core.jobs.job import UNFINISHED, JobState
+from core.jobs.job import UNFINISHED, Job, JobState
 from core.jobs.job_report import age, describe, short
 from core.jobs.stats import server_stats
 from core.media.audio import OUTPUT_FORMATS, format_duration
@@ -349,6 +349,16 @@ class Admin(commands.Cog):
 
     # -- the bot owner's job tools (as `stembot jobs` on the host) -------------------------
 
+    async def _owned_job(self, interaction: discord.Interaction, job_id: int) -> Job | None:
+        """The job a bot owner's command names; None once the caller was answered (not the
+        owner, or no such job)."""
+        if not await self._owner(interaction):
+            return None
+        found = await self.services.store.get(job_id)
+        if found is None:
+            await self._reply(interaction, f"There is no job #{job_id}.")
+        return found
+
     @jobs.command(name="list", description="(bot owner) The newest jobs, one line each")
     @app_commands.describe(state="only jobs in this state", limit="at most this many (default 20)")
     async def jobs_list(self, interaction: discord.Interaction, state: JobStateName | None = None,
@@ -369,11 +379,8 @@ class Admin(commands.Cog):
     @jobs.command(name="show", description="(bot owner) One job's fields and timeline")
     @app_commands.describe(job="the job number")
     async def jobs_show(self, interaction: discord.Interaction, job: int) -> None:
-        if not await self._owner(interaction):
-            return
-        found = await self.services.store.get(job)
+        found = await self._owned_job(interaction, job)
         if found is None:
-            await self._reply(interaction, f"There is no job #{job}.")
             return
         width = max(len(name) for name, _ in describe(found)) + 1
         text = "\n".join(f"{name + ':':{width}} {value}" for name, value in describe(found))
@@ -382,11 +389,8 @@ class Admin(commands.Cog):
     @jobs.command(name="retry", description="(bot owner) Put a failed job back in the queue")
     @app_commands.describe(job="the job number")
     async def jobs_retry(self, interaction: discord.Interaction, job: int) -> None:
-        if not await self._owner(interaction):
-            return
-        found = await self.services.store.get(job)
+        found = await self._owned_job(interaction, job)
         if found is None:
-            await self._reply(interaction, f"There is no job #{job}.")
             return
         if found.job_state is not JobState.failed:
             # A running job's run may still be under way here or on a worker: the host's
@@ -405,12 +409,9 @@ class Admin(commands.Cog):
     @app_commands.describe(job="the job number", reason=f'what its user is told (default "{DEFAULT_REASON}")')
     async def jobs_fail(self, interaction: discord.Interaction, job: int,
                         reason: app_commands.Range[str, 1, 200] = DEFAULT_REASON) -> None:
-        if not await self._owner(interaction):
-            return
         reason = " ".join(reason.split()) or DEFAULT_REASON
-        found = await self.services.store.get(job)
+        found = await self._owned_job(interaction, job)
         if found is None:
-            await self._reply(interaction, f"There is no job #{job}.")
             return
         if found.job_state not in UNFINISHED:
             await self._reply(interaction,
