@@ -7,6 +7,21 @@ import pytest
 from tests.support import models as tiny
 
 
+def pytest_collection_modifyitems(config, items):
+    """Longest files first: the files with a `slow` test, then the end-to-end files, then the
+    rest, each group in its usual order. Run on several processes (scripts/test: one file per
+    process at a time), the suite then ends on short files instead of waiting for a long
+    one that happened to come last."""
+    def weight(item) -> int:
+        path = str(item.path)
+        if path in slow_files:
+            return 0
+        return 1 if path.endswith("_e2e.py") else 2
+
+    slow_files = {str(item.path) for item in items if item.get_closest_marker("slow")}
+    items.sort(key=weight)  # stable: the order within a group is kept
+
+
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory):
     """A demucs-layout model folder: `tiny` (plain), `tinysum` (checksummed), and `tinybag`,

@@ -27,7 +27,7 @@ from core.media.audio import Limits, decode
 from core.media.stem_files import MARKER
 from tests.support.media import ffmpeg, music, snr_db
 
-pytestmark = pytest.mark.asyncio(loop_scope="module")
+pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.slow]
 
 SOURCES = ("drums", "bass", "other", "vocals")
 

@@ -24,6 +24,8 @@ from core.separation.engine import SeparationEngine, SeparationOptions
 from core.separation.stems import parse_stems
 from tests.support.media import music, snr_db
 
+pytestmark = pytest.mark.slow
+
 RATE = 44100
 BLOCK_S = 16.0
 FLOAT_WAV = OutputFormat(name="wav", wav_depth="float")
