@@ -3,21 +3,10 @@ stays bounded however many jobs it runs (the row's notified_at is what lasts).""
 
 from __future__ import annotations
 
-import pytest_asyncio
-
 from core.host.handle import HostHandle
 from core.jobs.dispatcher import RECENT_ENDS_KEPT, Dispatcher
 from core.jobs.embedded_execution import EmbeddedExecution
-from core.runtime import Runtime
-from core.settings import Settings
 from tests.support.silent_notifier import EndRecorder
-
-
-@pytest_asyncio.fixture
-async def runtime(sqlite_url, tmp_path):
-    runtime = Runtime.from_settings(Settings(_env_file=None, data_dir=tmp_path / "data", database_url=sqlite_url))
-    yield runtime
-    await runtime.close()
 
 
 async def test_the_ends_told_are_remembered_within_a_bound_and_each_told_once(runtime):

@@ -3,22 +3,11 @@ too: the dispatcher reports each end of a job once, not each job once."""
 
 from __future__ import annotations
 
-import pytest_asyncio
-
 from core.host.handle import HostHandle
 from core.jobs.dispatcher import Dispatcher
 from core.jobs.embedded_execution import EmbeddedExecution
 from core.jobs.job import JobState
-from core.runtime import Runtime
-from core.settings import Settings
 from tests.support.silent_notifier import EndRecorder
-
-
-@pytest_asyncio.fixture
-async def runtime(sqlite_url, tmp_path):
-    runtime = Runtime.from_settings(Settings(_env_file=None, data_dir=tmp_path / "data", database_url=sqlite_url))
-    yield runtime
-    await runtime.close()
 
 
 async def test_each_end_of_a_retried_job_is_reported_once(runtime):
