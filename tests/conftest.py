@@ -80,6 +80,17 @@ def sqlite_url(tmp_path):
     return url
 
 
+@pytest.fixture
+def migrated(postgres_server):
+    """The PostgreSQL test database, emptied and migrated to the newest revision."""
+    from core.db import upgrade
+    from tests.support.postgres import reset_database
+
+    reset_database(postgres_server)
+    upgrade(postgres_server)
+    return postgres_server
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def database_url(request):
     """An empty, migrated database of each kind."""

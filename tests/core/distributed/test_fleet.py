@@ -12,20 +12,11 @@ import textwrap
 
 import pytest
 
-from core.db import make_engine, make_sessions, upgrade
+from core.db import make_engine, make_sessions
 from core.distributed.fleet import Fleet
 
 needs_faketime = pytest.mark.skipif(shutil.which("faketime") is None and not os.environ.get("CI"),
                                     reason="faketime is not installed (scripts/test installs it)")
-
-
-@pytest.fixture
-def migrated(postgres_server):
-    from tests.support.postgres import reset_database
-
-    reset_database(postgres_server)
-    upgrade(postgres_server)
-    return postgres_server
 
 
 def beat_with_a_skewed_clock(url: str, skew: str, name: str = "w/cpu") -> None:

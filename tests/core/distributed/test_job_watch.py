@@ -9,7 +9,7 @@ import pytest
 import pytest_asyncio
 from sqlalchemy import event
 
-from core.db import make_engine, make_sessions, upgrade
+from core.db import make_engine, make_sessions
 from core.distributed.fleet import Fleet
 from core.distributed.queue_execution import QueueExecution
 from core.jobs.dispatcher import Dispatcher, DispatcherConfig
@@ -64,15 +64,6 @@ class Reads:
     def close(self):
         event.remove(self.engine, "after_cursor_execute", self._executed)
         event.remove(Job, "load", self._loaded)
-
-
-@pytest.fixture
-def migrated(postgres_server):
-    from tests.support.postgres import reset_database
-
-    reset_database(postgres_server)
-    upgrade(postgres_server)
-    return postgres_server
 
 
 @pytest_asyncio.fixture

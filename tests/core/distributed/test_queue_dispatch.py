@@ -8,11 +8,10 @@ import dataclasses
 import time
 import uuid
 
-import pytest
 import pytest_asyncio
 from procrastinate.jobs import Status
 
-from core.db import make_engine, make_sessions, upgrade
+from core.db import make_engine, make_sessions
 from core.distributed.fleet import Fleet
 from core.distributed.queue import QUEUE, JobQueue
 from core.distributed.queue_execution import QueueExecution
@@ -29,15 +28,6 @@ from core.storage.s3_storage import S3Storage
 from tests.support.media import music
 from tests.support.s3_policy import expires_at, signed_policy
 from tests.support.silent_notifier import Silent
-
-
-@pytest.fixture
-def migrated(postgres_server):
-    from tests.support.postgres import reset_database
-
-    reset_database(postgres_server)
-    upgrade(postgres_server)
-    return postgres_server
 
 
 @pytest_asyncio.fixture

@@ -14,7 +14,6 @@ import textwrap
 
 import pytest
 
-from core.db import upgrade
 from core.jobs.job import JobState
 from core.jobs.store import Recovered
 from core.jobs.sweeper import Sweeper
@@ -26,15 +25,6 @@ needs_faketime = pytest.mark.skipif(shutil.which("faketime") is None and not os.
 
 STALE_S = 2.0  # the run beats every 0.5 s
 BEATING_S = 3.0  # longer than STALE_S: a heartbeat read on the wrong clock shows
-
-
-@pytest.fixture
-def migrated(postgres_server):
-    from tests.support.postgres import reset_database
-
-    reset_database(postgres_server)
-    upgrade(postgres_server)
-    return postgres_server
 
 
 def worker_code(url: str, job_id: int) -> str:
