@@ -10,6 +10,7 @@ import logging
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 from aiohttp import web
 from sqlalchemy import text
@@ -23,9 +24,9 @@ from core.distributed.queue_execution import QueueExecution
 from core.host.handle import HostHandle
 from core.jobs.dispatcher import Dispatcher, ExecutionBackend
 from core.jobs.embedded_execution import EmbeddedExecution
-from core.jobs.sweeper import Sweeper
 from core.jobs.job import JobState
 from core.jobs.results import ResultsRefused, check_artifacts
+from core.jobs.sweeper import Sweeper
 from core.ops import player as player_page
 from core.ops.looplag import LoopLagMonitor, freeze_start_up_heap
 from core.ops.web import HealthChecks, Metrics, build_ops_app, build_public_app, start_web, stop_web
@@ -39,6 +40,12 @@ if TYPE_CHECKING:
     from bot.bot import StemBot
 
 log = logging.getLogger(__name__)
+
+
+def origin_of(url: str) -> str:
+    """scheme://host[:port] of `url`: what a browser sends as the Origin of its pages."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
 
 
 async def _retry(what: str, start, max_delay_s: float = 30.0) -> None:
@@ -141,6 +148,9 @@ class Services:
             # Storage and database may still be starting (docker compose): wait for them.
             if isinstance(self.storage, S3Storage):
                 await _retry("the object store", self.storage.start)
+                if self.settings.public_url:
+                    # The stem player's page fetches presigned stems from the bucket.
+                    await self.storage.store.allow_browser_reads(origin_of(self.settings.public_url))
             await _retry("the job queue", self.queue.open)
         elif self.worker is not None:
             try:

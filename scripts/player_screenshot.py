@@ -19,6 +19,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from selenium import webdriver  # noqa: E402
+from selenium.webdriver.chrome.service import Service  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
 from core.ops import player as player_page  # noqa: E402
 from core.ops.web import build_public_app, start_web, stop_web  # noqa: E402
 from core.storage.signed_links import LinkSigner  # noqa: E402
@@ -42,9 +47,6 @@ def make_stems(folder: Path) -> None:
 
 
 def browser(width: int, height: int):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
     options = webdriver.ChromeOptions()
     options.binary_location = "/usr/bin/chromium"
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--hide-scrollbars",
@@ -75,9 +77,6 @@ async def main(out: Path) -> None:
 
 
 def shoot(url: str, out: Path) -> None:
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
-
     driver = browser(1100, 1010)
     try:
         driver.get(url)
