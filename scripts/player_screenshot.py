@@ -32,7 +32,7 @@ SECONDS = 24
 # Something that looks like music in a waveform: a beat, a bass line, pads, a voice.
 STEMS = {
     "vocals": "sine=f=330:d={d},volume='0.5*(0.6+0.4*sin(2*PI*t/3))*gt(mod(t,4),0.6)':eval=frame",
-    "drums": "anoisesrc=d={d}:a=0.6:seed=3,volume='exp(-18*mod(t,0.5))':eval=frame",
+    "drums": "anoisesrc=d={d}:a=0.7:seed=3,volume='exp(-9*mod(t,0.25))*(0.45+0.55*lt(mod(t,1),0.25))':eval=frame",
     "bass": "sine=f=55:d={d},volume='0.7*(0.5+0.5*gt(mod(t,1),0.25))':eval=frame",
     "other": "sine=f=220:d={d},volume='0.35*(0.7+0.3*sin(2*PI*t/8))':eval=frame",
 }
@@ -77,7 +77,7 @@ async def main(out: Path) -> None:
 
 
 def shoot(url: str, out: Path) -> None:
-    driver = browser(1100, 1010)
+    driver = browser(1100, 960)
     try:
         driver.get(url)
         WebDriverWait(driver, 30).until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state")
@@ -85,10 +85,10 @@ def shoot(url: str, out: Path) -> None:
         driver.find_element(By.CSS_SELECTOR, "[data-stem='drums'] .mute").click()
         driver.execute_script("document.getElementById('seek').value = 9;"
                               "document.getElementById('seek').dispatchEvent(new Event('change'));")
-        driver.find_element(By.ID, "loop-a").click()
+        driver.execute_script("document.getElementById('loop-a').click()")
         driver.execute_script("document.getElementById('seek').value = 15;"
                               "document.getElementById('seek').dispatchEvent(new Event('change'));")
-        driver.find_element(By.ID, "loop-b").click()
+        driver.execute_script("document.getElementById('loop-b').click()")
         driver.execute_script("document.getElementById('seek').value = 11.5;"
                               "document.getElementById('seek').dispatchEvent(new Event('change'));")
         driver.execute_script("const t = document.getElementById('tempo'); t.value = 85;"

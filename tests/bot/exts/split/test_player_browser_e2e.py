@@ -44,14 +44,13 @@ def link_buttons(message) -> dict[str, str]:
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def job(fake, bot, tmp_path_factory):
-    """(player URL, the song's tone in Hz, job id) of one split song."""
+    """(player URL, job id) of one split song."""
     tmp = tmp_path_factory.mktemp("player")
-    tone = 330.0
-    att = upload(fake, tmp, "practice.wav", seconds=SECONDS, tone=tone)
+    att = upload(fake, tmp, "practice.wav", seconds=SECONDS)
     result = await final_message(fake, await fake.send_slash_command("split", [attachment_option("file", att)]))
     assert "Done" in result.content
     url = link_buttons(result)["Open player"]
-    return url, tone, url.split("/player/")[1].split("?")[0]
+    return url, url.split("/player/")[1].split("?")[0]
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +85,7 @@ def page_state(driver) -> str:
 
 @pytest.fixture(scope="module")
 def player(browser, job):
-    url, *_ = job
+    url, _ = job
     browser.get(url)
     wait(browser, lambda d: page_state(d) in ("ready", "error"), what="the stems to load")
     assert page_state(browser) == "ready", browser.find_element(By.ID, "status").text
@@ -104,17 +103,17 @@ def press(driver, *keys) -> None:
 
 
 def download_mix(driver, downloads: Path) -> Path:
-    """Click "Download this mix" and wait for the file (moved aside, so the next one keeps its name)."""
-    for old in downloads.glob("*.wav"):
-        old.rename(old.with_suffix(".seen"))
-    before = set(downloads.iterdir())
+    """Click "Download this mix", wait for the file and move it to `downloads/kept/` (so the
+    next mix, whatever its name, arrives in an empty folder)."""
     driver.find_element(By.ID, "download-mix").click()
 
     def done(_):
-        new = [p for p in set(downloads.iterdir()) - before if p.suffix == ".wav"]
-        return new[0] if new else False
+        return next(iter(downloads.glob("*.wav")), False)
 
-    return wait(driver, done, what=f"the mix to download ({driver.find_element(By.ID, 'status').text!r})")
+    path = wait(driver, done, what=f"the mix to download ({driver.find_element(By.ID, 'status').text!r})")
+    kept = downloads / "kept" / f"{len(list(downloads.glob('kept/*')))}-{path.name}"
+    kept.parent.mkdir(exist_ok=True)
+    return path.rename(kept)
 
 
 def read_wav(path: Path) -> tuple[np.ndarray, int]:
@@ -189,23 +188,28 @@ async def test_a_muted_stem_is_absent_from_the_downloaded_mix(player, downloads)
     assert rms(everything - without_vocals) == pytest.approx(rms(vocals), rel=0.01)
 
 
-async def test_the_mix_at_80_percent_and_an_octave_up_is_longer_and_higher(player, downloads):
+async def test_the_mix_at_80_percent_is_longer_at_the_same_pitch_and_transposes(player, downloads):
     original, rate = read_wav(download_mix(player, downloads))
+    pitch = dominant_frequency(original, rate)
     set_range(player, "tempo", 80)
+    slower_path = download_mix(player, downloads)
     set_range(player, "transpose", 12)
     try:
-        path = download_mix(player, downloads)
+        higher_path = download_mix(player, downloads)
     finally:
         player.find_element(By.ID, "reset").click()
-    assert path.name.endswith("-mix-80pct+12st.wav")
-    assert ffprobe_duration(path) == pytest.approx(1.25 * original.shape[1] / rate, abs=0.01)
-    stretched, _ = read_wav(path)
-    assert rms(stretched) > 0.3 * rms(original)
-    assert dominant_frequency(stretched, rate) == pytest.approx(2 * dominant_frequency(original, rate), rel=0.03)
+    assert slower_path.name.endswith("-mix-80pct.wav") and higher_path.name.endswith("-mix-80pct+12st.wav")
+    for path in (slower_path, higher_path):
+        assert ffprobe_duration(path) == pytest.approx(1.25 * original.shape[1] / rate, abs=0.01)
+    slower, _ = read_wav(slower_path)
+    higher, _ = read_wav(higher_path)
+    assert rms(slower) > 0.5 * rms(original) and rms(higher) > 0.3 * rms(original)
+    assert dominant_frequency(slower, rate) == pytest.approx(pitch, rel=0.02), "tempo keeps the pitch"
+    assert dominant_frequency(higher, rate) == pytest.approx(2 * pitch, rel=0.03), "+12 st is an octave up"
 
 
 async def test_tampered_and_expired_links_are_refused(browser, bot, job):
-    url, _, job_id = job
+    url, job_id = job
     secret = bytes.fromhex((bot.data_dir / "link_secret").read_text().strip())
     expired = LinkSigner(secret, bot.web_url).sign_player(job_id, time.time() - 60)
     tampered = url.replace(f"/player/{job_id}?", f"/player/{int(job_id) + 1}?")
