@@ -7,8 +7,10 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 from aiohttp import web
 from sqlalchemy import text
@@ -22,7 +24,10 @@ from core.distributed.queue_execution import QueueExecution
 from core.host.handle import HostHandle
 from core.jobs.dispatcher import Dispatcher, ExecutionBackend
 from core.jobs.embedded_execution import EmbeddedExecution
+from core.jobs.job import JobState
+from core.jobs.results import ResultsRefused, check_artifacts
 from core.jobs.sweeper import Sweeper
+from core.ops import player as player_page
 from core.ops.looplag import LoopLagMonitor, freeze_start_up_heap
 from core.ops.web import HealthChecks, Metrics, build_ops_app, build_public_app, start_web, stop_web
 from core.runtime import Runtime
@@ -35,6 +40,12 @@ if TYPE_CHECKING:
     from bot.bot import StemBot
 
 log = logging.getLogger(__name__)
+
+
+def origin_of(url: str) -> str:
+    """scheme://host[:port] of `url`: what a browser sends as the Origin of its pages."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
 
 
 async def _retry(what: str, start, max_delay_s: float = 30.0) -> None:
@@ -119,7 +130,8 @@ class Services:
         ops_app = build_ops_app(health=self.health, metrics=self.metrics)
         self._ops_web = await start_web(ops_app, self.settings.ops_host, self.settings.ops_port)
         log.info("health and metrics on %s:%s", self.settings.ops_host, self.settings.ops_port)
-        public_app = build_public_app(storage_root=self.storage.root, signer=self.signer)
+        public_app = build_public_app(storage_root=self.storage.root, signer=self.signer,
+                                      player=self.player_manifest)
         self._web = await start_web(public_app, self.settings.web_host, self.settings.web_port)
         log.info("download links on %s:%s", self.settings.web_host, self.settings.web_port)
         # The model loads in the background: the bot answers (and queues) meanwhile.
@@ -136,6 +148,9 @@ class Services:
             # Storage and database may still be starting (docker compose): wait for them.
             if isinstance(self.storage, S3Storage):
                 await _retry("the object store", self.storage.start)
+                if self.settings.public_url:
+                    # The stem player's page fetches presigned stems from the bucket.
+                    await self.storage.store.allow_browser_reads(origin_of(self.settings.public_url))
             await _retry("the job queue", self.queue.open)
         elif self.worker is not None:
             try:
@@ -187,6 +202,32 @@ class Services:
         if links is None:
             links = {name: self.signer.sign_file(job_id, name, ttl_s=self.link_ttl_s) for name in names}
         return links
+
+    def player_link(self, job_id: int) -> str | None:
+        """A signed link to the job's stem player, when users can reach this bot's web server
+        (STEMBOT_PUBLIC_URL); it lasts as long as the download links."""
+        if not self.settings.public_url:
+            return None
+        return self.signer.sign_player(job_id, time.time() + self.link_ttl_s)
+
+    async def player_manifest(self, job_id: int, expires_at: int) -> dict | None:
+        """What the player page of a delivered job plays: its checked stems (the names the bot
+        made, `check_artifacts`), by links that expire with the page's own."""
+        job = await self.store.get(job_id)
+        if job is None or job.job_state not in (JobState.delivering, JobState.done) or job.artifacts_deleted_at:
+            return None
+        try:
+            results = check_artifacts(job, job.artifacts)
+        except ResultsRefused:
+            return None
+        names = list(results.files.values())
+        if not await self.storage.has_stems(job_id, names):
+            return None
+        ttl_s = max(1.0, expires_at - time.time())
+        links = await self.storage.stem_links(job_id, names, ttl_s)
+        if links is None:
+            links = {name: self.signer.sign(f"{job_id}/{name}", expires_at) for name in names}
+        return player_page.manifest(title=job.source_name, links=links, expires_at=expires_at)
 
     async def _metrics_loop(self, interval_s: float = 10.0) -> None:
         while True:

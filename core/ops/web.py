@@ -4,6 +4,8 @@ Two listeners, so that what is only for operators is never on the address users 
 
     public (STEMBOT_WEB_HOST:STEMBOT_WEB_PORT), `build_public_app`:
     GET /dl/<job_id>/<file>    a stem file, for a link signed by `LinkSigner`
+    GET /player/<job_id>       a job's stem player (core.ops.player), for a link signed by `LinkSigner`
+    GET /player/assets/<name>  the player's scripts and styles (not secret: no signature)
 
     operators only (STEMBOT_OPS_HOST:STEMBOT_OPS_PORT, loopback by default), `build_ops_app`:
     GET /livez                 200 "ok" while the process serves requests
@@ -26,6 +28,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from core.ops import player as player_page
 from core.ops.looplag import LAG_BUCKETS_S
 from core.storage.signed_links import LinkError, LinkSigner, is_safe_path
 
@@ -141,9 +144,18 @@ def _new_app() -> web.Application:
     return app
 
 
-def build_public_app(*, storage_root: Path, signer: LinkSigner) -> web.Application:
-    """What users reach: signed downloads and nothing else. Start it with `start_web`."""
+def _refused(exc: LinkError) -> web.Response:
+    if exc.reason == "expired":
+        return web.Response(status=410, text="link expired")
+    return web.Response(status=403, text="invalid link")
+
+
+def build_public_app(*, storage_root: Path, signer: LinkSigner,
+                     player: player_page.PlayerManifest | None = None) -> web.Application:
+    """What users reach: signed downloads, and the stem player when `player` gives the
+    manifest of a job's page. Start it with `start_web`."""
     root = Path(storage_root).resolve()
+    manifest_for = player
 
     async def download(request: web.Request) -> web.StreamResponse:
         job_id = request.match_info["job_id"]
@@ -155,9 +167,7 @@ def build_public_app(*, storage_root: Path, signer: LinkSigner) -> web.Applicati
         try:
             signer.verify(path, request.query.get("exp"), request.query.get("sig"))
         except LinkError as exc:
-            if exc.reason == "expired":
-                return web.Response(status=410, text="link expired")
-            return web.Response(status=403, text="invalid link")
+            return _refused(exc)
         try:
             target = (root / job_id / "stems" / file_name).resolve(strict=True)
         except (FileNotFoundError, NotADirectoryError):
@@ -176,8 +186,45 @@ def build_public_app(*, storage_root: Path, signer: LinkSigner) -> web.Applicati
             "Referrer-Policy": "no-referrer",
         })
 
+    async def player_handler(request: web.Request) -> web.StreamResponse:
+        assert manifest_for is not None
+        job_id = request.match_info["job_id"]
+        if not (job_id.isascii() and job_id.isdigit() and len(job_id) <= 18):
+            return web.Response(status=403, text="invalid link")
+        exp = request.query.get("exp")
+        try:
+            signer.verify(player_page.player_path(job_id), exp, request.query.get("sig"))
+        except LinkError as exc:
+            return _refused(exc)
+        data = await manifest_for(int(job_id), int(str(exp)))
+        if data is None:
+            return web.Response(status=404, text="nothing to play (the files may have been deleted)")
+        return web.Response(text=player_page.render_page(data), content_type="text/html", charset="utf-8",
+                            headers={
+                                "Content-Security-Policy": player_page.content_security_policy(
+                                    player_page.connect_origins(data)),
+                                "Cache-Control": "private, no-store",
+                                # The page's address holds its signature: never sent on.
+                                "Referrer-Policy": "no-referrer",
+                                "X-Frame-Options": "DENY",
+                            })
+
+    async def player_asset(request: web.Request) -> web.StreamResponse:
+        name = request.match_info["name"]
+        content_type = player_page.ASSETS.get(name)
+        if content_type is None:
+            return web.Response(status=404, text="not found")
+        return web.FileResponse(player_page.ASSETS_DIR / name, headers={
+            "Content-Type": f"{content_type}; charset=utf-8",
+            "Content-Security-Policy": player_page.content_security_policy(),
+            "Cache-Control": "public, max-age=300",
+        })
+
     app = _new_app()
     app.router.add_get("/dl/{job_id}/{file}", download)
+    if manifest_for is not None:
+        app.router.add_get("/player/assets/{name}", player_asset)
+        app.router.add_get("/player/{job_id}", player_handler)
     return app
 
 

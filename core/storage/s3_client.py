@@ -263,6 +263,34 @@ class S3Client:
                                                                   "BucketAlreadyExists"):
                 raise
 
+    async def allow_browser_reads(self, origin: str) -> bool:
+        """Let pages of `origin` (the bot's public web server: the stem player) fetch objects
+        with presigned GETs (CORS). The bucket's other CORS rules are kept; nothing changes
+        when one already allows GET from `origin` or from anywhere. False, with a warning,
+        when the bucket's CORS cannot be read or written (the operator then adds the rule)."""
+        try:
+            try:
+                answer = await self._call(lambda: self.client.get_bucket_cors(Bucket=self.bucket))
+                rules = list(answer.get("CORSRules", []))
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") != "NoSuchCORSConfiguration":
+                    raise
+                rules = []
+            if any("GET" in rule.get("AllowedMethods", []) and
+                   ({origin, "*"} & set(rule.get("AllowedOrigins", []))) for rule in rules):
+                return True
+            rules.append({"ID": "stembot-player", "AllowedOrigins": [origin], "AllowedMethods": ["GET", "HEAD"],
+                          "AllowedHeaders": ["*"], "MaxAgeSeconds": 3600})
+            await self._call(lambda: self.client.put_bucket_cors(Bucket=self.bucket,
+                                                                 CORSConfiguration={"CORSRules": rules}))
+            log.info("bucket %s: CORS now allows GET from %s (the stem player)", self.bucket, origin)
+            return True
+        except ClientError as exc:
+            log.warning("bucket %s: could not allow GET from %s by CORS (%s); the stem player cannot load "
+                        "stems until the bucket allows it (see README, 'The stem player')", self.bucket, origin,
+                        exc.response.get("Error", {}).get("Code"))
+            return False
+
     async def put_file(self, key: str, path: Path, content_type: str | None = None) -> None:
         """Upload a file in one PUT (S3 takes up to 5 GB that way)."""
         path = Path(path)

@@ -68,6 +68,15 @@ class LinkSigner:
         now = time.time() if now is None else now
         return self.sign(f"{job_id}/{file_name}", now + ttl_s)
 
+    def sign_player(self, job_id: int | str, expires_at: int | float) -> str:
+        """A link to a job's stem player (`core.ops.player`), valid until `expires_at`. It signs
+        "<job_id>/player", a path no stem file has (theirs end in an extension)."""
+        path = f"{job_id}/player"
+        if not is_safe_path(path):
+            raise ValueError(f"refusing to sign an unsafe path {path!r}")
+        exp = int(expires_at)
+        return f"{self.base_url}/player/{quote(str(job_id), safe='')}?exp={exp}&sig={self.signature(path, exp)}"
+
     def verify(self, path: str, exp: int | str | None, sig: str | None, now: float | None = None) -> None:
         """Raise `LinkError` unless `sig` is this signer's signature of `path` and `exp`, and
         `exp` is in the future. The signature is checked first, so a forged link is

@@ -186,10 +186,12 @@ class DiscordNotifier:
         files = results.files
         header = self._result_header(job, results.format, len(files))
         note = results.note
+        player_url = self.services.player_link(job.id)
         if results.mode == "attach":
             try:
                 await self._send_result(job, content=_join(header, note),
-                                        files=self._files(stems_dir, files, results.preview))
+                                        files=self._files(stems_dir, files, results.preview),
+                                        view=link_view({}, player_url))
                 return
             except discord.HTTPException as exc:
                 if exc.status != 413 and exc.code != PAYLOAD_TOO_LARGE:
@@ -199,7 +201,7 @@ class DiscordNotifier:
                 note = links_note(job.attachment_size_limit, self.services.link_ttl_s / 3600)
         links = await self.services.stem_links(job.id, list(files.values()))
         preview = self._files(stems_dir, {}, results.preview)
-        await self._send_result(job, content=_join(header, note), files=preview, view=link_view(links))
+        await self._send_result(job, content=_join(header, note), files=preview, view=link_view(links, player_url))
 
     @staticmethod
     def _result_header(job: Job, fmt: OutputFormat, count: int) -> str:

@@ -46,11 +46,14 @@ def cancel_view(job_id: int) -> discord.ui.View:
     return view
 
 
-def link_view(links: dict[str, str]) -> discord.ui.View | None:
-    """Download buttons (at most 25, Discord's limit for one message)."""
-    if not links:
+def link_view(links: dict[str, str], player_url: str | None = None) -> discord.ui.View | None:
+    """The **Open player** button (when the bot's web server is public), then download
+    buttons: at most 25 in all, Discord's limit for one message."""
+    if not links and not player_url:
         return None
     view = discord.ui.View(timeout=None)
-    for label, url in list(links.items())[:25]:
+    if player_url:
+        view.add_item(discord.ui.Button(label="Open player", url=player_url, emoji="🎚️"))
+    for label, url in list(links.items())[:25 - len(view.children)]:
         view.add_item(discord.ui.Button(label=label, url=url, emoji="⬇️"))
     return view

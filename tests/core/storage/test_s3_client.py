@@ -275,3 +275,21 @@ async def test_public_endpoint_urls_are_signed_for_the_public_host(s3_server, tm
         assert post["url"] == f"{public}/{store.bucket}"
         uploaded = await transfer.upload(post, write(tmp_path / "bass.wav", b"bass"))
         assert await store.list_keys(store.stems_prefix(7)) == [uploaded] == [store.stems_prefix(7) + "bass.wav"]
+
+
+async def test_browser_reads_are_allowed_for_the_players_origin(s3_server):
+    """The stem player fetches presigned stems from the page's origin: the bucket's CORS must
+    allow that origin's GETs (and keep what the operator had)."""
+    config = dataclasses.replace(s3_server, bucket=f"stembot-cors-{uuid.uuid4().hex[:8]}")
+    origin = "https://stems.example.org"
+    async with S3Client(config) as store:
+        await store.ensure_bucket()
+        operators = {"AllowedOrigins": ["https://other.example"], "AllowedMethods": ["PUT"]}
+        await store.client.put_bucket_cors(Bucket=config.bucket, CORSConfiguration={"CORSRules": [operators]})
+        assert await store.allow_browser_reads(origin)
+        assert await store.allow_browser_reads(origin)  # once is enough
+        rules = (await store.client.get_bucket_cors(Bucket=config.bucket))["CORSRules"]
+        assert len(rules) == 2 and rules[0]["AllowedOrigins"] == ["https://other.example"]
+        assert rules[1]["AllowedOrigins"] == [origin] and "GET" in rules[1]["AllowedMethods"]
+    # (Moto's server answers CORS for every origin whatever the rules say, so the rules
+    # stored are what can be checked here.)

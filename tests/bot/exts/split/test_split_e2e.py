@@ -177,7 +177,7 @@ async def test_lossless_too_large_becomes_links_that_download_the_right_bytes(fa
                                                 attachment_size_limit=100 * 1024)
     result = await final_message(fake, interaction)
     links = link_buttons(result)
-    assert sorted(links) == ["bass.wav", "drums.wav", "other.wav", "vocals.wav"]
+    assert sorted(links) == ["Open player", "bass.wav", "drums.wav", "other.wav", "vocals.wav"]
     assert "download links (valid 24 h)" in result.content
     job_id = re.search(r"/dl/(\d+)/", links["vocals.wav"]).group(1)
     on_disk = (bot.data_dir / "jobs" / job_id / "stems" / "vocals.wav").read_bytes()
