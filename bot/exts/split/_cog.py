@@ -1,4 +1,4 @@
-"""Slash commands for splitting: /split, /karaoke, "Split stems", /queue, /cancel, /help.
+"""Slash commands for splitting: /split, /karaoke, /mix, "Split stems", /queue, /cancel, /help.
 
 Thin on purpose: it checks what can be checked at once (answering with an ephemeral
 message within Discord's 3 s), defers, and hands the job to the dispatcher.
