@@ -60,6 +60,7 @@ class JobSpec:
     model: str
     stems: str
     format: str
+    render: str = ""  # tempo, transpose, mix: core.media.render.RenderOptions.to_column()
     mp3_bitrate_kbps: int = 320
     attachment_limit: int = 10 * 1024 * 1024
     links_available: bool = False

@@ -32,6 +32,7 @@ from core.host.protocol import (
 )
 from core.media.audio import Limits, OutputFormat, decode, probe
 from core.media.preview import render_preview
+from core.media.render import MIX, RenderOptions, mix_files, mix_stems
 from core.media.stem_files import write_track
 from core.media.upload_plan import fits, links_note, plan_upload, too_large_error
 from core.separation import blockwise
@@ -232,15 +233,22 @@ class JobSteps:
         spec, config = prepared.spec, self.config
         job, duration = spec.job_id, prepared.duration_s
         stems_dir = Path(spec.stems_dir)
+        render = RenderOptions.from_column(spec.render)
+        if render.mix is not None:
+            stems, names = self.mixed(prepared, stems, render.mix), [MIX]
+        # The files are as long as the track at the chosen tempo.
+        rendered_s = render.rendered_length(duration)
         # The job's format was checked against OutputFormatName when the job was made.
         requested = OutputFormat(name=cast("OutputFormatName", spec.format), mp3_bitrate_kbps=spec.mp3_bitrate_kbps)
-        plan = plan_upload(requested, duration, len(names), spec.attachment_limit, spec.links_available,
+        plan = plan_upload(requested, rendered_s, len(names), spec.attachment_limit, spec.links_available,
                            link_valid_hours=spec.link_valid_hours)
         shutil.rmtree(stems_dir, ignore_errors=True)  # a retry starts clean
+        filters = render.audio_filters()
         if isinstance(stems, blockwise.StagedStems):
-            folder = blockwise.write_staged(stems, stems_dir.parent, stems_dir.name, plan.format)
+            folder = blockwise.write_staged(stems, stems_dir.parent, stems_dir.name, plan.format, filters)
         else:
-            folder = write_track(stems, prepared.engine.samplerate, stems_dir.parent, stems_dir.name, plan.format)
+            folder = write_track(stems, prepared.engine.samplerate, stems_dir.parent, stems_dir.name, plan.format,
+                                 filters)
         del stems
         prepared.cleanup()
         files = {name: f"{name}.{plan.format.extension}" for name in names}
@@ -256,11 +264,24 @@ class JobSteps:
             try:
                 # A long track's picture is drawn from peaks read blockwise.
                 preview = render_preview({n: folder / f for n, f in files.items()}, folder / "preview.png",
-                                         bounded=duration > config.blocks_above_s).name
+                                         bounded=rendered_s > config.blocks_above_s).name
             except Exception:
                 log.warning("preview for job %s failed", job, exc_info=True)
         return JobResult(files=files, sizes=sizes, duration_s=duration, separation_s=separation_s,
                          format=asdict(plan.format), mode=mode, note=note, preview=preview)
+
+    @staticmethod
+    def mixed(prepared: PreparedJob, stems: Stems, mix: tuple[tuple[str, int], ...]) -> Stems:
+        """The one stem `mix` of the chosen stems at their volumes, in memory or (a long
+        track) on disk beside the staged stems, which it replaces."""
+        if isinstance(stems, blockwise.StagedStems):
+            assert prepared.work is not None  # staged stems live in the work folder
+            target = prepared.work / f"{MIX}.f32"
+            peak = mix_files(stems.paths, mix, target, stems.channels, stems.sample_rate)
+            for path in stems.paths.values():
+                path.unlink(missing_ok=True)
+            return blockwise.StagedStems({MIX: target}, stems.frames, stems.channels, stems.sample_rate, peak)
+        return {MIX: mix_stems(stems, mix)}
 
 
 def _user_facing(exc: Exception) -> Exception:

@@ -99,6 +99,9 @@ class Job(Base):
     stems: Mapped[str] = mapped_column(String(128))
     format: Mapped[str] = mapped_column(String(16))
     priority: Mapped[int] = mapped_column(Integer, default=0)  # lower runs first
+    # Tempo, transpose and mix (core.media.render.RenderOptions, canonical JSON; "" for the
+    # stems as separated): text, so that the results cache compares it as it compares `stems`.
+    render_options: Mapped[str] = mapped_column(String(255), default="", server_default="")
 
     # How far it got.
     state: Mapped[str] = mapped_column(String(16), default=JobState.queued.value, index=True)
@@ -184,7 +187,7 @@ class InteractionToken(Base):
 # exactly these columns (`core.distributed.worker_role`), and the store refuses a leased
 # write of any other field. The rest (who asked, quotas, the presigned URLs the bot sets)
 # is the bot's.
-RUN_READS = ("id", "state", "attempts", "worker", "source_name", "model", "stems", "format",
+RUN_READS = ("id", "state", "attempts", "worker", "source_name", "model", "stems", "format", "render_options",
              "attachment_size_limit", "limits", "transfer")
 RUN_WRITES = ("state", "updated_at", "progress", "attempts", "worker", "heartbeat_at", "finished_at", "duration_s",
               "separation_s", "artifacts", "error", "error_kind")

@@ -5,7 +5,7 @@ format, delivery mode, a note, a preview). In distributed mode that worker may b
 rented machine the operator does not control, so everything it wrote is data to check,
 never a path to follow: the file names the bot opens are made here from the stem names
 and the format, every file must be a regular file inside the job's folder, of the
-requested kind of audio and of the track's length, within the sizes the upload plan
+requested kind of audio and of the track's length (at the job's tempo), within the sizes the upload plan
 allows, and the note can mention nobody. Delivery and the results cache act only on
 what `check_artifacts` and `check_files` return, and, with an object store, only on the
 bot's own copies of the files checked (`open_checked`).
@@ -23,9 +23,10 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Protocol, cast
 
-from core.errors import InputError
+from core.errors import BadRequestError, InputError
 from core.jobs.job import Job
 from core.media.audio import OUTPUT_FORMATS, Limits, OutputFormat, OutputFormatName, WavDepth, probe
+from core.media.render import MIX, RenderOptions
 from core.media.upload_plan import MAX_ATTACHMENTS, estimate_size
 from core.separation.stems import KARAOKE, PUBLISHED_SOURCES
 
@@ -99,6 +100,28 @@ def requested_stems(spec: str) -> tuple[str, ...] | None:
     return tuple(outputs)
 
 
+def job_render(job: Job) -> RenderOptions:
+    """The job's tempo, transpose and mix as the bot stored them; ResultsRefused if the row
+    holds something else (the bot wrote it, but a row is data)."""
+    try:
+        return RenderOptions.from_column(job.render_options)
+    except BadRequestError as exc:
+        raise ResultsRefused(f"render options {job.render_options!r:.80}: {exc.reason}") from None
+
+
+def output_stems(job: Job) -> tuple[str, ...] | None:
+    """The stems a job's results hold: `requested_stems`, or only `mix` for a mix."""
+    if job_render(job).mix is not None:
+        return (MIX,)
+    return requested_stems(job.stems)
+
+
+def rendered_duration(job: Job) -> float:
+    """How long each result file is: the track's length (`expected_duration`) at the job's
+    tempo (80% speed makes files 1.25 times as long)."""
+    return job_render(job).rendered_length(expected_duration(job))
+
+
 def check_artifacts(job: Job, artifacts: Any) -> CheckedResults:
     """Check what a worker reported for `job`, without its files. Raises ResultsRefused."""
     if not isinstance(artifacts, Mapping):
@@ -118,7 +141,7 @@ def check_artifacts(job: Job, artifacts: Any) -> CheckedResults:
     if not isinstance(sizes, Mapping) or set(sizes) != set(stems) or not all(
             type(size) is int and size >= 0 for size in sizes.values()):
         raise ResultsRefused("sizes do not match the stems")
-    expected_duration(job)
+    rendered_duration(job)
     # The bot names each file itself and never opens a name the worker wrote; an honest
     # worker writes these very names, so another one is refused as a sign of tampering.
     files = {stem: f"{stem}.{fmt.extension}" for stem in stems}
@@ -138,7 +161,7 @@ def check_artifacts(job: Job, artifacts: Any) -> CheckedResults:
 def _check_stem_names(job: Job, stems: list[str]) -> None:
     if not all(isinstance(stem, str) and _STEM_NAME.fullmatch(stem) for stem in stems):
         raise ResultsRefused(f"stem names that are not plain names: {stems!r:.200}")
-    expected = requested_stems(job.stems)
+    expected = output_stems(job)
     if expected is None:
         # `all`: every source of the model; none of them is a `no_x` mix. A published
         # model's sources are known; a model folder's own are checked for form only.
@@ -208,10 +231,10 @@ def shown_error(job: Job) -> str:
 
 def max_stem_bytes(job: Job, results: CheckedResults) -> int:
     """The largest stem the bot accepts: the server's upload limit when attached; when
-    sent as links, `stem_bytes_cap` for the track's length."""
+    sent as links, `stem_bytes_cap` for the files' length (at the job's tempo)."""
     if results.mode == "attach":
         return job.attachment_size_limit
-    return stem_bytes_cap(results.format, with_tolerance(expected_duration(job)))
+    return stem_bytes_cap(results.format, with_tolerance(rendered_duration(job)))
 
 
 def stem_bytes_cap(fmt: OutputFormat, duration_s: float) -> int:
@@ -234,7 +257,7 @@ def check_files(job: Job, results: CheckedResults, folder: Path, job_dir: Path) 
     if root.parent != job_dir.resolve() or folder.is_symlink():
         raise ResultsRefused(f"the stems folder {folder} is not in the job's folder")
     cap = max_stem_bytes(job, results)
-    duration = expected_duration(job)
+    duration = rendered_duration(job)
     sizes = {}
     for stem, name in results.files.items():
         path = _regular_file_inside(root, name)

@@ -139,15 +139,7 @@ class JobRunner:
             input_file = await self.files.input_file(job)
         except StembotError as exc:
             return await self._fail(job.id, lease, exc.reason, exc.kind)
-        spec = JobSpec(
-            job_id=job.id, input_path=str(input_file), stems_dir=str(self.files.stems_dir(job)),
-            model=job.model, stems=job.stems, format=job.format,
-            mp3_bitrate_kbps=self.config.mp3_bitrate_kbps, attachment_limit=job.attachment_size_limit,
-            # The bot's object store presigns download links even when this worker's own
-            # settings know of no way to serve them.
-            links_available=self.config.links_available or bool((job.transfer or {}).get("links_available")),
-            link_valid_hours=self.config.link_valid_hours,
-        )
+        spec = job_spec(job, input_file, self.files.stems_dir(job), self.config)
         refused: list[InputError] = []
         last_write = [0.0]
 
@@ -235,6 +227,20 @@ class JobRunner:
                 job_id, JobState.failed, lease=lease, error=reason, error_kind=kind or "error")):
             return Outcome.failed
         return Outcome.cancelled
+
+
+def job_spec(job: Job, input_file: Path, stems_dir: Path, config: RunConfig) -> JobSpec:
+    """What the model host is asked to do for `job`: all of it read from the job's row
+    (`RUN_READS`), which is how a request's options reach a worker in distributed mode."""
+    return JobSpec(
+        job_id=job.id, input_path=str(input_file), stems_dir=str(stems_dir),
+        model=job.model, stems=job.stems, format=job.format, render=job.render_options or "",
+        mp3_bitrate_kbps=config.mp3_bitrate_kbps, attachment_limit=job.attachment_size_limit,
+        # The bot's object store presigns download links even when this worker's own
+        # settings know of no way to serve them.
+        links_available=config.links_available or bool((job.transfer or {}).get("links_available")),
+        link_valid_hours=config.link_valid_hours,
+    )
 
 
 async def _nothing(job_id: int) -> None:

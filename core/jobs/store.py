@@ -396,15 +396,17 @@ class JobStore:
             ) or 0
 
     async def find_cached(self, job: Job) -> Job | None:
-        """A delivered job with the same audio (content hash), model, stems and format
-        whose files are still kept."""
+        """A delivered job with the same audio (content hash), model, stems, format and
+        rendering (tempo, transpose, mix: a plain split is never served for a job at 80%
+        speed) whose files are still kept."""
         if not job.input_sha256:
             return None
         async with self.sessions() as session:
             return await session.scalar(
                 select(Job).where(
                     Job.input_sha256 == job.input_sha256, Job.model == job.model, Job.stems == job.stems,
-                    Job.format == job.format, Job.state == JobState.done.value, Job.id != job.id,
+                    Job.format == job.format, Job.render_options == (job.render_options or ""),
+                    Job.state == JobState.done.value, Job.id != job.id,
                     Job.artifacts_deleted_at.is_(None), Job.artifacts.is_not(None),
                 ).order_by(Job.id.desc()).limit(1))
 

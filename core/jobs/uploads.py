@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import cast
 
 from core.jobs.job import Job
-from core.jobs.results import PREVIEW, PREVIEW_MAX_BYTES, requested_stems, stem_bytes_cap, with_tolerance
+from core.jobs.results import PREVIEW, PREVIEW_MAX_BYTES, job_render, output_stems, stem_bytes_cap, with_tolerance
 from core.media.audio import OUTPUT_FORMATS, OutputFormat, OutputFormatName
 from core.separation.stems import PUBLISHED_SOURCES
 
@@ -58,9 +58,10 @@ def planned_duration(job: Job, longest_s: float) -> float:
 
 def expected_uploads(job: Job, duration_s: float) -> dict[str, int]:
     """Every file a worker may upload for `job` (file name -> most bytes), for a track of
-    `duration_s`. For `all`: a published model's sources, else `KNOWN_SOURCES`."""
-    stems = requested_stems(job.stems) or PUBLISHED_SOURCES.get(job.model) or KNOWN_SOURCES
-    longest = with_tolerance(duration_s)
+    `duration_s` (its files as long as the track at the job's tempo). For `all`: a published
+    model's sources, else `KNOWN_SOURCES`; for a mix, `mix` only."""
+    stems = output_stems(job) or PUBLISHED_SOURCES.get(job.model) or KNOWN_SOURCES
+    longest = with_tolerance(job_render(job).rendered_length(duration_s))
     uploads: dict[str, int] = {}
     for fmt in _possible_formats(job.format):
         cap = stem_bytes_cap(fmt, longest)

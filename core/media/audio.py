@@ -64,6 +64,9 @@ DECODE_CPU_LIMIT_S = 300
 WavDepth = Literal["16", "24", "float"]
 OutputFormatName = Literal["wav", "flac", "mp3", "opus"]
 OUTPUT_FORMATS: tuple[str, ...] = ("wav", "flac", "mp3", "opus")
+# The ffmpeg audio filters a stem goes through as it is encoded, in order: each one's name
+# and options (core.media.render: rubberband for tempo and transpose, then a limiter).
+AudioFilters = tuple[tuple[str, dict[str, Any]], ...]
 
 
 @dataclass(frozen=True)
@@ -427,17 +430,23 @@ def _encoder_args(fmt: OutputFormat) -> dict:
     raise ValueError(f"unknown output format {fmt.name!r}")
 
 
-def _encode_one(audio: np.ndarray, sample_rate: int, path: Path, fmt: OutputFormat) -> None:
+def _encode_one(audio: np.ndarray, sample_rate: int, path: Path, fmt: OutputFormat,
+                audio_filters: AudioFilters = ()) -> None:
     block = sample_rate * 10
     chunks = (np.ascontiguousarray(audio[:, start:start + block].T, dtype="<f4").tobytes()
               for start in range(0, audio.shape[1], block))
-    encode_stream(chunks, audio.shape[0], sample_rate, path, fmt)
+    encode_stream(chunks, audio.shape[0], sample_rate, path, fmt, audio_filters)
 
 
-def encode_stream(chunks: Iterable[bytes], channels: int, sample_rate: int, path: Path, fmt: OutputFormat) -> None:
-    """Encode interleaved float32 (little-endian) audio, given in chunks, to `path`."""
+def encode_stream(chunks: Iterable[bytes], channels: int, sample_rate: int, path: Path, fmt: OutputFormat,
+                  audio_filters: AudioFilters = ()) -> None:
+    """Encode interleaved float32 (little-endian) audio, given in chunks, to `path`,
+    through `audio_filters` (see core.media.render)."""
+    stream = ffmpeg.input("pipe:", format="f32le", ac=channels, ar=sample_rate)
+    for name, options in audio_filters:
+        stream = stream.filter(name, **options)
     args = (
-        ffmpeg.input("pipe:", format="f32le", ac=channels, ar=sample_rate)
+        stream
         .output(str(path), **_encoder_args(fmt))
         .global_args("-v", "error", "-y")
         .compile()
@@ -482,12 +491,15 @@ def encode_stems(
     sample_rate: int,
     folder: Path,
     fmt: OutputFormat = OutputFormat(),
+    audio_filters: AudioFilters = (),
 ) -> dict[str, Path]:
-    """Write each stem to `folder/<stem>.<ext>`, one ffmpeg process per stem, all at once."""
+    """Write each stem to `folder/<stem>.<ext>`, one ffmpeg process per stem, all at once,
+    each through `audio_filters`."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = {name: folder / f"{name}.{fmt.extension}" for name in stems}
     with ThreadPoolExecutor(max_workers=max(1, len(stems)), thread_name_prefix="encode") as pool:
-        futures = [pool.submit(_encode_one, audio, sample_rate, paths[name], fmt) for name, audio in stems.items()]
+        futures = [pool.submit(_encode_one, audio, sample_rate, paths[name], fmt, audio_filters)
+                   for name, audio in stems.items()]
         for future in futures:
             future.result()
     return paths

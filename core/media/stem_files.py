@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from core.errors import StembotError
-from core.media.audio import OutputFormat, clip_gain, encode_stems
+from core.media.audio import AudioFilters, OutputFormat, clip_gain, encode_stems
 
 # In every folder stembot makes: only a folder carrying it is ever replaced.
 MARKER = ".stembot"
@@ -33,9 +33,11 @@ def finish_stems(stems: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def write_track(stems: dict[str, np.ndarray], sample_rate: int, out_dir: Path, name: str,
-                fmt: OutputFormat) -> Path:
-    """Encode `stems` into `out_dir/name/`, atomically replacing an older result (see `publish_folder`)."""
-    return publish_folder(out_dir, name, lambda staging: encode_stems(finish_stems(stems), sample_rate, staging, fmt))
+                fmt: OutputFormat, audio_filters: AudioFilters = ()) -> Path:
+    """Encode `stems` into `out_dir/name/` (each through `audio_filters`), atomically
+    replacing an older result (see `publish_folder`)."""
+    return publish_folder(out_dir, name, lambda staging: encode_stems(finish_stems(stems), sample_rate, staging, fmt,
+                                                                      audio_filters))
 
 
 def publish_folder(out_dir: Path, name: str, fill: Callable[[Path], object]) -> Path:

@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, BinaryIO
 import numpy as np
 
 from core.errors import JobCancelled
-from core.media.audio import decode_stream, encode_stream, gain_for_peak, probe
+from core.media.audio import AudioFilters, decode_stream, encode_stream, gain_for_peak, probe
 from core.media.stem_files import publish_folder
 
 if TYPE_CHECKING:
@@ -360,15 +360,17 @@ def _append(file: BinaryIO, audio: np.ndarray, peak: float) -> float:
 # -- encode ---------------------------------------------------------------------------------
 
 
-def encode_staged(stems: StagedStems, folder: Path, fmt: OutputFormat) -> dict[str, Path]:
+def encode_staged(stems: StagedStems, folder: Path, fmt: OutputFormat,
+                  audio_filters: AudioFilters = ()) -> dict[str, Path]:
     """Write each stem to `folder/<stem>.<ext>` with one shared anti-clip gain (as
-    `core.separation.file_separator.finish_stems`), one ffmpeg per stem, all at once."""
+    `core.separation.file_separator.finish_stems`), one ffmpeg per stem, all at once, each
+    through `audio_filters`."""
     gain = gain_for_peak(stems.peak)
     folder.mkdir(parents=True, exist_ok=True)
     targets = {name: folder / f"{name}.{fmt.extension}" for name in stems.paths}
     with ThreadPoolExecutor(max_workers=max(1, len(targets)), thread_name_prefix="encode") as pool:
         futures = [pool.submit(encode_stream, _chunks(stems.paths[name], stems.channels, stems.sample_rate, gain),
-                               stems.channels, stems.sample_rate, target, fmt)
+                               stems.channels, stems.sample_rate, target, fmt, audio_filters)
                    for name, target in targets.items()]
         for future in futures:
             future.result()
@@ -387,9 +389,10 @@ def _chunks(path: Path, channels: int, sample_rate: int, gain: float) -> Iterato
             yield data.tobytes()
 
 
-def write_staged(stems: StagedStems, out_dir: Path, name: str, fmt: OutputFormat) -> Path:
+def write_staged(stems: StagedStems, out_dir: Path, name: str, fmt: OutputFormat,
+                 audio_filters: AudioFilters = ()) -> Path:
     """`core.separation.file_separator.write_track` for staged stems: encode into `out_dir/name/`, atomically."""
-    return publish_folder(Path(out_dir), name, lambda staging: encode_staged(stems, staging, fmt))
+    return publish_folder(Path(out_dir), name, lambda staging: encode_staged(stems, staging, fmt, audio_filters))
 
 
 # -- all of it ------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Slash commands for splitting: /split, /karaoke, "Split stems", /queue, /cancel, /help.
+"""Slash commands for splitting: /split, /karaoke, /mix, "Split stems", /queue, /cancel, /help.
 
 Thin on purpose: it checks what can be checked at once (answering with an ephemeral
 message within Discord's 3 s), defers, and hands the job to the dispatcher.
@@ -7,6 +7,7 @@ message within Discord's 3 s), defers, and hands the job to the dispatcher.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import PurePosixPath
 from typing import Literal
@@ -16,9 +17,11 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.timely import TimelyAnswer
-from core.errors import LinkNotAllowedError
+from core.errors import BadRequestError, LinkNotAllowedError
 from core.jobs.job import RUNNING, Job, JobState
+from core.jobs.render_request import mix_request, split_render
 from core.media.audio import format_duration
+from core.media.render import TEMPO_MAX, TEMPO_MIN, TRANSPOSE_MAX, TRANSPOSE_MIN, RenderOptions
 from core.media.upload_plan import human_size
 from core.net import ytdl
 from core.net.fetcher import check_url
@@ -36,6 +39,10 @@ MEDIA_EXTENSIONS = {
 TOKEN_LIFETIME = timedelta(minutes=15)
 
 StemsChoice = Literal["all", "karaoke", "vocals", "drums", "bass", "other"]
+# Discord's client keeps the numbers within these; the bot checks them again (core.media.render).
+TempoRange = app_commands.Range[int, TEMPO_MIN, TEMPO_MAX]
+TransposeRange = app_commands.Range[int, TRANSPOSE_MIN, TRANSPOSE_MAX]
+PLAIN = RenderOptions()  # the stems as separated
 FormatChoice = Literal["mp3", "opus", "flac", "wav"]
 
 
@@ -64,11 +71,37 @@ class Split(commands.Cog):
         file="the song (audio or video file)", url="a link to the song instead of a file",
         stems="which stems you want (default: all)", format="file format of the stems (default: mp3)",
         model="separation model (default: the server's)",
+        tempo="speed in percent of the original, 50 to 150, keeping the key (default: 100)",
+        transpose="semitones up or down, -12 to 12, keeping the speed (default: 0)",
     )
     async def split(self, interaction: discord.Interaction, file: discord.Attachment | None = None,
                     url: str | None = None, stems: StemsChoice = "all", format: FormatChoice | None = None,
-                    model: str | None = None) -> None:
-        await self.start_job(interaction, file, url, stems, format, model)
+                    model: str | None = None, tempo: TempoRange | None = None,
+                    transpose: TransposeRange | None = None) -> None:
+        try:
+            render = split_render(tempo, transpose)
+        except BadRequestError as exc:
+            await interaction.response.send_message(_sentence(exc.reason), ephemeral=True)
+            return
+        await self.start_job(interaction, file, url, stems, format, model, render)
+
+    @app_commands.command(name="mix", description="One file of the stems you choose, at your volumes, speed and key")
+    @app_commands.describe(
+        file="the song (audio or video file)", url="a link to the song instead of a file",
+        without="stems to leave out, e.g. drums (default: none)",
+        stems="stems to keep instead, e.g. vocals,bass,other (default: all)",
+        volumes="volumes in percent, 0 to 200, e.g. vocals=50 bass=120 (default: 100 each)",
+        tempo="speed in percent of the original, 50 to 150, keeping the key (default: 100)",
+        transpose="semitones up or down, -12 to 12, keeping the speed (default: 0)",
+        format="file format (default: mp3)", model="separation model (default: the server's)",
+    )
+    async def mix(self, interaction: discord.Interaction, file: discord.Attachment | None = None,
+                  url: str | None = None, without: str | None = None, stems: str | None = None,
+                  volumes: str | None = None, tempo: TempoRange | None = None,
+                  transpose: TransposeRange | None = None, format: FormatChoice | None = None,
+                  model: str | None = None) -> None:
+        await self.start_job(interaction, file, url, "all", format, model,
+                             mix=MixArgs(stems, without, volumes, tempo, transpose))
 
     @app_commands.command(name="karaoke", description="Make a karaoke track: vocals and instrumental")
     @app_commands.describe(file="the song (audio or video file)", url="a link to the song instead of a file",
@@ -79,6 +112,7 @@ class Split(commands.Cog):
 
     @split.autocomplete("model")
     @karaoke.autocomplete("model")
+    @mix.autocomplete("model")
     async def model_autocomplete(self, interaction: discord.Interaction, current: str):
         current = current.lower()
         return [app_commands.Choice(name=name, value=name)
@@ -156,6 +190,9 @@ class Split(commands.Cog):
             "**stembot** splits songs into stems with Demucs.\n"
             "• `/split file:` — vocals, drums, bass and other (or pick one with `stems:`)\n"
             "• `/karaoke file:` — vocals and instrumental\n"
+            "• `/split tempo: transpose:` — the stems at 50-150% speed, or up to 12 semitones up or down\n"
+            "• `/mix file: without: drums` — one file of the stems you choose (`stems:` or `without:`), "
+            "at your `volumes:` (e.g. `vocals=50 bass=120`), `tempo:` and `transpose:`\n"
             "• Right-click a message with a song → **Apps → Split stems**\n"
             "• `/queue` shows your jobs; `/cancel` or the Cancel button stops one\n"
             "• `/challenge` — remix challenges: stems for everyone, remixes, a vote\n"
@@ -255,21 +292,29 @@ class Split(commands.Cog):
         return None
 
     async def start_job(self, interaction: discord.Interaction, file: discord.Attachment | None, url: str | None,
-                        stems: str, fmt: str | None, model: str | None) -> None:
+                        stems: str, fmt: str | None, model: str | None,
+                        render: RenderOptions = PLAIN, mix: MixArgs | None = None) -> None:
         # The policy, the quota and the admission read and write the database: when that is
         # slow, the interaction is deferred in time (publicly: it becomes the status message),
         # and a refusal still reaches only the member.
         async with TimelyAnswer(interaction, ephemeral=False) as answer:
-            await self._start_job(interaction, answer, file, url, stems, fmt, model)
+            await self._start_job(interaction, answer, file, url, stems, fmt, model, render, mix)
 
     async def _start_job(self, interaction: discord.Interaction, answer: TimelyAnswer,
                          file: discord.Attachment | None, url: str | None, stems: str, fmt: str | None,
-                         model: str | None) -> None:
+                         model: str | None, render: RenderOptions, mix: MixArgs | None) -> None:
         services = self.services
         policy = await services.quotas.policy(interaction.guild_id, _role_ids(interaction))
         model = model or policy.default_model or services.settings.model
         fmt = fmt or policy.default_format or "mp3"
-        reason = self.refusal(policy, interaction.channel_id, file, url, model, fmt)
+        reason = None
+        if mix is not None:
+            # The model decides which stems there are to mix.
+            try:
+                stems, render = mix_request(model, mix.stems, mix.without, mix.volumes, mix.tempo, mix.transpose)
+            except BadRequestError as exc:
+                reason = _sentence(exc.reason)
+        reason = reason or self.refusal(policy, interaction.channel_id, file, url, model, fmt)
         if reason is None:
             reason = await quota_refusal(services, interaction, policy)
         job = None
@@ -281,7 +326,7 @@ class Split(commands.Cog):
                 application_id=interaction.application_id, interaction_id=interaction.id,
                 interaction_token=interaction.token, token_expires_at=interaction.created_at + TOKEN_LIFETIME,
                 attachment_size_limit=interaction.filesize_limit,
-                **_source(file, url), model=model, stems=stems, format=fmt,
+                **_source(file, url), model=model, stems=stems, format=fmt, render_options=render.to_column(),
             )
             if reason is not None:
                 reason = reason[0].upper() + reason[1:] + "."
@@ -318,6 +363,21 @@ async def quota_refusal(services, interaction: discord.Interaction, policy, *, s
         return (f"This server's queue is full ({policy.guild_queued_jobs} jobs); try again in a few "
                 "minutes.")
     return None
+
+
+@dataclass(frozen=True)
+class MixArgs:
+    """What `/mix` was given beyond the song, checked once the model is known."""
+
+    stems: str | None
+    without: str | None
+    volumes: str | None
+    tempo: int | None
+    transpose: int | None
+
+
+def _sentence(reason: str) -> str:
+    return reason[0].upper() + reason[1:] + "."
 
 
 def _source(file: discord.Attachment | None, url: str | None) -> dict:

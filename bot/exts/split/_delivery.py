@@ -20,7 +20,7 @@ from core.db import as_utc, utcnow
 from core.errors import input_error_kinds
 from core.jobs.job import UNANSWERED, Job, JobState
 from core.jobs.recent import RecentKeys
-from core.jobs.results import CheckedResults, open_checked, shown_error
+from core.jobs.results import CheckedResults, job_render, open_checked, shown_error
 from core.media.audio import OutputFormat, format_duration
 from core.media.upload_plan import describe_format, links_note, too_large_error
 
@@ -205,7 +205,14 @@ class DiscordNotifier:
 
     @staticmethod
     def _result_header(job: Job, fmt: OutputFormat, count: int) -> str:
-        parts = [f"{count} stem{'s' if count != 1 else ''}", describe_format(fmt)]
+        render = job_render(job)  # read already by the results' check
+        if render.mix is not None:
+            parts = [f"a mix of {render.describe_mix()}"]
+        else:
+            parts = [f"{count} stem{'s' if count != 1 else ''}"]
+        if render.describe():
+            parts.append(render.describe())  # "at 80% speed, +2 semitones"
+        parts.append(describe_format(fmt))
         if job.duration_s:
             parts.append(f"{format_duration(job.duration_s)} of audio")
         if job.cache_hit:

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import uuid
 from datetime import timedelta
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -28,7 +29,9 @@ from core.distributed.worker_role import ensure_worker_role, reapply_worker_gran
 from core.errors import TooLongError
 from core.jobs.job import JobState
 from core.jobs.quotas import Policy, QuotaBook
+from core.jobs.runner import RunConfig, job_spec
 from core.jobs.store import JobStore
+from core.media.render import RenderOptions
 
 TOKEN = "interaction-token-that-posts-as-the-bot"
 POLICY = Policy(user_minutes_per_day=60, guild_minutes_per_day=600, user_concurrent_jobs=5, guild_queued_jobs=20,
@@ -47,7 +50,8 @@ BOTS_COLUMNS = {"user_id": "1", "guild_id": "1", "channel_id": "1", "application
                 "reserved_s": "0", "quota_day": "NULL", "cache_hit": "true", "input_sha256": "'x'",
                 "transfer": "'{\"input_url\": \"http://169.254.169.254/\"}'", "queue_job_id": "1",
                 "attachment_size_limit": "1", "cancel_requested": "false", "created_at": "now()",
-                "started_at": "now()", "delivered_at": "now()", "artifacts_deleted_at": "now()"}
+                "started_at": "now()", "delivered_at": "now()", "artifacts_deleted_at": "now()",
+                "render_options": "'{\"tempo\": 50}'"}
 
 
 def worker_url_of(bot_url: str, role: str) -> str:
@@ -226,6 +230,23 @@ async def test_a_worker_runs_a_job_with_its_role(deployment):
     done = await deployment["store"].get(running)
     assert (done.state, done.artifacts, done.progress, done.worker) == ("delivering", artifacts, 1.0, "w/cpu")
     assert (await deployment["store"].get(other)).attempts == 2
+
+
+async def test_a_worker_reads_a_job_s_tempo_transpose_and_mix_and_hands_them_to_its_host(deployment):
+    """In distributed mode the queue carries only "run job N": a request's render options
+    reach the worker's model host through the row, read with the worker's own role."""
+    options = RenderOptions(tempo=80, transpose=-2, mix=(("bass", 100), ("vocals", 50)))
+    queued = deployment["ids"]["queued"]
+    await deployment["store"].update(queued, render_options=options.to_column())
+    assert (await deployment["store"].claim_next("bot")).id == queued
+    engine = make_engine(deployment["worker"])
+    try:
+        job, _ = await JobStore(make_sessions(engine)).take(queued, "w/cpu")
+        spec = job_spec(job, Path("/in/song.mp3"), Path("/jobs/1/stems"), RunConfig())
+    finally:
+        await engine.dispose()
+    assert RenderOptions.from_column(spec.render) == options
+    assert (spec.stems, spec.format, spec.model) == ("all", "mp3", "tiny")
 
 
 def stembot(*args: str, **env: str) -> subprocess.CompletedProcess:

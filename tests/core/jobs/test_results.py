@@ -20,6 +20,7 @@ from core.jobs.results import (
     safe_note,
     shown_error,
 )
+from core.media.render import RenderOptions
 from tests.support.media import music
 
 SECONDS = 3.0
@@ -244,3 +245,34 @@ def test_a_job_s_error_is_shown_like_a_note_but_shorter():
 def test_the_checked_note_is_the_safe_one(job_dir):
     checked = check(job(), artifacts(note="@everyone files were large"), job_dir)
     assert "@everyone" not in checked.note and "files were large" in checked.note
+
+
+# -- tempo, transpose and mixes (core.media.render) ---------------------------------------------
+
+
+def test_stems_at_another_tempo_are_as_long_as_the_track_at_that_tempo(job_dir, tmp_path):
+    """Half speed makes files twice as long: the check expects that length, and still
+    refuses the track's own length (stems that were not stretched)."""
+    slower = job(render_options=RenderOptions(tempo=50).to_column())
+    assert "at least 5 s" in refused(slower, artifacts(), job_dir)  # SECONDS long: not stretched
+    for stem in STEMS:
+        music(job_dir / "stems" / f"{stem}.mp3", seconds=SECONDS / 0.5, extra=("-b:a", "128k"))
+    assert check(slower, artifacts(), job_dir).files == {s: f"{s}.mp3" for s in STEMS}
+    assert "over the 0:04 limit" in refused(job(), artifacts(), job_dir)  # and a plain job wants SECONDS
+    # Transposing alone keeps the length.
+    transposed = job(render_options=RenderOptions(transpose=5).to_column())
+    assert "over the 0:04 limit" in refused(transposed, artifacts(), job_dir)
+
+
+def test_a_mix_job_has_one_file_named_mix(job_dir, made):
+    mixed = job(stems="bass,other,vocals",
+                render_options=RenderOptions(mix=(("bass", 100), ("other", 100), ("vocals", 50))).to_column())
+    shutil.copy(made / "vocals.mp3", job_dir / "stems" / "mix.mp3")
+    assert check(mixed, artifacts(stems=("mix",)), job_dir).files == {"mix": "mix.mp3"}
+    # The stems it was mixed from are not a mix's results, nor a mix another job's.
+    assert "request was ['mix']" in refused(mixed, artifacts(stems=("bass", "other", "vocals")), job_dir)
+    assert "stems ['mix']" in refused(job(stems="bass,other,vocals"), artifacts(stems=("mix",)), job_dir)
+
+
+def test_unreadable_render_options_refuse_the_results(job_dir):
+    assert "render options" in refused(job(render_options='{"tempo": 900}'), artifacts(), job_dir)

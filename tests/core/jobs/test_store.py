@@ -14,6 +14,7 @@ from core.db import Base, alembic_config, make_engine, make_sessions, upgrade, u
 from core.errors import TooLongError
 from core.jobs.job import FINAL, RUNNING, Job, JobState
 from core.jobs.store import JobStore
+from core.media.render import RenderOptions
 
 FIELDS = dict(source_kind="attachment", source_url="https://cdn.example/a.mp3", source_name="a.mp3",
               model="tiny", stems="all", format="mp3")
@@ -598,3 +599,25 @@ async def test_a_run_may_name_updated_at_in_a_guarded_update(store):
     assert (await store.require(job.id)).updated_at == when
     assert await store.transition(job.id, JobState.failed, error="stopped by the operator")
     assert not await store.update(job.id, lease=lease, in_state=JobState.delivering, updated_at=when)
+
+
+# -- the results cache and render options ----------------------------------------------------
+
+
+async def test_the_cache_serves_only_a_job_rendered_the_same_way(store):
+    """A plain split is never served for a request at 80% speed, nor a mix for a split of the
+    same stems; the same options are."""
+    slow = RenderOptions(tempo=80).to_column()
+    mix = RenderOptions(mix=(("bass", 100), ("vocals", 50))).to_column()
+    served = {}
+    for options in ("", slow, mix):
+        job = await new_job(store, input_sha256="f" * 64, stems="bass,vocals", render_options=options)
+        await store.update(job.id, state=JobState.done.value, artifacts={"files": {}})
+        served[options] = job.id
+    for options in ("", slow, mix, RenderOptions(tempo=80, transpose=1).to_column()):
+        asking = await new_job(store, input_sha256="f" * 64, stems="bass,vocals", render_options=options)
+        found = await store.find_cached(asking)
+        assert (found.id if found else None) == served.get(options), options
+    # A job made without the option (older code, or the CLI) is a plain one.
+    assert (await store.find_cached(await new_job(store, input_sha256="f" * 64, stems="bass,vocals"))).id == \
+        served[""]

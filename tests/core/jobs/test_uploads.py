@@ -10,6 +10,7 @@ from core.jobs.job import Job
 from core.jobs.results import PREVIEW_MAX_BYTES, CheckedResults, check_artifacts, max_stem_bytes
 from core.jobs.uploads import KNOWN_SOURCES, TransferWindow, expected_uploads, planned_duration
 from core.media.audio import OutputFormat
+from core.media.render import RenderOptions
 from tests.support.media import ffmpeg
 
 
@@ -100,3 +101,17 @@ def test_the_transfer_window_covers_a_wait_and_the_attempts_and_ends():
     assert window.seconds(180.0, 1200.0, 3) == 5280.0
     assert window.seconds(180.0, 1200.0, 3) < 24 * 3600  # what every URL used to get
     assert window.seconds(60.0, 1200.0, 1) < window.seconds(600.0, 1200.0, 1)
+
+
+def test_a_mix_may_upload_only_the_mix_and_the_preview():
+    options = RenderOptions(mix=(("bass", 100), ("vocals", 50)))
+    mixed = job("bass,other,vocals", "mp3", render_options=options.to_column())
+    assert set(expected_uploads(mixed, 60.0)) == {"mix.mp3", "mix.opus", "preview.png"}
+
+
+def test_the_size_cap_follows_the_length_at_the_job_s_tempo():
+    """Half speed makes files twice as long: the cap is the plain cap of a track twice as long."""
+    slow = job("vocals", "flac", render_options=RenderOptions(tempo=50).to_column())
+    assert expected_uploads(slow, 60.0)["vocals.flac"] == expected_uploads(job("vocals", "flac"), 120.0)["vocals.flac"]
+    fast = job("vocals", "flac", render_options=RenderOptions(tempo=150, transpose=3).to_column())
+    assert expected_uploads(fast, 60.0)["vocals.flac"] == expected_uploads(job("vocals", "flac"), 40.0)["vocals.flac"]

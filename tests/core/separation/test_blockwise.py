@@ -18,6 +18,7 @@ from core.host.protocol import CancelledEvent, DoneEvent, HostConfig, HostEvent,
 from core.host.serial_host import SerialHost
 from core.host.steps import JobSteps
 from core.media.audio import Limits, OutputFormat, decode
+from core.media.render import RenderOptions
 from core.media.stem_files import MARKER, FolderNotOursError, write_track
 from core.separation import blockwise
 from core.separation.engine import SeparationEngine, SeparationOptions
@@ -316,13 +317,13 @@ class _Events:
         self.items.append(item)
 
 
-def _host_run(model_dir, source: Path, out: Path, **config) -> tuple[DoneEvent, list[HostEvent]]:
+def _host_run(model_dir, source: Path, out: Path, render: str = "", **config) -> tuple[DoneEvent, list[HostEvent]]:
     events = _Events()
     host = SerialHost(JobSteps(HostConfig(model="tiny", model_dir=str(model_dir), device="cpu", shifts=0,
                                           warm_up=False, log_level=logging.WARNING, **config),
                                events, set(), parent=os.getppid()))
     spec = JobSpec(job_id=7, input_path=str(source), stems_dir=str(out / "stems"), model="tiny", stems="all",
-                   format="flac")
+                   format="flac", render=render)
     host.run(spec)
     done = events.items[-1]
     assert isinstance(done, DoneEvent), done
@@ -352,6 +353,21 @@ def test_the_model_host_gives_the_same_files_with_blocks(model_dir, track, tmp_p
     assert (tmp_path / "blocks" / "stems" / "preview.png").stat().st_size > 0
     assert _no_leftovers(tmp_path / "blocks") == []
     assert _no_leftovers(tmp_path / "blocks" / "stems") == []
+
+
+def test_the_model_host_mixes_and_stretches_a_long_track_staged_on_disk(model_dir, track, tmp_path):
+    """A mix at another tempo of a track whose stems are staged on disk (mixed a chunk at a
+    time, core.media.render.mix_files): one file, `mix`, as long as the track at that tempo,
+    not clipped, and nothing left behind. (In memory: tests/core/media/test_render.py and the
+    bot's end-to-end tests.)"""
+    options = RenderOptions(tempo=80, mix=(("vocals", 50), ("drums", 100), ("bass", 100)))
+    done, _ = _host_run(model_dir, track, tmp_path / "blocks", options.to_column(), block_s=BLOCK_S,
+                        blocks_above_s=30.0)
+    assert done.result.files == {"mix": "mix.flac"} and done.result.duration_s == pytest.approx(60.0, abs=0.01)
+    mixed = decode(tmp_path / "blocks" / "stems" / "mix.flac", RATE, 2, Limits())
+    assert mixed.shape[1] / RATE == pytest.approx(60.0 / 0.8, abs=0.5)
+    assert 0.01 < float(np.max(np.abs(mixed))) < 1.0
+    assert _no_leftovers(tmp_path / "blocks") == [] and _no_leftovers(tmp_path / "blocks" / "stems") == []
 
 
 def test_the_model_host_cleans_up_a_cancelled_long_job(model_dir, track, tmp_path):

@@ -16,7 +16,7 @@ from aiohttp import web
 from core.media.audio import probe
 from tests.bot.helpers import final_message, private_answer, upload
 from tests.support.deployment import compose_healthcheck, dockerfile_healthcheck
-from tests.support.fake_discord import attachment_option, string_option
+from tests.support.fake_discord import attachment_option, integer_option, string_option
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -112,6 +112,32 @@ async def test_the_same_song_again_is_answered_from_the_cache(fake, bot, tmp_pat
     assert "from the cache" in second.content and "from the cache" not in first.content
     for name in ("drums.mp3", "bass.mp3", "other.mp3", "vocals.mp3"):
         assert second.attachment_named(name).data == first.attachment_named(name).data
+
+
+async def test_split_at_80_percent_and_a_mix_without_the_drums_have_the_right_length(fake, bot, tmp_path):
+    """/split tempo:80 renders every stem 1.25 times as long (rubberband, on the host); /mix
+    delivers one file of the other stems, as long as the song at its tempo; a malformed
+    mix is refused privately before anything is queued."""
+    slow = await fake.send_slash_command("split", [attachment_option("file", upload(fake, tmp_path, "slow.wav")),
+                                                   integer_option("tempo", 80), integer_option("transpose", 2)])
+    mixed = await fake.send_slash_command("mix", [attachment_option("file", upload(fake, tmp_path, "mix.wav")),
+                                                  string_option("without", "drums"),
+                                                  string_option("volumes", "vocals=50"), integer_option("tempo", 125)])
+    wrong = await fake.send_slash_command("mix", [attachment_option("file", upload(fake, tmp_path, "no.wav")),
+                                                  string_option("volumes", "drums=loud")])
+    assert "written like" in await private_answer(fake, wrong)
+    slow_result, mix_result = await final_message(fake, slow), await final_message(fake, mixed)
+    assert "4 stems · at 80% speed, +2 semitones" in slow_result.content, slow_result.content
+    assert [a.filename for a in slow_result.attachments] == ["drums.mp3", "bass.mp3", "other.mp3", "vocals.mp3",
+                                                             "preview.png"]
+    for attachment in slow_result.attachments[:4]:
+        (tmp_path / attachment.filename).write_bytes(attachment.data)
+        assert probe(tmp_path / attachment.filename).duration_s == pytest.approx(5.0 / 0.8, abs=0.15)
+    assert "a mix of bass, other, vocals 50% · at 125% speed" in mix_result.content, mix_result.content
+    assert [a.filename for a in mix_result.attachments] == ["mix.mp3", "preview.png"]
+    (tmp_path / "mix.mp3").write_bytes(mix_result.attachment_named("mix.mp3").data)
+    assert probe(tmp_path / "mix.mp3").duration_s == pytest.approx(5.0 / 1.25, abs=0.15)
+    assert not [m for m in fake.messages_for(wrong) if not m.is_ephemeral]
 
 
 async def test_karaoke(fake, bot, tmp_path):
