@@ -1,6 +1,6 @@
 """The steps of a job in the model host, whichever host runs them: load the engine,
-prepare (probe and decode), separate, finish (encode, plan the upload, draw the preview),
-and report each stage, the progress, a cancellation or a failure as host events."""
+prepare (probe and decode), separate, finish (find the tempo and key, encode, plan the
+upload, draw the preview), and report each stage, the progress, a cancellation or a failure as host events."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVarTuple, cast
 
+import numpy as np
 import torch
 
 from core.errors import DeviceOutOfMemoryError, JobCancelled, StembotError
@@ -30,6 +31,7 @@ from core.host.protocol import (
     ReadyEvent,
     StageEvent,
 )
+from core.media import analysis
 from core.media.audio import Limits, OutputFormat, decode, probe
 from core.media.preview import render_preview
 from core.media.stem_files import write_track
@@ -41,8 +43,6 @@ from core.separation.stems import parse_stems
 
 if TYPE_CHECKING:
     from typing import TypeAlias
-
-    import numpy as np
 
     from core.media.audio import OutputFormatName
     from core.separation.blockwise import StagedMix
@@ -85,6 +85,9 @@ class JobSteps:
         self.cancelled = cancelled
         self.engines: dict[str, SeparationEngine] = {}
         self._engines_lock = threading.Lock()
+        # One analysis at a time (jobs of a batching host finish on several threads), and
+        # none before the warm-up has compiled librosa's functions.
+        self._analysis_lock = threading.Lock()
 
     def boot(self) -> int:
         """Load and warm up the host's model, report ready; returns the jobs it takes at once."""
@@ -95,6 +98,9 @@ class JobSteps:
         loaded = time.monotonic()
         if self.config.warm_up:
             engine.warm_up()
+            # numba compiles librosa's functions on first use: 5-30 s. Paid once here, beside
+            # the first jobs rather than in one, without holding up the host's start.
+            threading.Thread(target=self._warm_up_analysis, name="analysis-warm-up", daemon=True).start()
         if self.config.batch_jobs is not None:
             capacity = self.config.batch_jobs
         else:
@@ -119,6 +125,27 @@ class JobSteps:
     def options(self) -> SeparationOptions:
         config = self.config
         return SeparationOptions(config.shifts, config.overlap, config.segment, config.precision)
+
+    def _warm_up_analysis(self) -> None:
+        with self._analysis_lock:
+            try:
+                log.info("tempo/key analysis warmed up in %.1f s", analysis.warm_up())
+            except Exception:
+                log.warning("tempo/key analysis warm-up failed", exc_info=True)
+
+    def analyse(self, job_id: int, stems: Stems, sample_rate: int) -> analysis.TrackAnalysis | None:
+        """The track's tempo and key from (a window of) its stems; None if that failed:
+        the analysis is extra, never a reason to fail a job."""
+        started = time.monotonic()
+        try:
+            with self._analysis_lock:
+                found = analysis.analyse_stems(_analysis_window(stems, sample_rate), sample_rate)
+        except Exception:
+            log.warning("tempo/key analysis for job %s failed", job_id, exc_info=True)
+            return None
+        log.info("job %s: %s (analysed in %.1f s)", job_id, found.describe() or "no tempo or key found",
+                 time.monotonic() - started)
+        return found
 
     # -- reporting ----------------------------------------------------------------------------
 
@@ -236,6 +263,7 @@ class JobSteps:
         requested = OutputFormat(name=cast("OutputFormatName", spec.format), mp3_bitrate_kbps=spec.mp3_bitrate_kbps)
         plan = plan_upload(requested, duration, len(names), spec.attachment_limit, spec.links_available,
                            link_valid_hours=spec.link_valid_hours)
+        found = self.analyse(job, stems, prepared.engine.samplerate)
         shutil.rmtree(stems_dir, ignore_errors=True)  # a retry starts clean
         if isinstance(stems, blockwise.StagedStems):
             folder = blockwise.write_staged(stems, stems_dir.parent, stems_dir.name, plan.format)
@@ -260,7 +288,20 @@ class JobSteps:
             except Exception:
                 log.warning("preview for job %s failed", job, exc_info=True)
         return JobResult(files=files, sizes=sizes, duration_s=duration, separation_s=separation_s,
-                         format=asdict(plan.format), mode=mode, note=note, preview=preview)
+                         format=asdict(plan.format), mode=mode, note=note, preview=preview,
+                         analysis=found.artifact() if found is not None else None)
+
+
+def _analysis_window(stems: Stems, sample_rate: int) -> dict[str, np.ndarray]:
+    """The part of each stem the analysis reads (channels x samples): at most
+    `analysis.WINDOW_S` from the middle; a long track's from its files on disk."""
+    if isinstance(stems, blockwise.StagedStems):
+        part = analysis.window(stems.frames, sample_rate)
+        # Interleaved float32, frames x channels: only the window is read from disk.
+        return {name: np.array(np.memmap(path, dtype=np.float32, mode="r",
+                                         shape=(stems.frames, stems.channels))[part].T)
+                for name, path in stems.paths.items()}
+    return {name: audio[..., analysis.window(audio.shape[-1], sample_rate)] for name, audio in stems.items()}
 
 
 def _user_facing(exc: Exception) -> Exception:
