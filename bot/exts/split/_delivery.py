@@ -21,6 +21,7 @@ from core.errors import input_error_kinds
 from core.jobs.job import UNANSWERED, Job, JobState
 from core.jobs.recent import RecentKeys
 from core.jobs.results import CheckedResults, open_checked, shown_error
+from core.media.analysis import TrackAnalysis
 from core.media.audio import OutputFormat, format_duration
 from core.media.upload_plan import describe_format, links_note, too_large_error
 
@@ -184,7 +185,7 @@ class DiscordNotifier:
 
     async def _deliver_from(self, job: Job, stems_dir, results: CheckedResults) -> None:
         files = results.files
-        header = self._result_header(job, results.format, len(files))
+        header = self._result_header(job, results.format, len(files), results.analysis)
         note = results.note
         if results.mode == "attach":
             try:
@@ -202,10 +203,12 @@ class DiscordNotifier:
         await self._send_result(job, content=_join(header, note), files=preview, view=link_view(links))
 
     @staticmethod
-    def _result_header(job: Job, fmt: OutputFormat, count: int) -> str:
+    def _result_header(job: Job, fmt: OutputFormat, count: int, analysis: TrackAnalysis | None = None) -> str:
         parts = [f"{count} stem{'s' if count != 1 else ''}", describe_format(fmt)]
         if job.duration_s:
             parts.append(f"{format_duration(job.duration_s)} of audio")
+        if analysis is not None and analysis.describe():
+            parts.append(analysis.describe())  # checked: a number and one of 24 key names
         if job.cache_hit:
             parts.append("from the cache")
         elif job.separation_s:
