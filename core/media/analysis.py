@@ -65,10 +65,11 @@ class TrackAnalysis:
         return found
 
     def describe(self) -> str:
-        """"123 BPM · A minor", or whichever half is known; "" when neither."""
+        """"123 BPM · A minor", or whichever half is known; "" when neither. Whole beats
+        per minute, as musicians say them; the tenth kept in `bpm` is within the estimate's noise."""
         parts = []
         if self.bpm is not None:
-            parts.append(f"{self.bpm:g} BPM")
+            parts.append(f"{round(self.bpm)} BPM")
         if self.key is not None:
             parts.append(self.key)
         return " · ".join(parts)

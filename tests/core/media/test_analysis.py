@@ -32,7 +32,7 @@ def test_a_progression_with_bass_and_drums_gets_its_key_and_tempo(tonic, minor, 
     found = analyse_stems(stems, RATE)
     assert found.key == key
     assert found.bpm == pytest.approx(bpm, rel=0.04)
-    assert found.describe() == f"{found.bpm:g} BPM · {key}"
+    assert found.describe() == f"{bpm} BPM · {key}"
     # The same from the stereo mix, at the analysis' own rate (no resampling).
     mix = np.sum(list(stems.values()), axis=0)[::2]
     assert analyse_mix(np.stack([mix, mix]), ANALYSIS_RATE).key == key
@@ -41,6 +41,7 @@ def test_a_progression_with_bass_and_drums_gets_its_key_and_tempo(tonic, minor, 
 def test_silence_has_neither_tempo_nor_key():
     found = analyse_stems({"drums": np.zeros((2, RATE * 5)), "other": np.zeros((2, RATE * 5))}, RATE)
     assert found == TrackAnalysis(None, None) and found.describe() == "" and found.artifact() == {}
+    assert TrackAnalysis(87.6, None).describe() == "88 BPM" and TrackAnalysis(None, "B minor").describe() == "B minor"
     assert analyse_stems({}, RATE) == TrackAnalysis(None, None)
 
 
