@@ -11,6 +11,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Container
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVarTuple, cast
@@ -85,9 +86,9 @@ class JobSteps:
         self.cancelled = cancelled
         self.engines: dict[str, SeparationEngine] = {}
         self._engines_lock = threading.Lock()
-        # One analysis at a time (jobs of a batching host finish on several threads), and
-        # none before the warm-up has compiled librosa's functions.
-        self._analysis_lock = threading.Lock()
+        # The tempo/key analyses, one at a time (jobs of a batching host finish on several
+        # threads) and after the warm-up, each beside its job's encoding.
+        self._analyses = ThreadPoolExecutor(max_workers=1, thread_name_prefix="analysis")
 
     def boot(self) -> int:
         """Load and warm up the host's model, report ready; returns the jobs it takes at once."""
@@ -99,8 +100,8 @@ class JobSteps:
         if self.config.warm_up:
             engine.warm_up()
             # numba compiles librosa's functions on first use: 5-30 s. Paid once here, beside
-            # the first jobs rather than in one, without holding up the host's start.
-            threading.Thread(target=self._warm_up_analysis, name="analysis-warm-up", daemon=True).start()
+            # the first job rather than in it, without holding up the host's start.
+            self._analyses.submit(self._warm_up_analysis)
         if self.config.batch_jobs is not None:
             capacity = self.config.batch_jobs
         else:
@@ -127,23 +128,34 @@ class JobSteps:
         return SeparationOptions(config.shifts, config.overlap, config.segment, config.precision)
 
     def _warm_up_analysis(self) -> None:
-        with self._analysis_lock:
-            try:
-                log.info("tempo/key analysis warmed up in %.1f s", analysis.warm_up())
-            except Exception:
-                log.warning("tempo/key analysis warm-up failed", exc_info=True)
-
-    def analyse(self, job_id: int, stems: Stems, sample_rate: int) -> analysis.TrackAnalysis | None:
-        """The track's tempo and key from (a window of) its stems; None if that failed:
-        the analysis is extra, never a reason to fail a job."""
-        started = time.monotonic()
         try:
-            with self._analysis_lock:
-                found = analysis.analyse_stems(_analysis_window(stems, sample_rate), sample_rate)
+            log.info("tempo/key analysis warmed up in %.1f s", analysis.warm_up())
+        except Exception:
+            log.warning("tempo/key analysis warm-up failed", exc_info=True)
+
+    def start_analysis(self, job_id: int, stems: Stems, sample_rate: int) -> Future[analysis.TrackAnalysis] | None:
+        """Start finding the track's tempo and key from (a window of) its stems, on the
+        analysis thread; the window is copied now, so the stems may go meanwhile."""
+        try:
+            window = _analysis_window(stems, sample_rate)
         except Exception:
             log.warning("tempo/key analysis for job %s failed", job_id, exc_info=True)
             return None
-        log.info("job %s: %s (analysed in %.1f s)", job_id, found.describe() or "no tempo or key found",
+        return self._analyses.submit(analysis.analyse_stems, window, sample_rate)
+
+    def analysis_of(self, job_id: int,
+                    running: Future[analysis.TrackAnalysis] | None) -> analysis.TrackAnalysis | None:
+        """The analysis started for a job; None if it failed: the analysis is extra, never a
+        reason to fail a job."""
+        if running is None:
+            return None
+        started = time.monotonic()
+        try:
+            found = running.result()
+        except Exception:
+            log.warning("tempo/key analysis for job %s failed", job_id, exc_info=True)
+            return None
+        log.info("job %s: %s (waited %.1f s for it)", job_id, found.describe() or "no tempo or key found",
                  time.monotonic() - started)
         return found
 
@@ -263,7 +275,7 @@ class JobSteps:
         requested = OutputFormat(name=cast("OutputFormatName", spec.format), mp3_bitrate_kbps=spec.mp3_bitrate_kbps)
         plan = plan_upload(requested, duration, len(names), spec.attachment_limit, spec.links_available,
                            link_valid_hours=spec.link_valid_hours)
-        found = self.analyse(job, stems, prepared.engine.samplerate)
+        analysing = self.start_analysis(job, stems, prepared.engine.samplerate)
         shutil.rmtree(stems_dir, ignore_errors=True)  # a retry starts clean
         if isinstance(stems, blockwise.StagedStems):
             folder = blockwise.write_staged(stems, stems_dir.parent, stems_dir.name, plan.format)
@@ -287,21 +299,27 @@ class JobSteps:
                                          bounded=duration > config.blocks_above_s).name
             except Exception:
                 log.warning("preview for job %s failed", job, exc_info=True)
+        found = self.analysis_of(job, analysing)
         return JobResult(files=files, sizes=sizes, duration_s=duration, separation_s=separation_s,
                          format=asdict(plan.format), mode=mode, note=note, preview=preview,
                          analysis=found.artifact() if found is not None else None)
 
 
 def _analysis_window(stems: Stems, sample_rate: int) -> dict[str, np.ndarray]:
-    """The part of each stem the analysis reads (channels x samples): at most
-    `analysis.WINDOW_S` from the middle; a long track's from its files on disk."""
+    """What the analysis reads of each stem: at most `analysis.WINDOW_S` from the middle,
+    in mono (a copy); a long track's from its files on disk."""
     if isinstance(stems, blockwise.StagedStems):
-        part = analysis.window(stems.frames, sample_rate)
+        frames = analysis.window(stems.frames, sample_rate)
         # Interleaved float32, frames x channels: only the window is read from disk.
-        return {name: np.array(np.memmap(path, dtype=np.float32, mode="r",
-                                         shape=(stems.frames, stems.channels))[part].T)
+        return {name: np.memmap(path, dtype=np.float32, mode="r",
+                                shape=(stems.frames, stems.channels))[frames].mean(axis=1, dtype=np.float32)
                 for name, path in stems.paths.items()}
-    return {name: audio[..., analysis.window(audio.shape[-1], sample_rate)] for name, audio in stems.items()}
+    mono = {}
+    for name, audio in stems.items():
+        windowed = audio[..., analysis.window(audio.shape[-1], sample_rate)]
+        mono[name] = (windowed.mean(axis=0, dtype=np.float32) if windowed.ndim == 2
+                      else np.array(windowed, dtype=np.float32))
+    return mono
 
 
 def _user_facing(exc: Exception) -> Exception:
