@@ -3,20 +3,19 @@
 Tempo: librosa's onset-strength envelope and its tempo estimate (autocorrelation of the
 envelope under a prior centred on 120 BPM), made precise between envelope frames, on every
 stem together (the mix: on the benchmark's material the chords' onsets helped, 72% hits
-against 65% from the drums and bass alone). Key: a constant-Q chromagram of every stem but the drums,
-summed over time and correlated with the Krumhansl-Kessler major and minor profiles in
-all 24 keys (the Krumhansl-Schmuckler algorithm); the best correlation wins.
+against 65% from the drums and bass alone). Key: a constant-Q chromagram of every stem
+but the drums, summed over time and correlated with the Krumhansl-Kessler major and minor
+profiles in all 24 keys (the Krumhansl-Schmuckler algorithm); the best correlation wins.
 
 Cost is bounded whatever the track's length: at most `WINDOW_S` seconds from the middle
 of the track, mixed to mono and resampled to `ANALYSIS_RATE` first. librosa compiles some
-of its functions with numba on first use (seconds); a model host pays that once, when it
+of its functions with numba on first use (5-30 s); a model host pays that once, when it
 starts (`warm_up`). bench/tempo_key_accuracy.py measures the hit rates; docs/performance.md
 has them and the known limits (half or double tempo, relative major/minor, ...).
 """
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 import warnings
@@ -28,8 +27,6 @@ from typing import Any
 # the bot, which only checks and shows the results, never pays for them.
 import librosa
 import numpy as np
-
-log = logging.getLogger(__name__)
 
 PITCH_CLASSES = ("C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B")
 # "C major" .. "B major", then "C minor" .. "B minor".
@@ -66,8 +63,8 @@ class TrackAnalysis:
         return found
 
     def describe(self) -> str:
-        """"123 BPM · A minor", or whichever half is known; "" when neither. Whole beats
-        per minute, as musicians say them; the tenth kept in `bpm` is within the estimate's noise."""
+        """"123 BPM · A minor", or whichever half is known; "" when neither. Whole beats per
+        minute, as musicians say them: the tenth kept in `bpm` is within the estimate's noise."""
         parts = []
         if self.bpm is not None:
             parts.append(f"{round(self.bpm)} BPM")
@@ -192,9 +189,10 @@ def _to_rate(mono: np.ndarray, sample_rate: int) -> np.ndarray:
 
 
 def _sum(parts: list[np.ndarray]) -> np.ndarray:
-    total = parts[0].copy()
+    length = min(len(part) for part in parts)
+    total = parts[0][:length].copy()
     for part in parts[1:]:
-        total += part[:len(total)]
+        total += part[:length]
     return total
 
 
