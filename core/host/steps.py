@@ -6,15 +6,16 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import shutil
 import threading
 import time
 import traceback
 from collections.abc import Callable, Container
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVarTuple, cast
+from typing import TYPE_CHECKING, Any, TypeVar, TypeVarTuple, cast
 
 import numpy as np
 import torch
@@ -56,6 +57,7 @@ log = logging.getLogger(__name__)
 
 Progress = Callable[[float], None]
 StepArgs = TypeVarTuple("StepArgs")
+T = TypeVar("T")
 
 
 @dataclass
@@ -76,6 +78,35 @@ class PreparedJob:
             self.work = None
 
 
+class _AnalysisThread:
+    """Runs the tempo/key analyses one after another on a daemon thread: a host that exits
+    does not wait for one (a ThreadPoolExecutor's threads are joined at exit)."""
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[tuple[Future[Any], Callable[..., Any], tuple[Any, ...]]] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def submit(self, function: Callable[..., T], *args: Any) -> Future[T]:
+        future: Future[T] = Future()
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="analysis", daemon=True)
+                self._thread.start()
+        self._queue.put((future, function, args))
+        return future
+
+    def _run(self) -> None:
+        while True:
+            future, function, args = self._queue.get()
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(function(*args))
+            except BaseException as exc:  # noqa: BLE001 - handed to whoever waits on the future
+                future.set_exception(exc)
+
+
 class JobSteps:
     """What every host does for a job; the hosts decide when, and how many at once."""
 
@@ -88,7 +119,7 @@ class JobSteps:
         self._engines_lock = threading.Lock()
         # The tempo/key analyses, one at a time (jobs of a batching host finish on several
         # threads) and after the warm-up, each beside its job's encoding.
-        self._analyses = ThreadPoolExecutor(max_workers=1, thread_name_prefix="analysis")
+        self._analyses = _AnalysisThread()
 
     def boot(self) -> int:
         """Load and warm up the host's model, report ready; returns the jobs it takes at once."""
