@@ -50,13 +50,17 @@ FROM ${CUDA_IMAGE} AS worker
 ARG TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
 ARG MODELS="htdemucs"
 
+# NUMBA_CACHE_DIR: numba compiles librosa's functions (the tempo and key analysis) once and
+# keeps them there, on the volume; it needs a writable folder, and the root filesystem is
+# read-only under docker-compose.yml.
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PATH=/opt/stembot/venv/bin:$PATH \
     HF_HOME=/opt/stembot/hf \
     STEMBOT_DATA_DIR=/data \
-    STEMBOT_QUEUE=postgres
+    STEMBOT_QUEUE=postgres \
+    NUMBA_CACHE_DIR=/data/numba-cache
 
 # Ubuntu's Python refuses system-wide pip installs (PEP 668): stembot gets a virtual environment.
 RUN apt-get update \
@@ -97,11 +101,15 @@ FROM ${PYTHON_IMAGE} AS bot
 ARG TORCH_SPEC="torch==2.13.0"
 ARG MODELS="htdemucs"
 
+# NUMBA_CACHE_DIR: numba compiles librosa's functions (the tempo and key analysis) once and
+# keeps them there, on the volume; it needs a writable folder, and the root filesystem is
+# read-only under docker-compose.yml.
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     HF_HOME=/opt/stembot/hf \
     STEMBOT_DATA_DIR=/data \
+    NUMBA_CACHE_DIR=/data/numba-cache \
     STEMBOT_WEB_HOST=0.0.0.0 \
     STEMBOT_WEB_PORT=8080 \
     STEMBOT_OPS_HOST=127.0.0.1 \

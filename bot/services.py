@@ -25,7 +25,7 @@ from core.host.handle import HostHandle
 from core.jobs.dispatcher import Dispatcher, ExecutionBackend
 from core.jobs.embedded_execution import EmbeddedExecution
 from core.jobs.job import JobState
-from core.jobs.results import ResultsRefused, check_artifacts
+from core.jobs.results import ResultsRefused, check_artifacts, job_render
 from core.jobs.sweeper import Sweeper
 from core.ops import player as player_page
 from core.ops.looplag import LoopLagMonitor, freeze_start_up_heap
@@ -227,7 +227,11 @@ class Services:
         links = await self.storage.stem_links(job_id, names, ttl_s)
         if links is None:
             links = {name: self.signer.sign(f"{job_id}/{name}", expires_at) for name in names}
-        return player_page.manifest(title=job.source_name, links=links, expires_at=expires_at)
+        # The tempo and key the member hears: the song's, moved by `/split tempo: transpose:`.
+        render = job_render(job)
+        heard = results.analysis.rendered(render.tempo, render.transpose) if results.analysis else None
+        return player_page.manifest(title=job.source_name, links=links, expires_at=expires_at,
+                                    bpm=heard.bpm if heard else None, key=heard.key if heard else None)
 
     async def _metrics_loop(self, interval_s: float = 10.0) -> None:
         while True:

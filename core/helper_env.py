@@ -32,6 +32,9 @@ PASSED_NAMES = frozenset({
     # Model caches (demucs through torch.hub and huggingface_hub; STEMBOT_MODEL_DIR goes in HostConfig).
     "XDG_CACHE_HOME", "TORCH_HOME", "HF_HOME", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HUB_OFFLINE",
     "HF_ENDPOINT",
+    # Where numba keeps the functions it compiled for librosa (the tempo and key analysis in
+    # the model host): they load in a second instead of compiling for up to 30.
+    "NUMBA_CACHE_DIR",
     # Devices.
     "CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER", "CUDA_MODULE_LOADING", "CUDA_LAUNCH_BLOCKING", "CUDA_HOME",
     "CUDA_PATH", "CUBLAS_WORKSPACE_CONFIG", "NVIDIA_VISIBLE_DEVICES", "NVIDIA_DRIVER_CAPABILITIES",

@@ -24,8 +24,9 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory):
-    """A demucs-layout model folder: `tiny` (plain), `tinysum` (checksummed), and `tinybag`,
-    a bag of four per-stem specialists like htdemucs_ft."""
+    """A demucs-layout model folder: `tiny` (plain), `tinysum` (checksummed), `tinybag`, a
+    bag of four per-stem specialists like htdemucs_ft, and `mixstems`, whose every stem is
+    a quarter of the mix (a track's tempo and key survive it)."""
     folder = tmp_path_factory.mktemp("models")
     tiny.save_th(tiny.tiny_htdemucs(seed=0), folder, "tiny")
     tiny.save_checksummed(tiny.tiny_htdemucs(seed=1), folder, "tinysum")
@@ -36,6 +37,7 @@ def model_dir(tmp_path_factory):
         members.append(sig)
     identity = [[1.0 if i == k else 0.0 for i in range(4)] for k in range(4)]
     tiny.save_bag(folder, "tinybag", members, identity)
+    tiny.save_th(tiny.tiny_htdemucs(seed=0, klass=tiny.MixAsEveryStem), folder, "mixstems")
     return folder
 
 

@@ -111,11 +111,15 @@ class JobResult:
     note: str | None
     preview: str | None  # file name of the waveform picture, if drawn
     batched_jobs: int | None = None  # most jobs in one forward pass with it (a batching host only)
+    analysis: dict[str, Any] | None = None  # the track's {"bpm": ..., "key": ...}, when found
 
     def artifacts(self) -> dict[str, Any]:
         """What the job's row keeps and the bot delivers from."""
-        return {"files": self.files, "sizes": self.sizes, "format": self.format, "mode": self.mode,
-                "note": self.note, "preview": self.preview}
+        artifacts = {"files": self.files, "sizes": self.sizes, "format": self.format, "mode": self.mode,
+                     "note": self.note, "preview": self.preview}
+        if self.analysis:
+            artifacts["analysis"] = self.analysis
+        return artifacts
 
 
 @dataclass(frozen=True)

@@ -1,20 +1,23 @@
 """The steps of a job in the model host, whichever host runs them: load the engine,
-prepare (probe and decode), separate, finish (encode, plan the upload, draw the preview),
-and report each stage, the progress, a cancellation or a failure as host events."""
+prepare (probe and decode), separate, finish (find the tempo and key, encode, plan the
+upload, draw the preview), and report each stage, the progress, a cancellation or a failure as host events."""
 
 from __future__ import annotations
 
 import logging
 import os
+import queue
 import shutil
 import threading
 import time
 import traceback
 from collections.abc import Callable, Container
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVarTuple, cast
+from typing import TYPE_CHECKING, Any, TypeVar, TypeVarTuple, cast
 
+import numpy as np
 import torch
 
 from core.errors import DeviceOutOfMemoryError, JobCancelled, StembotError
@@ -30,6 +33,7 @@ from core.host.protocol import (
     ReadyEvent,
     StageEvent,
 )
+from core.media import analysis
 from core.media.audio import Limits, OutputFormat, decode, probe
 from core.media.preview import render_preview
 from core.media.render import MIX, RenderOptions, mix_files, mix_stems
@@ -43,8 +47,6 @@ from core.separation.stems import parse_stems
 if TYPE_CHECKING:
     from typing import TypeAlias
 
-    import numpy as np
-
     from core.media.audio import OutputFormatName
     from core.separation.blockwise import StagedMix
     from core.separation.stems import StemRequest
@@ -56,6 +58,7 @@ log = logging.getLogger(__name__)
 
 Progress = Callable[[float], None]
 StepArgs = TypeVarTuple("StepArgs")
+T = TypeVar("T")
 
 
 @dataclass
@@ -76,6 +79,35 @@ class PreparedJob:
             self.work = None
 
 
+class _AnalysisThread:
+    """Runs the tempo/key analyses one after another on a daemon thread: a host that exits
+    does not wait for one (a ThreadPoolExecutor's threads are joined at exit)."""
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[tuple[Future[Any], Callable[..., Any], tuple[Any, ...]]] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def submit(self, function: Callable[..., T], *args: Any) -> Future[T]:
+        future: Future[T] = Future()
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="analysis", daemon=True)
+                self._thread.start()
+        self._queue.put((future, function, args))
+        return future
+
+    def _run(self) -> None:
+        while True:
+            future, function, args = self._queue.get()
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(function(*args))
+            except BaseException as exc:  # noqa: BLE001 - handed to whoever waits on the future
+                future.set_exception(exc)
+
+
 class JobSteps:
     """What every host does for a job; the hosts decide when, and how many at once."""
 
@@ -86,6 +118,9 @@ class JobSteps:
         self.cancelled = cancelled
         self.engines: dict[str, SeparationEngine] = {}
         self._engines_lock = threading.Lock()
+        # The tempo/key analyses, one at a time (jobs of a batching host finish on several
+        # threads) and after the warm-up, each beside its job's encoding.
+        self._analyses = _AnalysisThread()
 
     def boot(self) -> int:
         """Load and warm up the host's model, report ready; returns the jobs it takes at once."""
@@ -96,6 +131,9 @@ class JobSteps:
         loaded = time.monotonic()
         if self.config.warm_up:
             engine.warm_up()
+            # numba compiles librosa's functions on first use: 5-30 s. Paid once here, beside
+            # the first job rather than in it, without holding up the host's start.
+            self._analyses.submit(self._warm_up_analysis)
         if self.config.batch_jobs is not None:
             capacity = self.config.batch_jobs
         else:
@@ -120,6 +158,38 @@ class JobSteps:
     def options(self) -> SeparationOptions:
         config = self.config
         return SeparationOptions(config.shifts, config.overlap, config.segment, config.precision)
+
+    def _warm_up_analysis(self) -> None:
+        try:
+            log.info("tempo/key analysis warmed up in %.1f s", analysis.warm_up())
+        except Exception:
+            log.warning("tempo/key analysis warm-up failed", exc_info=True)
+
+    def start_analysis(self, job_id: int, stems: Stems, sample_rate: int) -> Future[analysis.TrackAnalysis] | None:
+        """Start finding the track's tempo and key from (a window of) its stems, on the
+        analysis thread; the window is copied now, so the stems may go meanwhile."""
+        try:
+            window = _analysis_window(stems, sample_rate)
+        except Exception:
+            log.warning("tempo/key analysis for job %s failed", job_id, exc_info=True)
+            return None
+        return self._analyses.submit(analysis.analyse_stems, window, sample_rate)
+
+    def analysis_of(self, job_id: int,
+                    running: Future[analysis.TrackAnalysis] | None) -> analysis.TrackAnalysis | None:
+        """The analysis started for a job; None if it failed: the analysis is extra, never a
+        reason to fail a job."""
+        if running is None:
+            return None
+        started = time.monotonic()
+        try:
+            found = running.result()
+        except Exception:
+            log.warning("tempo/key analysis for job %s failed", job_id, exc_info=True)
+            return None
+        log.info("job %s: %s (waited %.1f s for it)", job_id, found.describe() or "no tempo or key found",
+                 time.monotonic() - started)
+        return found
 
     # -- reporting ----------------------------------------------------------------------------
 
@@ -234,6 +304,8 @@ class JobSteps:
         job, duration = spec.job_id, prepared.duration_s
         stems_dir = Path(spec.stems_dir)
         render = RenderOptions.from_column(spec.render)
+        # From the separated stems, before any mix: the key is read from all but the drums.
+        analysing = self.start_analysis(job, stems, prepared.engine.samplerate)
         if render.mix is not None:
             stems, names = self.mixed(prepared, stems, render.mix), [MIX]
         # The files are as long as the track at the chosen tempo.
@@ -267,8 +339,11 @@ class JobSteps:
                                          bounded=rendered_s > config.blocks_above_s).name
             except Exception:
                 log.warning("preview for job %s failed", job, exc_info=True)
+        found = self.analysis_of(job, analysing)
         return JobResult(files=files, sizes=sizes, duration_s=duration, separation_s=separation_s,
-                         format=asdict(plan.format), mode=mode, note=note, preview=preview)
+                         format=asdict(plan.format), mode=mode, note=note, preview=preview,
+                         analysis=found.artifact() if found is not None else None)
+
 
     @staticmethod
     def mixed(prepared: PreparedJob, stems: Stems, mix: tuple[tuple[str, int], ...]) -> Stems:
@@ -282,6 +357,23 @@ class JobSteps:
                 path.unlink(missing_ok=True)
             return blockwise.StagedStems({MIX: target}, stems.frames, stems.channels, stems.sample_rate, peak)
         return {MIX: mix_stems(stems, mix)}
+
+
+def _analysis_window(stems: Stems, sample_rate: int) -> dict[str, np.ndarray]:
+    """What the analysis reads of each stem: at most `analysis.WINDOW_S` from the middle,
+    in mono (a copy); a long track's from its files on disk."""
+    if isinstance(stems, blockwise.StagedStems):
+        frames = analysis.window(stems.frames, sample_rate)
+        # Interleaved float32, frames x channels: only the window is read from disk.
+        return {name: np.memmap(path, dtype=np.float32, mode="r",
+                                shape=(stems.frames, stems.channels))[frames].mean(axis=1, dtype=np.float32)
+                for name, path in stems.paths.items()}
+    mono = {}
+    for name, audio in stems.items():
+        windowed = audio[..., analysis.window(audio.shape[-1], sample_rate)]
+        mono[name] = (windowed.mean(axis=0, dtype=np.float32) if windowed.ndim == 2
+                      else np.array(windowed, dtype=np.float32))
+    return mono
 
 
 def _user_facing(exc: Exception) -> Exception:

@@ -6,7 +6,8 @@ rented machine the operator does not control, so everything it wrote is data to 
 never a path to follow: the file names the bot opens are made here from the stem names
 and the format, every file must be a regular file inside the job's folder, of the
 requested kind of audio and of the track's length (at the job's tempo), within the sizes the upload plan
-allows, and the note can mention nobody. Delivery and the results cache act only on
+allows, and the note can mention nobody. The track's tempo and key (`checked_analysis`)
+are kept only when they are a plausible number and one of the 24 key names. Delivery and the results cache act only on
 what `check_artifacts` and `check_files` return, and, with an object store, only on the
 bot's own copies of the files checked (`open_checked`).
 """
@@ -14,6 +15,7 @@ bot's own copies of the files checked (`open_checked`).
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import re
 import stat
@@ -25,6 +27,7 @@ from typing import Any, Protocol, cast
 
 from core.errors import BadRequestError, InputError
 from core.jobs.job import Job
+from core.media.analysis import KEY_NAMES, MAX_BPM, MIN_BPM, TrackAnalysis
 from core.media.audio import OUTPUT_FORMATS, Limits, OutputFormat, OutputFormatName, WavDepth, probe
 from core.media.render import MIX, RenderOptions
 from core.media.upload_plan import MAX_ATTACHMENTS, estimate_size
@@ -72,6 +75,7 @@ class CheckedResults:
     mode: str  # "attach" or "links"
     note: str
     preview: str | None  # PREVIEW or None
+    analysis: TrackAnalysis | None = None  # the track's tempo and key, when found and sane
 
     @property
     def names(self) -> list[str]:
@@ -80,8 +84,11 @@ class CheckedResults:
 
     def artifacts(self) -> dict[str, Any]:
         """The row's `artifacts`, rewritten from what was checked."""
-        return {"files": dict(self.files), "sizes": dict(self.sizes), "format": asdict(self.format),
-                "mode": self.mode, "note": self.note or None, "preview": self.preview}
+        artifacts = {"files": dict(self.files), "sizes": dict(self.sizes), "format": asdict(self.format),
+                     "mode": self.mode, "note": self.note or None, "preview": self.preview}
+        if self.analysis is not None:
+            artifacts["analysis"] = self.analysis.artifact()
+        return artifacts
 
 
 def requested_stems(spec: str) -> tuple[str, ...] | None:
@@ -154,8 +161,32 @@ def check_artifacts(job: Job, artifacts: Any) -> CheckedResults:
         files=files,
         sizes={stem: int(sizes[stem]) for stem in stems},
         format=fmt, mode=str(mode), note=safe_note(artifacts.get("note")),
-        preview=preview,
+        preview=preview, analysis=checked_analysis(artifacts),
     )
+
+
+def checked_analysis(artifacts: Any) -> TrackAnalysis | None:
+    """The track's tempo and key from a worker's `artifacts`, each kept only when sane: a
+    finite BPM in MIN_BPM..MAX_BPM (rounded to 0.1), a key exactly one of KEY_NAMES.
+    Anything else is dropped, not refused: the stems are still good. None when neither
+    is left."""
+    if not isinstance(artifacts, Mapping):
+        return None
+    reported = artifacts.get("analysis")
+    if not isinstance(reported, Mapping):
+        return None
+    reported_bpm = reported.get("bpm")
+    bpm: float | None = None
+    # Not a bool (an int to Python); compared before float(), which a huge int would overflow.
+    if (isinstance(reported_bpm, (int, float)) and not isinstance(reported_bpm, bool)
+            and MIN_BPM <= reported_bpm <= MAX_BPM and math.isfinite(reported_bpm)):
+        bpm = round(float(reported_bpm), 1)
+    key = reported.get("key")
+    if not (type(key) is str and key in KEY_NAMES):
+        key = None
+    if bpm is None and key is None:
+        return None
+    return TrackAnalysis(bpm=bpm, key=key)
 
 
 def _check_stem_names(job: Job, stems: list[str]) -> None:
@@ -273,7 +304,8 @@ def check_files(job: Job, results: CheckedResults, folder: Path, job_dir: Path) 
         with open(path, "rb") as file:
             if file.read(len(_PNG_SIGNATURE)) != _PNG_SIGNATURE:
                 raise ResultsRefused("the preview is not a PNG picture")
-    return CheckedResults(results.files, sizes, results.format, results.mode, results.note, results.preview)
+    return CheckedResults(results.files, sizes, results.format, results.mode, results.note, results.preview,
+                          results.analysis)
 
 
 def _regular_file_inside(root: Path, name: str) -> Path:

@@ -13,6 +13,8 @@ import pytest_asyncio
 
 from tests.support.fake_discord import FakeDiscord
 
+REPOSITORY = str(Path(__file__).resolve().parents[2])
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -118,8 +120,10 @@ async def fake():
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def bot(fake, model_dir, tmp_path_factory):
     """One bot for the tests of a module (starting one takes seconds)."""
+    # PYTHONPATH: the model folder's `mixstems` is a class of tests/support, which the model
+    # host must import to load it (as an operator's own model class would be installed).
     process = BotProcess(fake, tmp_path_factory.mktemp("bot"), model_dir,
-                         STEMBOT_PUBLIC_URL="http://127.0.0.1:{port}")
+                         STEMBOT_PUBLIC_URL="http://127.0.0.1:{port}", PYTHONPATH=REPOSITORY)
     process.env["STEMBOT_PUBLIC_URL"] = process.web_url
     await process.start()
     yield process

@@ -33,7 +33,7 @@ import discord
 from core.challenges import POSTING, Challenge, ChallengeEntry, ChallengeState, Standing
 from core.db import utcnow
 from core.jobs.job import JobState
-from core.jobs.results import shown_error
+from core.jobs.results import checked_analysis, shown_error
 from core.media.audio import format_duration
 from core.storage.local import safe_filename
 
@@ -163,10 +163,13 @@ class ChallengeScheduler:
         job = await self.services.store.get(challenge.job_id) if challenge.job_id else None
         if job is not None and job.job_state is JobState.done:
             if await self.store.transition(challenge.id, ChallengeState.open):
+                # Checked like the stems' message: a worker wrote it.
+                analysis = checked_analysis(job.artifacts)
+                track = f" The track: {analysis.describe()}." if analysis is not None else ""
                 await self.thread(challenge).send(
-                    f"📣 **Submissions are open** until {when(challenge.submit_deadline)}. Remix the stems above "
-                    "and send your entry with `/challenge submit` in this thread: one entry per member, which you "
-                    "can replace until the deadline.")
+                    f"📣 **Submissions are open** until {when(challenge.submit_deadline)}.{track} Remix the stems "
+                    "above and send your entry with `/challenge submit` in this thread: one entry per member, which "
+                    "you can replace until the deadline.")
                 log.info("challenge %s: open", challenge.id)
             return
         if job is not None and not job.is_final:

@@ -21,6 +21,7 @@ from core.errors import input_error_kinds
 from core.jobs.job import UNANSWERED, Job, JobState
 from core.jobs.recent import RecentKeys
 from core.jobs.results import CheckedResults, job_render, open_checked, shown_error
+from core.media.analysis import TrackAnalysis
 from core.media.audio import OutputFormat, format_duration
 from core.media.upload_plan import describe_format, links_note, too_large_error
 
@@ -184,7 +185,7 @@ class DiscordNotifier:
 
     async def _deliver_from(self, job: Job, stems_dir, results: CheckedResults) -> None:
         files = results.files
-        header = self._result_header(job, results.format, len(files))
+        header = self._result_header(job, results.format, len(files), results.analysis)
         note = results.note
         player_url = self.services.player_link(job.id)
         if results.mode == "attach":
@@ -204,7 +205,7 @@ class DiscordNotifier:
         await self._send_result(job, content=_join(header, note), files=preview, view=link_view(links, player_url))
 
     @staticmethod
-    def _result_header(job: Job, fmt: OutputFormat, count: int) -> str:
+    def _result_header(job: Job, fmt: OutputFormat, count: int, analysis: TrackAnalysis | None = None) -> str:
         render = job_render(job)  # read already by the results' check
         if render.mix is not None:
             parts = [f"a mix of {render.describe_mix()}"]
@@ -215,6 +216,12 @@ class DiscordNotifier:
         parts.append(describe_format(fmt))
         if job.duration_s:
             parts.append(f"{format_duration(job.duration_s)} of audio")
+        if analysis is not None:
+            # Checked: a number and one of 24 key names. Stems at another tempo or key have
+            # that tempo and key, not the song's.
+            heard = analysis.rendered(render.tempo, render.transpose).describe()
+            if heard:
+                parts.append(heard)
         if job.cache_hit:
             parts.append("from the cache")
         elif job.separation_s:

@@ -62,7 +62,7 @@
       const li = element('li', {}, [document.createTextNode(label + ' '), element('strong', { text: value })]);
       facts.appendChild(li);
     };
-    if (typeof manifest.bpm === 'number' && isFinite(manifest.bpm)) add('BPM', String(Math.round(manifest.bpm * 10) / 10));
+    if (typeof manifest.bpm === 'number' && isFinite(manifest.bpm)) add('BPM', String(Math.round(manifest.bpm)));  // whole beats, as in the result message
     if (typeof manifest.key === 'string' && manifest.key) add('Key', manifest.key);
     add('Stems', String(manifest.stems.length));
     if (manifest.expires) {

@@ -17,6 +17,7 @@ from core.jobs.results import (
     ResultsRefused,
     check_artifacts,
     check_files,
+    checked_analysis,
     safe_note,
     shown_error,
 )
@@ -276,3 +277,50 @@ def test_a_mix_job_has_one_file_named_mix(job_dir, made):
 
 def test_unreadable_render_options_refuse_the_results(job_dir):
     assert "render options" in refused(job(render_options='{"tempo": 900}'), artifacts(), job_dir)
+# -- the track's tempo and key ------------------------------------------------------------
+
+
+def test_a_sane_tempo_and_key_pass_and_are_kept_through_the_file_check_and_the_cache(job_dir):
+    checked = check(job(), artifacts(analysis={"bpm": 123.04, "key": "A minor"}), job_dir)
+    assert checked.analysis is not None
+    assert (checked.analysis.bpm, checked.analysis.key) == (123.0, "A minor")
+    # A cache hit delivers from `artifacts()`, checked again.
+    assert checked.artifacts()["analysis"] == {"bpm": 123.0, "key": "A minor"}
+    again = check_artifacts(job(), checked.artifacts())
+    assert again.analysis == checked.analysis
+    assert check(job(), artifacts(analysis={"bpm": 30, "key": "F# major"}), job_dir).artifacts()["analysis"] == {
+        "bpm": 30.0, "key": "F# major"}
+
+
+@pytest.mark.parametrize("hostile", [
+    {"bpm": float("nan"), "key": "@everyone"},
+    {"bpm": float("inf"), "key": "<@123456789> C major"},
+    {"bpm": 1e9, "key": "C major " + "x" * 10_000},
+    {"bpm": 10 ** 400, "key": "c major"},
+    {"bpm": -120, "key": "H minor"},
+    {"bpm": 29.9, "key": "Db major"},
+    {"bpm": 300.1, "key": ["C major"]},
+    {"bpm": True, "key": None},
+    {"bpm": "120", "key": 7},
+    {"bpm": [120], "key": {"C": "major"}},
+])
+def test_a_hostile_tempo_or_key_is_dropped_and_the_stems_still_delivered(job_dir, hostile):
+    checked = check(job(), artifacts(analysis=hostile), job_dir)
+    assert checked.analysis is None
+    assert "analysis" not in checked.artifacts()
+    assert checked.files == {s: f"{s}.mp3" for s in STEMS}
+
+
+def test_only_the_sane_half_of_an_analysis_is_kept(job_dir):
+    checked = check(job(), artifacts(analysis={"bpm": float("nan"), "key": "G major"}), job_dir)
+    assert checked.analysis is not None and (checked.analysis.bpm, checked.analysis.key) == (None, "G major")
+    assert checked.artifacts()["analysis"] == {"key": "G major"}
+    checked = check(job(), artifacts(analysis={"bpm": 87.66, "key": "@here"}), job_dir)
+    assert checked.analysis is not None and (checked.analysis.bpm, checked.analysis.key) == (87.7, None)
+
+
+@pytest.mark.parametrize("reported", [None, "120 BPM", ["C major"], 120])
+def test_an_analysis_that_is_not_a_mapping_is_dropped(job_dir, reported):
+    assert check(job(), artifacts(analysis=reported), job_dir).analysis is None
+    assert checked_analysis(artifacts(analysis=reported)) is None
+    assert checked_analysis(None) is None and checked_analysis("analysis") is None

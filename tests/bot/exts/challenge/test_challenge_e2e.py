@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 import sqlite3
 import time
 from contextlib import asynccontextmanager
@@ -84,8 +85,13 @@ async def start(fake, tmp_path, host, title, submissions, voting, *extra):
     # The stems pack arrives in the thread, then submissions open.
     pack = await fake.wait_for(lambda: in_thread(fake, thread_id, "Done"), timeout=60, what="the stems pack")
     assert [a.filename for a in pack[0].attachments][:4] == ["drums.mp3", "bass.mp3", "other.mp3", "vocals.mp3"]
-    await fake.wait_for(lambda: in_thread(fake, thread_id, "Submissions are open"), timeout=10)
+    [opened] = await fake.wait_for(lambda: in_thread(fake, thread_id, "Submissions are open"), timeout=10)
     assert "Rules" in fake.channel_messages(thread_id)[0].content
+    # The track's tempo and key, as the stems' message shows them, are announced with it
+    # (a tiny random model's stems have some key, if not the song's).
+    analysis = re.search(r"· ((?:\d+ BPM · )?[A-G]#? (?:major|minor))", pack[0].content)
+    assert analysis is not None, pack[0].content
+    assert f"The track: {analysis.group(1)}." in opened.content, opened.content
     return thread_id
 
 

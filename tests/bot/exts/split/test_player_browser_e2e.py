@@ -8,6 +8,7 @@ and each leaves the page as it found it.
 from __future__ import annotations
 
 import asyncio
+import re
 import shutil
 import subprocess
 import time
@@ -51,7 +52,7 @@ async def job(fake, bot, tmp_path_factory):
     result = await final_message(fake, await fake.send_slash_command("split", [attachment_option("file", att)]))
     assert "Done" in result.content
     url = link_buttons(result)["Open player"]
-    return url, url.split("/player/")[1].split("?")[0]
+    return url, url.split("/player/")[1].split("?")[0], result.content
 
 
 @pytest.fixture(scope="module")
@@ -86,11 +87,24 @@ def page_state(driver) -> str:
 
 @pytest.fixture(scope="module")
 def player(browser, job):
-    url, _ = job
+    url, *_ = job
     browser.get(url)
     wait(browser, lambda d: page_state(d) in ("ready", "error"), what="the stems to load")
     assert page_state(browser) == "ready", browser.find_element(By.ID, "status").text
     return browser
+
+
+async def test_the_page_shows_the_tempo_and_key_of_the_result_message(player, job):
+    """The message and the page show the same checked analysis of the track."""
+    *_, content = job
+    said = re.search(r"· (?:([0-9]+) BPM · )?([A-G]#? (?:major|minor)) ·", content)
+    assert said is not None, content  # the model host always finds a key in non-silent stems
+    facts = player.find_element(By.ID, "facts").text
+    assert f"Key {said[2]}" in facts
+    if said[1]:
+        assert f"BPM {said[1]}" in facts
+    else:
+        assert "BPM" not in facts
 
 
 def set_range(driver, element_id: str, value: float) -> None:
@@ -211,7 +225,7 @@ async def test_the_mix_at_80_percent_is_longer_at_the_same_pitch_and_transposes(
 
 
 async def test_tampered_and_expired_links_are_refused(browser, bot, job):
-    url, job_id = job
+    url, job_id, _ = job
     secret = bytes.fromhex((bot.data_dir / "link_secret").read_text().strip())
     expired = LinkSigner(secret, bot.web_url).sign_player(job_id, time.time() - 60)
     tampered = url.replace(f"/player/{job_id}?", f"/player/{int(job_id) + 1}?")
@@ -227,7 +241,7 @@ async def test_tampered_and_expired_links_are_refused(browser, bot, job):
 
 async def test_without_audio_worklets_the_same_mixer_plays_on_the_page(browser, job):
     """Plain http away from localhost has no AudioWorklet: the ScriptProcessor fallback."""
-    url, _ = job
+    url, *_ = job
     script = browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument",
                                      {"source": "delete window.AudioWorkletNode;"})
     try:

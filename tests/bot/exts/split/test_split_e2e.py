@@ -10,9 +10,12 @@ import time
 from pathlib import Path
 
 import aiohttp
+import numpy as np
 import pytest
+import soundfile
 from aiohttp import web
 
+from bench.tempo_key_accuracy import RATE, drum_loop, progression
 from core.media.audio import probe
 from tests.bot.helpers import final_message, private_answer, upload
 from tests.support.deployment import compose_healthcheck, dockerfile_healthcheck
@@ -104,14 +107,24 @@ async def test_status_message_shows_the_queue_and_the_stages_before_the_result(f
 
 
 async def test_the_same_song_again_is_answered_from_the_cache(fake, bot, tmp_path):
-    att = upload(fake, tmp_path, "again.wav")
-    first = await final_message(fake, await fake.send_slash_command("split", [attachment_option("file", att)]))
+    # A song of known tempo and key, through a model whose stems keep them (a random tiny
+    # model's stems would not): the result shows both, and so does the cache's answer.
+    chords, bass = progression(9, True, 100, "saw", seconds=10)
+    song = chords + bass + 0.7 * drum_loop(100, seconds=10)
+    soundfile.write(tmp_path / "again.wav", np.stack([song, song], axis=1), RATE)
+    att = fake.add_attachment("again.wav", (tmp_path / "again.wav").read_bytes(), content_type="audio/wav")
+    mixstems = string_option("model", "mixstems")
+    first = await final_message(fake, await fake.send_slash_command("split", [attachment_option("file", att),
+                                                                              mixstems]))
     again = fake.add_attachment("again-renamed.wav", fake.attachments[int(att["id"])].data,
                                 content_type="audio/wav")
-    second = await final_message(fake, await fake.send_slash_command("split", [attachment_option("file", again)]))
+    second = await final_message(fake, await fake.send_slash_command("split", [attachment_option("file", again),
+                                                                               mixstems]))
     assert "from the cache" in second.content and "from the cache" not in first.content
     for name in ("drums.mp3", "bass.mp3", "other.mp3", "vocals.mp3"):
         assert second.attachment_named(name).data == first.attachment_named(name).data
+    for result in (first, second):
+        assert "· 100 BPM · A minor ·" in result.content, result.content
 
 
 async def test_split_at_80_percent_and_a_mix_without_the_drums_have_the_right_length(fake, bot, tmp_path):
