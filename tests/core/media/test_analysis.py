@@ -61,3 +61,12 @@ def test_the_key_names_are_the_24_with_sharps():
     triad = np.zeros(12)
     triad[[0, 4, 7]] = 1.0
     assert key_of_chroma(triad) == "C major"
+
+
+def test_the_tempo_and_key_heard_follow_the_rendered_speed_and_transpose():
+    song = TrackAnalysis(bpm=100.0, key="A minor")
+    assert song.rendered(100, 0) == song
+    assert song.rendered(80, 2) == TrackAnalysis(bpm=80.0, key="B minor")
+    assert song.rendered(150, -12).describe() == "150 BPM · A minor"
+    assert TrackAnalysis(bpm=None, key="B major").rendered(50, 1) == TrackAnalysis(bpm=None, key="C major")
+    assert TrackAnalysis(bpm=120.0, key=None).rendered(125, 5).describe() == "150 BPM"
