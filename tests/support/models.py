@@ -7,7 +7,7 @@ settings have tried to allocate tens of GB, and channels below dconv_comp crash.
 `SHORT_SEGMENT` (2 s instead of htdemucs's 7.8 s) makes a model whose segment grid and
 block context are four times finer: block tests (core.separation.blockwise) then cross the
 same boundaries with 8-second blocks on a 30-second track instead of 16-second blocks on a
-60-second one, at about a quarter of the compute.
+60-second one, for less than half the CPU time.
 """
 
 from __future__ import annotations
