@@ -26,7 +26,8 @@ def pytest_collection_modifyitems(config, items):
 def model_dir(tmp_path_factory):
     """A demucs-layout model folder: `tiny` (plain), `tinysum` (checksummed), `tinybag`, a
     bag of four per-stem specialists like htdemucs_ft, and `mixstems`, whose every stem is
-    a quarter of the mix (a track's tempo and key survive it)."""
+    a quarter of the mix (a track's tempo and key survive it); `tinyshort` and
+    `tinyshortbag` are `tiny` and `tinybag` with 2-second segments."""
     folder = tmp_path_factory.mktemp("models")
     tiny.save_th(tiny.tiny_htdemucs(seed=0), folder, "tiny")
     tiny.save_checksummed(tiny.tiny_htdemucs(seed=1), folder, "tinysum")
@@ -38,6 +39,11 @@ def model_dir(tmp_path_factory):
     identity = [[1.0 if i == k else 0.0 for i in range(4)] for k in range(4)]
     tiny.save_bag(folder, "tinybag", members, identity)
     tiny.save_th(tiny.tiny_htdemucs(seed=0, klass=tiny.MixAsEveryStem), folder, "mixstems")
+    # The same two kinds with 2-second segments, for tests of long tracks in short blocks.
+    tiny.save_th(tiny.tiny_htdemucs(seed=0, segment=tiny.SHORT_SEGMENT), folder, "tinyshort")
+    for k in range(4):
+        tiny.save_th(tiny.tiny_htdemucs(seed=10 + k, segment=tiny.SHORT_SEGMENT), folder, f"short{k}")
+    tiny.save_bag(folder, "tinyshortbag", [f"short{k}" for k in range(4)], identity)
     return folder
 
 

@@ -30,16 +30,18 @@ from tests.support.media import ffmpeg, music, snr_db
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.slow]
 
 SOURCES = ("drums", "bass", "other", "vocals")
+# 2-second segments (tests/support/models.py): many segments, and short blocks, in short songs.
+MODEL = "tinyshort"
 
 
 def config(model_dir, batch_jobs: int, **overrides) -> HostConfig:
-    settings = dict(model="tiny", model_dir=str(model_dir), device="cpu", shifts=0, min_duration_s=1.0,
+    settings = dict(model=MODEL, model_dir=str(model_dir), device="cpu", shifts=0, min_duration_s=1.0,
                     batch_jobs=batch_jobs, batch_segments=2)
     return HostConfig(**{**settings, **overrides})
 
 
-# Blocks short enough that a one-minute song goes blockwise, in four blocks.
-SHORT_BLOCKS = dict(block_s=16.0, blocks_above_s=30.0)
+# Blocks short enough that a 30-second song goes blockwise, in four blocks.
+SHORT_BLOCKS = dict(block_s=8.0, blocks_above_s=20.0)
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +49,7 @@ def songs(tmp_path_factory) -> list[Path]:
     folder = tmp_path_factory.mktemp("songs")
     # Several forward passes each (two segments a pass), so all three are in the host at once.
     return [music(folder / f"song{k}.wav", seconds=seconds, tone=tone)
-            for k, (seconds, tone) in enumerate([(60.0, 220.0), (45.0, 330.0), (50.0, 275.0)])]
+            for k, (seconds, tone) in enumerate([(15.0, 220.0), (11.0, 330.0), (13.0, 275.0)])]
 
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
@@ -61,7 +63,7 @@ async def batching(model_dir):
 _ids = iter(range(1, 10_000))
 
 
-def spec_for(path: Path, out: Path, model: str = "tiny") -> JobSpec:
+def spec_for(path: Path, out: Path, model: str = MODEL) -> JobSpec:
     job_id = next(_ids)
     return JobSpec(job_id=job_id, input_path=str(path), stems_dir=str(out / f"job{job_id}"), model=model,
                    stems="all", format="wav", preview=False, attachment_limit=2**30)
@@ -167,7 +169,7 @@ def faulty_dir(tmp_path_factory) -> Path:
 @pytest_asyncio.fixture(loop_scope="module")
 async def faulty_host(faulty_dir):
     # Four segments a pass to begin with: more than OutOfMemoryAbove2 takes.
-    worker = HostHandle(config(faulty_dir, batch_jobs=3, batch_segments=4), start_timeout_s=60)
+    worker = HostHandle(config(faulty_dir, batch_jobs=3, batch_segments=4, model="tiny"), start_timeout_s=60)
     await worker.start()
     yield worker
     await worker.stop()
@@ -184,7 +186,7 @@ async def test_running_out_of_memory_shrinks_the_passes_and_fails_no_job(faulty_
     results = await asyncio.wait_for(asyncio.gather(*(faulty_host.run(spec) for spec in specs)), 120)
     assert [is_done(r) for r in results] == [True] * 2, results
     for song, spec in zip(short_songs, specs, strict=True):
-        alone = spec_for(song, tmp_path / "alone")
+        alone = spec_for(song, tmp_path / "alone", model="tiny")
         assert is_done(await asyncio.wait_for(faulty_host.run(alone), 120))
         reference, recovered = stems_of(alone), stems_of(spec)
         for name in SOURCES:
@@ -207,11 +209,11 @@ async def test_a_track_too_big_even_one_segment_a_pass_fails_with_a_clear_reason
     result = await asyncio.wait_for(faulty_host.run(spec_for(short_songs[0], tmp_path, model="tinynomem")), 120)
     assert isinstance(result, FailedEvent) and result.kind == "out_of_memory", result
     assert result.reason == "the worker ran out of memory separating this track; try again later"
-    assert is_done(await asyncio.wait_for(faulty_host.run(spec_for(short_songs[1], tmp_path)), 120))
+    assert is_done(await asyncio.wait_for(faulty_host.run(spec_for(short_songs[1], tmp_path, model="tiny")), 120))
 
 
 async def test_a_long_track_shares_passes_block_by_block(model_dir, short_songs, tmp_path):
-    long_song = music(tmp_path / "long.wav", seconds=60.0, tone=275.0)
+    long_song = music(tmp_path / "long.wav", seconds=30.0, tone=275.0)
     outcomes = {}
     for label, batch_jobs in (("together", 3), ("alone", 1)):
         worker = HostHandle(config(model_dir, batch_jobs, **SHORT_BLOCKS), start_timeout_s=60)
@@ -235,7 +237,7 @@ async def test_a_long_track_shares_passes_block_by_block(model_dir, short_songs,
         finally:
             await worker.stop()
         assert [is_done(r) for r in results] == [True, True], results
-        assert isinstance(results[0], DoneEvent) and results[0].result.duration_s == pytest.approx(60.0, abs=0.01)
+        assert isinstance(results[0], DoneEvent) and results[0].result.duration_s == pytest.approx(30.0, abs=0.01)
         fractions = fractions_of(events)
         assert fractions == sorted(fractions) and fractions[-1] == 1.0
         assert [p.name for p in (tmp_path / label).iterdir() if "partial" in p.name] == []
@@ -247,7 +249,7 @@ async def test_a_long_track_shares_passes_block_by_block(model_dir, short_songs,
 
 
 async def test_cancelling_a_long_track_between_blocks_cleans_up(model_dir, short_songs, tmp_path):
-    long_song = music(tmp_path / "long.wav", seconds=60.0, tone=275.0)
+    long_song = music(tmp_path / "long.wav", seconds=30.0, tone=275.0)
     worker = HostHandle(config(model_dir, batch_jobs=3, **SHORT_BLOCKS), start_timeout_s=60)
     await worker.start()
     try:

@@ -1,6 +1,6 @@
 """core.separation.blockwise: long tracks decoded, separated and encoded in blocks, with real ffmpeg
-and demucs's own code on a tiny model. Blocks are short here (16 s) so that a short
-track has several boundaries."""
+and demucs's own code on a tiny model. The model's segments are short (2 s, `tinyshort`) so
+that blocks can be short too (8 s): a 30-second track has several boundaries."""
 
 from __future__ import annotations
 
@@ -28,19 +28,21 @@ from tests.support.media import music, snr_db
 pytestmark = pytest.mark.slow
 
 RATE = 44100
-BLOCK_S = 16.0
+MODEL = "tinyshort"
+BLOCK_S = 8.0
+TRACK_S = 30.0
 FLOAT_WAV = OutputFormat(name="wav", wav_depth="float")
 EXACT = SeparationOptions(shifts=0)
 
 
 @pytest.fixture(scope="module")
 def engine(model_dir):
-    return SeparationEngine.load("tiny", model_dir, "cpu")
+    return SeparationEngine.load(MODEL, model_dir, "cpu")
 
 
 @pytest.fixture(scope="module")
 def track(tmp_path_factory) -> Path:
-    return music(tmp_path_factory.mktemp("media") / "long.wav", seconds=60.0, tone=330.0)
+    return music(tmp_path_factory.mktemp("media") / "long.wav", seconds=TRACK_S, tone=330.0)
 
 
 @pytest.fixture(scope="module")
@@ -139,8 +141,8 @@ def test_peak_is_the_largest_sample_of_all_stems(both):
 def test_stems_sum_to_the_mix_with_one_shared_gain_as_the_whole_track(model_dir, tmp_path):
     # A bag of specialists: `no_vocals` is the mix minus the vocals, so the two stems sum
     # to the mix exactly, and a loud mix needs the anti-clip gain.
-    bag = SeparationEngine.load("tinybag", model_dir, "cpu")
-    source = music(tmp_path / "loud.wav", seconds=40.0, volume=12.0, extra=("-c:a", "pcm_f32le"))
+    bag = SeparationEngine.load("tinyshortbag", model_dir, "cpu")
+    source = music(tmp_path / "loud.wav", seconds=20.0, volume=12.0, extra=("-c:a", "pcm_f32le"))
     request = parse_stems("karaoke", bag.sources)
     mix = decode(source, RATE, 2, Limits())
     assert np.abs(mix).max() > 1.2
@@ -166,7 +168,7 @@ def test_stems_sum_to_the_mix_with_one_shared_gain_as_the_whole_track(model_dir,
 
 @pytest.fixture(scope="module")
 def short_track(tmp_path_factory) -> Path:
-    return music(tmp_path_factory.mktemp("short") / "forty.wav", seconds=40.0)
+    return music(tmp_path_factory.mktemp("short") / "twenty.wav", seconds=20.0)
 
 
 def _counting(engine, monkeypatch, fail_at: int | None = None) -> list[str]:
@@ -292,10 +294,10 @@ def test_the_batch_separator_gives_the_same_files_with_blocks(engine, track, tmp
     for label, block_s in (("whole", None), ("blocks", BLOCK_S)):
         events = Events()
         separator = FileSeparator(engine, request, OutputFormat(name="flac"), EXACT, block_s=block_s,
-                                   blocks_above_s=50.0)
+                                   blocks_above_s=20.0)
         results = separator.run([track], tmp_path / label, events)
         assert [r.error for r in results] == [None]
-        assert results[0].audio_s == pytest.approx(60.0, abs=0.01)
+        assert results[0].audio_s == pytest.approx(30.0, abs=0.01)
         assert events.fractions[0][-1] == 1.0 and events.fractions[0] == sorted(events.fractions[0])
         assert _no_leftovers(tmp_path / label) == []
         outputs[label] = [r.folder for r in results]
@@ -319,10 +321,10 @@ class _Events:
 
 def _host_run(model_dir, source: Path, out: Path, render: str = "", **config) -> tuple[DoneEvent, list[HostEvent]]:
     events = _Events()
-    host = SerialHost(JobSteps(HostConfig(model="tiny", model_dir=str(model_dir), device="cpu", shifts=0,
+    host = SerialHost(JobSteps(HostConfig(model=MODEL, model_dir=str(model_dir), device="cpu", shifts=0,
                                           warm_up=False, log_level=logging.WARNING, **config),
                                events, set(), parent=os.getppid()))
-    spec = JobSpec(job_id=7, input_path=str(source), stems_dir=str(out / "stems"), model="tiny", stems="all",
+    spec = JobSpec(job_id=7, input_path=str(source), stems_dir=str(out / "stems"), model=MODEL, stems="all",
                    format="flac", render=render)
     host.run(spec)
     done = events.items[-1]
@@ -332,12 +334,12 @@ def _host_run(model_dir, source: Path, out: Path, render: str = "", **config) ->
 
 def test_the_model_host_gives_the_same_files_with_blocks(model_dir, track, tmp_path):
     whole_done, _ = _host_run(model_dir, track, tmp_path / "whole", block_s=None)
-    blocks_done, events = _host_run(model_dir, track, tmp_path / "blocks", block_s=BLOCK_S, blocks_above_s=30.0)
+    blocks_done, events = _host_run(model_dir, track, tmp_path / "blocks", block_s=BLOCK_S, blocks_above_s=20.0)
     whole, blocks = whole_done.result, blocks_done.result
 
     stages = [e for e in events if isinstance(e, StageEvent)]
     assert [e.stage for e in stages] == ["decoding", "separating", "encoding"]
-    assert stages[1].duration_s == pytest.approx(60.0, abs=0.01)
+    assert stages[1].duration_s == pytest.approx(30.0, abs=0.01)
     fractions = [e.fraction for e in events if isinstance(e, ProgressEvent)]
     assert fractions == sorted(fractions) and fractions[-1] == 1.0
     assert blocks.files == whole.files and blocks.duration_s == whole.duration_s
@@ -362,10 +364,10 @@ def test_the_model_host_mixes_and_stretches_a_long_track_staged_on_disk(model_di
     bot's end-to-end tests.)"""
     options = RenderOptions(tempo=80, mix=(("vocals", 50), ("drums", 100), ("bass", 100)))
     done, _ = _host_run(model_dir, track, tmp_path / "blocks", options.to_column(), block_s=BLOCK_S,
-                        blocks_above_s=30.0)
-    assert done.result.files == {"mix": "mix.flac"} and done.result.duration_s == pytest.approx(60.0, abs=0.01)
+                        blocks_above_s=20.0)
+    assert done.result.files == {"mix": "mix.flac"} and done.result.duration_s == pytest.approx(TRACK_S, abs=0.01)
     mixed = decode(tmp_path / "blocks" / "stems" / "mix.flac", RATE, 2, Limits())
-    assert mixed.shape[1] / RATE == pytest.approx(60.0 / 0.8, abs=0.5)
+    assert mixed.shape[1] / RATE == pytest.approx(TRACK_S / 0.8, abs=0.5)
     assert 0.01 < float(np.max(np.abs(mixed))) < 1.0
     assert _no_leftovers(tmp_path / "blocks") == [] and _no_leftovers(tmp_path / "blocks" / "stems") == []
 
@@ -373,8 +375,8 @@ def test_the_model_host_mixes_and_stretches_a_long_track_staged_on_disk(model_di
 def test_the_model_host_cleans_up_a_cancelled_long_job(model_dir, track, tmp_path):
     events = _Events()
     cancel: set[int] = set()
-    host = SerialHost(JobSteps(HostConfig(model="tiny", model_dir=str(model_dir), device="cpu", shifts=0,
-                                          warm_up=False, block_s=BLOCK_S, blocks_above_s=30.0),
+    host = SerialHost(JobSteps(HostConfig(model=MODEL, model_dir=str(model_dir), device="cpu", shifts=0,
+                                          warm_up=False, block_s=BLOCK_S, blocks_above_s=20.0),
                                events, cancel, parent=os.getppid()))
     original = events.put
 
@@ -384,7 +386,7 @@ def test_the_model_host_cleans_up_a_cancelled_long_job(model_dir, track, tmp_pat
             cancel.add(9)  # cancel once it is under way
 
     events.put = put
-    host.run(JobSpec(job_id=9, input_path=str(track), stems_dir=str(tmp_path / "stems"), model="tiny",
+    host.run(JobSpec(job_id=9, input_path=str(track), stems_dir=str(tmp_path / "stems"), model=MODEL,
                      stems="all", format="flac"))
     assert events.items[-1] == CancelledEvent(9)
     assert list(tmp_path.iterdir()) == []
