@@ -56,7 +56,7 @@ async def test_sync_registers_the_commands_once(tmp_path, model_dir):
         assert code == 0, err
         registered = fake.guild_commands[fake.guild_id]
         by_name = {c["name"]: c for c in registered}
-        assert set(by_name) == {"split", "karaoke", "queue", "cancel", "help", "quota", "forget", "stembot",
+        assert set(by_name) == {"split", "karaoke", "mix", "queue", "cancel", "help", "quota", "forget", "stembot",
                                 "challenge", "Split stems"}
         admin = by_name["stembot"]
         assert int(admin["default_member_permissions"]) == 1 << 5  # Manage Server
@@ -71,13 +71,17 @@ async def test_sync_registers_the_commands_once(tmp_path, model_dir):
                                                                              "voting"]
         assert start["file"]["type"] == 11 and start["anonymous"]["type"] == 5
         split_options = {o["name"]: o for o in by_name["split"]["options"]}
-        assert set(split_options) == {"file", "url", "stems", "format", "model"}
+        assert set(split_options) == {"file", "url", "stems", "format", "model", "tempo", "transpose"}
+        assert (split_options["tempo"]["min_value"], split_options["tempo"]["max_value"]) == (50, 150)
+        assert (split_options["transpose"]["min_value"], split_options["transpose"]["max_value"]) == (-12, 12)
+        mix_options = {o["name"] for o in by_name["mix"]["options"]}
+        assert mix_options >= {"file", "url", "without", "stems", "volumes", "tempo", "transpose"}
         assert [c["value"] for c in split_options["stems"]["choices"]] == [
             "all", "karaoke", "vocals", "drums", "bass", "other"]
         assert [c["value"] for c in split_options["format"]["choices"]] == ["mp3", "opus", "flac", "wav"]
         assert split_options["model"]["autocomplete"] is True
         assert by_name["Split stems"]["type"] == 3
-        assert "synced 10 commands" in out
+        assert "synced 11 commands" in out
         # Syncing is explicit: nothing was put to the global command list.
         assert not fake.requests_matching("PUT", r"/applications/\d+/commands")
 

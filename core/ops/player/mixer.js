@@ -40,6 +40,7 @@ class StemMixer {
     this.qRead = this.hop;
     this.target = new Float32Array(this.hop);
     this.candidates = new Float32Array(2 * this.tolerance + this.hop);
+    this.monoRight = new Float32Array(this.candidates.length);  // monoInto's scratch
     this.resetStretch(0);
   }
 
@@ -160,21 +161,13 @@ class StemMixer {
     }
   }
 
-  // Mono mix at `start + j * step` (for lining grains up).
+  // Mono mix at `start + j * step` (for lining grains up): the stereo mix, summed.
   monoInto(out, start, step, count) {
+    const right = this.monoRight;
     out.fill(0, 0, count);
-    for (let s = 0; s < this.stems.length; s++) {
-      const g = this.gains[s];
-      if (g === 0) continue;
-      const [l, r] = this.stems[s];
-      const last = l.length - 1;
-      for (let j = 0; j < count; j++) {
-        const x = start + j * step;
-        if (x < 0 || x >= last) continue;
-        const i = Math.floor(x);
-        out[j] += g * (l[i] + r[i]);
-      }
-    }
+    right.fill(0, 0, count);
+    this.mixInto(out, right, start, step, count, 0);
+    for (let j = 0; j < count; j++) out[j] += right[j];
   }
 
   processStretched(left, right, n) {
