@@ -74,6 +74,8 @@ async def test_sync_registers_the_commands_once(tmp_path, model_dir):
         assert set(split_options) == {"file", "url", "stems", "format", "model", "tempo", "transpose"}
         assert (split_options["tempo"]["min_value"], split_options["tempo"]["max_value"]) == (50, 150)
         assert (split_options["transpose"]["min_value"], split_options["transpose"]["max_value"]) == (-12, 12)
+        assert {o["name"] for o in by_name["karaoke"]["options"]} == {"file", "url", "format", "model", "tempo",
+                                                                      "transpose"}
         mix_options = {o["name"] for o in by_name["mix"]["options"]}
         assert mix_options >= {"file", "url", "without", "stems", "volumes", "tempo", "transpose"}
         assert [c["value"] for c in split_options["stems"]["choices"]] == [

@@ -78,12 +78,9 @@ class Split(commands.Cog):
                     url: str | None = None, stems: StemsChoice = "all", format: FormatChoice | None = None,
                     model: str | None = None, tempo: TempoRange | None = None,
                     transpose: TransposeRange | None = None) -> None:
-        try:
-            render = split_render(tempo, transpose)
-        except BadRequestError as exc:
-            await interaction.response.send_message(_sentence(exc.reason), ephemeral=True)
-            return
-        await self.start_job(interaction, file, url, stems, format, model, render)
+        render = await _render_or_refuse(interaction, tempo, transpose)
+        if render is not None:
+            await self.start_job(interaction, file, url, stems, format, model, render)
 
     @app_commands.command(name="mix", description="One file of the stems you choose, at your volumes, speed and key")
     @app_commands.describe(
@@ -105,10 +102,16 @@ class Split(commands.Cog):
 
     @app_commands.command(name="karaoke", description="Make a karaoke track: vocals and instrumental")
     @app_commands.describe(file="the song (audio or video file)", url="a link to the song instead of a file",
-                           format="file format (default: mp3)", model="separation model (default: the server's)")
+                           format="file format (default: mp3)", model="separation model (default: the server's)",
+                           tempo="speed in percent of the original, 50 to 150, keeping the key (default: 100)",
+                           transpose="semitones up or down to suit your voice, -12 to 12 (default: 0)")
     async def karaoke(self, interaction: discord.Interaction, file: discord.Attachment | None = None,
-                      url: str | None = None, format: FormatChoice | None = None, model: str | None = None) -> None:
-        await self.start_job(interaction, file, url, "karaoke", format, model)
+                      url: str | None = None, format: FormatChoice | None = None, model: str | None = None,
+                      tempo: TempoRange | None = None, transpose: TransposeRange | None = None) -> None:
+        # A singer practising moves the backing track into their key, or slows it down.
+        render = await _render_or_refuse(interaction, tempo, transpose)
+        if render is not None:
+            await self.start_job(interaction, file, url, "karaoke", format, model, render)
 
     @split.autocomplete("model")
     @karaoke.autocomplete("model")
@@ -189,7 +192,7 @@ class Split(commands.Cog):
         text = (
             "**stembot** splits songs into stems with Demucs.\n"
             "• `/split file:` — vocals, drums, bass and other (or pick one with `stems:`)\n"
-            "• `/karaoke file:` — vocals and instrumental\n"
+            "• `/karaoke file:` — vocals and instrumental (also with `tempo:` and `transpose:`)\n"
             "• `/split tempo: transpose:` — the stems at 50-150% speed, or up to 12 semitones up or down\n"
             "• `/mix file: without: drums` — one file of the stems you choose (`stems:` or `without:`), "
             "at your `volumes:` (e.g. `vocals=50 bass=120`), `tempo:` and `transpose:`\n"
@@ -374,6 +377,17 @@ class MixArgs:
     volumes: str | None
     tempo: int | None
     transpose: int | None
+
+
+async def _render_or_refuse(interaction: discord.Interaction, tempo: int | None,
+                            transpose: int | None) -> RenderOptions | None:
+    """The tempo and transpose asked for, or None once the member was told why not (privately,
+    before anything is queued or charged)."""
+    try:
+        return split_render(tempo, transpose)
+    except BadRequestError as exc:
+        await interaction.response.send_message(_sentence(exc.reason), ephemeral=True)
+        return None
 
 
 def _sentence(reason: str) -> str:

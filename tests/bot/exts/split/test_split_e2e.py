@@ -161,6 +161,21 @@ async def test_karaoke(fake, bot, tmp_path):
     assert [a.filename for a in result.attachments] == ["vocals.flac", "no_vocals.flac", "preview.png"]
 
 
+async def test_karaoke_in_the_singers_key(fake, bot, tmp_path):
+    """/karaoke transpose:-3 renders the backing track and the vocals 3 semitones down, at the
+    song's length; a transpose out of range is refused privately."""
+    interaction = await fake.send_slash_command("karaoke", [attachment_option("file", upload(fake, tmp_path, "k.wav")),
+                                                            integer_option("transpose", -3)])
+    wrong = await fake.send_slash_command("karaoke", [attachment_option("file", upload(fake, tmp_path, "x.wav")),
+                                                      integer_option("transpose", 13)])
+    assert "12" in await private_answer(fake, wrong)
+    result = await final_message(fake, interaction)
+    assert "2 stems · -3 semitones" in result.content, result.content
+    (tmp_path / "no_vocals.mp3").write_bytes(result.attachment_named("no_vocals.mp3").data)
+    assert probe(tmp_path / "no_vocals.mp3").duration_s == pytest.approx(5.0, abs=0.15)
+    assert not [m for m in fake.messages_for(wrong) if not m.is_ephemeral]
+
+
 async def test_context_menu_on_a_message_with_a_song(fake, bot, tmp_path):
     att = upload(fake, tmp_path, "jam.wav")
     posted = fake.add_user_message("check out my jam", attachments=[att])
