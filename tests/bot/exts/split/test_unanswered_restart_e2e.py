@@ -45,9 +45,14 @@ async def test_a_job_whose_interaction_was_never_answered_is_cancelled_and_its_u
             mentions = post.json["allowed_mentions"]  # only the member may be pinged
             assert mentions["parse"] == [] and [str(u) for u in mentions["users"]] == [member["id"]]
             assert not lost.acknowledged and fake.messages_for(lost) == []
-            with closing(sqlite3.connect(database)) as db:
-                rows = db.execute("SELECT state, error_kind, slot_state, quota_state, notified_at IS NOT NULL "
-                                  "FROM jobs").fetchall()
-            assert rows == [("cancelled", "unanswered", "released", "none", 1)]
+            def rows():
+                with closing(sqlite3.connect(database)) as db:
+                    return db.execute("SELECT state, error_kind, slot_state, quota_state, notified_at IS NOT NULL "
+                                      "FROM jobs").fetchall()
+
+            # The bot records that it told the member once Discord has answered its post, a
+            # moment after the fake shows the message.
+            await fake.wait_for(lambda: rows()[0][4] == 1, timeout=10, what="notified_at to be recorded")
+            assert rows() == [("cancelled", "unanswered", "released", "none", 1)]
         finally:
             await bot.kill()
