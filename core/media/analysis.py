@@ -28,6 +28,8 @@ from typing import Any
 import librosa
 import numpy as np
 
+from core.media.audio import sum_shortest
+
 PITCH_CLASSES = ("C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B")
 # "C major" .. "B major", then "C minor" .. "B minor".
 KEY_NAMES = tuple(f"{pitch} {mode}" for mode in ("major", "minor") for pitch in PITCH_CLASSES)
@@ -100,8 +102,8 @@ def analyse_stems(stems: Mapping[str, np.ndarray], sample_rate: int) -> TrackAna
         return TrackAnalysis(None, None)
     mono = {name: _mono(audio) for name, audio in stems.items()}
     harmony = [audio for name, audio in mono.items() if name not in _PERCUSSION_STEMS]
-    bpm = estimate_tempo(_to_rate(_sum(list(mono.values())), sample_rate))
-    key = estimate_key(_to_rate(_sum(harmony), sample_rate)) if harmony else None
+    bpm = estimate_tempo(_to_rate(sum_shortest(mono.values()), sample_rate))
+    key = estimate_key(_to_rate(sum_shortest(harmony), sample_rate)) if harmony else None
     return TrackAnalysis(bpm=bpm, key=key)
 
 
@@ -196,14 +198,6 @@ def _to_rate(mono: np.ndarray, sample_rate: int) -> np.ndarray:
     if sample_rate == ANALYSIS_RATE:
         return mono
     return librosa.resample(mono, orig_sr=sample_rate, target_sr=ANALYSIS_RATE, res_type="soxr_hq")
-
-
-def _sum(parts: list[np.ndarray]) -> np.ndarray:
-    length = min(len(part) for part in parts)
-    total = parts[0][:length].copy()
-    for part in parts[1:]:
-        total += part[:length]
-    return total
 
 
 def _audible(mono: np.ndarray) -> bool:

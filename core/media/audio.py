@@ -402,6 +402,16 @@ def clip_gain(stems: Mapping[str, np.ndarray] | list[np.ndarray], headroom: floa
     return gain_for_peak(peak, headroom)
 
 
+def sum_shortest(parts: Iterable[np.ndarray]) -> np.ndarray:
+    """The sum of `parts` (at least one) over the length of the shortest, as a new array."""
+    parts = list(parts)
+    length = min(part.shape[-1] for part in parts)
+    total = parts[0][..., :length].copy()
+    for part in parts[1:]:
+        total += part[..., :length]
+    return total
+
+
 def gain_for_peak(peak: float, headroom: float = 1.01) -> float:
     """`clip_gain` for stems whose largest absolute sample is `peak` (for stems that are
     not in memory all at once)."""

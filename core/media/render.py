@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from core.errors import BadRequestError
-from core.media.audio import AudioFilters, gain_for_peak
+from core.media.audio import AudioFilters, gain_for_peak, sum_shortest
 
 TEMPO_MIN, TEMPO_MAX = 50, 150  # percent of the original speed
 TRANSPOSE_MIN, TRANSPOSE_MAX = -12, 12  # semitones
@@ -218,15 +218,8 @@ def _mixed_chunks(paths: Mapping[str, Path], mix: Sequence[tuple[str, int]], cou
             length = min(part.size for part in parts)
             if not length:
                 return
-            yield _sum(part[:length] for part in parts)
+            yield sum_shortest(parts)
     finally:
         for file, _ in files:
             file.close()
 
-
-def _sum(parts: Iterable[np.ndarray]) -> np.ndarray:
-    total: np.ndarray | None = None
-    for part in parts:
-        total = part if total is None else total + part
-    assert total is not None
-    return total
