@@ -114,8 +114,10 @@ def _example(model: HTDemucs, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor
 
 def supports(model: object) -> bool:
     """Whether this backend can run `model`: an HTDemucs with complex-as-channels output
-    (every published htdemucs); others (Wiener-filtered, older Demucs) stay on PyTorch."""
-    return isinstance(model, HTDemucs) and not isinstance(model, ExportedHTDemucs) and bool(model.cac)
+    (every published htdemucs); others (Wiener-filtered, older Demucs, subclasses with a
+    forward of their own) stay on PyTorch."""
+    return (isinstance(model, HTDemucs) and type(model).forward is HTDemucs.forward  # demucs's own network
+            and bool(model.cac))
 
 
 def export_key(model: HTDemucs) -> str:
@@ -353,7 +355,7 @@ def probe(net: HTDemucs, export_dir: Path, threads: int) -> dict[str, float]:
     mix, _ = _example(net, seed=1)
     timings: dict[str, list[float]] = {name: [] for name in runs}
     with torch.inference_mode():
-        for name, run in runs.items():
+        for run in runs.values():
             run(mix)  # the first call pays for lazy set-up
         for _ in range(PROBE_ROUNDS):
             for name, run in runs.items():
