@@ -1,5 +1,6 @@
 """core.separation.onnx_backend: the tiny htdemucs (2-s segments) exported and run by ONNX
-Runtime and OpenVINO, against demucs's own apply_model and stembot's PyTorch engine."""
+Runtime and OpenVINO, against demucs's own apply_model on the untouched model. Mixes are
+4 s (three segments) to keep the file fast."""
 
 from __future__ import annotations
 
@@ -33,9 +34,14 @@ def exports(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def mix() -> np.ndarray:
     rng = np.random.default_rng(3)
-    t = np.arange(RATE * 5) / RATE
+    t = np.arange(RATE * 4) / RATE
     tone = 0.2 * np.sin(2 * np.pi * 220 * t) + 0.05 * rng.standard_normal(t.size)
     return np.stack([tone, 0.7 * tone]).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir, mix) -> dict[str, np.ndarray]:
+    return demucs_reference(model_dir, "tinyshort", mix)
 
 
 @pytest.fixture(scope="module", params=RUNTIMES)
@@ -68,9 +74,8 @@ def forward_counter(engine: SeparationEngine) -> list[int]:
     return counts
 
 
-def test_each_runtime_matches_demucs_within_60_db(engine, model_dir, mix):
+def test_each_runtime_matches_demucs_within_60_db(engine, reference, mix):
     assert engine.backend in RUNTIMES and isinstance(engine.model, ExportedHTDemucs)
-    reference = demucs_reference(model_dir, "tinyshort", mix)
     stems = engine.separate(mix, parse_stems("all", engine.sources), EXACT)
     assert list(stems) == ["drums", "bass", "other", "vocals"]
     for name, estimate in stems.items():
@@ -98,7 +103,7 @@ def test_progress_rises_per_segment_and_cancel_stops_at_the_next_segment(engine,
     fractions: list[float] = []
     engine.separate(mix, parse_stems("all", engine.sources), EXACT, progress=fractions.append)
     assert fractions == sorted(fractions) and fractions[-1] == 1.0
-    assert len([f for f in fractions if 0 < f < 1]) >= 3  # 5 s in 2-s segments: several steps
+    assert len([f for f in fractions if 0 < f < 1]) >= 3  # 4 s in 2-s segments, 1.5 s apart: three steps
 
     counts = forward_counter(engine)
     with pytest.raises(JobCancelled):
@@ -108,7 +113,7 @@ def test_progress_rises_per_segment_and_cancel_stops_at_the_next_segment(engine,
 
 def test_blockwise_long_track_through_onnx(model_dir, exports, tmp_path):
     engine = SeparationEngine.load("tinyshort", model_dir, "cpu", "onnx", exports)
-    track = music(tmp_path / "long.wav", seconds=20.0, tone=330.0)
+    track = music(tmp_path / "long.wav", seconds=16.0, tone=330.0)
     request = parse_stems("all", engine.sources)
     whole = engine.separate(decode(track, RATE, 2, Limits()), request, EXACT)
     (tmp_path / "work").mkdir()
@@ -131,10 +136,9 @@ def test_an_export_is_made_once_and_remade_when_the_weights_change(tmp_path, mix
     models, exports = tmp_path / "models", tmp_path / "exports"
     models.mkdir()
     tiny.save_th(tiny.tiny_htdemucs(seed=0, segment=tiny.SHORT_SEGMENT), models, "m")
-    first = SeparationEngine.load("m", models, "cpu", "onnx", exports)
+    SeparationEngine.load("m", models, "cpu", "onnx", exports)
     [export] = exported_files(exports)
     made = export.stat().st_mtime_ns
-    before = first.separate(mix, parse_stems("all", first.sources), EXACT)
     SeparationEngine.load("m", models, "cpu", "onnx", exports)
     assert exported_files(exports) == [export] and export.stat().st_mtime_ns == made  # reused
 
@@ -145,14 +149,18 @@ def test_an_export_is_made_once_and_remade_when_the_weights_change(tmp_path, mix
     reference = demucs_reference(models, "m", mix)
     for name in after:
         assert snr_db(reference[name], after[name]) > 60, name
-        assert snr_db(before[name], after[name]) < 40, name  # really other weights
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate"])
-def test_a_damaged_export_is_remade_not_used(tmp_path, model_dir, mix, damage):
-    exports = tmp_path / "exports"
-    SeparationEngine.load("tinyshort", model_dir, "cpu", "onnx", exports)
-    [export] = exported_files(exports)
+def test_a_damaged_export_is_remade_not_used(tmp_path, model_dir, mix, reference, engine, exports, damage):
+    # A copy of the good export that `engine` made (as in a shared cache folder).
+    mine = tmp_path / "exports"
+    mine.mkdir()
+    net = catalogue.load("tinyshort", model_dir)
+    good = exports / f"htdemucs-{onnx_backend.export_key(net)}.onnx"
+    for source in (good, good.with_name(good.name + ".sha256")):
+        (mine / source.name).write_bytes(source.read_bytes())
+    export = mine / good.name
     data = bytearray(export.read_bytes())
     if damage == "flip":
         # A weight's bytes in the middle of the file: the graph still loads, the numbers are wrong.
@@ -160,10 +168,9 @@ def test_a_damaged_export_is_remade_not_used(tmp_path, model_dir, mix, damage):
     else:
         data = data[: len(data) // 3]
     export.write_bytes(bytes(data))
-    engine = SeparationEngine.load("tinyshort", model_dir, "cpu", "onnx", exports)
+    again = SeparationEngine.load("tinyshort", model_dir, "cpu", "onnx", mine)
     assert export.read_bytes() != bytes(data)  # exported again
-    reference = demucs_reference(model_dir, "tinyshort", mix)
-    stems = engine.separate(mix, parse_stems("all", engine.sources), EXACT)
+    stems = again.separate(mix, parse_stems("all", again.sources), EXACT)
     for name in stems:
         assert snr_db(reference[name], stems[name]) > 60, name
 
@@ -186,7 +193,7 @@ def test_a_read_only_model_folder_exports_to_the_users_cache(tmp_path, monkeypat
 # -- choosing -----------------------------------------------------------------------
 
 
-def test_auto_measures_once_per_model_and_machine_and_remembers(model_dir, tmp_path, mix):
+def test_auto_measures_once_per_model_and_machine_and_remembers(model_dir, tmp_path, mix, reference):
     exports = tmp_path / "exports"
     engine = SeparationEngine.load("tinyshort", model_dir, "cpu", "auto", exports)
     assert engine.backend in ("torch", *RUNTIMES)
@@ -198,7 +205,6 @@ def test_auto_measures_once_per_model_and_machine_and_remembers(model_dir, tmp_p
     (exports / "backend-choices.json").write_text(json.dumps({key: other}))
     again = SeparationEngine.load("tinyshort", model_dir, "cpu", "auto", exports)
     assert again.backend == other
-    reference = demucs_reference(model_dir, "tinyshort", mix)
     stems = again.separate(mix, parse_stems("all", again.sources), EXACT)
     assert all(snr_db(reference[name], stems[name]) > 60 for name in stems)
 
