@@ -13,6 +13,8 @@ import torch
 from demucs.apply import apply_model
 
 from core.errors import JobCancelled, ModelUnavailableError
+from core.host.handle import HostHandle
+from core.host.protocol import HostConfig
 from core.media.audio import Limits, decode
 from core.separation import blockwise, catalogue, onnx_backend
 from core.separation.engine import SeparationEngine, SeparationOptions
@@ -123,6 +125,16 @@ def test_blockwise_long_track_through_onnx(model_dir, exports, tmp_path):
         blocks = np.fromfile(path, dtype="<f4").reshape(-1, 2).T
         assert blocks.shape == whole[name].shape
         assert snr_db(whole[name], blocks) > 40, name  # as the PyTorch engine's blocks (test_blockwise)
+
+
+async def test_a_model_host_runs_the_configured_backend(model_dir, exports):
+    host = HostHandle(HostConfig(model="tinyshort", model_dir=str(model_dir), device="cpu", backend="openvino",
+                                 export_dir=str(exports)))
+    try:
+        info = await host.start()
+    finally:
+        await host.stop()
+    assert info["backend"] == "openvino"
 
 
 # -- the export cache ---------------------------------------------------------------
