@@ -8,7 +8,9 @@ the order of the variants:
 - no-fastpath: without PyTorch's multi-head-attention fast path;
 - channels-last: with channels-last weights;
 - tuned: both (what stembot runs on a CPU);
-- tuned+bf16: both, under bf16 autocast (opt-in STEMBOT_PRECISION=bf16).
+- tuned+bf16: both, under bf16 autocast (opt-in STEMBOT_PRECISION=bf16);
+- onnx, openvino: the network exported once (core.separation.onnx_backend) and run by ONNX
+  Runtime or OpenVINO in fp32, demucs's STFT and iSTFT around it (`--runtimes` to choose).
 
 Prints the median time of each, its ratio to demucs, and its SNR against demucs's output.
 
@@ -38,6 +40,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--work", type=Path, default=ROOT / "bench" / "out")
+    parser.add_argument("--runtimes", nargs="*", default=["onnx", "openvino"], choices=("onnx", "openvino"))
+    parser.add_argument("--skip", nargs="*", default=[], help="PyTorch variants to leave out")
     args = parser.parse_args()
 
     from demucs.pretrained import get_model
@@ -58,6 +62,14 @@ def main() -> None:
         "tuned": (tuned, False, nullcontext),
         "tuned+bf16": (tuned, False, bf16),
     }
+    for skipped in args.skip:
+        variants.pop(skipped)
+    from core.separation import onnx_backend
+
+    export = onnx_backend.cached_export(copy.deepcopy(plain), args.work / "exports")
+    for runtime in args.runtimes:
+        net = onnx_backend.RUNNERS[runtime](export, torch.get_num_threads())
+        variants[runtime] = (onnx_backend.ExportedHTDemucs(plain, net, runtime), False, nullcontext)
 
     def forward(variant: str) -> tuple[float, torch.Tensor]:
         model, fastpath, autocast = variants[variant]

@@ -7,6 +7,12 @@ does not depend on the weights. Prints wall times, real-time factors, their rati
 the share of stembot's wall time spent outside the model's forward passes.
 
     python bench/separate_vs_demucs.py --tracks 5 --seconds 60
+
+`--backends torch onnx openvino` runs one stembot side per CPU backend (`--backend`), all
+taking turns with demucs; `--model htdemucs_ft` uses a bag of four htdemucs-sized
+per-stem specialists (as htdemucs_ft), and `--stems vocals` asks both sides for vocals
+only (demucs: `--two-stems vocals`, which still runs the whole bag; stembot runs the
+vocals specialist only).
 """
 
 from __future__ import annotations
@@ -17,13 +23,14 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from fractions import Fraction
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def build_model(folder: Path, name: str) -> None:
+def build_model(folder: Path, name: str, seed: int = 0) -> None:
     import torch
     from demucs.htdemucs import HTDemucs
 
@@ -31,7 +38,7 @@ def build_model(folder: Path, name: str) -> None:
     if path.exists():
         return
     folder.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     # htdemucs's published configuration; 41.98M parameters.
     model = HTDemucs(sources=["drums", "bass", "other", "vocals"], bottom_channels=512, dconv_mode=3,
                      segment=Fraction(39, 5))
@@ -51,6 +58,13 @@ def bench_model(folder: Path, which: str) -> str:
             folder.mkdir(parents=True, exist_ok=True)
             save_th(tiny_htdemucs(seed=0), folder, "tiny")
         return "tiny"
+    if which == "htdemucs_ft":
+        members = [f"htdemucsrand{k}" for k in range(4)]
+        for k, member in enumerate(members):
+            build_model(folder, member, seed=1 + k)
+        identity = [[1.0 if i == k else 0.0 for i in range(4)] for k in range(4)]
+        (folder / "htdemucsftrand.yaml").write_text(f"models: {json.dumps(members)}\nweights: {json.dumps(identity)}\n")
+        return "htdemucsftrand"
     build_model(folder, "htdemucsrand")
     return "htdemucsrand"
 
@@ -93,44 +107,61 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=ROOT / "bench" / "out")
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
                         help="stembot's arithmetic (demucs always runs fp32)")
+    parser.add_argument("--backends", nargs="+", default=["auto"], choices=("auto", "torch", "onnx", "openvino"),
+                        help="one stembot side per CPU backend")
+    parser.add_argument("--model", default="htdemucs", choices=("htdemucs", "htdemucs_ft"))
+    parser.add_argument("--stems", default="all", choices=("all", "vocals"))
     args = parser.parse_args()
 
-    models, name = args.work / "models", "htdemucsrand"
-    build_model(models, name)
+    models = args.work / "models"
+    name = bench_model(models, args.model)
     tracks = make_tracks(args.work / "tracks", args.tracks, args.seconds)
     audio_s = args.tracks * args.seconds
     stats = args.work / "stembot-stats.json"
 
     def demucs_side() -> float:
         shutil.rmtree(args.work / "demucs", ignore_errors=True)
-        return run([sys.executable, "-m", "demucs", "--repo", str(models), "-n", name, "--mp3",
+        stems = ["--two-stems", "vocals"] if args.stems == "vocals" else []
+        return run([sys.executable, "-m", "demucs", "--repo", str(models), "-n", name, "--mp3", *stems,
                     "-o", str(args.work / "demucs"), *map(str, tracks)])
 
-    def stembot_side() -> float:
-        shutil.rmtree(args.work / "stembot", ignore_errors=True)
-        wall = run([sys.executable, "-m", "stembot", "separate", *map(str, tracks), "--out",
-                    str(args.work / "stembot"), "--model", name, "--model-dir", str(models),
-                    "--format", "mp3", "--quiet", "--stats", str(stats), "--precision", args.precision])
-        forward.append(json.loads(stats.read_text())["forward_s"])
-        return wall
+    def stembot_side(backend: str) -> Callable[[], float]:
+        def go() -> float:
+            shutil.rmtree(args.work / "stembot", ignore_errors=True)
+            stems = "vocals,no_vocals" if args.stems == "vocals" else "all"
+            wall = run([sys.executable, "-m", "stembot", "separate", *map(str, tracks), "--out",
+                        str(args.work / "stembot"), "--model", name, "--model-dir", str(models),
+                        "--format", "mp3", "--quiet", "--stats", str(stats), "--precision", args.precision,
+                        "--backend", backend, "--stems", stems])
+            forward[backend].append(json.loads(stats.read_text())["forward_s"])
+            return wall
+        return go
 
-    walls: dict[str, list[float]] = {"demucs": [], "stembot": []}
-    forward: list[float] = []
+    sides: list[tuple[str, Callable[[], float]]] = [("demucs", demucs_side)]
+    sides += [(f"stembot-{backend}", stembot_side(backend)) for backend in args.backends]
+    walls: dict[str, list[float]] = {side: [] for side, _ in sides}
+    forward: dict[str, list[float]] = {backend: [] for backend in args.backends}
+    for backend in args.backends:  # exports (and auto's probe) once, before any timing
+        stembot_side(backend)()
+        forward[backend].clear()
     for round_ in range(args.rounds):
-        order = [("demucs", demucs_side), ("stembot", stembot_side)]
-        for side, go in (order if round_ % 2 == 0 else order[::-1]):
+        turn = round_ % len(sides)
+        for side, go in sides[turn:] + sides[:turn]:
             walls[side].append(go())
-            print(f"round {round_ + 1}: {side:8} {walls[side][-1]:7.1f} s", flush=True)
+            print(f"round {round_ + 1}: {side:16} {walls[side][-1]:7.1f} s", flush=True)
 
-    demucs_wall, stembot_wall = (sum(walls[s]) / len(walls[s]) for s in ("demucs", "stembot"))
-    forward_s = sum(forward) / len(forward)
-    print(f"tracks: {args.tracks} x {args.seconds:.0f} s = {audio_s / 60:.1f} min of audio, mp3 320k out, "
-          f"{args.rounds} round(s), means below")
-    print(f"python -m demucs : {demucs_wall:7.1f} s wall, {audio_s / demucs_wall:5.2f}x real time")
-    print(f"stembot separate : ({args.precision}) {stembot_wall:7.1f} s wall, {audio_s / stembot_wall:5.2f}x real time")
-    print(f"ratio stembot/demucs wall: {stembot_wall / demucs_wall:.3f} (below 1 is faster)")
-    print(f"stembot forward passes: {forward_s:.1f} s; outside them: {stembot_wall - forward_s:.1f} s "
-          f"= {100 * (stembot_wall - forward_s) / stembot_wall:.1f}% of wall")
+    def mean(values: list[float]) -> float:
+        return sum(values) / len(values)
+
+    demucs_wall = mean(walls["demucs"])
+    print(f"{args.model}, stems {args.stems}; tracks: {args.tracks} x {args.seconds:.0f} s = "
+          f"{audio_s / 60:.1f} min of audio, mp3 320k out, {args.rounds} round(s), means below")
+    print(f"python -m demucs         : {demucs_wall:7.1f} s wall, {audio_s / demucs_wall:5.2f}x real time")
+    for backend in args.backends:
+        wall, forward_s = mean(walls[f"stembot-{backend}"]), mean(forward[backend])
+        print(f"stembot separate {backend:8}: ({args.precision}) {wall:7.1f} s wall, {audio_s / wall:5.2f}x real time, "
+              f"ratio to demucs {wall / demucs_wall:.3f}; outside forward passes {wall - forward_s:.1f} s "
+              f"= {100 * (wall - forward_s) / wall:.1f}% of wall")
 
 if __name__ == "__main__":
     main()

@@ -75,7 +75,8 @@ def host_config(settings: Settings, device: str | None = None, threads: int | No
         segment=settings.segment, precision=settings.precision, batch_jobs=settings.batch_jobs,
         batch_segments=settings.batch_segments, min_duration_s=settings.min_duration_s,
         max_duration_s=settings.max_duration_s, max_input_bytes=settings.max_input_bytes, threads=threads,
-        nice=settings.model_host_nice,
+        nice=settings.model_host_nice, backend=settings.backend,
+        export_dir=str(settings.export_dir) if settings.export_dir else None,
     )
 
 

@@ -20,6 +20,8 @@ Precision = Literal["fp32", "bf16", "fp16"]
 # local: the bot runs jobs on its own model host (one machine). postgres: the bot queues
 # them in PostgreSQL and `stembot worker` processes, on any number of hosts, run them.
 QueueKind = Literal["local", "postgres"]
+# What runs the model's network on a CPU (core.separation.onnx_backend).
+Backend = Literal["auto", "torch", "onnx", "openvino"]
 MAX_S3_RETENTION_HOURS = 7 * 24
 
 
@@ -178,6 +180,12 @@ class Settings(BaseSettings):
     job_deadline_factor: float = Field(default=4.0, gt=0)
     job_deadline_margin_s: float = Field(default=300.0, ge=1.0)
     job_deadline_default_speed: float = Field(default=2.0, gt=0)  # separation seconds per audio second, unmeasured
+    # CPU inference backend (issue #18): what runs the model's network on a CPU. auto: the
+    # fastest of torch, onnx (ONNX Runtime) and openvino measured once per model and machine
+    # (docs/performance.md). The ONNX exports are kept in export_dir (default: a
+    # .stembot-exports folder in the model folder when writable, else ~/.cache/stembot/exports).
+    backend: Backend = "auto"
+    export_dir: Path | None = None
 
     @field_validator("model_dir", "public_url", "database_url", "discord_api_url", "discord_gateway_url",
                      "worker_name", "worker_devices", "s3_bucket", "s3_endpoint_url", "s3_public_endpoint_url",

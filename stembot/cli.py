@@ -26,7 +26,7 @@ from core.ops.bot_lock import AnotherBotRunning, BotLock
 from core.runtime import fetch_rules_of, limits_of
 from core.separation import catalogue
 from core.separation.stems import parse_stems
-from core.settings import Precision, get_settings
+from core.settings import Backend, Precision, get_settings
 from stembot import jobs_cli
 
 if TYPE_CHECKING:
@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     sep.add_argument("--segment", type=float, default=None, help="segment length in seconds")
     sep.add_argument("--precision", default=None, choices=get_args(Precision),
                      help="arithmetic of the model (default: STEMBOT_PRECISION or fp32)")
+    sep.add_argument("--backend", default=None, choices=get_args(Backend),
+                     help="what runs the model on a CPU (default: STEMBOT_BACKEND or auto, the fastest measured)")
     sep.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     sep.add_argument("--stats", type=Path, default=None, metavar="FILE",
                      help="write timings as JSON (tracks, audio seconds, wall and model seconds)")
@@ -164,7 +166,8 @@ def cmd_separate(args, parser: argparse.ArgumentParser) -> int:
 
     started = time.monotonic()
     try:
-        engine = SeparationEngine.load(model_name, model_dir, args.device or settings.device)
+        engine = SeparationEngine.load(model_name, model_dir, args.device or settings.device,
+                                       args.backend or settings.backend, settings.export_dir)
     except StembotError as exc:
         return _fail(exc.reason)
     try:

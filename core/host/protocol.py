@@ -47,6 +47,9 @@ class HostConfig:
     batch_jobs: int | None = None
     # Segments per forward pass when several jobs share the host.
     batch_segments: int = 16
+    # What runs the network on a CPU (auto, torch, onnx, openvino), and where exports are kept.
+    backend: str = "torch"
+    export_dir: str | None = None
     log_level: int = logging.INFO
 
 
@@ -132,6 +135,7 @@ class ReadyEvent:
     load_s: float
     warmup_s: float
     capacity: int
+    backend: str = "torch"  # what runs the network (core.separation.onnx_backend)
 
 
 @dataclass(frozen=True)

@@ -139,7 +139,8 @@ class JobSteps:
         else:
             capacity = 4 if engine.device.type == "cuda" else 1
         self.send(ReadyEvent(model=self.config.model, device=str(engine.device), pid=os.getpid(),
-                             load_s=loaded - started, warmup_s=time.monotonic() - loaded, capacity=capacity))
+                             load_s=loaded - started, warmup_s=time.monotonic() - loaded, capacity=capacity,
+                             backend=engine.backend))
         return capacity
 
     def engine(self, name: str) -> SeparationEngine:
@@ -151,7 +152,8 @@ class JobSteps:
             while len(self.engines) >= self.config.max_loaded_models:
                 self.engines.pop(next(iter(self.engines)))
             model_dir = Path(self.config.model_dir) if self.config.model_dir else None
-            engine = SeparationEngine.load(name, model_dir, self.config.device)
+            export_dir = Path(self.config.export_dir) if self.config.export_dir else None
+            engine = SeparationEngine.load(name, model_dir, self.config.device, self.config.backend, export_dir)
             self.engines[name] = engine
             return engine
 

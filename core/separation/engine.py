@@ -94,14 +94,29 @@ class SeparationEngine:
             tune_for_cpu(self.model)
         self.name = name
         self.device = device
+        # What runs the networks: "torch", or a runtime of core.separation.onnx_backend.
+        self.backend = "torch"
         self.forward_seconds = 0.0
         self._plans: dict[frozenset[str], _Plan] = {}
         self._clocks = [_ForwardClock(sub) for sub, _ in sub_models(self.model)]
 
     @classmethod
-    def load(cls, name: str, model_dir: Path | None = None, device: str = "auto") -> SeparationEngine:
+    def load(cls, name: str, model_dir: Path | None = None, device: str = "auto", backend: str = "torch",
+             export_dir: Path | None = None) -> SeparationEngine:
+        """`backend` (auto, torch, onnx, openvino) runs the model on a CPU; `export_dir`
+        keeps the exports of the ONNX-based backends (default: see onnx_backend)."""
         torch_device = resolve_device(device)
-        return cls(catalogue.load(name, model_dir), name, torch_device)
+        model = catalogue.load(name, model_dir)
+        used = "torch"
+        if torch_device.type == "cpu" and backend != "torch":
+            from core.separation import onnx_backend  # noqa: PLC0415 - demucs loads only when a model runs
+
+            folder = export_dir or onnx_backend.default_export_dir(model_dir)
+            model, used = onnx_backend.prepare(model, backend, folder)
+        engine = cls(model, name, torch_device)
+        engine.backend = used
+        log.info("model %s on %s, run by %s", name, torch_device, used)
+        return engine
 
     @property
     def sources(self) -> list[str]:

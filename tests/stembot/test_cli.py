@@ -188,3 +188,24 @@ def test_models_list_and_pull_offline(tmp_path, model_dir):
     assert "stembot models pull htdemucs_ft" in lines["htdemucs_ft"]
     pulled = stembot("models", "pull", "htdemucs", env=env)
     assert pulled.returncode == 1 and "unreachable" in pulled.stderr
+
+
+def test_backend_from_the_option_or_the_environment_gives_torchs_stems(tmp_path, model_dir, song):
+    common = [str(song), "--model", "tiny", "--model-dir", str(model_dir), "--format", "wav",
+              "--wav-depth", "float", "--shifts", "0", "--quiet"]
+    exports = {"STEMBOT_EXPORT_DIR": str(tmp_path / "exports")}
+    torch_run = stembot("separate", *common, "--out", str(tmp_path / "torch"), "--backend", "torch", env=exports)
+    onnx_run = stembot("separate", *common, "--out", str(tmp_path / "onnx"), "--backend", "onnx", env=exports)
+    assert torch_run.returncode == 0 and onnx_run.returncode == 0, torch_run.stderr + onnx_run.stderr
+    assert not list((tmp_path / "exports").glob("*.onnx.tmp"))
+    [export] = (tmp_path / "exports").glob("*.onnx")  # the onnx run did run the export
+    openvino_run = stembot("separate", *common, "--out", str(tmp_path / "openvino"),
+                           env={**exports, "STEMBOT_BACKEND": "openvino"})
+    assert openvino_run.returncode == 0, openvino_run.stderr
+    assert list((tmp_path / "exports").glob("*.onnx")) == [export]  # one export serves both runtimes
+    for stem in ["drums", "bass", "other", "vocals"]:
+        reference = read_wav(tmp_path / "torch" / "song" / f"{stem}.wav")
+        for backend in ("onnx", "openvino"):
+            assert snr_db(reference, read_wav(tmp_path / backend / "song" / f"{stem}.wav")) > 60, (stem, backend)
+    bad = stembot("separate", *common, "--out", str(tmp_path / "bad"), "--backend", "tensorflow")
+    assert bad.returncode == 2 and "--backend" in bad.stderr

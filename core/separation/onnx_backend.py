@@ -1,0 +1,376 @@
+"""HTDemucs's network run by ONNX Runtime or OpenVINO on a CPU, demucs doing the rest.
+
+`torch.onnx` cannot export htdemucs's complex STFT, so the exported graph is the part of
+demucs's own `HTDemucs.forward` between its spectrogram and its inverse: traced with the
+model's STFT, magnitude, mask and iSTFT steps stood in for by the graph's inputs and
+outputs (`_Network`). At run time `ExportedHTDemucs` (an HTDemucs without layers, so that
+demucs's `apply_model`, `BagOfModels` and stembot's plans treat it as the model it
+replaces) calls demucs's own `_spec`, `_magnitude`, `_mask` and `_ispec` around the
+runtime: segments, overlap, shifts and bag weights stay demucs's.
+
+An export is made once per network and kept in a cache folder, named by a key that
+hashes the weights, the model's configuration and the exporter's and runtimes'
+versions: changed weights or versions give another name, so a stale export is never
+used. Beside each export, the SHA-256 of its bytes; an export that does not match it
+(truncated, damaged) is rebuilt. `backend="auto"` measures the candidates on one segment
+once per network, machine and thread count, and remembers the fastest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import platform
+import statistics
+import tempfile
+import time
+import weakref
+from collections.abc import Callable, Iterator
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from demucs.apply import BagOfModels
+from demucs.htdemucs import HTDemucs
+
+from core.errors import ModelUnavailableError
+
+if TYPE_CHECKING:
+    from demucs.repo import AnyModel
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "torch", "onnx", "openvino")
+# The exported graph's contract (inputs, outputs, what stays outside): bump when it changes.
+EXPORT_FORMAT = 1
+OPSET = 17
+# A runtime must be at least this much faster than PyTorch on the probe to be chosen:
+# below it the difference is within this kind of machine's noise.
+AUTO_MARGIN = 0.97
+PROBE_ROUNDS = 3
+
+# A runtime's call: (mix, magnitude spectrogram) of one segment -> (time branch, spectrogram branch).
+Runner = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+def default_export_dir(model_dir: Path | None) -> Path:
+    """Next to the weights when the model folder is writable, else the user's cache."""
+    if model_dir is not None and os.access(model_dir, os.W_OK):
+        return model_dir / ".stembot-exports"
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "stembot" / "exports"
+
+
+# -- the exported graph -------------------------------------------------------------
+
+
+class _Network(torch.nn.Module):
+    """demucs's HTDemucs.forward with its STFT-side steps replaced by this module's inputs
+    and outputs: (mix, magnitude) -> (time-branch output, spectrogram-branch output)."""
+
+    def __init__(self, model: HTDemucs):
+        super().__init__()
+        self.model = model
+
+    def forward(self, mix: torch.Tensor, mag: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        captured: list[torch.Tensor] = []
+
+        def keep_mask(z: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+            captured.append(m)
+            return z
+
+        with _replaced(self.model, _spec=lambda x: mag, _magnitude=lambda z: z, _mask=keep_mask,
+                       _ispec=lambda z, length: torch.zeros((), dtype=mix.dtype)):
+            time_branch = self.model(mix)  # its time branch + the zero that stands for the iSTFT
+        return time_branch, captured[0]
+
+
+@contextlib.contextmanager
+def _replaced(model: HTDemucs, **methods: Callable[..., torch.Tensor]) -> Iterator[None]:
+    """Instance attributes shadowing `model`'s methods, for the length of an export."""
+    for name, method in methods.items():
+        model.__dict__[name] = method
+    try:
+        yield
+    finally:
+        for name in methods:
+            model.__dict__.pop(name, None)
+
+
+def _segment_length(model: HTDemucs) -> int:
+    return int(model.segment * model.samplerate)
+
+
+def _example(model: HTDemucs, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """One segment of noise and its magnitude spectrogram, the network's inputs."""
+    generator = torch.Generator().manual_seed(seed)
+    mix = 0.1 * torch.randn(1, model.audio_channels, _segment_length(model), generator=generator)
+    return mix, model._magnitude(model._spec(mix))
+
+
+def supports(model: object) -> bool:
+    """Whether this backend can run `model`: an HTDemucs with complex-as-channels output
+    (every published htdemucs); others (Wiener-filtered, older Demucs, subclasses with a
+    forward of their own) stay on PyTorch."""
+    return (isinstance(model, HTDemucs) and type(model).forward is HTDemucs.forward  # demucs's own network
+            and bool(model.cac))
+
+
+_KEYS: weakref.WeakKeyDictionary[torch.nn.Module, str] = weakref.WeakKeyDictionary()
+
+
+def export_key(model: HTDemucs) -> str:
+    """What the export of `model` depends on: its weights and configuration, the export's
+    format and opset, torch's, ONNX Runtime's and OpenVINO's versions. Hashed once per
+    loaded model (0.2 s for htdemucs's 168 MB): a loaded model's weights do not change."""
+    if model not in _KEYS:
+        _KEYS[model] = _hash_of(model)
+    return _KEYS[model]
+
+
+def _hash_of(model: HTDemucs) -> str:
+    digest = hashlib.sha256()
+    args, kwargs = getattr(model, "_init_args_kwargs", ((), {}))
+    versions = {name: _version(name) for name in ("torch", "onnxruntime", "openvino")}
+    digest.update(repr((EXPORT_FORMAT, OPSET, versions, args, sorted(kwargs.items()))).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:32]
+
+
+def _version(distribution: str) -> str:
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return "-"
+
+
+def export(model: HTDemucs, path: Path) -> None:
+    """Export `model`'s network to `path` (written whole, then renamed into place), and
+    the SHA-256 of its bytes beside it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    mix, mag = _example(model)
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    # The attention fast path's fused op has no ONNX export; the plain path's ops do.
+    torch.backends.mha.set_fastpath_enabled(False)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        with torch.no_grad(), _quiet_export():
+            torch.onnx.export(_Network(model.eval()), (mix, mag), str(tmp), input_names=["mix", "mag"],
+                              output_names=["time", "spec"], opset_version=OPSET, dynamo=False)
+        _sum_path(path).write_text(_file_sha256(tmp))
+        tmp.chmod(0o644)  # mkstemp's 0600 would keep other users of a shared model folder out
+        os.replace(tmp, path)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+        tmp.unlink(missing_ok=True)
+    log.info("exported %s in %.1f s", path.name, time.monotonic() - started)
+
+
+@contextlib.contextmanager
+def _quiet_export() -> Iterator[None]:
+    """The tracer warns about every Python branch on a shape in demucs's code; the shapes
+    are fixed (one segment), so the branches are too."""
+    import warnings  # noqa: PLC0415 - only while exporting
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _sum_path(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def cached_export(model: HTDemucs, export_dir: Path) -> Path:
+    """The export of `model` in `export_dir`: made when missing, remade when its bytes do
+    not match their recorded SHA-256."""
+    path = export_dir / f"htdemucs-{export_key(model)}.onnx"
+    recorded = _sum_path(path)
+    if path.exists() and recorded.exists() and recorded.read_text().strip() == _file_sha256(path):
+        return path
+    if path.exists():
+        log.warning("the cached export %s does not match its checksum: exporting again", path)
+    export(model, path)
+    return path
+
+
+# -- running it ---------------------------------------------------------------------
+
+
+def onnxruntime_runner(path: Path, threads: int) -> Runner:
+    import onnxruntime as ort  # noqa: PLC0415 - only where this backend runs
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def run(mix: np.ndarray, mag: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        time_out, spec_out = session.run(None, {"mix": mix, "mag": mag})
+        return time_out, spec_out
+
+    return run
+
+
+def openvino_runner(path: Path, threads: int) -> Runner:
+    import openvino  # noqa: PLC0415 - only where this backend runs
+
+    # f32 explicitly: on CPUs with bf16 instructions OpenVINO would otherwise pick bf16.
+    compiled = openvino.Core().compile_model(str(path), "CPU", {
+        "INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads})
+    request = compiled.create_infer_request()
+
+    def run(mix: np.ndarray, mag: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        results = request.infer({"mix": mix, "mag": mag})
+        # The request reuses its output buffers on the next call.
+        return np.array(results[compiled.output(0)]), np.array(results[compiled.output(1)])
+
+    return run
+
+
+RUNNERS: dict[str, Callable[[Path, int], Runner]] = {"onnx": onnxruntime_runner, "openvino": openvino_runner}
+
+
+class ExportedHTDemucs(HTDemucs):
+    """An HTDemucs whose network runs in another runtime: demucs's own STFT, magnitude,
+    mask and iSTFT around it, and no layers of its own."""
+
+    def __init__(self, model: HTDemucs, run: Runner, backend: str):
+        torch.nn.Module.__init__(self)  # not HTDemucs.__init__: the layers stay out
+        for name, value in vars(model).items():
+            if not name.startswith("_"):
+                object.__setattr__(self, name, value)  # the configuration: sources, segment, nfft, ...
+        self._init_args_kwargs = model._init_args_kwargs
+        # demucs's apply_model asks a bag's members for their device through a parameter.
+        self.anchor = torch.nn.Parameter(torch.zeros(1), requires_grad=False)
+        self.run = run
+        self.backend = backend
+        self.eval()
+
+    def forward(self, mix: torch.Tensor) -> torch.Tensor:
+        length = mix.shape[-1]
+        segment = _segment_length(self)
+        if length > segment:
+            raise ValueError(f"{self.backend}: at most one segment ({segment} samples) per call, got {length}")
+        # As HTDemucs.forward in inference: a short chunk is padded to the trained length.
+        mix = torch.nn.functional.pad(mix.float(), (0, segment - length))
+        z = self._spec(mix)
+        mag = self._magnitude(z)
+        parts = [self.run(np.ascontiguousarray(mix[i:i + 1].numpy()), np.ascontiguousarray(mag[i:i + 1].numpy()))
+                 for i in range(mix.shape[0])]
+        time_branch = torch.from_numpy(np.concatenate([part[0] for part in parts]))
+        spec_branch = torch.from_numpy(np.concatenate([part[1] for part in parts]))
+        x = self._ispec(self._mask(z, spec_branch), segment)
+        return (time_branch + x)[..., :length]
+
+
+# -- choosing -----------------------------------------------------------------------
+
+
+def members(model: AnyModel) -> list[torch.nn.Module]:
+    return list(model.models) if isinstance(model, BagOfModels) else [model]
+
+
+def prepare(model: AnyModel, backend: str, export_dir: Path, threads: int | None = None) -> tuple[AnyModel, str]:
+    """`model` with its networks run by `backend` ("auto": the fastest measured here), and
+    the backend it got. PyTorch keeps models this backend cannot run."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; one of {', '.join(BACKENDS)}")
+    threads = threads or torch.get_num_threads()
+    nets = members(model)
+    if backend == "torch":
+        return model, "torch"
+    if not all(supports(net) for net in nets):
+        if backend == "auto":
+            return model, "torch"
+        raise ModelUnavailableError(f"the {backend} backend runs HTDemucs models only; use --backend torch")
+    if backend == "auto":
+        backend = choose(nets[0], export_dir, threads)  # type: ignore[arg-type]  # checked by supports()
+        if backend == "torch":
+            return model, "torch"
+    wrapped = [ExportedHTDemucs(net, RUNNERS[backend](cached_export(net, export_dir), threads), backend)  # type: ignore[arg-type]
+               for net in nets]
+    if isinstance(model, BagOfModels):
+        for index, net in enumerate(wrapped):
+            model.models[index] = net
+        return model, backend
+    return wrapped[0], backend
+
+
+def machine_id(threads: int) -> str:
+    """This machine as far as speed goes: its CPU model, core count and our thread count."""
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return f"{cpu}|{os.cpu_count()} cpus|{threads} threads"
+
+
+def choose(net: HTDemucs, export_dir: Path, threads: int) -> str:
+    """The fastest backend for `net` on this machine (remembered in `export_dir`)."""
+    choices_path = export_dir / "backend-choices.json"
+    key = f"{export_key(net)}|{machine_id(threads)}"
+    try:
+        choices = json.loads(choices_path.read_text())
+    except (OSError, ValueError):
+        choices = {}
+    if isinstance(choices.get(key), str) and choices[key] in BACKENDS:
+        return str(choices[key])
+    timings = probe(net, export_dir, threads)
+    best = min(timings, key=timings.__getitem__)
+    chosen = best if timings[best] < AUTO_MARGIN * timings["torch"] else "torch"
+    log.info("backend for this model here: %s (one segment: %s)", chosen,
+             ", ".join(f"{name} {seconds:.2f} s" for name, seconds in timings.items()))
+    choices[key] = chosen
+    export_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=export_dir, suffix=".tmp")
+    with os.fdopen(fd, "w") as file:
+        json.dump(choices, file, indent=1)
+    os.replace(tmp, choices_path)
+    return chosen
+
+
+def probe(net: HTDemucs, export_dir: Path, threads: int) -> dict[str, float]:
+    """Median seconds of one segment's forward pass per backend that can run here,
+    the backends taking turns."""
+    from core.separation.engine import tune_for_cpu  # noqa: PLC0415 - the engine imports this module
+
+    runs: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"torch": tune_for_cpu(net.eval())}
+    path = cached_export(net, export_dir)
+    for name, runner in RUNNERS.items():
+        try:
+            runs[name] = ExportedHTDemucs(net, runner(path, threads), name)
+        except ImportError:
+            log.info("backend %s is not installed", name)
+    mix, _ = _example(net, seed=1)
+    timings: dict[str, list[float]] = {name: [] for name in runs}
+    with torch.inference_mode():
+        for run in runs.values():
+            run(mix)  # the first call pays for lazy set-up
+        for _ in range(PROBE_ROUNDS):
+            for name, run in runs.items():
+                started = time.perf_counter()
+                run(mix)
+                timings[name].append(time.perf_counter() - started)
+    return {name: statistics.median(values) for name, values in timings.items()}
