@@ -209,6 +209,11 @@ class ChunkWork:
 class CheckpointEngine(SeparationEngine):
     """One checkpoint network on one device, with SeparationEngine's surface."""
 
+    # Its chunks do not go through core.separation.batching's SegmentBatcher (demucs's
+    # segments): a batching model host runs its jobs one at a time (`separate_many` batches
+    # the chunks of several mixes of one call).
+    shares_passes = False
+
     def __init__(self, checkpoint: CheckpointModel, network: torch.nn.Module, device: torch.device):
         # Not SeparationEngine.__init__: that one is demucs's (bags, channels-last tuning).
         self.checkpoint = checkpoint
