@@ -6,7 +6,7 @@ overlap settings its published YAML gives (htdemucs: stembot's defaults, shifts 
 0.25). Printed per family: parameters, seconds, the real-time factor (audio seconds per
 second), the cost factor it implies (its seconds over htdemucs's: what a job is charged per
 audio minute, core/separation/published.py), and the SNR of bf16 against fp32 on the same
-clip (a random network's outputs: a measure of the precision, not of quality).
+clip's first seconds (a random network's outputs: a measure of the precision, not of quality).
 
     python bench/model_families.py --seconds 20 --json results.json
 """
@@ -29,6 +29,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from core.separation.checkpoint_engine import CheckpointEngine
 from core.separation.engine import SeparationEngine, SeparationOptions
 from core.separation.stems import parse_stems
 
@@ -126,7 +127,8 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--families", default="htdemucs,bs_roformer,mel_band_roformer,mdx23c")
-    parser.add_argument("--no-bf16", action="store_true", help="skip the bf16 run")
+    parser.add_argument("--bf16-seconds", type=float, default=8.0,
+                        help="bf16 against fp32 on the clip's first this many seconds (0: skip)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     if args.threads:
@@ -141,17 +143,18 @@ def main() -> int:
             else:
                 save_checkpoint(folder, family)
             engine = SeparationEngine.load(family, folder, "cpu")
-            network = getattr(engine, "network", engine.model)
+            network = engine.network if isinstance(engine, CheckpointEngine) else engine.model
             params = sum(p.numel() for p in network.parameters())
             options = SeparationOptions(shifts=1 if family == "htdemucs" else 0)
             measure(engine, mix[:, :44100], options)  # warm-up: lazy set-up, one chunk
             full, seconds = measure(engine, mix, options)
             row: dict[str, Any] = {"family": family, "params_m": round(params / 1e6, 2), "seconds": round(seconds, 2),
                                    "rtf": round(args.seconds / seconds, 3)}
-            if not args.no_bf16:
+            if args.bf16_seconds:
                 # shifts=0 on both sides so that only the precision differs.
-                exact = full if family != "htdemucs" else measure(engine, mix, SeparationOptions(shifts=0))[0]
-                half, _ = measure(engine, mix, SeparationOptions(shifts=0, precision="bf16"))
+                part = mix[:, :int(args.bf16_seconds * 44100)]
+                exact, _ = measure(engine, part, SeparationOptions(shifts=0))
+                half, _ = measure(engine, part, SeparationOptions(shifts=0, precision="bf16"))
                 row["bf16_snr_db"] = round(min(snr(exact[name], half[name]) for name in exact), 1)
             rows.append(row)
             print(json.dumps(row), flush=True)
