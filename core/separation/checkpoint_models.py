@@ -85,11 +85,6 @@ def read_config(path: Path) -> dict[str, Any]:
     return config
 
 
-def is_checkpoint_config(path: Path) -> bool:
-    """Whether `path` is a checkpoint's config (beside its weights) rather than a demucs bag."""
-    return Path(path).suffix == CONFIG_SUFFIX and Path(path).with_suffix(WEIGHTS_SUFFIX).is_file()
-
-
 def checkpoint_names(model_dir: Path | None) -> list[str]:
     """The checkpoint models of a model folder: every `NAME.ckpt` with its `NAME.yaml`."""
     if model_dir is None or not Path(model_dir).is_dir():

@@ -22,6 +22,8 @@ def test_every_listed_checkpoint_is_pullable_and_its_stems_are_stembots_names():
         assert tuple(stem_name(stem) for stem in model.stems) == model.stems
         assert PUBLISHED_SOURCES[model.name] == model.stems
         assert model.license and model.quality
+    # A job row keeps its model's name in 64 characters (core/jobs/job.py).
+    assert max(len(model.name) for model in PUBLISHED) <= 64
 
 
 def test_speed_classes_and_uses_follow_the_figures():
