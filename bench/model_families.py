@@ -122,6 +122,33 @@ def snr(reference: np.ndarray, estimate: np.ndarray) -> float:
     return 10 * float(np.log10(float(np.sum(reference ** 2)) / max(noise, 1e-20)))
 
 
+def one_pass(engine: SeparationEngine, family: str, mix: np.ndarray) -> dict[str, Any]:
+    """Seconds of one forward pass over one chunk (htdemucs: one segment), and the steady-state
+    seconds per audio second it implies: a pass every `step` of audio (htdemucs: shifts 1,
+    overlap 0.25, as stembot's defaults; a checkpoint: its YAML's chunk / num_overlap)."""
+    rate = engine.samplerate
+    if isinstance(engine, CheckpointEngine):
+        work = engine.start_work(mix)
+        step_s = work.plan.step / rate
+        _, chunk = work.take()
+        batch = chunk[None]
+        engine.forward(batch, "fp32")  # warm-up
+        started = time.perf_counter()
+        engine.forward(batch, "fp32")
+    else:
+        model = engine.model
+        length = int(float(model.segment) * rate)
+        step_s = 0.75 * length / rate
+        batch = torch.from_numpy(mix[:, :length].copy())[None]
+        with torch.inference_mode():
+            model(batch)
+            started = time.perf_counter()
+            model(batch)
+    seconds = time.perf_counter() - started
+    return {"family": family, "pass_s": round(seconds, 2), "step_s": round(step_s, 2),
+            "s_per_audio_s": round(seconds / step_s, 3)}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=20.0)
@@ -130,6 +157,8 @@ def main() -> int:
     parser.add_argument("--bf16-seconds", type=float, default=8.0,
                         help="bf16 against fp32 on the clip's first this many seconds (0: skip)")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--one-pass", action="store_true",
+                        help="time one forward pass per family instead (steady-state cost; for slow machines)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -143,6 +172,10 @@ def main() -> int:
             else:
                 save_checkpoint(folder, family)
             engine = SeparationEngine.load(family, folder, "cpu")
+            if args.one_pass:
+                rows.append(one_pass(engine, family, mix))
+                print(json.dumps(rows[-1]), flush=True)
+                continue
             network = engine.network if isinstance(engine, CheckpointEngine) else engine.model
             params = sum(p.numel() for p in network.parameters())
             options = SeparationOptions(shifts=1 if family == "htdemucs" else 0)
@@ -158,6 +191,17 @@ def main() -> int:
                 row["bf16_snr_db"] = round(min(snr(exact[name], half[name]) for name in exact), 1)
             rows.append(row)
             print(json.dumps(row), flush=True)
+    if args.one_pass:
+        base_rate = next((row["s_per_audio_s"] for row in rows if row["family"] == "htdemucs"), None)
+        print(f"\n{'family':18} {'pass (s)':>8} {'step (s)':>8} {'s per audio s':>13} {'cost factor':>11}")
+        for row in rows:
+            row["cost_factor"] = round(row["s_per_audio_s"] / base_rate, 2) if base_rate else None
+            print(f"{row['family']:18} {row['pass_s']:>8} {row['step_s']:>8} {row['s_per_audio_s']:>13} "
+                  f"{row['cost_factor']!s:>11}")
+        if args.json is not None:
+            args.json.write_text(json.dumps({"one_pass": True, "threads": torch.get_num_threads(), "rows": rows},
+                                            indent=2))
+        return 0
     base = next((row["seconds"] for row in rows if row["family"] == "htdemucs"), None)
     print(f"\n{'family':18} {'params (M)':>10} {'seconds':>8} {'x real time':>11} {'cost factor':>11} {'bf16 SNR':>9}")
     for row in rows:

@@ -84,7 +84,7 @@ CHECKPOINTS: tuple[PublishedModel, ...] = (
                     f"{UVR_CONFIGS}/model_bs_roformer_ep_317_sdr_12.9755.yaml")),
     PublishedModel(
         "vocals_mel_band_roformer", "mel_band_roformer", ("vocals", "other"), ("vocals",),
-        2.5, "medium", "vocals SDR 12.6 (MUSDB18-HQ)", "MIT",
+        4.0, "slow", "vocals SDR 12.6 (MUSDB18-HQ)", "MIT",
         _checkpoint("vocals_mel_band_roformer",
                     f"{KIM_MEL_BAND}/MelBandRoformer.ckpt",
                     f"{MSST_CONFIGS}/KimberleyJensen/config_vocals_mel_band_roformer_kj.yaml"),
@@ -106,19 +106,19 @@ CHECKPOINTS: tuple[PublishedModel, ...] = (
     # Lead vocals against the rest (the instrumental with its backing vocals).
     PublishedModel(
         "mel_band_roformer_karaoke_aufr33_viperx_sdr_10.1956", "mel_band_roformer", ("vocals", "instrumental"),
-        ("lead_backing",), 2.5, "medium", "lead vocals SDR 8.4, the rest 14.7 (MUSDB18-HQ)", "not stated",
+        ("lead_backing",), 4.0, "slow", "lead vocals SDR 8.4, the rest 14.7 (MUSDB18-HQ)", "not stated",
         _checkpoint("mel_band_roformer_karaoke_aufr33_viperx_sdr_10.1956",
                     f"{AUDIO_SEPARATOR_MODELS}/mel_band_roformer_karaoke_aufr33_viperx_sdr_10.1956.ckpt",
                     f"{AUDIO_SEPARATOR_MODELS}/mel_band_roformer_karaoke_aufr33_viperx_sdr_10.1956_config.yaml")),
     PublishedModel(
         "dereverb_mel_band_roformer_anvuew_sdr_19.1729", "mel_band_roformer", ("noreverb", "reverb"),
-        ("dereverb",), 2.5, "medium", "SDR 19.2 (publisher's own test set)", "not stated",
+        ("dereverb",), 4.0, "slow", "SDR 19.2 (publisher's own test set)", "not stated",
         _checkpoint("dereverb_mel_band_roformer_anvuew_sdr_19.1729",
                     f"{ANVUEW_DEREVERB}/dereverb_mel_band_roformer_anvuew_sdr_19.1729.ckpt",
                     f"{ANVUEW_DEREVERB}/dereverb_mel_band_roformer_anvuew.yaml")),
     PublishedModel(
         "denoise_mel_band_roformer_aufr33_sdr_27.9959", "mel_band_roformer", ("dry", "other"),
-        ("denoise",), 2.5, "medium", "SDR 28.0 (publisher's own test set)", "not stated",
+        ("denoise",), 4.0, "slow", "SDR 28.0 (publisher's own test set)", "not stated",
         _checkpoint("denoise_mel_band_roformer_aufr33_sdr_27.9959",
                     f"{MSST_RELEASES}/v.1.0.7/denoise_mel_band_roformer_aufr33_sdr_27.9959.ckpt",
                     f"{MSST_RELEASES}/v.1.0.7/model_mel_band_roformer_denoise.yaml")),
@@ -152,11 +152,12 @@ def uses_of(name: str, stems: tuple[str, ...] | list[str]) -> tuple[str, ...]:
 
 
 # A model folder's unlisted models cost what their family costs at its published sizes
-# (bench/model_families.py measures these; demucs is the unit).
+# (bench/model_families.py measures these on this CPU, docs/performance.md "Model families";
+# demucs is the unit; no GPU figures yet).
 FAMILY_COST_FACTOR: dict[str, float] = {
     "demucs": 1.0,
     "bs_roformer": 2.5,
-    "mel_band_roformer": 2.5,
+    "mel_band_roformer": 4.0,
     "mdx23c": 2.0,
     "scnet": 1.5,
 }
