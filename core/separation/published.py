@@ -78,7 +78,7 @@ def _checkpoint(name: str, ckpt_url: str, yaml_url: str) -> tuple[tuple[str, str
 CHECKPOINTS: tuple[PublishedModel, ...] = (
     PublishedModel(
         "model_bs_roformer_ep_317_sdr_12.9755", "bs_roformer", ("vocals", "instrumental"), ("vocals",),
-        2.5, "medium", "vocals SDR 11.8, instrumental 16.5 (MUSDB18-HQ)", "not stated",
+        29.6, "slow", "vocals SDR 11.8, instrumental 16.5 (MUSDB18-HQ)", "not stated",
         _checkpoint("model_bs_roformer_ep_317_sdr_12.9755",
                     f"{UVR_MODELS}/model_bs_roformer_ep_317_sdr_12.9755.ckpt",
                     f"{UVR_CONFIGS}/model_bs_roformer_ep_317_sdr_12.9755.yaml")),
@@ -97,7 +97,7 @@ CHECKPOINTS: tuple[PublishedModel, ...] = (
                     f"{UVR_CONFIGS}/model_2_stem_full_band_8k.yaml")),
     PublishedModel(
         "model_bs_roformer_ep_17_sdr_9.6568", "bs_roformer", ("drums", "bass", "other", "vocals"),
-        ("stems", "vocals"), 2.5, "medium",
+        ("stems", "vocals"), 29.6, "slow",
         "average SDR 9.65, vocals 11.1 (MUSDB18-HQ test, publisher's figure; trained on MUSDB18-HQ only)",
         "not stated",
         _checkpoint("model_bs_roformer_ep_17_sdr_9.6568",
@@ -156,10 +156,10 @@ def uses_of(name: str, stems: tuple[str, ...] | list[str]) -> tuple[str, ...]:
 # demucs is the unit; no GPU figures yet).
 FAMILY_COST_FACTOR: dict[str, float] = {
     "demucs": 1.0,
-    "bs_roformer": 2.5,
+    "bs_roformer": 29.6,
     "mel_band_roformer": 4.0,
     "mdx23c": 2.0,
-    "scnet": 1.5,
+    "scnet": 1.5,  # not measured: audio-separator 0.47.1 runs no SCNet
 }
 
 
