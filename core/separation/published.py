@@ -91,7 +91,7 @@ CHECKPOINTS: tuple[PublishedModel, ...] = (
         (("vocals_mel_band_roformer.ckpt", "87201f4d31afb5bc79993230fc49446918425574db48c01c405e44f365c7559e"),)),
     PublishedModel(
         "MDX23C-8KFFT-InstVoc_HQ", "mdx23c", ("vocals", "instrumental"), ("vocals",),
-        2.0, "medium", "vocals SDR 10.6, instrumental 15.8 (MUSDB18-HQ)", "not stated",
+        5.9, "slow", "vocals SDR 10.6, instrumental 15.8 (MUSDB18-HQ)", "not stated",
         _checkpoint("MDX23C-8KFFT-InstVoc_HQ",
                     f"{UVR_MODELS}/MDX23C-8KFFT-InstVoc_HQ.ckpt",
                     f"{UVR_CONFIGS}/model_2_stem_full_band_8k.yaml")),
@@ -158,7 +158,7 @@ FAMILY_COST_FACTOR: dict[str, float] = {
     "demucs": 1.0,
     "bs_roformer": 29.6,
     "mel_band_roformer": 4.0,
-    "mdx23c": 2.0,
+    "mdx23c": 5.9,
     "scnet": 1.5,  # not measured: audio-separator 0.47.1 runs no SCNet
 }
 
