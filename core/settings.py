@@ -187,9 +187,15 @@ class Settings(BaseSettings):
     backend: Backend = "auto"
     export_dir: Path | None = None
 
+    # Models beyond Demucs (issue #16): `stembot models pull NAME` fetches a listed checkpoint's
+    # files from this mirror (`<url>/<file name>`) instead of where each is published, and
+    # refuses any one file larger than this.
+    model_mirror_url: str | None = None
+    model_max_download_mb: int = Field(default=4096, ge=1)
+
     @field_validator("model_dir", "public_url", "database_url", "discord_api_url", "discord_gateway_url",
                      "worker_name", "worker_devices", "s3_bucket", "s3_endpoint_url", "s3_public_endpoint_url",
-                     mode="before")
+                     "model_mirror_url", mode="before")
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
         # `STEMBOT_MODEL_DIR=` in a .env file means "not set", not the current folder.

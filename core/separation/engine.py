@@ -105,6 +105,11 @@ class SeparationEngine:
              export_dir: Path | None = None) -> SeparationEngine:
         """`backend` (auto, torch, onnx, openvino) runs the model on a CPU; `export_dir`
         keeps the exports of the ONNX-based backends (default: see onnx_backend)."""
+        # A model folder's `NAME.ckpt` + `NAME.yaml` is a community checkpoint (#16).
+        from core.separation.checkpoint_engine import CheckpointEngine, is_checkpoint  # noqa: PLC0415 - it imports this module
+
+        if is_checkpoint(name, model_dir):
+            return CheckpointEngine.load(name, model_dir, device)
         torch_device = resolve_device(device)
         model = catalogue.load(name, model_dir)
         used = "torch"
