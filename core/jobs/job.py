@@ -102,6 +102,9 @@ class Job(Base):
     # Tempo, transpose and mix (core.media.render.RenderOptions, canonical JSON; "" for the
     # stems as separated): text, so that the results cache compares it as it compares `stems`.
     render_options: Mapped[str] = mapped_column(String(255), default="", server_default="")
+    # Minutes charged per audio minute: the model's cost factor (core.separation.published), the
+    # sum of its models' for a chain. The bot's, set at admission: a run neither reads nor writes it.
+    cost_factor: Mapped[float] = mapped_column(Float, default=1.0, server_default="1.0")
 
     # How far it got.
     state: Mapped[str] = mapped_column(String(16), default=JobState.queued.value, index=True)
