@@ -40,6 +40,7 @@ from sqlalchemy.orm import Mapped, mapped_column
 from core.db import Base, rowcount, utcnow
 from core.errors import InputError
 
+
 def format_factor(cost_factor: float) -> str:
     """A cost factor as people read it: `2.5x`, `1x`."""
     return f"{cost_factor:g}x"

@@ -1,0 +1,184 @@
+"""Which model runs a request asked for in plain words: `quality: fast|best`,
+`backing_vocals: keep|remove`, `clean: dereverb|denoise`, `stems: dialogue`.
+
+Pure: it reads the installed models (name, family, stems), the operator's choices
+(`ModelDefaults`, from settings) and the server's allowed models, and answers a `Choice`
+or a `ModelChoiceError` that says in one sentence what is missing and who provides it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from core.errors import BadRequestError
+from core.separation.published import BY_NAME, cost_factor_of, speed_class, uses_of
+
+# The requests that want the vocals apart (a vocal model serves them best).
+VOCAL_REQUESTS = ("karaoke", "vocals", "no_vocals")
+DIALOGUE = "dialogue"
+QUALITIES = ("fast", "best")
+BACKING = ("keep", "remove")
+CLEANING = ("dereverb", "denoise")
+PROVIDE = "the bot's operator can install one (`stembot models pull NAME`; README, Models)"
+
+
+class ModelChoiceError(BadRequestError):
+    """No installed and allowed model serves the request: says what is missing and who can fix it."""
+
+
+@dataclass(frozen=True)
+class InstalledModel:
+    """A model this bot can run offline, as the choice sees it."""
+
+    name: str
+    family: str
+    stems: tuple[str, ...]
+
+    @property
+    def uses(self) -> tuple[str, ...]:
+        return uses_of(self.name, self.stems)
+
+    @property
+    def cost_factor(self) -> float:
+        return cost_factor_of(self.name, self.family)
+
+    @property
+    def speed(self) -> str:
+        return BY_NAME[self.name].speed if self.name in BY_NAME else speed_class(self.cost_factor)
+
+    @property
+    def sdr(self) -> float:
+        """The publisher's SDR figure (0 when none is published): higher is better."""
+        published = BY_NAME.get(self.name)
+        found = re.search(r"SDR\s*([0-9]+(?:\.[0-9]+)?)", published.quality) if published else None
+        return float(found.group(1)) if found else 0.0
+
+
+@dataclass(frozen=True)
+class ModelDefaults:
+    """The operator's choices (settings); None: the best installed model for that use."""
+
+    model: str = "htdemucs"  # STEMBOT_MODEL: what runs when nothing is asked
+    fast: str | None = None  # STEMBOT_FAST_MODEL; None: `model`
+    best_vocals: str | None = None  # STEMBOT_BEST_VOCALS_MODEL
+    best_stems: str | None = None  # STEMBOT_BEST_STEMS_MODEL
+    lead_backing: str | None = None  # STEMBOT_LEAD_BACKING_MODEL
+    dereverb: str | None = None  # STEMBOT_DEREVERB_MODEL
+    denoise: str | None = None  # STEMBOT_DENOISE_MODEL
+    dialogue: str | None = None  # STEMBOT_DIALOGUE_MODEL
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The model a job runs, the stems it asks of it, and what its minutes cost."""
+
+    model: str
+    stems: str
+    cost_factor: float
+
+
+@dataclass(frozen=True)
+class Request:
+    """What a member asked for, in plain words (None: not given)."""
+
+    stems: str = "all"
+    model: str | None = None  # a model named outright
+    quality: str | None = None
+    backing_vocals: str | None = None
+    clean: str | None = None
+
+
+def choose(request: Request, installed: Sequence[InstalledModel], defaults: ModelDefaults,
+           allowed: Sequence[str] | None = None, server_default: str | None = None) -> Choice:
+    """The model and stems for `request`; raises ModelChoiceError (nobody is charged)."""
+    by_name = {model.name: model for model in installed}
+    plain_words = [word for word in (request.quality, request.backing_vocals, request.clean) if word]
+    if request.model is not None and plain_words:
+        raise ModelChoiceError("choose a `model:` or a `quality:`/`backing_vocals:`/`clean:`, not both")
+    if request.clean is not None:
+        if request.clean not in CLEANING:
+            raise ModelChoiceError(f"`clean:` is one of {', '.join(CLEANING)}")
+        if request.stems not in ("all", "vocals"):
+            raise ModelChoiceError("`clean:` gives a cleaned acapella; leave `stems:` out")
+        # The cleaning model runs on the mix (a chain of a vocal model and then the cleaning
+        # model on its vocals is not built yet): its stems are the clean part and the rest.
+        name = _pick(request.clean, getattr(defaults, request.clean), by_name, allowed)
+        return _choice(name, "all", by_name)
+    if request.stems == DIALOGUE:
+        if request.quality is not None or request.backing_vocals is not None:
+            raise ModelChoiceError("`stems: dialogue` has one model; leave `quality:` out")
+        return _choice(_pick(DIALOGUE, defaults.dialogue, by_name, allowed), "all", by_name)
+    if request.backing_vocals not in (None, "remove"):
+        if request.backing_vocals != "keep":
+            raise ModelChoiceError(f"`backing_vocals:` is one of {', '.join(BACKING)}")
+        if request.stems != "karaoke":
+            raise ModelChoiceError("`backing_vocals:` is for karaoke")
+        # Its stems are the lead vocal and the instrumental with the backing vocals in it.
+        return _choice(_pick("lead_backing", defaults.lead_backing, by_name, allowed), "all", by_name)
+    if request.quality is None:
+        name = request.model or server_default or defaults.model
+        return _choice(name, request.stems, by_name)
+    if request.quality not in QUALITIES:
+        raise ModelChoiceError(f"`quality:` is one of {', '.join(QUALITIES)}")
+    if request.quality == "fast":
+        name = defaults.fast or defaults.model
+        _check(name, "fast", by_name, allowed, operator_choice=True)
+        return _choice(name, request.stems, by_name)
+    use = "vocals" if request.stems in VOCAL_REQUESTS else "stems"
+    override = defaults.best_vocals if use == "vocals" else defaults.best_stems
+    name = _pick(use, override, by_name, allowed, needs=_sources_of(request.stems))
+    return _choice(name, request.stems, by_name)
+
+
+def best_for(use: str, installed: Iterable[InstalledModel], needs: frozenset[str] = frozenset()) -> list[str]:
+    """The installed models that serve `use`, best first: for vocals a model that is not
+    Demucs (a RoFormer's vocals are measurably better) before Demucs, then the higher
+    published SDR, then the cheaper. `needs`: sources a model must have."""
+    serving = [model for model in installed if use in model.uses and needs <= set(model.stems)]
+    serving.sort(key=lambda m: (use == "vocals" and m.family == "demucs", -m.sdr, m.cost_factor, m.name))
+    return [model.name for model in serving]
+
+
+def _sources_of(stems: str) -> frozenset[str]:
+    if stems in ("all", "karaoke"):
+        return frozenset({"vocals"}) if stems == "karaoke" else frozenset()
+    return frozenset(name.strip().removeprefix("no_") for name in stems.split(",") if name.strip())
+
+
+def _pick(use: str, override: str | None, by_name: dict[str, InstalledModel], allowed: Sequence[str] | None,
+          needs: frozenset[str] = frozenset()) -> str:
+    """The operator's model for `use`, else the best installed one the server allows."""
+    if override is not None:
+        _check(override, use, by_name, allowed, operator_choice=True)
+        return override
+    candidates = best_for(use, by_name.values(), needs)
+    if not candidates:
+        raise ModelChoiceError(f"this bot has no {_WORDS[use]} model installed; {PROVIDE}")
+    permitted = [name for name in candidates if allowed is None or name in allowed]
+    if not permitted:
+        raise ModelChoiceError(f"this server allows no {_WORDS[use]} model; a server manager can allow "
+                               f"{', '.join(candidates[:3])} with `/stembot models`")
+    return permitted[0]
+
+
+def _check(name: str, use: str, by_name: dict[str, InstalledModel], allowed: Sequence[str] | None,
+           operator_choice: bool = False) -> None:
+    if name not in by_name:
+        whose = "the operator's " if operator_choice else ""
+        raise ModelChoiceError(f"{whose}{_WORDS[use]} model `{name}` is not installed on this bot; {PROVIDE}")
+    if allowed is not None and name not in allowed:
+        raise ModelChoiceError(f"this server does not allow the {_WORDS[use]} model `{name}`; a server manager can "
+                               "allow it with `/stembot models`")
+
+
+def _choice(name: str, stems: str, by_name: dict[str, InstalledModel]) -> Choice:
+    model = by_name.get(name)
+    factor = model.cost_factor if model is not None else cost_factor_of(name, "demucs")
+    return Choice(name, stems, factor)
+
+
+_WORDS = {"stems": "full-split", "vocals": "vocal", "lead_backing": "lead/backing vocal (karaoke that keeps the "
+          "backing vocals)", "dereverb": "de-reverb", "denoise": "denoise", "dialogue": "dialogue",
+          "fast": "fast"}

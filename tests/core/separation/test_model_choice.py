@@ -1,0 +1,101 @@
+"""core.separation.model_choice: the model a request in plain words runs, from what is
+installed, what the operator chose and what the server allows."""
+
+from __future__ import annotations
+
+import pytest
+
+from core.separation.model_choice import Choice, InstalledModel, ModelChoiceError, ModelDefaults, Request, choose
+
+MUSDB = ("drums", "bass", "other", "vocals")
+HTDEMUCS = InstalledModel("htdemucs", "demucs", MUSDB)
+HTDEMUCS_FT = InstalledModel("htdemucs_ft", "demucs", MUSDB)
+# Unlisted models: their uses come from their stems, their cost from their family.
+ROFORMER = InstalledModel("my_bs_roformer", "bs_roformer", ("vocals", "instrumental"))
+MELBAND = InstalledModel("my_mel_roformer", "mel_band_roformer", ("vocals", "instrumental"))
+DNR = InstalledModel("my_dnr", "demucs", ("dialog", "music", "effect"))
+DEFAULTS = ModelDefaults(model="htdemucs")
+
+
+def pick(installed, allowed=None, defaults=DEFAULTS, server_default=None, **request) -> Choice:
+    return choose(Request(**request), installed, defaults, allowed, server_default)
+
+
+def refusal(installed, allowed=None, defaults=DEFAULTS, **request) -> str:
+    with pytest.raises(ModelChoiceError) as refused:
+        pick(installed, allowed, defaults, **request)
+    return refused.value.reason
+
+
+def test_nothing_asked_runs_the_servers_default_then_the_operators():
+    assert pick([HTDEMUCS, HTDEMUCS_FT]) == Choice("htdemucs", "all", 1.0)
+    assert pick([HTDEMUCS, HTDEMUCS_FT], server_default="htdemucs_ft") == Choice("htdemucs_ft", "all", 4.0)
+    assert pick([HTDEMUCS], model="htdemucs", stems="vocals") == Choice("htdemucs", "vocals", 1.0)
+
+
+def test_fast_is_the_operators_fast_model():
+    assert pick([HTDEMUCS, HTDEMUCS_FT], quality="fast").model == "htdemucs"
+    fast = ModelDefaults(model="htdemucs_ft", fast="htdemucs")
+    assert pick([HTDEMUCS, HTDEMUCS_FT], defaults=fast, quality="fast", stems="karaoke") == Choice(
+        "htdemucs", "karaoke", 1.0)
+    assert "operator's fast model `htdemucs` is not installed" in refusal([HTDEMUCS_FT], quality="fast")
+
+
+def test_best_vocals_is_a_roformer_over_demucs_whatever_their_figures():
+    installed = [HTDEMUCS, HTDEMUCS_FT, ROFORMER]
+    for stems in ("karaoke", "vocals", "no_vocals"):
+        assert pick(installed, quality="best", stems=stems) == Choice("my_bs_roformer", stems, 2.5)
+    # Without a RoFormer: the demucs model with the higher published SDR.
+    assert pick([HTDEMUCS, HTDEMUCS_FT], quality="best", stems="karaoke").model == "htdemucs_ft"
+
+
+def test_best_for_a_full_split_is_the_best_stems_model_not_a_vocals_one():
+    installed = [HTDEMUCS, ROFORMER, HTDEMUCS_FT]
+    assert pick(installed, quality="best") == Choice("htdemucs_ft", "all", 4.0)
+    # One stem that only a stems model has: a vocals-only model cannot serve it.
+    assert pick([ROFORMER, HTDEMUCS], quality="best", stems="drums").model == "htdemucs"
+
+
+def test_best_keeps_to_what_the_server_allows():
+    installed = [HTDEMUCS, HTDEMUCS_FT, ROFORMER, MELBAND]
+    allowed = ("htdemucs", "my_mel_roformer")
+    assert pick(installed, allowed, quality="best", stems="vocals").model == "my_mel_roformer"
+    assert pick(installed, ("htdemucs",), quality="best", stems="vocals").model == "htdemucs"
+    assert "allows no full-split model" in refusal(installed, ("my_bs_roformer",), quality="best")
+    assert "/stembot models" in refusal(installed, ("my_bs_roformer",), quality="best")
+
+
+def test_the_operators_best_model_wins_and_must_be_installed_and_allowed():
+    defaults = ModelDefaults(best_vocals="my_mel_roformer")
+    assert pick([HTDEMUCS, ROFORMER, MELBAND], defaults=defaults, quality="best", stems="vocals").model == (
+        "my_mel_roformer")
+    assert "is not installed" in refusal([HTDEMUCS, ROFORMER], defaults=defaults, quality="best", stems="vocals")
+    assert "does not allow the vocal model `my_mel_roformer`" in refusal(
+        [HTDEMUCS, MELBAND], ("htdemucs",), defaults=defaults, quality="best", stems="vocals")
+
+
+def test_dialogue_needs_a_dialogue_model():
+    assert pick([HTDEMUCS, DNR], stems="dialogue") == Choice("my_dnr", "all", 1.0)
+    reason = refusal([HTDEMUCS, HTDEMUCS_FT], stems="dialogue")
+    assert reason.startswith("this bot has no dialogue model installed") and "stembot models pull" in reason
+
+
+def test_karaoke_that_keeps_the_backing_vocals_needs_a_lead_backing_model():
+    assert "no lead/backing vocal" in refusal([HTDEMUCS, ROFORMER], stems="karaoke", backing_vocals="keep")
+    lead_backing = ModelDefaults(lead_backing="my_mel_roformer")
+    assert pick([HTDEMUCS, MELBAND], defaults=lead_backing, stems="karaoke", backing_vocals="keep") == Choice(
+        "my_mel_roformer", "all", 2.5)
+    # `remove` is today's karaoke.
+    assert pick([HTDEMUCS], stems="karaoke", backing_vocals="remove") == Choice("htdemucs", "karaoke", 1.0)
+
+
+def test_clean_runs_the_cleaning_model_and_refuses_without_one():
+    dereverb = InstalledModel("my_dereverb", "mel_band_roformer", ("noreverb", "reverb"))
+    defaults = ModelDefaults(dereverb="my_dereverb")
+    assert pick([HTDEMUCS, dereverb], defaults=defaults, clean="dereverb") == Choice("my_dereverb", "all", 2.5)
+    assert "no denoise model installed" in refusal([HTDEMUCS, dereverb], clean="denoise")
+    assert "leave `stems:` out" in refusal([HTDEMUCS, dereverb], defaults=defaults, clean="dereverb", stems="drums")
+
+
+def test_a_model_named_outright_and_plain_words_do_not_mix():
+    assert "not both" in refusal([HTDEMUCS, HTDEMUCS_FT], model="htdemucs", quality="best")
