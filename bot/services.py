@@ -92,6 +92,7 @@ class Services:
         self._ops_web: web.AppRunner | None = None
         self._boot: asyncio.Task | None = None
         self._metrics_task: asyncio.Task | None = None
+        self._models_task: asyncio.Task | None = None
         self._sweeper_task: asyncio.Task | None = None
         self.sweeper = Sweeper(self.store, self.storage, settings.retention_hours * 3600,
                                history_s=settings.job_history_days * 86400, stale_s=settings.job_stale_s,
@@ -116,6 +117,12 @@ class Services:
                 names = self.available_models()
                 self._installed = await asyncio.to_thread(installed_models, names, self.settings.model_dir)
             return self._installed
+
+    async def _read_installed_models(self) -> None:
+        try:
+            await self.installed_models()
+        except Exception:
+            log.exception("reading the installed models failed; the first command that needs them tries again")
 
     def model_defaults(self) -> ModelDefaults:
         """The operator's models for the plain-word choices (an empty setting is unset)."""
@@ -158,6 +165,8 @@ class Services:
         # The model loads in the background: the bot answers (and queues) meanwhile.
         self._boot = asyncio.create_task(self._start_worker(dispatcher), name="worker-boot")
         self._metrics_task = asyncio.create_task(self._metrics_loop(), name="metrics")
+        # Read before the first /help or plain-word /split asks, which must answer within 3 s.
+        self._models_task = asyncio.create_task(self._read_installed_models(), name="installed-models")
         self.loop_lag.start()
         # Everything imported and built so far lives as long as the bot: out of the
         # garbage collector's full collections, which would otherwise walk it each time.
@@ -276,7 +285,7 @@ class Services:
             except Exception:
                 log.exception("stopping %r failed", service)
         await self.loop_lag.stop()
-        for task in (self._boot, self._metrics_task, self._sweeper_task):
+        for task in (self._boot, self._metrics_task, self._sweeper_task, self._models_task):
             if task is not None:
                 task.cancel()
         # Each step on its own: one that fails must not keep the database connections

@@ -182,3 +182,38 @@ def _choice(name: str, stems: str, by_name: dict[str, InstalledModel]) -> Choice
 _WORDS = {"stems": "full-split", "vocals": "vocal", "lead_backing": "lead/backing vocal (karaoke that keeps the "
           "backing vocals)", "dereverb": "de-reverb", "denoise": "denoise", "dialogue": "dialogue",
           "fast": "fast"}
+
+
+@dataclass(frozen=True)
+class Offer:
+    """What a plain-word option runs here: shown by /help and /quota."""
+
+    option: str  # how a member asks for it, e.g. "/split quality: best"
+    model: InstalledModel
+
+
+# Each plain-word option, and the request it makes.
+OPTIONS: tuple[tuple[str, Request], ...] = (
+    ("/split quality: fast", Request(quality="fast")),
+    ("/split quality: best", Request(quality="best")),
+    ("/karaoke quality: best", Request(stems="karaoke", quality="best")),
+    ("/karaoke backing_vocals: keep", Request(stems="karaoke", backing_vocals="keep")),
+    ("/split clean: dereverb", Request(clean="dereverb")),
+    ("/split clean: denoise", Request(clean="denoise")),
+    ("/split stems: dialogue", Request(stems=DIALOGUE)),
+)
+
+
+def offers(installed: Sequence[InstalledModel], defaults: ModelDefaults, allowed: Sequence[str] | None = None,
+           server_default: str | None = None) -> list[Offer]:
+    """The plain-word options this bot and server can serve, with the model each runs."""
+    by_name = {model.name: model for model in installed}
+    found = []
+    for option, request in OPTIONS:
+        try:
+            name = choose(request, installed, defaults, allowed, server_default).model
+        except ModelChoiceError:
+            continue
+        if name in by_name:
+            found.append(Offer(option, by_name[name]))
+    return found

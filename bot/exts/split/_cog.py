@@ -19,6 +19,7 @@ from discord.ext import commands
 from bot.timely import TimelyAnswer
 from core.errors import BadRequestError, LinkNotAllowedError
 from core.jobs.job import RUNNING, Job, JobState
+from core.jobs.quotas import format_factor
 from core.jobs.render_request import mix_request, split_render
 from core.media.audio import format_duration
 from core.media.render import TEMPO_MAX, TEMPO_MIN, TRANSPOSE_MAX, TRANSPOSE_MIN, RenderOptions
@@ -27,7 +28,7 @@ from core.net import ytdl
 from core.net.fetcher import check_url
 from core.net.urls import link_output_name
 from core.separation.installed import cost_factor_for
-from core.separation.model_choice import DIALOGUE, Request, choose
+from core.separation.model_choice import DIALOGUE, Offer, Request, choose, offers
 
 from ._status import STAGES
 
@@ -203,9 +204,15 @@ class Split(commands.Cog):
 
     @app_commands.command(name="help", description="How to use stembot")
     async def help(self, interaction: discord.Interaction) -> None:
+        # The installed models are read once (off the event loop), the server's policy from
+        # the database: either may be slow, so the answer may be deferred.
+        async with TimelyAnswer(interaction, ephemeral=True) as answer:
+            await answer.send(await self._help_text(interaction))
+
+    async def _help_text(self, interaction: discord.Interaction) -> str:
         settings = self.services.settings
         text = (
-            "**stembot** splits songs into stems with Demucs.\n"
+            "**stembot** splits songs into stems.\n"
             "• `/split file:` — vocals, drums, bass and other (or pick one with `stems:`)\n"
             "• `/karaoke file:` — vocals and instrumental (also with `tempo:` and `transpose:`)\n"
             "• `/split tempo: transpose:` — the stems at 50-150% speed, or up to 12 semitones up or down\n"
@@ -218,7 +225,19 @@ class Split(commands.Cog):
             f"{format_duration(settings.max_duration_s)}, files up to {human_size(settings.max_input_bytes)}. "
             "Results too large for this server's upload limit come as smaller files or download links."
         )
-        await interaction.response.send_message(text, ephemeral=True)
+        shown = await self._offers(interaction)
+        if shown:
+            text += "\n**Models here** (a dearer model's minutes count more):\n" + "\n".join(
+                f"• `{offer.option}`: `{offer.model.name}` — {', '.join(offer.model.stems)} · {offer.model.speed} · "
+                f"minutes count {format_factor(offer.model.cost_factor)}" for offer in shown)
+        return text
+
+    async def _offers(self, interaction: discord.Interaction) -> list[Offer]:
+        """The plain-word options this server can use, with the model each runs."""
+        services = self.services
+        policy = await services.quotas.policy(interaction.guild_id, _role_ids(interaction))
+        return offers(await services.installed_models(), services.model_defaults(), policy.allowed_models,
+                      policy.default_model)
 
     @app_commands.command(name="quota", description="Your minutes and jobs left today")
     async def quota(self, interaction: discord.Interaction) -> None:
@@ -241,6 +260,10 @@ class Split(commands.Cog):
                          f"min left today, {status.guild_active} of {policy.guild_queued_jobs} jobs queued or running")
         lines.append(f"Tracks up to {format_duration(policy.max_track_minutes * 60)}. Allowances reset at 00:00 UTC "
                      f"({reset}).")
+        dearer = [offer for offer in await self._offers(interaction) if offer.model.cost_factor != 1.0]
+        if dearer:
+            lines.append("A track's minutes count times its model's cost: " + ", ".join(
+                f"`{offer.option}` costs {format_factor(offer.model.cost_factor)} minutes" for offer in dearer) + ".")
         return "\n".join(lines)
 
     @app_commands.command(name="forget", description="Delete your stored songs and stems now")

@@ -5,7 +5,15 @@ from __future__ import annotations
 
 import pytest
 
-from core.separation.model_choice import Choice, InstalledModel, ModelChoiceError, ModelDefaults, Request, choose
+from core.separation.model_choice import (
+    Choice,
+    InstalledModel,
+    ModelChoiceError,
+    ModelDefaults,
+    Request,
+    choose,
+    offers,
+)
 
 MUSDB = ("drums", "bass", "other", "vocals")
 HTDEMUCS = InstalledModel("htdemucs", "demucs", MUSDB)
@@ -99,3 +107,16 @@ def test_clean_runs_the_cleaning_model_and_refuses_without_one():
 
 def test_a_model_named_outright_and_plain_words_do_not_mix():
     assert "not both" in refusal([HTDEMUCS, HTDEMUCS_FT], model="htdemucs", quality="best")
+
+
+def test_offers_name_what_each_option_runs_here():
+    dereverb = InstalledModel("my_dereverb", "mel_band_roformer", ("noreverb", "reverb"))
+    shown = offers([HTDEMUCS, HTDEMUCS_FT, ROFORMER, DNR, dereverb], ModelDefaults(dereverb="my_dereverb"),
+                   allowed=None)
+    assert [(offer.option, offer.model.name) for offer in shown] == [
+        ("/split quality: fast", "htdemucs"), ("/split quality: best", "htdemucs_ft"),
+        ("/karaoke quality: best", "my_bs_roformer"), ("/split clean: dereverb", "my_dereverb"),
+        ("/split stems: dialogue", "my_dnr")]
+    # What the server does not allow is not offered.
+    assert [o.option for o in offers([HTDEMUCS, ROFORMER], ModelDefaults(), allowed=("htdemucs",))] == [
+        "/split quality: fast", "/split quality: best", "/karaoke quality: best"]
