@@ -48,11 +48,14 @@ class InstalledModel:
     def speed(self) -> str:
         return BY_NAME[self.name].speed if self.name in BY_NAME else speed_class(self.cost_factor)
 
-    @property
-    def sdr(self) -> float:
-        """The publisher's SDR figure (0 when none is published): higher is better."""
+    def sdr(self, use: str = "stems") -> float:
+        """The publisher's SDR figure for `use` (0 when none is published): higher is better.
+        For vocals its vocals figure where it publishes one, else its first."""
         published = BY_NAME.get(self.name)
-        found = re.search(r"SDR\s*([0-9]+(?:\.[0-9]+)?)", published.quality) if published else None
+        if published is None:
+            return 0.0
+        vocals = re.search(r"vocals(?: SDR)? ([0-9]+(?:\.[0-9]+)?)", published.quality) if use == "vocals" else None
+        found = vocals or re.search(r"SDR ([0-9]+(?:\.[0-9]+)?)", published.quality)
         return float(found.group(1)) if found else 0.0
 
 
@@ -137,7 +140,7 @@ def best_for(use: str, installed: Iterable[InstalledModel], needs: frozenset[str
     Demucs (a RoFormer's vocals are measurably better) before Demucs, then the higher
     published SDR, then the cheaper. `needs`: sources a model must have."""
     serving = [model for model in installed if use in model.uses and needs <= set(model.stems)]
-    serving.sort(key=lambda m: (use == "vocals" and m.family == "demucs", -m.sdr, m.cost_factor, m.name))
+    serving.sort(key=lambda m: (use == "vocals" and m.family == "demucs", -m.sdr(use), m.cost_factor, m.name))
     return [model.name for model in serving]
 
 

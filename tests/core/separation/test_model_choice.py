@@ -14,6 +14,7 @@ from core.separation.model_choice import (
     choose,
     offers,
 )
+from core.separation.published import BY_NAME
 
 MUSDB = ("drums", "bass", "other", "vocals")
 HTDEMUCS = InstalledModel("htdemucs", "demucs", MUSDB)
@@ -120,3 +121,24 @@ def test_offers_name_what_each_option_runs_here():
     # What the server does not allow is not offered.
     assert [o.option for o in offers([HTDEMUCS, ROFORMER], ModelDefaults(), allowed=("htdemucs",))] == [
         "/split quality: fast", "/split quality: best", "/karaoke quality: best"]
+
+
+def test_the_published_checkpoints_rank_by_their_published_figures():
+    def published(name):
+        model = BY_NAME[name]
+        return InstalledModel(name, model.family, model.stems)
+
+    names = ["htdemucs", "htdemucs_ft", "model_bs_roformer_ep_317_sdr_12.9755", "vocals_mel_band_roformer",
+             "MDX23C-8KFFT-InstVoc_HQ", "model_bs_roformer_ep_17_sdr_9.6568",
+             "mel_band_roformer_karaoke_aufr33_viperx_sdr_10.1956", "dereverb_mel_band_roformer_anvuew_sdr_19.1729",
+             "denoise_mel_band_roformer_aufr33_sdr_27.9959"]
+    installed = [published(name) for name in names]
+    # Vocals: the highest vocals figure (Mel-Band 12.6 over BS-RoFormer 11.8, MDX23C 10.6, the
+    # 4-stem BS-RoFormer's vocals 11.1, and any Demucs).
+    assert pick(installed, quality="best", stems="karaoke") == Choice("vocals_mel_band_roformer", "karaoke", 2.5)
+    assert pick(installed, quality="best") == Choice("model_bs_roformer_ep_17_sdr_9.6568", "all", 2.5)
+    assert pick(installed, stems="karaoke", backing_vocals="keep").model == (
+        "mel_band_roformer_karaoke_aufr33_viperx_sdr_10.1956")
+    assert pick(installed, clean="dereverb").model == "dereverb_mel_band_roformer_anvuew_sdr_19.1729"
+    assert pick(installed, clean="denoise").model == "denoise_mel_band_roformer_aufr33_sdr_27.9959"
+    assert "no dialogue model installed" in refusal(installed, stems="dialogue")
