@@ -408,6 +408,8 @@ class JobStore:
             return await session.scalar(
                 select(Job).where(
                     Job.input_sha256 == job.input_sha256, Job.model == job.model, Job.stems == job.stems,
+                    # A chain's stems are not its first model's alone.
+                    Job.clean_model.is_(None) if job.clean_model is None else Job.clean_model == job.clean_model,
                     Job.format == job.format, Job.render_options == (job.render_options or ""),
                     Job.state == JobState.done.value, Job.id != job.id,
                     Job.artifacts_deleted_at.is_(None), Job.artifacts.is_not(None),

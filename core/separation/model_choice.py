@@ -78,8 +78,9 @@ class Choice:
     """The model a job runs, the stems it asks of it, and what its minutes cost."""
 
     model: str
-    stems: str
-    cost_factor: float
+    stems: str  # of `clean_model` when there is one
+    cost_factor: float  # a chain's: the sum of its models'
+    clean_model: str | None = None  # a chain: this model runs on the vocals `model` separates
 
 
 @dataclass(frozen=True)
@@ -105,10 +106,12 @@ def choose(request: Request, installed: Sequence[InstalledModel], defaults: Mode
             raise ModelChoiceError(f"`clean:` is one of {', '.join(CLEANING)}")
         if request.stems not in ("all", "vocals"):
             raise ModelChoiceError("`clean:` gives a cleaned acapella; leave `stems:` out")
-        # The cleaning model runs on the mix (a chain of a vocal model and then the cleaning
-        # model on its vocals is not built yet): its stems are the clean part and the rest.
-        name = _pick(request.clean, getattr(defaults, request.clean), by_name, allowed)
-        return _choice(name, "all", by_name)
+        # A chain: a vocal model, then the cleaning model on its vocals; the stems are the
+        # cleaning model's (the clean acapella and what was taken out of it).
+        cleaner = _pick(request.clean, getattr(defaults, request.clean), by_name, allowed)
+        vocal = _vocal_model(request, by_name, defaults, allowed, server_default)
+        first, second = _choice(vocal, "all", by_name), _choice(cleaner, "all", by_name)
+        return Choice(vocal, "all", first.cost_factor + second.cost_factor, clean_model=cleaner)
     if request.stems == DIALOGUE:
         if request.quality is not None or request.backing_vocals is not None:
             raise ModelChoiceError("`stems: dialogue` has one model; leave `quality:` out")
@@ -133,6 +136,23 @@ def choose(request: Request, installed: Sequence[InstalledModel], defaults: Mode
     override = defaults.best_vocals if use == "vocals" else defaults.best_stems
     name = _pick(use, override, by_name, allowed, needs=_sources_of(request.stems))
     return _choice(name, request.stems, by_name)
+
+
+def _vocal_model(request: Request, by_name: dict[str, InstalledModel], defaults: ModelDefaults,
+                 allowed: Sequence[str] | None, server_default: str | None) -> str:
+    """The first model of a chain: the one `quality:` picks, else the default when it has
+    vocals, else the best vocal model."""
+    if request.quality == "fast":
+        name = defaults.fast or defaults.model
+        _check(name, "fast", by_name, allowed, operator_choice=True)
+        if "vocals" not in by_name[name].stems:
+            raise ModelChoiceError(f"the fast model `{name}` has no vocals to clean; use `quality: best`")
+        return name
+    default = server_default or defaults.model
+    if request.quality is None and default in by_name and "vocals" in by_name[default].stems and (
+            allowed is None or default in allowed):
+        return default
+    return _pick("vocals", defaults.best_vocals, by_name, allowed, needs=frozenset({"vocals"}))
 
 
 def best_for(use: str, installed: Iterable[InstalledModel], needs: frozenset[str] = frozenset()) -> list[str]:
@@ -192,7 +212,8 @@ class Offer:
     """What a plain-word option runs here: shown by /help and /quota."""
 
     option: str  # how a member asks for it, e.g. "/split quality: best"
-    model: InstalledModel
+    model: InstalledModel  # the model it runs (a chain's: its cleaning model)
+    cost_factor: float  # a chain's: the sum of its models'
 
 
 # Each plain-word option, and the request it makes.
@@ -214,9 +235,10 @@ def offers(installed: Sequence[InstalledModel], defaults: ModelDefaults, allowed
     found = []
     for option, request in OPTIONS:
         try:
-            name = choose(request, installed, defaults, allowed, server_default).model
+            choice = choose(request, installed, defaults, allowed, server_default)
         except ModelChoiceError:
             continue
+        name = choice.clean_model or choice.model
         if name in by_name:
-            found.append(Offer(option, by_name[name]))
+            found.append(Offer(option, by_name[name], choice.cost_factor))
     return found

@@ -229,7 +229,7 @@ class Split(commands.Cog):
         if shown:
             text += "\n**Models here** (a dearer model's minutes count more):\n" + "\n".join(
                 f"• `{offer.option}`: `{offer.model.name}` — {', '.join(offer.model.stems)} · {offer.model.speed} · "
-                f"minutes count {format_factor(offer.model.cost_factor)}" for offer in shown)
+                f"minutes count {format_factor(offer.cost_factor)}" for offer in shown)
         return text
 
     async def _offers(self, interaction: discord.Interaction) -> list[Offer]:
@@ -260,10 +260,10 @@ class Split(commands.Cog):
                          f"min left today, {status.guild_active} of {policy.guild_queued_jobs} jobs queued or running")
         lines.append(f"Tracks up to {format_duration(policy.max_track_minutes * 60)}. Allowances reset at 00:00 UTC "
                      f"({reset}).")
-        dearer = [offer for offer in await self._offers(interaction) if offer.model.cost_factor != 1.0]
+        dearer = [offer for offer in await self._offers(interaction) if offer.cost_factor != 1.0]
         if dearer:
             lines.append("A track's minutes count times its model's cost: " + ", ".join(
-                f"`{offer.option}` costs {format_factor(offer.model.cost_factor)} minutes" for offer in dearer) + ".")
+                f"`{offer.option}` costs {format_factor(offer.cost_factor)} minutes" for offer in dearer) + ".")
         return "\n".join(lines)
 
     @app_commands.command(name="forget", description="Delete your stored songs and stems now")
@@ -359,10 +359,10 @@ class Split(commands.Cog):
             except BadRequestError as exc:
                 await answer.send(_sentence(exc.reason), private=True)
                 return
-            model, stems, cost_factor = choice.model, choice.stems, choice.cost_factor
+            model, stems, cost_factor, clean_model = choice.model, choice.stems, choice.cost_factor, choice.clean_model
         else:
             model = model or policy.default_model or services.settings.model
-            cost_factor = cost_factor_for(model, services.settings.model_dir)
+            cost_factor, clean_model = cost_factor_for(model, services.settings.model_dir), None
         if mix is not None:
             # The model decides which stems there are to mix.
             try:
@@ -382,7 +382,7 @@ class Split(commands.Cog):
                 interaction_token=interaction.token, token_expires_at=interaction.created_at + TOKEN_LIFETIME,
                 attachment_size_limit=interaction.filesize_limit,
                 **_source(file, url), model=model, stems=stems, format=fmt, render_options=render.to_column(),
-                cost_factor=cost_factor,
+                cost_factor=cost_factor, clean_model=clean_model,
             )
             if reason is not None:
                 reason = reason[0].upper() + reason[1:] + "."

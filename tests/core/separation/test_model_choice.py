@@ -98,11 +98,20 @@ def test_karaoke_that_keeps_the_backing_vocals_needs_a_lead_backing_model():
     assert pick([HTDEMUCS], stems="karaoke", backing_vocals="remove") == Choice("htdemucs", "karaoke", 1.0)
 
 
-def test_clean_runs_the_cleaning_model_and_refuses_without_one():
+def test_clean_chains_a_vocal_model_and_the_cleaning_model_costing_both():
     dereverb = InstalledModel("my_dereverb", "mel_band_roformer", ("noreverb", "reverb"))
     defaults = ModelDefaults(dereverb="my_dereverb")
-    assert pick([HTDEMUCS, dereverb], defaults=defaults, clean="dereverb") == Choice("my_dereverb", "all", 2.5)
-    assert "no denoise model installed" in refusal([HTDEMUCS, dereverb], clean="denoise")
+    installed = [HTDEMUCS, ROFORMER, dereverb]
+    assert pick(installed, defaults=defaults, clean="dereverb") == Choice(
+        "htdemucs", "all", 3.5, clean_model="my_dereverb")
+    assert pick(installed, defaults=defaults, clean="dereverb", quality="best") == Choice(
+        "my_bs_roformer", "all", 5.0, clean_model="my_dereverb")
+    # A default model without vocals: the best vocal model instead.
+    assert pick([DNR, MELBAND, dereverb], defaults=ModelDefaults(model="my_dnr", dereverb="my_dereverb"),
+                clean="dereverb").model == "my_mel_roformer"
+    assert "no denoise model installed" in refusal(installed, clean="denoise")
+    assert "no vocal model installed" in refusal([DNR, dereverb], defaults=ModelDefaults(
+        model="my_dnr", dereverb="my_dereverb"), clean="dereverb")
     assert "leave `stems:` out" in refusal([HTDEMUCS, dereverb], defaults=defaults, clean="dereverb", stems="drums")
 
 
@@ -118,6 +127,7 @@ def test_offers_name_what_each_option_runs_here():
         ("/split quality: fast", "htdemucs"), ("/split quality: best", "htdemucs_ft"),
         ("/karaoke quality: best", "my_bs_roformer"), ("/split clean: dereverb", "my_dereverb"),
         ("/split stems: dialogue", "my_dnr")]
+    assert [offer.cost_factor for offer in shown] == [1.0, 4.0, 2.5, 3.5, 1.0]
     # What the server does not allow is not offered.
     assert [o.option for o in offers([HTDEMUCS, ROFORMER], ModelDefaults(), allowed=("htdemucs",))] == [
         "/split quality: fast", "/split quality: best", "/karaoke quality: best"]
@@ -139,6 +149,7 @@ def test_the_published_checkpoints_rank_by_their_published_figures():
     assert pick(installed, quality="best") == Choice("model_bs_roformer_ep_17_sdr_9.6568", "all", 2.5)
     assert pick(installed, stems="karaoke", backing_vocals="keep").model == (
         "mel_band_roformer_karaoke_aufr33_viperx_sdr_10.1956")
-    assert pick(installed, clean="dereverb").model == "dereverb_mel_band_roformer_anvuew_sdr_19.1729"
-    assert pick(installed, clean="denoise").model == "denoise_mel_band_roformer_aufr33_sdr_27.9959"
+    assert pick(installed, clean="dereverb", quality="best") == Choice(
+        "vocals_mel_band_roformer", "all", 5.0, clean_model="dereverb_mel_band_roformer_anvuew_sdr_19.1729")
+    assert pick(installed, clean="denoise").clean_model == "denoise_mel_band_roformer_aufr33_sdr_27.9959"
     assert "no dialogue model installed" in refusal(installed, stems="dialogue")
