@@ -1,6 +1,7 @@
 """Models chosen in plain words, end to end: the real `stembot run` against the fake Discord,
 with tiny models in its model folder under the names the choice reads (`htdemucs_ft`, a
-published name, and `tinydnr`, an unlisted model whose stems make it a dialogue model)."""
+published name, `tinydnr`, an unlisted model whose stems make it a dialogue model, and
+`tinyderev`, the operator's de-reverb model)."""
 
 from __future__ import annotations
 
@@ -23,8 +24,10 @@ async def bot(fake, tmp_path_factory):
     tiny.save_th(tiny.tiny_htdemucs(seed=0), folder, "tiny")
     tiny.save_th(tiny.tiny_htdemucs(seed=3), folder, "htdemucs_ft")  # published: 4x, the best full split
     tiny.save_th(tiny.tiny_htdemucs(seed=4, sources=["dialog", "music", "effect"]), folder, "tinydnr")
+    tiny.save_th(tiny.tiny_htdemucs(seed=5, sources=["noreverb", "reverb"]), folder, "tinyderev")
+    # As an operator names a de-reverb model that stembot does not list.
     process = BotProcess(fake, tmp_path_factory.mktemp("choice-bot"), folder,
-                         STEMBOT_QUOTA_USER_MINUTES_PER_DAY="5")
+                         STEMBOT_QUOTA_USER_MINUTES_PER_DAY="5", STEMBOT_DEREVERB_MODEL="tinyderev")
     await process.start()
     yield process
     await process.stop()
@@ -79,6 +82,23 @@ async def test_stems_dialogue_runs_the_dialogue_model(fake, bot, tmp_path):
     assert [a.filename for a in result.attachments] == ["dialog.mp3", "music.mp3", "effect.mp3", "preview.png"]
     assert rows(bot, "SELECT model, stems, cost_factor FROM jobs WHERE source_name='film.wav'") == [
         ("tinydnr", "all", 1.0)]
+
+
+async def test_clean_runs_two_models_in_one_job_and_charges_both(fake, bot, tmp_path):
+    member = fake.make_user("echoey")
+    job = await fake.send_slash_command("split", [attachment_option("file", upload(fake, tmp_path, "wet.wav", 6)),
+                                                  string_option("clean", "dereverb")], user=member)
+    result = await final_message(fake, job)
+    assert "Done" in result.content
+    assert [a.filename for a in result.attachments] == ["noreverb.mp3", "reverb.mp3", "preview.png"]
+    shown = [edit.get("content") or "" for message in fake.messages_for(job) for edit in message.edits]
+    assert any("tiny → tinyderev" in text and "minutes count 2x" in text for text in shown), shown
+    await fake.wait_for(lambda: rows(bot, "SELECT quota_state FROM jobs WHERE source_name='wet.wav'") == [
+        ("charged",)], timeout=10, interval=0.05, what="the job to be charged")
+    assert rows(bot, "SELECT model, clean_model, stems, cost_factor FROM jobs WHERE source_name='wet.wav'") == [
+        ("tiny", "tinyderev", "all", 2.0)]
+    used = rows(bot, "SELECT used_s FROM quota_usage WHERE user_id = ?", int(member["id"]))
+    assert used and used[0][0] == pytest.approx(12.0, abs=0.2)  # 6 s through two models at 1x each
 
 
 async def test_a_model_that_is_not_installed_is_refused_privately_and_costs_nothing(fake, bot, tmp_path):
