@@ -81,7 +81,7 @@ RUN pip install --no-deps --require-hashes -r requirements/app.lock
 COPY --from=source /src ./
 RUN python scripts/lockfile.py check requirements/app.lock \
     && pip install --no-deps . \
-    && pip check
+    && python scripts/lockfile.py pip-check
 
 # Fill the HuggingFace cache now, then never touch the network for models again.
 RUN for model in ${MODELS}; do stembot models pull "$model"; done
@@ -131,7 +131,7 @@ RUN pip install --no-deps --require-hashes -r requirements/app.lock
 COPY --from=source /src ./
 RUN python scripts/lockfile.py check requirements/app.lock \
     && pip install --no-deps . \
-    && pip check
+    && python scripts/lockfile.py pip-check
 
 # Fill the HuggingFace cache now, then never touch the network for models again.
 RUN for model in ${MODELS}; do stembot models pull "$model"; done

@@ -179,6 +179,12 @@ class Settings(BaseSettings):
     job_deadline_margin_s: float = Field(default=300.0, ge=1.0)
     job_deadline_default_speed: float = Field(default=2.0, gt=0)  # separation seconds per audio second, unmeasured
 
+    # Models beyond Demucs (issue #16): `stembot models pull NAME` fetches a listed checkpoint's
+    # files from this mirror (`<url>/<file name>`) instead of where each is published, and
+    # refuses any one file larger than this.
+    model_mirror_url: str | None = None
+    model_max_download_mb: int = Field(default=4096, ge=1)
+
     # Models chosen in plain words (issue #16): `/split quality: fast` runs fast_model (unset:
     # STEMBOT_MODEL); `quality: best`, `/karaoke backing_vocals: keep`, `/split clean:` and
     # `stems: dialogue` run the model set here, or when unset the best installed model for that
@@ -193,7 +199,7 @@ class Settings(BaseSettings):
 
     @field_validator("model_dir", "public_url", "database_url", "discord_api_url", "discord_gateway_url",
                      "worker_name", "worker_devices", "s3_bucket", "s3_endpoint_url", "s3_public_endpoint_url",
-                     mode="before")
+                     "model_mirror_url", mode="before")
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
         # `STEMBOT_MODEL_DIR=` in a .env file means "not set", not the current folder.

@@ -24,7 +24,7 @@ from core.errors import StembotError
 from core.media.audio import OUTPUT_FORMATS, OutputFormat
 from core.ops.bot_lock import AnotherBotRunning, BotLock
 from core.runtime import fetch_rules_of, limits_of
-from core.separation import catalogue
+from core.separation import catalogue, published
 from core.separation.stems import parse_stems
 from core.settings import Precision, get_settings
 from stembot import jobs_cli
@@ -108,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     listing.set_defaults(handler=cmd_models_list)
     pull = models_cmds.add_parser("pull", help="download a model for offline use")
     pull.add_argument("name")
+    pull.add_argument("--model-dir", type=Path, default=None,
+                      help="where a checkpoint model's files go (default: STEMBOT_MODEL_DIR)")
     pull.set_defaults(handler=cmd_models_pull)
     return parser
 
@@ -428,16 +430,38 @@ def cmd_db_worker_role(args, parser) -> int:
 
 
 def cmd_models_list(args, parser) -> int:
+    """Every model this host has or can pull: name, stems, speed class, license, where it is."""
+    from core.separation import checkpoint_models  # noqa: PLC0415 - reads the model folder's configs only here
+
     model_dir = args.model_dir or get_settings().model_dir
-    for entry in catalogue.list_models(model_dir):
+    entries = catalogue.list_models(model_dir)
+    width = max([len(entry.name) for entry in entries] + [24])
+    print(f"{'MODEL':{width}} {'STEMS':34} {'SPEED':6} {'LICENSE':11} WHERE")
+    for entry in entries:
+        listed = published.BY_NAME.get(entry.name)
+        if listed is not None:
+            stems, speed, license_ = ",".join(listed.stems), listed.speed, listed.license
+        else:
+            stems, speed, license_ = "", "", "not listed"
+            if model_dir is not None and entry.name in checkpoint_models.checkpoint_names(model_dir):
+                try:
+                    checkpoint = checkpoint_models.describe(entry.name, model_dir)
+                    stems = ",".join(checkpoint.sources)
+                    speed = published.speed_class(published.cost_factor_of(entry.name, checkpoint.family))
+                except StembotError as exc:
+                    stems = f"(unreadable: {exc.reason})"
         where = entry.available or "not downloaded (stembot models pull " + entry.name + ")"
-        print(f"{entry.name:24} {where}")
+        print(f"{entry.name:{width}} {stems:34} {speed:6} {license_:11} {where}")
     return 0
 
 
 def cmd_models_pull(args, parser) -> int:
+    from core.separation.model_download import Source  # noqa: PLC0415 - only for a pull
+
+    settings = get_settings()
+    source = Source(settings.model_mirror_url, settings.model_max_download_mb << 20)
     try:
-        location = catalogue.pull(args.name)
+        location = catalogue.pull(args.name, args.model_dir or settings.model_dir, source)
     except StembotError as exc:
         return _fail(exc.reason)
     print(f"{args.name}: available offline in {location.detail}")

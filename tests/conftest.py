@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from tests.support import checkpoints
 from tests.support import models as tiny
 
 
@@ -27,7 +28,8 @@ def model_dir(tmp_path_factory):
     """A demucs-layout model folder: `tiny` (plain), `tinysum` (checksummed), `tinybag`, a
     bag of four per-stem specialists like htdemucs_ft, and `mixstems`, whose every stem is
     a quarter of the mix (a track's tempo and key survive it); `tinyshort` and
-    `tinyshortbag` are `tiny` and `tinybag` with 2-second segments."""
+    `tinyshortbag` are `tiny` and `tinybag` with 2-second segments; `tinyroformer` is a
+    community checkpoint (`.ckpt` + `.yaml`, a BS-RoFormer vocals model) beside them."""
     folder = tmp_path_factory.mktemp("models")
     tiny.save_th(tiny.tiny_htdemucs(seed=0), folder, "tiny")
     tiny.save_checksummed(tiny.tiny_htdemucs(seed=1), folder, "tinysum")
@@ -44,6 +46,7 @@ def model_dir(tmp_path_factory):
     for k in range(4):
         tiny.save_th(tiny.tiny_htdemucs(seed=10 + k, segment=tiny.SHORT_SEGMENT), folder, f"short{k}")
     tiny.save_bag(folder, "tinyshortbag", [f"short{k}" for k in range(4)], identity)
+    checkpoints.save_checkpoint(folder, "tinyroformer", checkpoints.bs_roformer_config())
     return folder
 
 

@@ -125,6 +125,9 @@ class BatchingHost:
                 self.steps.guarded(prepared.spec.job_id, self._join, prepared)
 
     def _join(self, prepared: PreparedJob) -> None:
+        if not getattr(prepared.engine, "shares_passes", True):
+            self._alone(prepared)
+            return
         blocks = None
         if prepared.staged is not None:
             assert prepared.work is not None and self.steps.config.block_s is not None  # staged: blocks are on
@@ -138,6 +141,19 @@ class BatchingHost:
             self._leave(entry)
             raise
         self.active.append(entry)
+
+    def _alone(self, prepared: PreparedJob) -> None:
+        """A job whose model cannot share the batcher's passes (a community checkpoint, #16):
+        separated here, on its own, while the other jobs wait; then encoded as theirs are."""
+        job = prepared.spec.job_id
+        started = time.monotonic()
+        try:
+            stems, names = self.steps.separate_alone(prepared)
+        except BaseException:
+            prepared.cleanup()
+            raise
+        self.encoders.submit(self.steps.guarded, job, self._encode, prepared, stems, names,
+                             time.monotonic() - started)
 
     def _next_track(self, entry: SeparatingJob) -> None:
         """Start the whole mix, or the next block of a long track."""

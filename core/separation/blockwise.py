@@ -206,7 +206,11 @@ def model_grid(engine: SeparationEngine, request: StemRequest, options: Separati
                ) -> tuple[int, int]:
     """(stride, context) in frames for the models that `engine` runs for `request`:
     `apply_model`'s segment stride of the first model, and the longest segment plus the
-    largest random shift."""
+    largest random shift. An engine with its own grid (a checkpoint model's chunks) says it."""
+    own_grid = getattr(engine, "block_grid", None)
+    if own_grid is not None:
+        grid: tuple[int, int] = own_grid(options)
+        return grid
     from demucs.apply import BagOfModels  # noqa: PLC0415 - demucs loads only when a model runs
 
     from core.separation.batching import bag_members  # noqa: PLC0415 - it imports torch; this module stays light

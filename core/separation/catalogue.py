@@ -3,13 +3,15 @@
 demucs alone spends about 24 s retrying the network before it admits a model is not
 there. Stembot decides up front where a model comes from, in this order:
 
-1. the local model folder (`--model-dir` / `STEMBOT_MODEL_DIR`), in demucs's repo layout;
+1. the local model folder (`--model-dir` / `STEMBOT_MODEL_DIR`), in demucs's repo layout, or a
+   community checkpoint there (`NAME.ckpt` + `NAME.yaml`, core/separation/checkpoint_models.py);
 2. the HuggingFace cache (what `stembot models pull` fills);
 3. torch's hub cache of legacy `.th` checkpoints;
 4. the network, only when the hub answers within a second or two and offline mode is off.
 
 When none has it, `ModelUnavailableError` names the model, the places looked at, and
-how to provision it.
+how to provision it. A listed checkpoint (core/separation/published.py) is only ever in the
+model folder: `stembot models pull NAME` downloads its files there.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from urllib.parse import urlparse
 import yaml
 
 from core.errors import ModelUnavailableError
+from core.separation import checkpoint_models, model_download
+from core.separation.published import BY_NAME, PUBLISHED
 
 if TYPE_CHECKING:
     from demucs.repo import AnyModel
@@ -68,7 +72,13 @@ def _local_repo_names(model_dir: Path) -> set[str]:
     from demucs.repo import BagOnlyRepo, LocalRepo  # noqa: PLC0415 - demucs loads only when a model runs
 
     repo = LocalRepo(model_dir)
-    return set(repo.list_model()) | set(BagOnlyRepo(model_dir, repo).list_model())
+    names = set(repo.list_model()) | set(BagOnlyRepo(model_dir, repo).list_model())
+    # A checkpoint's NAME.yaml is its config, not a demucs bag.
+    return names - set(checkpoint_models.checkpoint_names(model_dir))
+
+
+def _is_listed_checkpoint(name: str) -> bool:
+    return name in BY_NAME and BY_NAME[name].family != "demucs"
 
 
 def _hf_repo_id(name: str) -> str:
@@ -142,13 +152,20 @@ def locate(name: str, model_dir: Path | None = None) -> ModelLocation:
         if not model_dir.is_dir():
             looked.append(f"model folder {model_dir} (does not exist)")
         else:
-            names = _local_repo_names(model_dir)
+            names = _local_repo_names(model_dir) | set(checkpoint_models.checkpoint_names(model_dir))
             if name in names:
                 return ModelLocation(name, "model-dir", str(model_dir))
             looked.append(f"model folder {model_dir} (has: {', '.join(sorted(names)) or 'nothing'})")
     else:
         looked.append("model folder (not set)")
 
+    if _is_listed_checkpoint(name):
+        files = " and ".join(file_name for file_name, _ in BY_NAME[name].files)
+        raise ModelUnavailableError(
+            f"model '{name}' is not available offline. Looked in: {'; '.join(looked)}. To provision it, run "
+            f"`stembot models pull {name}` (it downloads {files} into the model folder), or copy those files "
+            "into the folder that --model-dir / STEMBOT_MODEL_DIR names."
+        )
     from huggingface_hub import constants  # noqa: PLC0415 - the bot imports this module for the model list
 
     official = name in official_models() or "/" in name
@@ -172,7 +189,8 @@ def locate(name: str, model_dir: Path | None = None) -> ModelLocation:
             "its files in a folder and point --model-dir / STEMBOT_MODEL_DIR at it."
         )
     local = _local_repo_names(model_dir) if model_dir and model_dir.is_dir() else set()
-    known = sorted(set(official_models()) | local)
+    local |= set(checkpoint_models.checkpoint_names(model_dir))
+    known = sorted(set(official_models()) | local | {model.name for model in PUBLISHED})
     raise ModelUnavailableError(
         f"unknown model '{name}'. Looked in: {'; '.join(looked)}. Known models: {', '.join(known)}."
     )
@@ -207,6 +225,8 @@ def _load_from(location: ModelLocation, model_dir: Path | None) -> AnyModel:
     name = location.name
     if location.source == "model-dir":
         assert model_dir is not None, "locate() picks the model folder only when one is given"
+        if name in checkpoint_models.checkpoint_names(model_dir):
+            raise ModelUnavailableError(f"model '{name}' is a checkpoint: SeparationEngine.load runs it")
         return pretrained.get_model(name, repo=Path(model_dir))
     if location.source == "hf-cache":
         from demucs.apply import BagOfModels  # noqa: PLC0415 - demucs loads only when a model runs
@@ -229,8 +249,16 @@ def _load_from(location: ModelLocation, model_dir: Path | None) -> AnyModel:
     return pretrained.get_model(name)
 
 
-def pull(name: str) -> ModelLocation:
-    """Download `name` into the HuggingFace cache so that it later loads offline."""
+def pull(name: str, model_dir: Path | None = None, source: model_download.Source | None = None) -> ModelLocation:
+    """Download `name` so that it later loads offline: a listed checkpoint's files into the
+    model folder, a demucs model into the HuggingFace cache."""
+    if _is_listed_checkpoint(name):
+        if model_dir is None:
+            raise ModelUnavailableError(
+                f"model '{name}' is a checkpoint, kept in the model folder: set STEMBOT_MODEL_DIR or --model-dir")
+        model_download.fetch_files(BY_NAME[name], Path(model_dir), source or model_download.Source())
+        checkpoint_models.describe(name, Path(model_dir))  # its config must read: a clear error now, not at a job
+        return ModelLocation(name, "model-dir", str(model_dir))
     location = locate(name, None)
     if location.source == "network":
         load(name, None)
@@ -250,7 +278,8 @@ def list_models(model_dir: Path | None = None) -> list[ModelEntry]:
     """Every model this host knows of, with where it is available offline."""
     entries: dict[str, ModelEntry] = {}
     if model_dir is not None and Path(model_dir).is_dir():
-        for name in sorted(_local_repo_names(Path(model_dir))):
+        local = _local_repo_names(Path(model_dir)) | set(checkpoint_models.checkpoint_names(model_dir))
+        for name in sorted(local):
             entries[name] = ModelEntry(name, f"model folder {model_dir}")
     for name in official_models():
         if name in entries:
@@ -261,4 +290,7 @@ def list_models(model_dir: Path | None = None) -> list[ModelEntry]:
             entries[name] = ModelEntry(name, "torch hub cache")
         else:
             entries[name] = ModelEntry(name, "")
+    for model in PUBLISHED:
+        if model.name not in entries:
+            entries[model.name] = ModelEntry(model.name, "")
     return list(entries.values())

@@ -100,6 +100,11 @@ class SeparationEngine:
 
     @classmethod
     def load(cls, name: str, model_dir: Path | None = None, device: str = "auto") -> SeparationEngine:
+        # A model folder's `NAME.ckpt` + `NAME.yaml` is a community checkpoint (#16).
+        from core.separation.checkpoint_engine import CheckpointEngine, is_checkpoint  # noqa: PLC0415 - it imports this module
+
+        if is_checkpoint(name, model_dir):
+            return CheckpointEngine.load(name, model_dir, device)
         torch_device = resolve_device(device)
         return cls(catalogue.load(name, model_dir), name, torch_device)
 

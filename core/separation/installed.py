@@ -1,6 +1,6 @@
 """The models a host can run offline, with the family and stems the model choice reads:
 as published where stembot knows the name (`core.separation.published`), else from the
-model itself (a checkpoint's YAML, or the loaded demucs model's sources)."""
+model itself (a checkpoint's config, or the loaded demucs model's sources)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 
 from core.errors import ModelUnavailableError
-from core.separation import catalogue
+from core.separation import catalogue, checkpoint_models
 from core.separation.model_choice import InstalledModel
 from core.separation.published import BY_NAME, FAMILY_COST_FACTOR, cost_factor_of
 
@@ -43,16 +43,13 @@ def describe(name: str, model_dir: Path | None) -> InstalledModel:
 
 
 def _checkpoint_config(name: str, model_dir: Path | None) -> InstalledModel | None:
-    """A community checkpoint (`NAME.ckpt` beside `NAME.yaml`): its instruments from the YAML.
-    Its family is not in the YAML in a standard form: an unlisted checkpoint costs as a
-    RoFormer (the dearest family), which never undercharges."""
-    if model_dir is None or not (Path(model_dir) / f"{name}.ckpt").is_file():
+    """A community checkpoint (`NAME.ckpt` beside `NAME.yaml`): its family and stems from
+    its config (`core.separation.checkpoint_models`)."""
+    if name not in checkpoint_models.checkpoint_names(model_dir):
         return None
-    with open(Path(model_dir) / f"{name}.yaml") as file:
-        config = yaml.safe_load(file)
-    training = config["training"]
-    instruments = [str(i).lower() for i in training["instruments"]]
-    return InstalledModel(name, "bs_roformer", tuple(instruments))
+    assert model_dir is not None  # checkpoint_names finds none without a folder
+    checkpoint = checkpoint_models.describe(name, model_dir)
+    return InstalledModel(name, checkpoint.family, checkpoint.sources)
 
 
 def cost_factor_for(name: str, model_dir: Path | None) -> float:
@@ -61,6 +58,6 @@ def cost_factor_for(name: str, model_dir: Path | None) -> float:
         return BY_NAME[name].cost_factor
     try:
         checkpoint = _checkpoint_config(name, model_dir)
-    except (OSError, KeyError, TypeError, yaml.YAMLError):
+    except ModelUnavailableError:
         return max(FAMILY_COST_FACTOR.values())  # unreadable: its job fails uncharged anyway
     return checkpoint.cost_factor if checkpoint is not None else cost_factor_of(name, "demucs")

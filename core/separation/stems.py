@@ -10,16 +10,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from core.errors import BadRequestError
+from core.separation.published import PUBLISHED
 
 KARAOKE = ("vocals", "no_vocals")
 MUSDB_SOURCES = ("drums", "bass", "other", "vocals")
-# The sources of demucs's published models, known without loading one: the bot checks a
-# worker's `all` result against them (a model folder's own models are not listed).
+# The sources of demucs's published models and of the listed checkpoints (their YAML's
+# instruments, the target first), known without loading one: the bot checks a worker's `all`
+# result against them (a model folder's own models are not listed).
 PUBLISHED_SOURCES: dict[str, tuple[str, ...]] = {
     **{name: MUSDB_SOURCES for name in (
         "htdemucs", "htdemucs_ft", "hdemucs_mmi", "mdx", "mdx_extra", "mdx_q", "mdx_extra_q",
         "repro_mdx_a", "repro_mdx_a_hybrid_only", "repro_mdx_a_time_only")},
     "htdemucs_6s": (*MUSDB_SOURCES, "guitar", "piano"),
+    **{model.name: model.stems for model in PUBLISHED if model.family != "demucs"},
 }
 
 

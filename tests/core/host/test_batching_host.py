@@ -264,3 +264,16 @@ async def test_cancelling_a_long_track_between_blocks_cleans_up(model_dir, short
         await worker.stop()
     assert results[0] == CancelledEvent(drop.job_id) and is_done(results[1])
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [Path(keep.stems_dir).name]
+
+
+async def test_a_checkpoint_model_job_runs_alone_beside_batched_ones(batching, model_dir, songs, tmp_path):
+    """A community checkpoint (`tinyroformer`) does not share the batcher's passes: the host
+    separates it on its own, and the demucs jobs with it still finish."""
+    demucs = spec_for(songs[1], tmp_path)
+    roformer = spec_for(songs[0], tmp_path, model="tinyroformer")
+    events: list[JobProgressEvent] = []
+    results = await asyncio.wait_for(asyncio.gather(batching.run(demucs), batching.run(roformer, events.append)), 120)
+    assert [is_done(r) for r in results] == [True, True], results
+    assert sorted(p.name for p in Path(roformer.stems_dir).glob("*.wav")) == ["instrumental.wav", "vocals.wav"]
+    fractions = fractions_of(events)
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0 and len(fractions) >= 2

@@ -89,3 +89,24 @@ def test_official_model_from_torch_hub_checkpoints(empty_caches, no_network):
 def test_official_model_list_comes_from_demucs():
     names = catalogue.official_models()
     assert {"htdemucs", "htdemucs_ft", "htdemucs_6s"} <= set(names)
+
+
+def test_a_checkpoint_in_the_model_folder_is_found_and_listed_not_taken_for_a_bag(model_dir):
+    assert catalogue.locate("tinyroformer", model_dir).source == "model-dir"
+    assert "tinyroformer" not in catalogue._local_repo_names(model_dir)  # its YAML is no demucs bag
+    entries = {entry.name: entry.available for entry in catalogue.list_models(model_dir)}
+    assert entries["tinyroformer"] == f"model folder {model_dir}"
+    # Listed checkpoints that are not here: known, not available.
+    assert entries["model_bs_roformer_ep_317_sdr_12.9755"] == ""
+
+
+def test_a_listed_checkpoint_not_in_the_folder_fails_fast_and_says_how_to_pull_it(model_dir, empty_caches, no_network):
+    started = time.monotonic()
+    with pytest.raises(ModelUnavailableError) as info:
+        catalogue.load("MDX23C-8KFFT-InstVoc_HQ", model_dir)
+    assert time.monotonic() - started < 1.0  # no network probe: it is only ever in the model folder
+    reason = info.value.reason
+    assert "'MDX23C-8KFFT-InstVoc_HQ' is not available offline" in reason
+    assert "stembot models pull MDX23C-8KFFT-InstVoc_HQ" in reason
+    assert "MDX23C-8KFFT-InstVoc_HQ.ckpt and MDX23C-8KFFT-InstVoc_HQ.yaml" in reason
+    assert f"model folder {model_dir} (has: " in reason and "tinyroformer" in reason
