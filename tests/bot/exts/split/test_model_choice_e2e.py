@@ -1,7 +1,8 @@
 """Models chosen in plain words, end to end: the real `stembot run` against the fake Discord,
 with tiny models in its model folder under the names the choice reads (`htdemucs_ft`, a
-published name, `tinydnr`, an unlisted model whose stems make it a dialogue model, and
-`tinyderev`, the operator's de-reverb model)."""
+published name, `vocals_mel_band_roformer`, a tiny community checkpoint under the name of the
+best published vocal model, `tinydnr`, an unlisted model whose stems make it a dialogue model,
+and `tinyderev`, the operator's de-reverb model)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest_asyncio
 
 from tests.bot.conftest import BotProcess
 from tests.bot.helpers import final_message, private_answer, upload
+from tests.support import checkpoints
 from tests.support import models as tiny
 from tests.support.fake_discord import attachment_option, string_option
 
@@ -25,6 +27,8 @@ async def bot(fake, tmp_path_factory):
     tiny.save_th(tiny.tiny_htdemucs(seed=3), folder, "htdemucs_ft")  # published: 4x, the best full split
     tiny.save_th(tiny.tiny_htdemucs(seed=4, sources=["dialog", "music", "effect"]), folder, "tinydnr")
     tiny.save_th(tiny.tiny_htdemucs(seed=5, sources=["noreverb", "reverb"]), folder, "tinyderev")
+    # A tiny Mel-Band RoFormer under the published name of the best vocal model.
+    checkpoints.save_checkpoint(folder, "vocals_mel_band_roformer", checkpoints.mel_band_roformer_config())
     # As an operator names a de-reverb model that stembot does not list.
     process = BotProcess(fake, tmp_path_factory.mktemp("choice-bot"), folder,
                          STEMBOT_QUOTA_USER_MINUTES_PER_DAY="5", STEMBOT_DEREVERB_MODEL="tinyderev")
@@ -51,6 +55,8 @@ async def test_help_lists_what_each_option_runs_with_its_cost(fake, bot):
     text = await answer_text(fake, await fake.send_slash_command("help"))
     assert "`/split quality: best`: `htdemucs_ft` — drums, bass, other, vocals · slow · minutes count 4x" in text
     assert "`/split stems: dialogue`: `tinydnr` — dialog, music, effect" in text
+    assert "`/karaoke quality: best`: `vocals_mel_band_roformer` — vocals, other · medium · minutes count 2.5x" in text
+    assert "`/split clean: dereverb`: `tinyderev` — noreverb, reverb · fast · minutes count 2x" in text
     assert "backing_vocals: keep" not in text  # no lead/backing model here
 
 
@@ -72,6 +78,16 @@ async def test_quality_best_runs_the_best_model_and_charges_its_factor(fake, bot
     assert used and used[0][0] == pytest.approx(24.0, abs=0.2)  # 6 s of audio at 4x
     quota = await answer_text(fake, await fake.send_slash_command("quota", user=member))
     assert "4.6 of 5 min left today" in quota and "`/split quality: best` costs 4x minutes" in quota
+
+
+async def test_karaoke_quality_best_runs_the_roformer_over_demucs(fake, bot, tmp_path):
+    job = await fake.send_slash_command("karaoke", [attachment_option("file", upload(fake, tmp_path, "sing.wav")),
+                                                    string_option("quality", "best")])
+    result = await final_message(fake, job)
+    assert "Done" in result.content
+    assert [a.filename for a in result.attachments] == ["vocals.mp3", "no_vocals.mp3", "preview.png"]
+    assert rows(bot, "SELECT model, stems, cost_factor FROM jobs WHERE source_name='sing.wav'") == [
+        ("vocals_mel_band_roformer", "karaoke", 2.5)]
 
 
 async def test_stems_dialogue_runs_the_dialogue_model(fake, bot, tmp_path):
