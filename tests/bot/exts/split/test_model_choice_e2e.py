@@ -12,7 +12,7 @@ import pytest
 import pytest_asyncio
 
 from tests.bot.conftest import BotProcess
-from tests.bot.helpers import final_message, private_answer, upload
+from tests.bot.helpers import MANAGE_SERVER, final_message, private_answer, subcommand, upload
 from tests.support import checkpoints
 from tests.support import models as tiny
 from tests.support.fake_discord import attachment_option, string_option
@@ -134,3 +134,21 @@ async def test_a_model_that_is_not_installed_is_refused_privately_and_costs_noth
     assert rows(bot, "SELECT count(*) FROM jobs")[0][0] == before
     assert rows(bot, "SELECT used_s + reserved_s FROM quota_usage WHERE user_id = ?", int(member["id"])) in (
         [], [(0.0,)])
+
+
+async def test_a_server_that_allows_none_of_them_is_told_who_can_allow_one(fake, bot, tmp_path):
+    """Last: it changes the server's allowed models. `/stembot models` takes the new names."""
+    admin = await fake.send_slash_command("stembot", subcommand("models", string_option(
+        "allowed", "tiny,vocals_mel_band_roformer")), member_permissions=MANAGE_SERVER)
+    assert "Models allowed: tiny, vocals_mel_band_roformer" in await private_answer(fake, admin)
+    before = rows(bot, "SELECT count(*) FROM jobs")[0][0]
+    text = await private_answer(fake, await fake.send_slash_command(
+        "split", [attachment_option("file", upload(fake, tmp_path, "talk.wav")), string_option("stems", "dialogue")]))
+    assert text == ("This server allows no dialogue model; a server manager can allow tinydnr with "
+                    "`/stembot models`.")
+    # `best` keeps to what is allowed: htdemucs_ft is not, so the full split's best is `tiny`.
+    job = await fake.send_slash_command("split", [attachment_option("file", upload(fake, tmp_path, "ok.wav")),
+                                                  string_option("quality", "best")])
+    assert "Done" in (await final_message(fake, job)).content
+    assert rows(bot, "SELECT model, cost_factor FROM jobs WHERE source_name='ok.wav'") == [("tiny", 1.0)]
+    assert rows(bot, "SELECT count(*) FROM jobs")[0][0] == before + 1
