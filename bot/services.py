@@ -32,6 +32,8 @@ from core.ops.looplag import LoopLagMonitor, freeze_start_up_heap
 from core.ops.web import HealthChecks, Metrics, build_ops_app, build_public_app, start_web, stop_web
 from core.runtime import Runtime
 from core.separation import catalogue
+from core.separation.installed import installed_models
+from core.separation.model_choice import InstalledModel, ModelDefaults
 from core.settings import Settings
 from core.storage.s3_storage import S3Storage
 from core.storage.signed_links import LinkSigner, load_or_create_secret
@@ -90,11 +92,14 @@ class Services:
         self._ops_web: web.AppRunner | None = None
         self._boot: asyncio.Task | None = None
         self._metrics_task: asyncio.Task | None = None
+        self._models_task: asyncio.Task | None = None
         self._sweeper_task: asyncio.Task | None = None
         self.sweeper = Sweeper(self.store, self.storage, settings.retention_hours * 3600,
                                history_s=settings.job_history_days * 86400, stale_s=settings.job_stale_s,
                                max_attempts=settings.max_attempts)
         self._models: list[str] | None = None
+        self._installed: list[InstalledModel] | None = None
+        self._installed_lock = asyncio.Lock()
         self._extras: list = []  # what extensions started beside these (see `add_background`)
 
     def available_models(self) -> list[str]:
@@ -103,6 +108,29 @@ class Services:
             names = [e.name for e in catalogue.list_models(self.settings.model_dir) if e.available]
             self._models = [self.settings.model] + [n for n in names if n != self.settings.model]
         return self._models
+
+    async def installed_models(self) -> list[InstalledModel]:
+        """The available models with their family and stems, for the model choice and /help
+        (read once, off the event loop: an unlisted model is loaded to read its stems)."""
+        async with self._installed_lock:
+            if self._installed is None:
+                names = self.available_models()
+                self._installed = await asyncio.to_thread(installed_models, names, self.settings.model_dir)
+            return self._installed
+
+    async def _read_installed_models(self) -> None:
+        try:
+            await self.installed_models()
+        except Exception:
+            log.exception("reading the installed models failed; the first command that needs them tries again")
+
+    def model_defaults(self) -> ModelDefaults:
+        """The operator's models for the plain-word choices (an empty setting is unset)."""
+        s = self.settings
+        return ModelDefaults(model=s.model, fast=s.fast_model or None, best_vocals=s.best_vocals_model or None,
+                             best_stems=s.best_stems_model or None, lead_backing=s.lead_backing_model or None,
+                             dereverb=s.dereverb_model or None, denoise=s.denoise_model or None,
+                             dialogue=s.dialogue_model or None)
 
     async def start(self, bot: StemBot) -> None:
         self.notifier = notifier = DiscordNotifier(bot, self)
@@ -137,6 +165,8 @@ class Services:
         # The model loads in the background: the bot answers (and queues) meanwhile.
         self._boot = asyncio.create_task(self._start_worker(dispatcher), name="worker-boot")
         self._metrics_task = asyncio.create_task(self._metrics_loop(), name="metrics")
+        # Read before the first /help or plain-word /split asks, which must answer within 3 s.
+        self._models_task = asyncio.create_task(self._read_installed_models(), name="installed-models")
         self.loop_lag.start()
         # Everything imported and built so far lives as long as the bot: out of the
         # garbage collector's full collections, which would otherwise walk it each time.
@@ -255,7 +285,7 @@ class Services:
             except Exception:
                 log.exception("stopping %r failed", service)
         await self.loop_lag.stop()
-        for task in (self._boot, self._metrics_task, self._sweeper_task):
+        for task in (self._boot, self._metrics_task, self._sweeper_task, self._models_task):
             if task is not None:
                 task.cancel()
         # Each step on its own: one that fails must not keep the database connections

@@ -193,6 +193,18 @@ class Settings(BaseSettings):
     model_mirror_url: str | None = None
     model_max_download_mb: int = Field(default=4096, ge=1)
 
+    # Models chosen in plain words (issue #16): `/split quality: fast` runs fast_model (unset:
+    # STEMBOT_MODEL); `quality: best`, `/karaoke backing_vocals: keep`, `/split clean:` and
+    # `stems: dialogue` run the model set here, or when unset the best installed model for that
+    # use that the server allows (core.separation.model_choice).
+    fast_model: str | None = None
+    best_vocals_model: str | None = None
+    best_stems_model: str | None = None
+    lead_backing_model: str | None = None
+    dereverb_model: str | None = None
+    denoise_model: str | None = None
+    dialogue_model: str | None = None
+
     @field_validator("model_dir", "public_url", "database_url", "discord_api_url", "discord_gateway_url",
                      "worker_name", "worker_devices", "s3_bucket", "s3_endpoint_url", "s3_public_endpoint_url",
                      "model_mirror_url", mode="before")

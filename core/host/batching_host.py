@@ -133,7 +133,7 @@ class BatchingHost:
             assert prepared.work is not None and self.steps.config.block_s is not None  # staged: blocks are on
             blocks = BlockStitcher(prepared.staged, prepared.engine, prepared.request, self.steps.options(),
                                    prepared.work, self.steps.config.block_s)
-        entry = SeparatingJob(prepared, None, self.steps.progress_reporter(prepared.spec.job_id),
+        entry = SeparatingJob(prepared, None, self.steps.first_pass_progress(prepared),
                               time.monotonic(), blocks)
         try:
             self._next_track(entry)
@@ -259,6 +259,10 @@ class BatchingHost:
     def _encode(self, prepared: PreparedJob, stems: Stems, names: list[str], separation_s: float) -> None:
         job = prepared.spec.job_id
         try:
+            # A chain's second model runs here, on its own (its passes are not batched).
+            started = time.monotonic()
+            stems, names = self.steps.clean_pass(prepared, stems, names)
+            separation_s += time.monotonic() - started
             self.steps.stage(job, "encoding")
             result = self.steps.finish(prepared, stems, names, separation_s)
         finally:

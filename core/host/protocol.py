@@ -61,9 +61,11 @@ class JobSpec:
     input_path: str
     stems_dir: str
     model: str
-    stems: str
+    stems: str  # of `clean_model` when there is one
     format: str
-    render: str = ""  # tempo, transpose, mix: core.media.render.RenderOptions.to_column()
+    render: str = ""
+    # A chain: this model runs on the vocals of `model` (`/split clean:`).
+    clean_model: str | None = None  # tempo, transpose, mix: core.media.render.RenderOptions.to_column()
     mp3_bitrate_kbps: int = 320
     attachment_limit: int = 10 * 1024 * 1024
     links_available: bool = False

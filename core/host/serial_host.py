@@ -48,7 +48,7 @@ class SerialHost:
         try:
             steps.stage(spec.job_id, "separating", duration_s=prepared.duration_s)
             started = time.monotonic()
-            stems, names = steps.separate_alone(prepared)
+            stems, names = steps.clean_pass(prepared, *steps.separate_alone(prepared))
             separation_s = time.monotonic() - started
             steps.stage(spec.job_id, "encoding")
             return steps.finish(prepared, stems, names, separation_s)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, TypeVarTuple, cast
 import numpy as np
 import torch
 
-from core.errors import DeviceOutOfMemoryError, JobCancelled, StembotError
+from core.errors import BadRequestError, DeviceOutOfMemoryError, JobCancelled, StembotError
 from core.host.protocol import (
     CancelledEvent,
     EventSink,
@@ -59,6 +59,8 @@ log = logging.getLogger(__name__)
 Progress = Callable[[float], None]
 StepArgs = TypeVarTuple("StepArgs")
 T = TypeVar("T")
+# What a chain's first model gives its cleaning model (`/split clean:` cleans an acapella).
+CHAIN_INPUT = "vocals"
 
 
 @dataclass
@@ -72,6 +74,14 @@ class PreparedJob:
     mix: np.ndarray | None = None  # channels x samples, or None when `staged` (a long track on disk)
     staged: StagedMix | None = None
     work: Path | None = None  # scratch folder of a long track
+    # A chain (`/split clean:`): the model run on the vocals of `engine`, and its request.
+    cleaner: SeparationEngine | None = None
+    clean_request: StemRequest | None = None
+
+    @property
+    def first_share(self) -> float:
+        """The part of the job's progress its first model's pass makes: half of a chain."""
+        return 0.5 if self.cleaner is not None else 1.0
 
     def cleanup(self) -> None:
         if self.work is not None:
@@ -210,7 +220,8 @@ class JobSteps:
             raise JobCancelled()
         self.send(StageEvent(job_id, stage, duration_s))
 
-    def progress_reporter(self, job_id: int) -> Progress:
+    def progress_reporter(self, job_id: int, start: float = 0.0, share: float = 1.0) -> Progress:
+        """Reports a pass's fraction as `start + share * fraction` of the job's."""
         last_sent = 0.0
 
         def progress(fraction: float) -> None:
@@ -219,8 +230,11 @@ class JobSteps:
             # The queue is cheap, but the bot only shows an update every ~2 s anyway.
             if now - last_sent >= 0.5 or fraction >= 1.0:
                 last_sent = now
-                self.send(ProgressEvent(job_id, fraction))
+                self.send(ProgressEvent(job_id, start + share * fraction))
         return progress
+
+    def first_pass_progress(self, prepared: PreparedJob) -> Progress:
+        return self.progress_reporter(prepared.spec.job_id, 0.0, prepared.first_share)
 
     def guarded(self, job_id: int, step: Callable[[*StepArgs], object], *args: *StepArgs) -> None:
         """Run a step of a job; its cancellation or failure ends the job, reported as such,
@@ -251,11 +265,19 @@ class JobSteps:
         limits = Limits(config.min_duration_s, config.max_duration_s, config.max_input_bytes)
         self.stage(job, "decoding")
         engine = self.engine(spec.model)
-        request = parse_stems(spec.stems, engine.sources)
+        cleaner = clean_request = None
+        if spec.clean_model is not None:
+            # A chain: the first model gives the vocals, the cleaning model `spec.stems` of them.
+            cleaner = self.engine(spec.clean_model)
+            clean_request = parse_stems(spec.stems, cleaner.sources)
+            if (cleaner.samplerate, cleaner.audio_channels) != (engine.samplerate, engine.audio_channels):
+                raise BadRequestError(f"{spec.clean_model} cannot clean what {spec.model} separates "
+                                      "(another sample rate or channel count)")
+        request = parse_stems(CHAIN_INPUT if cleaner is not None else spec.stems, engine.sources)
         input_path = Path(spec.input_path)
         stems_dir = Path(spec.stems_dir)
         info = probe(input_path, limits)
-        prepared = PreparedJob(spec, engine, request, 0.0)
+        prepared = PreparedJob(spec, engine, request, 0.0, cleaner=cleaner, clean_request=clean_request)
         try:
             if blockwise.use_blocks(info.duration_s, config.block_s, config.blocks_above_s):
                 # Long, or of unknown length: decoded to disk, and kept there if long.
@@ -284,7 +306,7 @@ class JobSteps:
         """Separate one job on its own; returns its stems and their names."""
         job = prepared.spec.job_id
         engine = prepared.engine
-        progress = self.progress_reporter(job)
+        progress = self.first_pass_progress(prepared)
         if prepared.staged is not None:
             assert prepared.work is not None and self.config.block_s is not None  # staged: blocks are on
             staged_stems = blockwise.separate_staged(prepared.staged, engine, prepared.request, self.options(),
@@ -298,6 +320,34 @@ class JobSteps:
                                 should_cancel=lambda: self.is_cancelled(job))
         prepared.mix = None
         return stems, list(stems)
+
+    def clean_pass(self, prepared: PreparedJob, stems: Stems, names: list[str]) -> tuple[Stems, list[str]]:
+        """A chain's second pass: its cleaning model on the vocals of the first; the stems
+        are then the cleaning model's. Without a chain, the stems as they are."""
+        cleaner, request = prepared.cleaner, prepared.clean_request
+        if cleaner is None:
+            return stems, names
+        assert request is not None  # set with the cleaner
+        job = prepared.spec.job_id
+        progress = self.progress_reporter(job, prepared.first_share, 1.0 - prepared.first_share)
+
+        def cancelled() -> bool:
+            return self.is_cancelled(job)
+
+        if isinstance(stems, blockwise.StagedStems):
+            assert prepared.work is not None and prepared.staged is not None and self.config.block_s is not None
+            vocals = blockwise.staged_stem(stems, CHAIN_INPUT, prepared.staged.info)
+            # Its own folder: a cleaning model's stem may share a name with the first's.
+            work = prepared.work / "clean"
+            work.mkdir(exist_ok=True)
+            cleaned = blockwise.separate_staged(vocals, cleaner, request, self.options(), work, progress=progress,
+                                                should_cancel=cancelled, block_s=self.config.block_s)
+            for path in stems.paths.values():
+                path.unlink(missing_ok=True)
+            return cleaned, cleaned.names
+        cleaned_stems = cleaner.separate(stems[CHAIN_INPUT], request, self.options(), progress=progress,
+                                         should_cancel=cancelled)
+        return cleaned_stems, list(cleaned_stems)
 
     def finish(self, prepared: PreparedJob, stems: Stems, names: list[str],
                separation_s: float) -> JobResult:

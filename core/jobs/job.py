@@ -102,6 +102,12 @@ class Job(Base):
     # Tempo, transpose and mix (core.media.render.RenderOptions, canonical JSON; "" for the
     # stems as separated): text, so that the results cache compares it as it compares `stems`.
     render_options: Mapped[str] = mapped_column(String(255), default="", server_default="")
+    # Minutes charged per audio minute: the model's cost factor (core.separation.published), the
+    # sum of its models' for a chain. The bot's, set at admission: a run neither reads nor writes it.
+    cost_factor: Mapped[float] = mapped_column(Float, default=1.0, server_default="1.0")
+    # A chain (`/split clean:`): this model runs on the vocals `model` separated, and `stems`
+    # are its outputs. None: `model` alone.
+    clean_model: Mapped[str | None] = mapped_column(String(128))
 
     # How far it got.
     state: Mapped[str] = mapped_column(String(16), default=JobState.queued.value, index=True)
@@ -187,8 +193,8 @@ class InteractionToken(Base):
 # exactly these columns (`core.distributed.worker_role`), and the store refuses a leased
 # write of any other field. The rest (who asked, quotas, the presigned URLs the bot sets)
 # is the bot's.
-RUN_READS = ("id", "state", "attempts", "worker", "source_name", "model", "stems", "format", "render_options",
-             "attachment_size_limit", "limits", "transfer")
+RUN_READS = ("id", "state", "attempts", "worker", "source_name", "model", "clean_model", "stems", "format",
+             "render_options", "attachment_size_limit", "limits", "transfer")
 RUN_WRITES = ("state", "updated_at", "progress", "attempts", "worker", "heartbeat_at", "finished_at", "duration_s",
               "separation_s", "artifacts", "error", "error_kind")
 # The states of the rows a run changes (it takes a job the bot is handing over, in

@@ -12,6 +12,10 @@ Rules (documented for server owners in the README):
   and on PostgreSQL alike. Each job's quota state moves once (guarded too), so nothing
   is charged or released twice.
 - Results served from the cache cost no minutes (no separation runs).
+- Minutes follow cost: a job reserves and is charged its track's minutes times its cost
+  factor (`jobs.cost_factor`: its model's, `core.separation.published`, or the sum of a
+  chain's), which the bot sets at admission and nothing changes afterwards, so a restart
+  charges exactly what was reserved.
 - The operator's ceilings (`Ceilings`, STEMBOT_CEILING_*) cap every server setting and
   role tier: the limit in force is the smaller of the two. With ceilings, a member's
   minutes and jobs at once also count on counters across every server and DM (guild id
@@ -35,6 +39,12 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from core.db import Base, rowcount, utcnow
 from core.errors import InputError
+
+
+def format_factor(cost_factor: float) -> str:
+    """A cost factor as people read it: `2.5x`, `1x`."""
+    return f"{cost_factor:g}x"
+
 
 SERVER = 0  # the user id of a server's own usage row and slot counter
 DM = 0  # the guild id of jobs outside any server
@@ -356,10 +366,12 @@ class QuotaBook:
     # -- minutes -------------------------------------------------------------------------
 
     async def reserve(self, session: AsyncSession, guild_id: int, user_id: int, seconds: float, limits: dict,
-                      day: date) -> str | None:
-        """Inside the caller's transaction: reserve `seconds` on the user's and the
-        server's day (and the user's day across servers, if the job counts there), or
-        return why not (then the caller must roll back)."""
+                      day: date, cost_factor: float = 1.0) -> str | None:
+        """Inside the caller's transaction: reserve a track of `seconds` times its
+        `cost_factor` on the user's and the server's day (and the user's day across
+        servers, if the job counts there), or return why not (then the caller must roll
+        back)."""
+        track_s, seconds = seconds, seconds * cost_factor
         counters: list[tuple[int, int, float, str, str]] = []
         if limits.get(ACROSS_SERVERS):
             counters.append((EVERY_SERVER, user_id, limits["user_s"], "your", "counted across every server and DM; "))
@@ -375,8 +387,10 @@ class QuotaBook:
             if rowcount(result) != 1:
                 row = await session.get(QuotaUsage, (guild, who, day), populate_existing=True)
                 left = max(0.0, limit - row.used_s - row.reserved_s) if row else limit
-                return (f"this track is {seconds / 60:.1f} min but {whose} daily allowance has "
-                        f"{left / 60:.1f} min left ({scope}resets at 00:00 UTC)")
+                cost = (f"this track is {track_s / 60:.1f} min" if cost_factor == 1.0 else
+                        f"this track costs {seconds / 60:.1f} min ({track_s / 60:.1f} min at "
+                        f"{format_factor(cost_factor)} for its model)")
+                return f"{cost} but {whose} daily allowance has {left / 60:.1f} min left ({scope}resets at 00:00 UTC)"
         return None
 
     async def settle(self, session: AsyncSession, guild_id: int, user_id: int, seconds: float, day: date,

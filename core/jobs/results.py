@@ -31,6 +31,7 @@ from core.media.analysis import KEY_NAMES, MAX_BPM, MIN_BPM, TrackAnalysis
 from core.media.audio import OUTPUT_FORMATS, Limits, OutputFormat, OutputFormatName, WavDepth, probe
 from core.media.render import MIX, RenderOptions
 from core.media.upload_plan import MAX_ATTACHMENTS, estimate_size
+from core.separation.published import BY_NAME
 from core.separation.stems import KARAOKE, PUBLISHED_SOURCES
 
 # What the user reads; the reason goes to the operator's log only.
@@ -194,11 +195,15 @@ def _check_stem_names(job: Job, stems: list[str]) -> None:
         raise ResultsRefused(f"stem names that are not plain names: {stems!r:.200}")
     expected = output_stems(job)
     if expected is None:
-        # `all`: every source of the model; none of them is a `no_x` mix. A published
-        # model's sources are known; a model folder's own are checked for form only.
-        published = PUBLISHED_SOURCES.get(job.model)
+        # `all`: every source of the model (a chain's: of its cleaning model); none of them
+        # is a `no_x` mix. A published model's sources are known; a model folder's own are
+        # checked for form only.
+        model = job.clean_model or job.model
+        published = PUBLISHED_SOURCES.get(model)
+        if published is None and job.clean_model is not None and model in BY_NAME:
+            published = BY_NAME[model].stems
         if published is not None and (set(stems) != set(published) or len(stems) != len(published)):
-            raise ResultsRefused(f"stems {stems!r:.200}, but {job.model}'s sources are {list(published)!r}")
+            raise ResultsRefused(f"stems {stems!r:.200}, but {model}'s sources are {list(published)!r}")
         if len(stems) > MAX_STEMS or any(stem.startswith("no_") for stem in stems):
             raise ResultsRefused(f"stems {stems!r:.200} are not the sources of a model")
     elif set(stems) != set(expected) or len(stems) != len(expected):

@@ -234,7 +234,8 @@ def job_spec(job: Job, input_file: Path, stems_dir: Path, config: RunConfig) -> 
     (`RUN_READS`), which is how a request's options reach a worker in distributed mode."""
     return JobSpec(
         job_id=job.id, input_path=str(input_file), stems_dir=str(stems_dir),
-        model=job.model, stems=job.stems, format=job.format, render=job.render_options or "",
+        model=job.model, clean_model=job.clean_model, stems=job.stems, format=job.format,
+        render=job.render_options or "",
         mp3_bitrate_kbps=config.mp3_bitrate_kbps, attachment_limit=job.attachment_size_limit,
         # The bot's object store presigns download links even when this worker's own
         # settings know of no way to serve them.

@@ -187,7 +187,10 @@ class JobStore:
             if rowcount(moved) != 1:
                 await session.rollback()
                 return
-            refusal = await self.quotas.reserve(session, job.guild_id or 0, job.user_id, seconds, job.limits, day)
+            # The row keeps the track's length (the results check reads it); the counters take
+            # the minutes it costs: its length times the job's cost factor, set at admission.
+            refusal = await self.quotas.reserve(session, job.guild_id or 0, job.user_id, seconds, job.limits, day,
+                                                cost_factor=job.cost_factor)
             if refusal is not None:
                 await session.rollback()
                 raise QuotaExceeded(refusal)
@@ -209,8 +212,8 @@ class JobStore:
                                           .values(quota_state="charged" if charge else "released"))
             if rowcount(moved) == 1:
                 assert job.quota_day is not None, "a reservation sets its day"
-                await self.quotas.settle(session, guild, job.user_id, job.reserved_s, job.quota_day, charge,
-                                         across)
+                await self.quotas.settle(session, guild, job.user_id, job.reserved_s * job.cost_factor,
+                                         job.quota_day, charge, across)
         if job.slot_state == "held":
             moved = await session.execute(update(Job).where(Job.id == job_id, Job.slot_state == "held")
                                           .values(slot_state="released"))
@@ -405,6 +408,8 @@ class JobStore:
             return await session.scalar(
                 select(Job).where(
                     Job.input_sha256 == job.input_sha256, Job.model == job.model, Job.stems == job.stems,
+                    # A chain's stems are not its first model's alone.
+                    Job.clean_model.is_(None) if job.clean_model is None else Job.clean_model == job.clean_model,
                     Job.format == job.format, Job.render_options == (job.render_options or ""),
                     Job.state == JobState.done.value, Job.id != job.id,
                     Job.artifacts_deleted_at.is_(None), Job.artifacts.is_not(None),

@@ -31,6 +31,7 @@ otherwise it is removed on success, failure and cancel alike.
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import uuid
 from collections.abc import Callable, Iterator
@@ -221,6 +222,19 @@ def model_grid(engine: SeparationEngine, request: StemRequest, options: Separati
                for sub in subs]
     stride = int((1 - options.overlap) * lengths[0])
     return stride, max(lengths) + int(SHIFT_MARGIN_S * engine.samplerate)
+
+
+def staged_stem(stems: StagedStems, name: str, info: MediaInfo) -> StagedMix:
+    """Stem `name` of staged stems as a staged mix, with its whole length's stats, for a
+    second model to separate (a chain); read from disk a chunk at a time."""
+    path = stems.paths[name]
+    with open(os.devnull, "wb") as sink:
+        stats = _Stats(sink, stems.channels)
+        with open(path, "rb") as file:
+            while chunk := file.read(1 << 22):
+                stats(chunk)
+    mean, std = stats.mean_std(max(1, stats.frames))
+    return StagedMix(path, stems.frames, stems.channels, stems.sample_rate, mean, std, info)
 
 
 @dataclass(frozen=True)

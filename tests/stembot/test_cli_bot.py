@@ -71,15 +71,20 @@ async def test_sync_registers_the_commands_once(tmp_path, model_dir):
                                                                              "voting"]
         assert start["file"]["type"] == 11 and start["anonymous"]["type"] == 5
         split_options = {o["name"]: o for o in by_name["split"]["options"]}
-        assert set(split_options) == {"file", "url", "stems", "format", "model", "tempo", "transpose"}
+        assert set(split_options) == {"file", "url", "stems", "format", "model", "tempo", "transpose", "quality",
+                                      "clean"}
+        assert [c["value"] for c in split_options["quality"]["choices"]] == ["fast", "best"]
+        assert [c["value"] for c in split_options["clean"]["choices"]] == ["dereverb", "denoise"]
         assert (split_options["tempo"]["min_value"], split_options["tempo"]["max_value"]) == (50, 150)
         assert (split_options["transpose"]["min_value"], split_options["transpose"]["max_value"]) == (-12, 12)
-        assert {o["name"] for o in by_name["karaoke"]["options"]} == {"file", "url", "format", "model", "tempo",
-                                                                      "transpose"}
+        karaoke_options = {o["name"]: o for o in by_name["karaoke"]["options"]}
+        assert set(karaoke_options) == {"file", "url", "format", "model", "tempo", "transpose", "quality",
+                                        "backing_vocals"}
+        assert [c["value"] for c in karaoke_options["backing_vocals"]["choices"]] == ["keep", "remove"]
         mix_options = {o["name"] for o in by_name["mix"]["options"]}
         assert mix_options >= {"file", "url", "without", "stems", "volumes", "tempo", "transpose"}
         assert [c["value"] for c in split_options["stems"]["choices"]] == [
-            "all", "karaoke", "vocals", "drums", "bass", "other"]
+            "all", "karaoke", "vocals", "drums", "bass", "other", "dialogue"]
         assert [c["value"] for c in split_options["format"]["choices"]] == ["mp3", "opus", "flac", "wav"]
         assert split_options["model"]["autocomplete"] is True
         assert by_name["Split stems"]["type"] == 3

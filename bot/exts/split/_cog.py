@@ -19,6 +19,7 @@ from discord.ext import commands
 from bot.timely import TimelyAnswer
 from core.errors import BadRequestError, LinkNotAllowedError
 from core.jobs.job import RUNNING, Job, JobState
+from core.jobs.quotas import format_factor
 from core.jobs.render_request import mix_request, split_render
 from core.media.audio import format_duration
 from core.media.render import TEMPO_MAX, TEMPO_MIN, TRANSPOSE_MAX, TRANSPOSE_MIN, RenderOptions
@@ -26,6 +27,8 @@ from core.media.upload_plan import human_size
 from core.net import ytdl
 from core.net.fetcher import check_url
 from core.net.urls import link_output_name
+from core.separation.installed import cost_factor_for
+from core.separation.model_choice import DIALOGUE, Offer, Request, choose, offers
 
 from ._status import STAGES
 
@@ -38,7 +41,11 @@ MEDIA_EXTENSIONS = {
 # An interaction token lives 15 minutes; keep a margin for the last edit.
 TOKEN_LIFETIME = timedelta(minutes=15)
 
-StemsChoice = Literal["all", "karaoke", "vocals", "drums", "bass", "other"]
+StemsChoice = Literal["all", "karaoke", "vocals", "drums", "bass", "other", "dialogue"]
+# Models chosen in plain words (core.separation.model_choice).
+QualityChoice = Literal["fast", "best"]
+BackingChoice = Literal["keep", "remove"]
+CleanChoice = Literal["dereverb", "denoise"]
 # Discord's client keeps the numbers within these; the bot checks them again (core.media.render).
 TempoRange = app_commands.Range[int, TEMPO_MIN, TEMPO_MAX]
 TransposeRange = app_commands.Range[int, TRANSPOSE_MIN, TRANSPOSE_MAX]
@@ -69,18 +76,23 @@ class Split(commands.Cog):
     @app_commands.command(name="split", description="Split a song into stems: vocals, drums, bass, other")
     @app_commands.describe(
         file="the song (audio or video file)", url="a link to the song instead of a file",
-        stems="which stems you want (default: all)", format="file format of the stems (default: mp3)",
+        stems="which stems you want (default: all; dialogue: speech, music and effects)",
+        format="file format of the stems (default: mp3)",
         model="separation model (default: the server's)",
         tempo="speed in percent of the original, 50 to 150, keeping the key (default: 100)",
         transpose="semitones up or down, -12 to 12, keeping the speed (default: 0)",
+        quality="fast, or best (a better model; its minutes count more, see /quota)",
+        clean="a cleaner acapella: without reverb, or without noise",
     )
     async def split(self, interaction: discord.Interaction, file: discord.Attachment | None = None,
                     url: str | None = None, stems: StemsChoice = "all", format: FormatChoice | None = None,
                     model: str | None = None, tempo: TempoRange | None = None,
-                    transpose: TransposeRange | None = None) -> None:
+                    transpose: TransposeRange | None = None, quality: QualityChoice | None = None,
+                    clean: CleanChoice | None = None) -> None:
         render = await _render_or_refuse(interaction, tempo, transpose)
         if render is not None:
-            await self.start_job(interaction, file, url, stems, format, model, render)
+            await self.start_job(interaction, file, url, stems, format, model, render,
+                                 words=PlainWords(quality=quality, clean=clean))
 
     @app_commands.command(name="mix", description="One file of the stems you choose, at your volumes, speed and key")
     @app_commands.describe(
@@ -104,14 +116,18 @@ class Split(commands.Cog):
     @app_commands.describe(file="the song (audio or video file)", url="a link to the song instead of a file",
                            format="file format (default: mp3)", model="separation model (default: the server's)",
                            tempo="speed in percent of the original, 50 to 150, keeping the key (default: 100)",
-                           transpose="semitones up or down to suit your voice, -12 to 12 (default: 0)")
+                           transpose="semitones up or down to suit your voice, -12 to 12 (default: 0)",
+                           quality="fast, or best (a better vocal model; its minutes count more, see /quota)",
+                           backing_vocals="keep: only the lead vocal is removed; remove: every vocal (default)")
     async def karaoke(self, interaction: discord.Interaction, file: discord.Attachment | None = None,
                       url: str | None = None, format: FormatChoice | None = None, model: str | None = None,
-                      tempo: TempoRange | None = None, transpose: TransposeRange | None = None) -> None:
+                      tempo: TempoRange | None = None, transpose: TransposeRange | None = None,
+                      quality: QualityChoice | None = None, backing_vocals: BackingChoice | None = None) -> None:
         # A singer practising moves the backing track into their key, or slows it down.
         render = await _render_or_refuse(interaction, tempo, transpose)
         if render is not None:
-            await self.start_job(interaction, file, url, "karaoke", format, model, render)
+            await self.start_job(interaction, file, url, "karaoke", format, model, render,
+                                 words=PlainWords(quality=quality, backing_vocals=backing_vocals))
 
     @split.autocomplete("model")
     @karaoke.autocomplete("model")
@@ -188,9 +204,15 @@ class Split(commands.Cog):
 
     @app_commands.command(name="help", description="How to use stembot")
     async def help(self, interaction: discord.Interaction) -> None:
+        # The installed models are read once (off the event loop), the server's policy from
+        # the database: either may be slow, so the answer may be deferred.
+        async with TimelyAnswer(interaction, ephemeral=True) as answer:
+            await answer.send(await self._help_text(interaction))
+
+    async def _help_text(self, interaction: discord.Interaction) -> str:
         settings = self.services.settings
         text = (
-            "**stembot** splits songs into stems with Demucs.\n"
+            "**stembot** splits songs into stems.\n"
             "• `/split file:` — vocals, drums, bass and other (or pick one with `stems:`)\n"
             "• `/karaoke file:` — vocals and instrumental (also with `tempo:` and `transpose:`)\n"
             "• `/split tempo: transpose:` — the stems at 50-150% speed, or up to 12 semitones up or down\n"
@@ -203,7 +225,19 @@ class Split(commands.Cog):
             f"{format_duration(settings.max_duration_s)}, files up to {human_size(settings.max_input_bytes)}. "
             "Results too large for this server's upload limit come as smaller files or download links."
         )
-        await interaction.response.send_message(text, ephemeral=True)
+        shown = await self._offers(interaction)
+        if shown:
+            text += "\n**Models here** (a dearer model's minutes count more):\n" + "\n".join(
+                f"• `{offer.option}`: `{offer.model.name}` — {', '.join(offer.model.stems)} · {offer.model.speed} · "
+                f"minutes count {format_factor(offer.cost_factor)}" for offer in shown)
+        return text
+
+    async def _offers(self, interaction: discord.Interaction) -> list[Offer]:
+        """The plain-word options this server can use, with the model each runs."""
+        services = self.services
+        policy = await services.quotas.policy(interaction.guild_id, _role_ids(interaction))
+        return offers(await services.installed_models(), services.model_defaults(), policy.allowed_models,
+                      policy.default_model)
 
     @app_commands.command(name="quota", description="Your minutes and jobs left today")
     async def quota(self, interaction: discord.Interaction) -> None:
@@ -226,6 +260,10 @@ class Split(commands.Cog):
                          f"min left today, {status.guild_active} of {policy.guild_queued_jobs} jobs queued or running")
         lines.append(f"Tracks up to {format_duration(policy.max_track_minutes * 60)}. Allowances reset at 00:00 UTC "
                      f"({reset}).")
+        dearer = [offer for offer in await self._offers(interaction) if offer.cost_factor != 1.0]
+        if dearer:
+            lines.append("A track's minutes count times its model's cost: " + ", ".join(
+                f"`{offer.option}` costs {format_factor(offer.cost_factor)} minutes" for offer in dearer) + ".")
         return "\n".join(lines)
 
     @app_commands.command(name="forget", description="Delete your stored songs and stems now")
@@ -296,21 +334,35 @@ class Split(commands.Cog):
 
     async def start_job(self, interaction: discord.Interaction, file: discord.Attachment | None, url: str | None,
                         stems: str, fmt: str | None, model: str | None,
-                        render: RenderOptions = PLAIN, mix: MixArgs | None = None) -> None:
+                        render: RenderOptions = PLAIN, mix: MixArgs | None = None,
+                        words: PlainWords | None = None) -> None:
         # The policy, the quota and the admission read and write the database: when that is
         # slow, the interaction is deferred in time (publicly: it becomes the status message),
         # and a refusal still reaches only the member.
         async with TimelyAnswer(interaction, ephemeral=False) as answer:
-            await self._start_job(interaction, answer, file, url, stems, fmt, model, render, mix)
+            await self._start_job(interaction, answer, file, url, stems, fmt, model, render, mix, words)
 
     async def _start_job(self, interaction: discord.Interaction, answer: TimelyAnswer,
                          file: discord.Attachment | None, url: str | None, stems: str, fmt: str | None,
-                         model: str | None, render: RenderOptions, mix: MixArgs | None) -> None:
+                         model: str | None, render: RenderOptions, mix: MixArgs | None,
+                         words: PlainWords | None = None) -> None:
         services = self.services
         policy = await services.quotas.policy(interaction.guild_id, _role_ids(interaction))
-        model = model or policy.default_model or services.settings.model
         fmt = fmt or policy.default_format or "mp3"
         reason = None
+        if words is not None and (words.given or stems == DIALOGUE):
+            # Plain words: the model follows from what is installed and allowed here.
+            try:
+                choice = choose(Request(stems, model, words.quality, words.backing_vocals, words.clean),
+                                await services.installed_models(), services.model_defaults(),
+                                policy.allowed_models, policy.default_model)
+            except BadRequestError as exc:
+                await answer.send(_sentence(exc.reason), private=True)
+                return
+            model, stems, cost_factor, clean_model = choice.model, choice.stems, choice.cost_factor, choice.clean_model
+        else:
+            model = model or policy.default_model or services.settings.model
+            cost_factor, clean_model = cost_factor_for(model, services.settings.model_dir), None
         if mix is not None:
             # The model decides which stems there are to mix.
             try:
@@ -330,6 +382,7 @@ class Split(commands.Cog):
                 interaction_token=interaction.token, token_expires_at=interaction.created_at + TOKEN_LIFETIME,
                 attachment_size_limit=interaction.filesize_limit,
                 **_source(file, url), model=model, stems=stems, format=fmt, render_options=render.to_column(),
+                cost_factor=cost_factor, clean_model=clean_model,
             )
             if reason is not None:
                 reason = reason[0].upper() + reason[1:] + "."
@@ -366,6 +419,19 @@ async def quota_refusal(services, interaction: discord.Interaction, policy, *, s
         return (f"This server's queue is full ({policy.guild_queued_jobs} jobs); try again in a few "
                 "minutes.")
     return None
+
+
+@dataclass(frozen=True)
+class PlainWords:
+    """The model asked for in plain words (`quality:`, `backing_vocals:`, `clean:`)."""
+
+    quality: str | None = None
+    backing_vocals: str | None = None
+    clean: str | None = None
+
+    @property
+    def given(self) -> bool:
+        return any((self.quality, self.backing_vocals, self.clean))
 
 
 @dataclass(frozen=True)

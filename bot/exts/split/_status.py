@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from core.jobs.job import Job, JobState
+from core.jobs.quotas import format_factor
 from core.jobs.recent import RecentKeys
 from core.media.audio import format_duration
 
@@ -66,7 +67,11 @@ class StatusView:
 
 def describe_request(job: Job) -> str:
     stems = STEMS_LABEL.get(job.stems, job.stems.replace(",", ", "))
-    return f"{stems} · {job.format}" + (f" · {job.model}" if job.model else "")
+    model = f"{job.model} → {job.clean_model}" if job.clean_model else job.model
+    text = f"{stems} · {job.format}" + (f" · {model}" if model else "")
+    # A dearer model's minutes are charged at its factor: said where the member watches the job.
+    factor = job.cost_factor or 1.0  # None on a row not yet written
+    return text + (f" · minutes count {format_factor(factor)}" if factor != 1.0 else "")
 
 
 def render_status(job: Job, view: StatusView = StatusView()) -> str:

@@ -324,3 +324,14 @@ def test_an_analysis_that_is_not_a_mapping_is_dropped(job_dir, reported):
     assert check(job(), artifacts(analysis=reported), job_dir).analysis is None
     assert checked_analysis(artifacts(analysis=reported)) is None
     assert checked_analysis(None) is None and checked_analysis("analysis") is None
+
+
+def test_a_chains_stems_are_its_cleaning_models_sources(job_dir):
+    """`/split clean:` runs htdemucs, then a listed de-reverb model on its vocals: the stems
+    must be the de-reverb model's, not htdemucs's."""
+    chain = job(model="htdemucs", clean_model="dereverb_mel_band_roformer_anvuew_sdr_19.1729")
+    assert "sources" in refused(chain, artifacts(), job_dir)
+    for stem in ("noreverb", "reverb"):
+        shutil.copy(job_dir / "stems" / "vocals.mp3", job_dir / "stems" / f"{stem}.mp3")
+    assert list(check(chain, artifacts(stems=("noreverb", "reverb")), job_dir).files) == ["noreverb", "reverb"]
+    assert "sources" in refused(job(model="htdemucs"), artifacts(stems=("noreverb", "reverb")), job_dir)

@@ -621,3 +621,16 @@ async def test_the_cache_serves_only_a_job_rendered_the_same_way(store):
     # A job made without the option (older code, or the CLI) is a plain one.
     assert (await store.find_cached(await new_job(store, input_sha256="f" * 64, stems="bass,vocals"))).id == \
         served[""]
+
+
+async def test_the_cache_tells_a_chain_from_its_first_model_alone(store):
+    """A `/split clean:` job (htdemucs, then a cleaning model on its vocals) is never served
+    htdemucs's own stems, nor another cleaning model's, and a plain job never a chain's."""
+    served = {}
+    for clean in (None, "dereverb", "denoise"):
+        job = await new_job(store, input_sha256="c" * 64, clean_model=clean)
+        await store.update(job.id, state=JobState.done.value, artifacts={"files": {}})
+        served[clean] = job.id
+    for clean in (None, "dereverb", "denoise"):
+        found = await store.find_cached(await new_job(store, input_sha256="c" * 64, clean_model=clean))
+        assert found is not None and found.id == served[clean], clean
