@@ -221,11 +221,14 @@ class CheckpointEngine(SeparationEngine):
         self.name = checkpoint.name
         self.device = device
         self.forward_seconds = 0.0
+        self.backend = "torch"  # the ONNX-based backends export demucs's networks only
         self._plans = {}
         self._clocks = [_ForwardClock(self.network)]
 
     @classmethod
-    def load(cls, name: str, model_dir: Path | None = None, device: str = "auto") -> CheckpointEngine:
+    def load(cls, name: str, model_dir: Path | None = None, device: str = "auto", backend: str = "torch",
+             export_dir: Path | None = None) -> CheckpointEngine:
+        """`backend` and `export_dir` are the Demucs engine's: a checkpoint runs on torch."""
         torch_device = resolve_device(device)
         if model_dir is None:
             raise ModelUnavailableError(f"model '{name}' is a checkpoint and no model folder is set")
