@@ -169,7 +169,7 @@ def cmd_separate(args, parser: argparse.ArgumentParser) -> int:
     started = time.monotonic()
     try:
         engine = SeparationEngine.load(model_name, model_dir, args.device or settings.device,
-                                       args.backend or settings.backend, settings.export_dir)
+                                       args.backend or settings.backend, settings.export_dir, options.precision)
     except StembotError as exc:
         return _fail(exc.reason)
     try:

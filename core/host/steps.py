@@ -163,7 +163,8 @@ class JobSteps:
                 self.engines.pop(next(iter(self.engines)))
             model_dir = Path(self.config.model_dir) if self.config.model_dir else None
             export_dir = Path(self.config.export_dir) if self.config.export_dir else None
-            engine = SeparationEngine.load(name, model_dir, self.config.device, self.config.backend, export_dir)
+            engine = SeparationEngine.load(name, model_dir, self.config.device, self.config.backend, export_dir,
+                                           self.config.precision)
             self.engines[name] = engine
             return engine
 

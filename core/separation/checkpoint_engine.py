@@ -227,7 +227,7 @@ class CheckpointEngine(SeparationEngine):
 
     @classmethod
     def load(cls, name: str, model_dir: Path | None = None, device: str = "auto", backend: str = "torch",
-             export_dir: Path | None = None) -> CheckpointEngine:
+             export_dir: Path | None = None, precision: str = "fp32") -> CheckpointEngine:
         """`backend` and `export_dir` are the Demucs engine's: a checkpoint runs on torch."""
         torch_device = resolve_device(device)
         if model_dir is None:

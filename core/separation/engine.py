@@ -102,9 +102,14 @@ class SeparationEngine:
 
     @classmethod
     def load(cls, name: str, model_dir: Path | None = None, device: str = "auto", backend: str = "torch",
-             export_dir: Path | None = None) -> SeparationEngine:
+             export_dir: Path | None = None, precision: str = "fp32") -> SeparationEngine:
         """`backend` (auto, torch, onnx, openvino) runs the model on a CPU; `export_dir`
-        keeps the exports of the ONNX-based backends (default: see onnx_backend)."""
+        keeps the exports of the ONNX-based backends (default: see onnx_backend). The
+        exports are fp32: a lower `precision` (autocast) runs on torch, which `auto` picks then."""
+        if precision != "fp32":
+            if backend not in ("auto", "torch"):
+                raise BadRequestError(f"precision {precision} runs on the torch backend only, not {backend}")
+            backend = "torch"
         # A model folder's `NAME.ckpt` + `NAME.yaml` is a community checkpoint (#16).
         from core.separation.checkpoint_engine import CheckpointEngine, is_checkpoint  # noqa: PLC0415 - it imports this module
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from core.separation.installed import cost_factor_for, installed_models
 from core.separation.model_choice import InstalledModel
+from core.separation.published import FAMILY_COST_FACTOR
 
 
 def test_each_kind_of_model_is_read_from_where_it_says_what_it_is(model_dir):
@@ -15,10 +16,11 @@ def test_each_kind_of_model_is_read_from_where_it_says_what_it_is(model_dir):
         "tiny": InstalledModel("tiny", "demucs", ("drums", "bass", "other", "vocals")),
         "tinyroformer": InstalledModel("tinyroformer", "bs_roformer", ("vocals", "instrumental")),
     }
-    assert found["tinyroformer"].uses == ("vocals",) and found["tinyroformer"].cost_factor == 2.5
+    assert found["tinyroformer"].uses == ("vocals",)
+    assert found["tinyroformer"].cost_factor == FAMILY_COST_FACTOR["bs_roformer"]
 
 
 def test_a_model_named_outright_costs_its_factor_without_loading(model_dir):
     assert cost_factor_for("htdemucs_ft", model_dir) == 4.0
-    assert cost_factor_for("tinyroformer", model_dir) == 2.5
+    assert cost_factor_for("tinyroformer", model_dir) == FAMILY_COST_FACTOR["bs_roformer"]
     assert cost_factor_for("tiny", model_dir) == 1.0

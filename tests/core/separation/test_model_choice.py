@@ -14,7 +14,10 @@ from core.separation.model_choice import (
     choose,
     offers,
 )
-from core.separation.published import BY_NAME
+from core.separation.published import BY_NAME, FAMILY_COST_FACTOR
+
+BS = FAMILY_COST_FACTOR["bs_roformer"]
+MEL = FAMILY_COST_FACTOR["mel_band_roformer"]
 
 MUSDB = ("drums", "bass", "other", "vocals")
 HTDEMUCS = InstalledModel("htdemucs", "demucs", MUSDB)
@@ -53,7 +56,7 @@ def test_fast_is_the_operators_fast_model():
 def test_best_vocals_is_a_roformer_over_demucs_whatever_their_figures():
     installed = [HTDEMUCS, HTDEMUCS_FT, ROFORMER]
     for stems in ("karaoke", "vocals", "no_vocals"):
-        assert pick(installed, quality="best", stems=stems) == Choice("my_bs_roformer", stems, 2.5)
+        assert pick(installed, quality="best", stems=stems) == Choice("my_bs_roformer", stems, BS)
     # Without a RoFormer: the demucs model with the higher published SDR.
     assert pick([HTDEMUCS, HTDEMUCS_FT], quality="best", stems="karaoke").model == "htdemucs_ft"
 
@@ -93,7 +96,7 @@ def test_karaoke_that_keeps_the_backing_vocals_needs_a_lead_backing_model():
     assert "no lead/backing vocal" in refusal([HTDEMUCS, ROFORMER], stems="karaoke", backing_vocals="keep")
     lead_backing = ModelDefaults(lead_backing="my_mel_roformer")
     assert pick([HTDEMUCS, MELBAND], defaults=lead_backing, stems="karaoke", backing_vocals="keep") == Choice(
-        "my_mel_roformer", "all", 2.5)
+        "my_mel_roformer", "all", MEL)
     # `remove` is today's karaoke.
     assert pick([HTDEMUCS], stems="karaoke", backing_vocals="remove") == Choice("htdemucs", "karaoke", 1.0)
 
@@ -103,9 +106,9 @@ def test_clean_chains_a_vocal_model_and_the_cleaning_model_costing_both():
     defaults = ModelDefaults(dereverb="my_dereverb")
     installed = [HTDEMUCS, ROFORMER, dereverb]
     assert pick(installed, defaults=defaults, clean="dereverb") == Choice(
-        "htdemucs", "all", 3.5, clean_model="my_dereverb")
+        "htdemucs", "all", 1.0 + MEL, clean_model="my_dereverb")
     assert pick(installed, defaults=defaults, clean="dereverb", quality="best") == Choice(
-        "my_bs_roformer", "all", 5.0, clean_model="my_dereverb")
+        "my_bs_roformer", "all", BS + MEL, clean_model="my_dereverb")
     # A default model without vocals: the best vocal model instead.
     assert pick([DNR, MELBAND, dereverb], defaults=ModelDefaults(model="my_dnr", dereverb="my_dereverb"),
                 clean="dereverb").model == "my_mel_roformer"
@@ -127,7 +130,7 @@ def test_offers_name_what_each_option_runs_here():
         ("/split quality: fast", "htdemucs"), ("/split quality: best", "htdemucs_ft"),
         ("/karaoke quality: best", "my_bs_roformer"), ("/split clean: dereverb", "my_dereverb"),
         ("/split stems: dialogue", "my_dnr")]
-    assert [offer.cost_factor for offer in shown] == [1.0, 4.0, 2.5, 3.5, 1.0]
+    assert [offer.cost_factor for offer in shown] == [1.0, 4.0, BS, 1.0 + MEL, 1.0]
     # What the server does not allow is not offered.
     assert [o.option for o in offers([HTDEMUCS, ROFORMER], ModelDefaults(), allowed=("htdemucs",))] == [
         "/split quality: fast", "/split quality: best", "/karaoke quality: best"]
@@ -145,11 +148,16 @@ def test_the_published_checkpoints_rank_by_their_published_figures():
     installed = [published(name) for name in names]
     # Vocals: the highest vocals figure (Mel-Band 12.6 over BS-RoFormer 11.8, MDX23C 10.6, the
     # 4-stem BS-RoFormer's vocals 11.1, and any Demucs).
-    assert pick(installed, quality="best", stems="karaoke") == Choice("vocals_mel_band_roformer", "karaoke", 2.5)
-    assert pick(installed, quality="best") == Choice("model_bs_roformer_ep_17_sdr_9.6568", "all", 2.5)
+    assert pick(installed, quality="best", stems="karaoke") == Choice(
+        "vocals_mel_band_roformer", "karaoke", BY_NAME["vocals_mel_band_roformer"].cost_factor)
+    assert pick(installed, quality="best") == Choice(
+        "model_bs_roformer_ep_17_sdr_9.6568", "all", BY_NAME["model_bs_roformer_ep_17_sdr_9.6568"].cost_factor)
     assert pick(installed, stems="karaoke", backing_vocals="keep").model == (
         "mel_band_roformer_karaoke_aufr33_viperx_sdr_10.1956")
     assert pick(installed, clean="dereverb", quality="best") == Choice(
-        "vocals_mel_band_roformer", "all", 5.0, clean_model="dereverb_mel_band_roformer_anvuew_sdr_19.1729")
+        "vocals_mel_band_roformer", "all",
+        BY_NAME["vocals_mel_band_roformer"].cost_factor
+        + BY_NAME["dereverb_mel_band_roformer_anvuew_sdr_19.1729"].cost_factor,
+        clean_model="dereverb_mel_band_roformer_anvuew_sdr_19.1729")
     assert pick(installed, clean="denoise").clean_model == "denoise_mel_band_roformer_aufr33_sdr_27.9959"
     assert "no dialogue model installed" in refusal(installed, stems="dialogue")

@@ -12,7 +12,7 @@ import pytest
 import torch
 from demucs.apply import apply_model
 
-from core.errors import JobCancelled, ModelUnavailableError
+from core.errors import BadRequestError, JobCancelled, ModelUnavailableError
 from core.host.handle import HostHandle
 from core.host.protocol import HostConfig
 from core.media.audio import Limits, decode
@@ -227,3 +227,10 @@ def test_models_the_runtimes_cannot_run_stay_on_torch_or_fail_clearly(tmp_path):
     with pytest.raises(ModelUnavailableError, match="--backend torch"):
         onnx_backend.prepare(wiener, "onnx", tmp_path)
     assert not exported_files(tmp_path)
+
+
+def test_a_lower_precision_runs_on_torch_and_is_refused_on_the_fp32_exports(model_dir, exports):
+    # The exports are fp32: `auto` must not trade an operator's bf16 for them silently.
+    assert SeparationEngine.load("tinyshort", model_dir, "cpu", "auto", exports, precision="bf16").backend == "torch"
+    with pytest.raises(BadRequestError, match="torch backend only"):
+        SeparationEngine.load("tinyshort", model_dir, "cpu", "openvino", exports, precision="bf16")
