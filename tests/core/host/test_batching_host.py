@@ -213,7 +213,9 @@ async def test_a_track_too_big_even_one_segment_a_pass_fails_with_a_clear_reason
 
 
 async def test_a_long_track_shares_passes_block_by_block(model_dir, short_songs, tmp_path):
-    long_song = music(tmp_path / "long.wav", seconds=30.0, tone=275.0)
+    # Long enough that the short song, decoded after the long one's first progress, still
+    # finds blocks to share on a loaded machine (30 s of tiny-model work was over too soon).
+    long_song = music(tmp_path / "long.wav", seconds=90.0, tone=275.0)
     outcomes = {}
     for label, batch_jobs in (("together", 3), ("alone", 1)):
         worker = HostHandle(config(model_dir, batch_jobs, **SHORT_BLOCKS), start_timeout_s=60)
@@ -237,7 +239,7 @@ async def test_a_long_track_shares_passes_block_by_block(model_dir, short_songs,
         finally:
             await worker.stop()
         assert [is_done(r) for r in results] == [True, True], results
-        assert isinstance(results[0], DoneEvent) and results[0].result.duration_s == pytest.approx(30.0, abs=0.01)
+        assert isinstance(results[0], DoneEvent) and results[0].result.duration_s == pytest.approx(90.0, abs=0.01)
         fractions = fractions_of(events)
         assert fractions == sorted(fractions) and fractions[-1] == 1.0
         assert [p.name for p in (tmp_path / label).iterdir() if "partial" in p.name] == []
@@ -249,7 +251,9 @@ async def test_a_long_track_shares_passes_block_by_block(model_dir, short_songs,
 
 
 async def test_cancelling_a_long_track_between_blocks_cleans_up(model_dir, short_songs, tmp_path):
-    long_song = music(tmp_path / "long.wav", seconds=30.0, tone=275.0)
+    # Long enough that the short song, decoded after the long one's first progress, still
+    # finds blocks to share on a loaded machine (30 s of tiny-model work was over too soon).
+    long_song = music(tmp_path / "long.wav", seconds=90.0, tone=275.0)
     worker = HostHandle(config(model_dir, batch_jobs=3, **SHORT_BLOCKS), start_timeout_s=60)
     await worker.start()
     try:

@@ -11,11 +11,14 @@ import sqlite3
 import pytest
 import pytest_asyncio
 
+from core.separation.published import BY_NAME
 from tests.bot.conftest import BotProcess
 from tests.bot.helpers import MANAGE_SERVER, final_message, private_answer, subcommand, upload
 from tests.support import checkpoints
 from tests.support import models as tiny
 from tests.support.fake_discord import attachment_option, string_option
+
+MEL = BY_NAME["vocals_mel_band_roformer"]  # its published speed and measured cost
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -55,7 +58,8 @@ async def test_help_lists_what_each_option_runs_with_its_cost(fake, bot):
     text = await answer_text(fake, await fake.send_slash_command("help"))
     assert "`/split quality: best`: `htdemucs_ft` — drums, bass, other, vocals · slow · minutes count 4x" in text
     assert "`/split stems: dialogue`: `tinydnr` — dialog, music, effect" in text
-    assert "`/karaoke quality: best`: `vocals_mel_band_roformer` — vocals, other · medium · minutes count 2.5x" in text
+    assert (f"`/karaoke quality: best`: `vocals_mel_band_roformer` — vocals, other · {MEL.speed} · "
+            f"minutes count {MEL.cost_factor:g}x") in text
     assert "`/split clean: dereverb`: `tinyderev` — noreverb, reverb · fast · minutes count 2x" in text
     assert "backing_vocals: keep" not in text  # no lead/backing model here
 
@@ -87,7 +91,7 @@ async def test_karaoke_quality_best_runs_the_roformer_over_demucs(fake, bot, tmp
     assert "Done" in result.content
     assert [a.filename for a in result.attachments] == ["vocals.mp3", "no_vocals.mp3", "preview.png"]
     assert rows(bot, "SELECT model, stems, cost_factor FROM jobs WHERE source_name='sing.wav'") == [
-        ("vocals_mel_band_roformer", "karaoke", 2.5)]
+        ("vocals_mel_band_roformer", "karaoke", MEL.cost_factor)]
 
 
 async def test_stems_dialogue_runs_the_dialogue_model(fake, bot, tmp_path):
