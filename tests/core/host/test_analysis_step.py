@@ -11,18 +11,11 @@ import pytest
 import soundfile
 
 from bench.tempo_key_accuracy import RATE, drum_loop, progression
-from core.host.protocol import DoneEvent, HostConfig, HostEvent, JobSpec
+from core.host.protocol import DoneEvent, HostConfig, JobSpec
 from core.host.serial_host import SerialHost
 from core.host.steps import JobSteps
 from core.jobs.results import checked_analysis
-
-
-class _Events:
-    def __init__(self):
-        self.items: list[HostEvent] = []
-
-    def put(self, item: HostEvent) -> None:
-        self.items.append(item)
+from tests.support.host_events import CollectedEvents
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +30,7 @@ def song(tmp_path_factory):
 
 @pytest.mark.parametrize("blocks", [False, True])
 def test_the_host_reports_the_tempo_and_key_of_the_stems(model_dir, song, tmp_path, blocks):
-    events = _Events()
+    events = CollectedEvents()
     config = {"block_s": 20.0, "blocks_above_s": 12.0} if blocks else {"block_s": None}
     host = SerialHost(JobSteps(HostConfig(model="mixstems", model_dir=str(model_dir), device="cpu", shifts=0,
                                           warm_up=False, log_level=logging.WARNING, **config),

@@ -14,19 +14,12 @@ import pytest
 import soundfile
 
 from core.host.batching_host import BatchingHost
-from core.host.protocol import DoneEvent, FailedEvent, HostConfig, HostEvent, JobSpec, ProgressEvent
+from core.host.protocol import DoneEvent, FailedEvent, HostConfig, JobSpec, ProgressEvent
 from core.host.serial_host import SerialHost
 from core.host.steps import JobSteps
 from tests.support import models as tiny
+from tests.support.host_events import CollectedEvents
 from tests.support.media import music
-
-
-class _Events:
-    def __init__(self):
-        self.items: list[HostEvent] = []
-
-    def put(self, item: HostEvent) -> None:
-        self.items.append(item)
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +40,7 @@ def song(tmp_path_factory):
 
 
 def run(models, song, out, blocks: bool, batching: bool, **spec) -> tuple[DoneEvent | FailedEvent, list[float]]:
-    events = _Events()
+    events = CollectedEvents()
     config = {"block_s": 20.0, "blocks_above_s": 12.0} if blocks else {"block_s": None}
     steps = JobSteps(HostConfig(model="tiny", model_dir=str(models), device="cpu", shifts=0, warm_up=False,
                                 log_level=logging.WARNING, **config), events, set(), parent=os.getppid())
@@ -90,7 +83,7 @@ def test_the_cleaning_model_runs_on_the_vocals_of_the_first(models, song, tmp_pa
 
 
 def test_a_first_model_without_vocals_fails_the_job_in_words(models, song, tmp_path):
-    events = _Events()
+    events = CollectedEvents()
     steps = JobSteps(HostConfig(model="halves", model_dir=str(models), device="cpu", shifts=0, warm_up=False,
                                 log_level=logging.WARNING, block_s=None), events, set(), parent=os.getppid())
     SerialHost(steps).run(JobSpec(job_id=4, input_path=str(song), stems_dir=str(tmp_path / "y"), model="halves",
