@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import random
 import shutil
@@ -42,6 +41,7 @@ from core.media.upload_plan import fits, links_note
 from core.net import ytdl
 from core.net.fetcher import SourceRules, download
 from core.outages import DEFAULT_BUDGET_S, DependencyDown, Outage, network_error, retry_transient
+from core.storage.file_digest import file_sha256
 from core.storage.local import LocalStorage
 
 log = logging.getLogger(__name__)
@@ -683,10 +683,3 @@ def _end_told(job: Job) -> bool:
         return False
     return as_utc(job.notified_at) >= as_utc(job.finished_at)
 
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

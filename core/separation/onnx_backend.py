@@ -39,6 +39,7 @@ from demucs.apply import BagOfModels
 from demucs.htdemucs import HTDemucs
 
 from core.errors import ModelUnavailableError
+from core.storage.file_digest import file_sha256
 
 if TYPE_CHECKING:
     from demucs.repo import AnyModel
@@ -167,7 +168,7 @@ def export(model: HTDemucs, path: Path) -> None:
         with torch.no_grad(), _quiet_export():
             torch.onnx.export(_Network(model.eval()), (mix, mag), str(tmp), input_names=["mix", "mag"],
                               output_names=["time", "spec"], opset_version=OPSET, dynamo=False)
-        _sum_path(path).write_text(_file_sha256(tmp))
+        _sum_path(path).write_text(file_sha256(tmp))
         tmp.chmod(0o644)  # mkstemp's 0600 would keep other users of a shared model folder out
         os.replace(tmp, path)
     finally:
@@ -191,20 +192,12 @@ def _sum_path(path: Path) -> Path:
     return path.with_name(path.name + ".sha256")
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def cached_export(model: HTDemucs, export_dir: Path) -> Path:
     """The export of `model` in `export_dir`: made when missing, remade when its bytes do
     not match their recorded SHA-256."""
     path = export_dir / f"htdemucs-{export_key(model)}.onnx"
     recorded = _sum_path(path)
-    if path.exists() and recorded.exists() and recorded.read_text().strip() == _file_sha256(path):
+    if path.exists() and recorded.exists() and recorded.read_text().strip() == file_sha256(path):
         return path
     if path.exists():
         log.warning("the cached export %s does not match its checksum: exporting again", path)

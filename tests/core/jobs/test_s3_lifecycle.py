@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest_asyncio
 
 from core.db import utcnow
-from core.jobs.dispatcher import AttachedBackend, Dispatcher, DispatcherConfig, file_sha256
+from core.jobs.dispatcher import AttachedBackend, Dispatcher, DispatcherConfig
 from core.jobs.job import Job, JobState
 from core.jobs.sweeper import Sweeper
+from core.storage.file_digest import file_sha256
 from core.storage.s3_client import S3Client
 from core.storage.s3_storage import S3Storage
 from tests.support.quota_db import FIELDS, open_db
