@@ -2,25 +2,35 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from tests.support import checkpoints
 from tests.support import models as tiny
 
+# Seconds each test file took in a whole run (scripts/file_durations.py writes it).
+FILE_DURATIONS = Path(__file__).with_name("file_durations.json")
+
 
 def pytest_collection_modifyitems(config, items):
-    """Longest files first: the files with a `slow` test, then the end-to-end files, then the
-    rest, each group in its usual order. Run on several processes (scripts/test: one file per
-    process at a time), the suite then ends on short files instead of waiting for a long
-    one that happened to come last."""
-    def weight(item) -> int:
-        path = str(item.path)
-        if path in slow_files:
-            return 0
-        return 1 if path.endswith("_e2e.py") else 2
+    """Longest files first, by their measured time. Run on several processes (scripts/test:
+    one file per process at a time), the suite then ends on short files instead of waiting
+    for a long one that happened to come last. A file not measured yet counts as long when
+    it has a `slow` test, as middling when it is end-to-end."""
+    measured = json.loads(FILE_DURATIONS.read_text()) if FILE_DURATIONS.exists() else {}
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
 
-    slow_files = {str(item.path) for item in items if item.get_closest_marker("slow")}
-    items.sort(key=weight)  # stable: the order within a group is kept
+    def seconds(item) -> float:
+        path = item.path.relative_to(config.rootpath).as_posix()
+        if path in measured:
+            return measured[path]
+        if item.path in slow_files:
+            return 600.0
+        return 30.0 if path.endswith("_e2e.py") else 1.0
+
+    items.sort(key=seconds, reverse=True)  # stable: a file's tests keep their order
 
 
 @pytest.fixture(scope="session")
