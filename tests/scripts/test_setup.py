@@ -70,8 +70,8 @@ def test_a_second_set_up_installs_exactly_the_same_versions(tmp_path):
     subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
                     "tomli-w==1.2.0"], check=True)
 
-    # Without byte-compiling the 18,000 modules (a third of the install's time): the package
-    # list is the same either way. pip reads a "no-" option's variable inverted: 0 = --no-compile.
+    # Without byte-compiling its 18,000 modules, which the package list does not depend on:
+    # pip reads a "no-" option's variable inverted, so 0 means --no-compile.
     result = subprocess.run([str(checkout / "scripts" / "setup"), "test"], capture_output=True, text=True,
                             env={**os.environ, "STEMBOT_VENV": str(venv), "PIP_NO_COMPILE": "0"}, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
