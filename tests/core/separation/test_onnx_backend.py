@@ -242,6 +242,10 @@ def test_openvino_streams_compute_segments_at_once_with_the_same_result(model_di
     assert 0 < engine.forward_seconds <= time.monotonic() - started  # overlapping passes counted once
     for name in stems:
         assert snr_db(reference[name], stems[name]) > 60, name
+    # A batch of segments (core.separation.batching, as a batching host) is spread over the streams too.
+    [batched] = engine.separate_many([mix], parse_stems("all", engine.sources), EXACT, batch_size=4)
+    for name in batched:
+        assert snr_db(reference[name], batched[name]) > 60, name
 
 
 def test_a_read_only_model_folder_exports_to_the_users_cache(tmp_path, monkeypatch):
