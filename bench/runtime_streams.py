@@ -46,8 +46,8 @@ def main() -> None:
     for variant in args.variants:
         runtime, streams = variant.split(":")
         started = time.monotonic()
-        model, used = onnx_backend.prepare(catalogue.load(name, models), runtime, args.work / "exports", threads,
-                                           int(streams))
+        exports = onnx_backend.default_export_dir(models)
+        model, _ = onnx_backend.prepare(catalogue.load(name, models), runtime, exports, threads, int(streams))
         engines[variant] = SeparationEngine(model, name, torch.device("cpu"))
         print(f"{variant}: prepared in {time.monotonic() - started:.1f} s", flush=True)
     rng = np.random.default_rng(0)
