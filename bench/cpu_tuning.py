@@ -68,7 +68,7 @@ def main() -> None:
 
     export = onnx_backend.cached_export(copy.deepcopy(plain), args.work / "exports")
     for runtime in args.runtimes:
-        net = onnx_backend.RUNNERS[runtime](export, torch.get_num_threads())
+        net = onnx_backend.RUNNERS[runtime](export, torch.get_num_threads(), 1)
         variants[runtime] = (onnx_backend.ExportedHTDemucs(plain, net, runtime), False, nullcontext)
 
     def forward(variant: str) -> tuple[float, torch.Tensor]:

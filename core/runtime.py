@@ -17,24 +17,11 @@ from core.jobs.quotas import Ceilings, Policy, QuotaBook
 from core.jobs.runner import RunConfig
 from core.jobs.store import JobStore
 from core.jobs.uploads import TransferWindow
-from core.media.audio import Limits
-from core.net.fetcher import FetchRules, SourceRules
+from core.net.input_rules import fetch_rules_of, limits_of
 from core.settings import Settings
 from core.storage.local import LocalStorage
 from core.storage.s3_client import S3Client, S3Config
 from core.storage.s3_storage import S3Storage
-
-
-def limits_of(settings: Settings) -> Limits:
-    """The limits on what users send, for core.media.audio."""
-    return Limits(settings.min_duration_s, settings.max_duration_s, settings.max_input_bytes)
-
-
-def fetch_rules_of(settings: Settings) -> SourceRules:
-    """Where inputs may be fetched from: attachments from the Discord CDN origins only,
-    links from public sites and the operator's allowed networks. ValueError on a bad value."""
-    return SourceRules(links=FetchRules.for_links(settings.fetch_allowed_network_list),
-                       attachments=FetchRules.for_attachments(settings.discord_cdn_origins))
 
 
 def default_policy(settings: Settings) -> Policy:

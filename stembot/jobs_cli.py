@@ -10,15 +10,17 @@ import argparse
 import asyncio
 import sys
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
-from core.db import utcnow
-from core.distributed.queue import JobQueue
-from core.jobs.job import RUNNING, UNFINISHED, Job, JobState
-from core.jobs.job_report import age, describe, short
-from core.ops.bot_lock import AnotherBotRunning, BotLock
-from core.runtime import Runtime
+from core.jobs.job_state import RUNNING, UNFINISHED, JobState
 from core.settings import Settings, get_settings
-from core.storage.s3_storage import S3Storage
+
+# The database, queue and storage load when a `jobs` command runs, not for every command's
+# parser (`stembot separate` does not need them: docs/performance.md, start-up).
+if TYPE_CHECKING:
+    from core.jobs.job import Job
+    from core.ops.bot_lock import BotLock
+    from core.runtime import Runtime
 
 DEFAULT_REASON = "stopped by the operator"
 
@@ -59,6 +61,8 @@ def _error(message: str) -> int:
 
 
 def _run(action: Callable[[Settings, Runtime], Awaitable[int]]) -> int:
+    from core.runtime import Runtime  # noqa: PLC0415 - the database and storage load only for a jobs command
+
     settings = get_settings()
 
     async def go() -> int:
@@ -78,6 +82,9 @@ def cmd_list(args, parser) -> int:
     state = JobState(args.state) if args.state else None
 
     async def action(settings: Settings, runtime: Runtime) -> int:
+        from core.db import utcnow  # noqa: PLC0415 - as Runtime in _run
+        from core.jobs.job_report import age, short  # noqa: PLC0415 - as Runtime in _run
+
         jobs = await runtime.store.latest(state, args.limit)
         now = utcnow()
         print(f"{'ID':>7} {'STATE':10} {'AGE':>5} {'USER':>20} {'SERVER':>20} {'MODEL':14} {'STEMS':16} "
@@ -95,6 +102,8 @@ def cmd_list(args, parser) -> int:
 
 def cmd_show(args, parser) -> int:
     async def action(settings: Settings, runtime: Runtime) -> int:
+        from core.jobs.job_report import describe  # noqa: PLC0415 - as Runtime in _run
+
         job = await runtime.store.get(args.job_id)
         if job is None:
             return _error(f"no job {args.job_id}")
@@ -116,6 +125,8 @@ async def _abort_queue_job(settings: Settings, job: Job) -> None:
     """Distributed mode: withdraw the job's hand-over, or have its worker stop it."""
     if not _distributed(settings) or job.queue_job_id is None:
         return
+    from core.distributed.queue import JobQueue  # noqa: PLC0415 - as Runtime in _run
+
     queue = JobQueue(settings.resolved_database_url)
     await queue.open()
     try:
@@ -126,6 +137,8 @@ async def _abort_queue_job(settings: Settings, job: Job) -> None:
 
 async def _bot_lock(settings: Settings) -> BotLock | None:
     """The bot lock if no bot holds it (held until released: no bot starts meanwhile), else None."""
+    from core.ops.bot_lock import AnotherBotRunning, BotLock  # noqa: PLC0415 - as Runtime in _run
+
     lock = BotLock(settings.resolved_database_url)
     try:
         await lock.acquire()
@@ -183,6 +196,8 @@ def cmd_fail(args, parser) -> int:
             if not await runtime.store.fail_by_operator(job.id, reason):
                 return _error(f"job {job.id} changed meanwhile; look again with `stembot jobs show {job.id}`")
             await _abort_queue_job(settings, job)
+            from core.storage.s3_storage import S3Storage  # noqa: PLC0415 - as Runtime in _run
+
             storage = runtime.storage
             if isinstance(storage, S3Storage):
                 await storage.start()

@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from typing import Any
@@ -28,28 +27,13 @@ from sqlalchemy.orm import Mapped, mapped_column, relationship
 from sqlalchemy.sql.elements import ColumnElement
 
 from core.db import Base, UTCDateTime, utcnow
-
-
-class JobState(str, enum.Enum):  # noqa: UP042 - StrEnum would change str()/f-strings of members (logs, messages)
-    queued = "queued"
-    fetching = "fetching"
-    decoding = "decoding"
-    separating = "separating"
-    encoding = "encoding"
-    delivering = "delivering"
-    done = "done"
-    failed = "failed"
-    cancelled = "cancelled"
-
+from core.jobs.job_state import FINAL, RUNNING, UNFINISHED, JobState
 
 # A job cancelled because its request was never answered in the chat (the bot stopped
 # between admitting it and acknowledging the interaction): its user is told to send it again.
 UNANSWERED = "unanswered"
 UNANSWERED_ERROR = "the bot restarted before it answered the request"
 
-RUNNING = (JobState.fetching, JobState.decoding, JobState.separating, JobState.encoding)
-FINAL = (JobState.done, JobState.failed, JobState.cancelled)
-UNFINISHED = (JobState.queued, *RUNNING, JobState.delivering)
 
 # Which states each state may be entered from.
 ALLOWED_FROM: dict[JobState, tuple[JobState, ...]] = {

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -208,7 +209,13 @@ class SeparationEngine:
         strides = [_stride(sub, options) for sub, _ in sub_models(plan.model)]
         tracker = _ProgressTracker(length, strides, progress, should_cancel)
         started = time.monotonic()
-        with torch.inference_mode(), autocast(self.device, options.precision), _listening(self._clocks, tracker):
+        # A runtime that computes several segments at once (onnx_backend's streams) gets
+        # them from apply_model's own pool: its segments are submitted to it in order,
+        # and its results summed in order, so the output is the same as one at a time.
+        streams = min(getattr(sub, "streams", 1) for sub, _ in sub_models(plan.model))
+        pool = ThreadPoolExecutor(streams, thread_name_prefix="segment") if streams > 1 else None
+        with torch.inference_mode(), autocast(self.device, options.precision), _listening(self._clocks, tracker), \
+                _shut_down_after(pool):
             out = apply_model(
                 plan.model,
                 ((wav - mean) / std)[None],
@@ -217,6 +224,7 @@ class SeparationEngine:
                 overlap=options.overlap,
                 segment=options.segment,
                 device=self.device,
+                pool=pool,
                 callback=tracker,
                 callback_arg={"audio_length": length, "shifts": options.shifts},
             )
@@ -364,6 +372,20 @@ class _ForwardClock:
             self.shares = [(end - self._started) / whole for end in self._ends]
 
 
+class _shut_down_after:
+    """Ends a segment pool with the separation (its queued segments dropped on a cancel)."""
+
+    def __init__(self, pool: ThreadPoolExecutor | None):
+        self.pool = pool
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *_: object) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+
 class _listening:
     """Routes the clocks' in-pass shares to a tracker for one separation."""
 
@@ -395,7 +417,11 @@ class _ProgressTracker:
         self.forward_seconds = 0.0
         self._fraction = 0.0
         self._span = (0.0, 0.0)
-        self._started_at: float | None = None
+        # Passes in flight (several at once with a runtime's streams) and since when at
+        # least one has been: forward_seconds counts the time any pass runs, once.
+        self._in_flight = 0
+        self._busy_since = 0.0
+        self._done: dict[tuple[int, int], int] = {}
 
     def _at(self, info: dict[str, Any], within: float) -> float:
         models_count = max(1, int(info.get("models", 1)))
@@ -419,12 +445,19 @@ class _ProgressTracker:
         index = int(info.get("model_idx_in_bag", 0))
         stride = self.strides[index] if index < len(self.strides) else 0
         if info.get("state") == "start":
-            self._started_at = now
+            if self._in_flight == 0:
+                self._busy_since = now
+            self._in_flight += 1
             self._span = (self._at(info, offset / self.length), self._at(info, (offset + stride) / self.length))
         elif info.get("state") == "end":
-            if self._started_at is not None:
-                self.forward_seconds += now - self._started_at
-                self._started_at = None
-            self._report(self._span[1])
+            if self._in_flight > 0:
+                self._in_flight -= 1
+                if self._in_flight == 0:
+                    self.forward_seconds += now - self._busy_since
+            # Segments may end out of order (several at once): the share of the track done
+            # is what the ended segments of this model and shift cover.
+            part = (index, int(info.get("shift_idx", 0)))
+            self._done[part] = self._done.get(part, 0) + stride
+            self._report(self._at(info, self._done[part] / self.length))
         if self.should_cancel is not None and self.should_cancel():
             raise JobCancelled()

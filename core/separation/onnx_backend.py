@@ -12,7 +12,11 @@ An export is made once per network and kept in a cache folder, named by a key th
 hashes the weights, the model's configuration and the exporter's and runtimes'
 versions: changed weights or versions give another name, so a stale export is never
 used. Beside each export, the SHA-256 of its bytes; an export that does not match it
-(truncated, damaged) is rebuilt. `backend="auto"` measures the candidates on one segment
+(truncated, damaged) is rebuilt. Hashing 174 MB on every load costs a few tenths of a
+second, so a match is recorded with the file's size, inode, mtime and ctime (`.checked`):
+while none of them changed, the bytes are the ones that were hashed; any write to the file
+(or its replacement) changes its ctime, which no user can set back, and the next load
+hashes it again. `backend="auto"` measures the candidates on one segment
 once per network, machine and thread count, and remembers the fastest.
 """
 
@@ -24,11 +28,13 @@ import json
 import logging
 import os
 import platform
+import queue
 import statistics
 import tempfile
 import time
 import weakref
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -54,6 +60,10 @@ OPSET = 17
 # below it the difference is within this kind of machine's noise.
 AUTO_MARGIN = 0.97
 PROBE_ROUNDS = 3
+# A file's check is recorded only once it has been left alone this long (see _record_check).
+CHECK_SETTLE_S = 2.0
+# Segments computed at once by default per runtime (measured on 2 cores, docs/performance.md).
+STREAMS_DEFAULT = {"openvino": 2}
 
 # A runtime's call: (mix, magnitude spectrogram) of one segment -> (time branch, spectrogram branch).
 Runner = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
@@ -192,12 +202,54 @@ def _sum_path(path: Path) -> Path:
     return path.with_name(path.name + ".sha256")
 
 
+def _check_path(path: Path) -> Path:
+    return path.with_name(path.name + ".checked")
+
+
+def _file_identity(path: Path) -> dict[str, int]:
+    """What changes when a file's bytes may have changed: a write (mtime, ctime), a
+    truncation (size), a replacement (inode, device). ctime cannot be set back by a user."""
+    stat = path.stat()
+    return {"size": stat.st_size, "ino": stat.st_ino, "dev": stat.st_dev,
+            "mtime_ns": stat.st_mtime_ns, "ctime_ns": stat.st_ctime_ns}
+
+
+def _record_check(path: Path, digest: str) -> None:
+    """Remember that `path`, as it is now, hashed to `digest` (written whole, then renamed).
+    Not for a file changed in the last CHECK_SETTLE_S: a write in the same tick of the file
+    system's clock as the hash would leave its times as recorded (git's "racy" files)."""
+    identity = _file_identity(path)
+    if time.time_ns() - max(identity["ctime_ns"], identity["mtime_ns"]) < CHECK_SETTLE_S * 1e9:
+        return
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w") as file:
+        json.dump({"sha256": digest, **identity}, file)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, _check_path(path))
+
+
+def _matches(path: Path, expected: str) -> bool:
+    """Whether `path`'s bytes have the SHA-256 `expected`: hashed unless a check record
+    says this very file (same size, inode, mtime, ctime) was hashed to it before."""
+    try:
+        checked = json.loads(_check_path(path).read_text())
+        if checked == {"sha256": expected, **_file_identity(path)}:
+            return True
+    except (OSError, ValueError):
+        pass
+    if file_sha256(path) != expected:
+        return False
+    with contextlib.suppress(OSError):  # a read-only cache folder: hashed again next time
+        _record_check(path, expected)
+    return True
+
+
 def cached_export(model: HTDemucs, export_dir: Path) -> Path:
     """The export of `model` in `export_dir`: made when missing, remade when its bytes do
     not match their recorded SHA-256."""
     path = export_dir / f"htdemucs-{export_key(model)}.onnx"
     recorded = _sum_path(path)
-    if path.exists() and recorded.exists() and recorded.read_text().strip() == file_sha256(path):
+    if path.exists() and recorded.exists() and _matches(path, recorded.read_text().strip()):
         return path
     if path.exists():
         log.warning("the cached export %s does not match its checksum: exporting again", path)
@@ -208,11 +260,12 @@ def cached_export(model: HTDemucs, export_dir: Path) -> Path:
 # -- running it ---------------------------------------------------------------------
 
 
-def onnxruntime_runner(path: Path, threads: int) -> Runner:
+def onnxruntime_runner(path: Path, threads: int, streams: int = 1) -> Runner:
+    """An ONNX Runtime session on `threads` threads, `streams` calls at once sharing them."""
     import onnxruntime as ort  # noqa: PLC0415 - only where this backend runs
 
     options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
+    options.intra_op_num_threads = max(1, threads // streams)
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
@@ -224,30 +277,51 @@ def onnxruntime_runner(path: Path, threads: int) -> Runner:
     return run
 
 
-def openvino_runner(path: Path, threads: int) -> Runner:
+def openvino_cache_dir(export: Path) -> Path:
+    """Where OpenVINO keeps its compiled form of the exports in `export`'s folder."""
+    return export.parent / "openvino-cache"
+
+
+def openvino_runner(path: Path, threads: int, streams: int = 1) -> Runner:
+    """OpenVINO's compile of the export at `path`, run by `threads` threads in `streams`
+    streams: `streams` calls may run at once (from as many Python threads), each on
+    threads/streams of them. The compiled form is cached next to the export (OpenVINO's
+    model cache, keyed by the file and the compile's settings): a second load reads it
+    instead of compiling again."""
     import openvino  # noqa: PLC0415 - only where this backend runs
 
+    core = openvino.Core()
+    with contextlib.suppress(OSError):  # a read-only export folder: compiled every time
+        openvino_cache_dir(path).mkdir(parents=True, exist_ok=True)
+        core.set_property({"CACHE_DIR": str(openvino_cache_dir(path))})
     # f32 explicitly: on CPUs with bf16 instructions OpenVINO would otherwise pick bf16.
-    compiled = openvino.Core().compile_model(str(path), "CPU", {
-        "INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads})
-    request = compiled.create_infer_request()
+    compiled = core.compile_model(str(path), "CPU", {
+        "INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY" if streams == 1 else "THROUGHPUT",
+        "NUM_STREAMS": streams, "INFERENCE_NUM_THREADS": threads})
+    idle: queue.SimpleQueue = queue.SimpleQueue()
+    for _ in range(streams):
+        idle.put(compiled.create_infer_request())
 
     def run(mix: np.ndarray, mag: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        results = request.infer({"mix": mix, "mag": mag})
-        # The request reuses its output buffers on the next call.
-        return np.array(results[compiled.output(0)]), np.array(results[compiled.output(1)])
+        request = idle.get()  # one request per call in flight; more wait for one to be free
+        try:
+            results = request.infer({"mix": mix, "mag": mag})
+            # The request reuses its output buffers on the next call.
+            return np.array(results[compiled.output(0)]), np.array(results[compiled.output(1)])
+        finally:
+            idle.put(request)
 
     return run
 
 
-RUNNERS: dict[str, Callable[[Path, int], Runner]] = {"onnx": onnxruntime_runner, "openvino": openvino_runner}
+RUNNERS: dict[str, Callable[[Path, int, int], Runner]] = {"onnx": onnxruntime_runner, "openvino": openvino_runner}
 
 
 class ExportedHTDemucs(HTDemucs):
     """An HTDemucs whose network runs in another runtime: demucs's own STFT, magnitude,
     mask and iSTFT around it, and no layers of its own."""
 
-    def __init__(self, model: HTDemucs, run: Runner, backend: str):
+    def __init__(self, model: HTDemucs, run: Runner, backend: str, streams: int = 1):
         torch.nn.Module.__init__(self)  # not HTDemucs.__init__: the layers stay out
         for name, value in vars(model).items():
             if not name.startswith("_"):
@@ -257,6 +331,11 @@ class ExportedHTDemucs(HTDemucs):
         self.anchor = torch.nn.Parameter(torch.zeros(1), requires_grad=False)
         self.run = run
         self.backend = backend
+        # How many segments the runtime computes at once (from as many threads): the
+        # engine hands demucs's apply_model a pool of that many, and a batch of segments
+        # (core.separation.batching) is spread over them here.
+        self.streams = streams
+        self._pool: ThreadPoolExecutor | None = None
         self.eval()
 
     def forward(self, mix: torch.Tensor) -> torch.Tensor:
@@ -268,8 +347,14 @@ class ExportedHTDemucs(HTDemucs):
         mix = torch.nn.functional.pad(mix.float(), (0, segment - length))
         z = self._spec(mix)
         mag = self._magnitude(z)
-        parts = [self.run(np.ascontiguousarray(mix[i:i + 1].numpy()), np.ascontiguousarray(mag[i:i + 1].numpy()))
+        items = [(np.ascontiguousarray(mix[i:i + 1].numpy()), np.ascontiguousarray(mag[i:i + 1].numpy()))
                  for i in range(mix.shape[0])]
+        if self.streams > 1 and len(items) > 1:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.streams, thread_name_prefix=f"{self.backend}-stream")
+            parts = list(self._pool.map(lambda item: self.run(*item), items))
+        else:
+            parts = [self.run(*item) for item in items]
         time_branch = torch.from_numpy(np.concatenate([part[0] for part in parts]))
         spec_branch = torch.from_numpy(np.concatenate([part[1] for part in parts]))
         x = self._ispec(self._mask(z, spec_branch), segment)
@@ -283,9 +368,11 @@ def members(model: AnyModel) -> list[torch.nn.Module]:
     return list(model.models) if isinstance(model, BagOfModels) else [model]
 
 
-def prepare(model: AnyModel, backend: str, export_dir: Path, threads: int | None = None) -> tuple[AnyModel, str]:
+def prepare(model: AnyModel, backend: str, export_dir: Path, threads: int | None = None,
+            streams: int | None = None) -> tuple[AnyModel, str]:
     """`model` with its networks run by `backend` ("auto": the fastest measured here), and
-    the backend it got. PyTorch keeps models this backend cannot run."""
+    the backend it got. PyTorch keeps models this backend cannot run. `streams`: segments
+    computed at once (None: `default_streams`)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; one of {', '.join(BACKENDS)}")
     threads = threads or torch.get_num_threads()
@@ -300,13 +387,22 @@ def prepare(model: AnyModel, backend: str, export_dir: Path, threads: int | None
         backend = choose(nets[0], export_dir, threads)  # type: ignore[arg-type]  # checked by supports()
         if backend == "torch":
             return model, "torch"
-    wrapped = [ExportedHTDemucs(net, RUNNERS[backend](cached_export(net, export_dir), threads), backend)  # type: ignore[arg-type]
+    streams = streams or default_streams(backend, threads)
+    wrapped = [ExportedHTDemucs(net, RUNNERS[backend](cached_export(net, export_dir), threads, streams),  # type: ignore[arg-type]
+                                backend, streams)
                for net in nets]
     if isinstance(model, BagOfModels):
         for index, net in enumerate(wrapped):
             model.models[index] = net
         return model, backend
     return wrapped[0], backend
+
+
+def default_streams(backend: str, threads: int) -> int:
+    """Segments computed at once by default: OpenVINO runs two segments on one thread
+    each faster than one segment after the other on two threads (docs/performance.md);
+    ONNX Runtime, one at a time."""
+    return STREAMS_DEFAULT.get(backend, 1) if threads >= 2 else 1
 
 
 def machine_id(threads: int) -> str:
@@ -353,7 +449,7 @@ def probe(net: HTDemucs, export_dir: Path, threads: int) -> dict[str, float]:
     path = cached_export(net, export_dir)
     for name, runner in RUNNERS.items():
         try:
-            runs[name] = ExportedHTDemucs(net, runner(path, threads), name)
+            runs[name] = ExportedHTDemucs(net, runner(path, threads, 1), name)
         except ImportError:
             log.info("backend %s is not installed", name)
     mix, _ = _example(net, seed=1)

@@ -209,3 +209,17 @@ def test_backend_from_the_option_or_the_environment_gives_torchs_stems(tmp_path,
             assert snr_db(reference, read_wav(tmp_path / backend / "song" / f"{stem}.wav")) > 60, (stem, backend)
     bad = stembot("separate", *common, "--out", str(tmp_path / "bad"), "--backend", "tensorflow")
     assert bad.returncode == 2 and "--backend" in bad.stderr
+
+
+def test_separate_runs_without_loading_the_bots_database_queue_or_storage(tmp_path, model_dir, song):
+    # The real command, then a look at what its process loaded: the bot's database (SQLAlchemy,
+    # Alembic), queue (procrastinate), storage (boto) and Discord are start-up time it does not use.
+    bots_parts = ("sqlalchemy", "alembic", "procrastinate", "botocore", "discord", "core.db", "core.runtime")
+    driver = ("import sys\nfrom stembot.cli import main\ncode = main(sys.argv[1:])\n"
+              f"print([name for name in {bots_parts!r} if name in sys.modules])\nsys.exit(code)")
+    done = subprocess.run([sys.executable, "-c", driver, "separate", str(song), "--out", str(tmp_path), "--model",
+                           "tiny", "--model-dir", str(model_dir), "--shifts", "0", "--format", "wav", "--quiet"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "song" / "vocals.wav").exists()
+    assert done.stdout.strip().splitlines()[-1] == "[]"
