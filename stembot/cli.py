@@ -123,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if args.verbose or service else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # Alembic logs each of its plugins as it loads them (imported late now, after the set-up
+    # above): noise in a service's log, and in front of a start-up error's one line.
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
     try:
         code = args.handler(args, parser)
     except KeyboardInterrupt:

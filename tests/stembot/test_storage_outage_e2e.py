@@ -64,12 +64,17 @@ async def test_s3_down_60_s_with_20_jobs_queued_no_job_lost_none_twice(distribut
                 storage_false |= code == 503 and body["checks"].get("storage") is False
                 assert not failures(fake, interactions), "a job failed during the outage"
                 await asyncio.sleep(1.0)
-            states = [r.state for r in await query(url, "SELECT state FROM jobs")]
+            rows = await query(url, "SELECT state, queue_job_id FROM jobs ORDER BY id")
+            states = [r.state for r in rows]
             proxy.up()
             assert proxy.refused > 0
             assert "failed" not in states, f"jobs failed (some untold) during the outage: {states}"
-            # No job started into the outage: only those the bot was handing over wait in `fetching`.
-            assert len(states) == JOBS and states.count("queued") >= JOBS - 2, states
+            # No job started into the outage: none reached a worker's queue; those the bot was
+            # handing over wait in `fetching` (two, slot and prefetch, on an idle machine; a
+            # fresh-clone run under load once found 16 of the 20 queued).
+            assert len(states) == JOBS and set(states) <= {"queued", "fetching"}, states
+            assert all(r.queue_job_id is None for r in rows), rows
+            assert states.count("queued") >= JOBS // 2, states
             assert storage_false, "/readyz never said the storage was down"
 
             for interaction in interactions:
