@@ -89,10 +89,23 @@ def stems_of(spec: JobSpec) -> dict[str, np.ndarray]:
 
 async def test_concurrent_jobs_share_forward_passes_and_match_one_at_a_time(batching, model_dir, songs, tmp_path):
     assert batching.capacity == 3 and batching.info["capacity"] == 3
-    specs = [spec_for(song, tmp_path / "together") for song in songs]
+    # A long song first, and the two others once it is separating: they are decoded and
+    # join its passes however slowly a loaded machine decodes them (started all at once,
+    # one could finish before another was decoded).
+    together = [music(tmp_path / "first.wav", seconds=60.0, tone=165.0), *songs[:2]]
+    specs = [spec_for(song, tmp_path / "together") for song in together]
     events: dict[int, list[JobProgressEvent]] = {s.job_id: [] for s in specs}
+    separating = asyncio.Event()
+
+    def on_first(event: JobProgressEvent) -> None:
+        events[specs[0].job_id].append(event)
+        if isinstance(event, ProgressEvent):
+            separating.set()
+
+    first = asyncio.create_task(batching.run(specs[0], on_first))
+    await asyncio.wait_for(separating.wait(), 120)
     results = await asyncio.wait_for(asyncio.gather(
-        *(batching.run(spec, events[spec.job_id].append) for spec in specs)), 120)
+        first, *(batching.run(spec, events[spec.job_id].append) for spec in specs[1:])), 180)
     assert [is_done(r) for r in results] == [True] * 3, results
     done = [r for r in results if isinstance(r, DoneEvent)]
     assert max(r.result.batched_jobs or 0 for r in done) >= 2, "segments of different jobs must share passes"
@@ -106,7 +119,7 @@ async def test_concurrent_jobs_share_forward_passes_and_match_one_at_a_time(batc
     await alone.start()
     try:
         assert alone.capacity == 1
-        for song, spec in zip(songs, specs, strict=True):
+        for song, spec in zip(together, specs, strict=True):
             single = spec_for(song, tmp_path / "alone")
             result = await asyncio.wait_for(alone.run(single), 120)
             assert isinstance(result, DoneEvent) and result.result.batched_jobs is None
