@@ -57,8 +57,7 @@ async def batching(model_dir, songs, tmp_path_factory):
     worker = HostHandle(config(model_dir, batch_jobs=3), start_timeout_s=60)
     await worker.start()
     # One job first: its result waits for the host's tempo/key warm-up (numba's compile,
-    # up to 30 s on a loaded machine, holding the GIL), which would otherwise run beside
-    # the tests' jobs and could delay one's decoding past another's whole separation.
+    # up to 30 s on a loaded machine), which would otherwise run beside the tests' jobs.
     first = await asyncio.wait_for(worker.run(spec_for(songs[1], tmp_path_factory.mktemp("first"))), 180)
     assert is_done(first), first
     yield worker
