@@ -18,7 +18,7 @@ import pytest
 from tests.bot.conftest import BotProcess
 from tests.bot.helpers import final_message
 from tests.stembot import test_distributed_e2e as set_up
-from tests.stembot.test_distributed_e2e import WorkerProcess, query, ready_slots, song
+from tests.stembot.test_distributed_e2e import WorkerProcess, query, ready_slots, song, wait_until
 from tests.support.fake_discord import FakeDiscord, attachment_option
 from tests.support.s3 import OutageProxy
 
@@ -51,6 +51,15 @@ async def test_s3_down_60_s_with_20_jobs_queued_no_job_lost_none_twice(distribut
             await worker.start()
             await ready_slots(url, 1)
             await bot.start()
+
+            async def ready() -> bool:
+                return (await readiness(bot))[0] == 200
+            # The outage starts once the bot has finished starting up, and the fake Discord
+            # gives the answers more than its 3 s: this test is about the store, and a fresh-
+            # clone run on a loaded machine once saw the first of the 20 answered too late
+            # (the job was cancelled as never answered). Answers in time: test_slow_answers_e2e.
+            await wait_until(ready, 60, "the bot ready, storage included")
+            fake.callback_deadline_s = 15.0
             proxy.down()
             back_at = loop.time() + OUTAGE_S
             interactions = []
