@@ -23,7 +23,9 @@ once per network, machine and thread count, and remembers the fastest.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
+import importlib
 import json
 import logging
 import os
@@ -31,6 +33,7 @@ import platform
 import queue
 import statistics
 import tempfile
+import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
@@ -315,6 +318,32 @@ def openvino_runner(path: Path, threads: int, streams: int = 1) -> Runner:
 
 
 RUNNERS: dict[str, Callable[[Path, int, int], Runner]] = {"onnx": onnxruntime_runner, "openvino": openvino_runner}
+# The module each runtime needs: imported when a model is prepared, so a runtime that is not
+# installed fails at start even where its networks are compiled later (_OnFirstCall).
+RUNTIME_MODULES = {"onnx": "onnxruntime", "openvino": "openvino"}
+
+
+class _OnFirstCall:
+    """A runner made on its first call, once, whichever thread calls first: a bag member
+    that no request uses is never compiled (a vocals-only request with htdemucs_ft runs
+    only the vocals specialist; compiling the other three costs a command-line run about
+    2 s). A model host's warm-up runs every member, so a worker still compiles all at start."""
+
+    def __init__(self, make: Callable[[], Runner]):
+        self._make = make
+        self._runner: Runner | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def made(self) -> bool:
+        return self._runner is not None
+
+    def __call__(self, mix: np.ndarray, mag: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if self._runner is None:
+            with self._lock:  # two streams may call at once
+                if self._runner is None:
+                    self._runner = self._make()
+        return self._runner(mix, mag)
 
 
 class ExportedHTDemucs(HTDemucs):
@@ -337,6 +366,11 @@ class ExportedHTDemucs(HTDemucs):
         self.streams = streams
         self._pool: ThreadPoolExecutor | None = None
         self.eval()
+
+    @property
+    def compiled(self) -> bool:
+        """Whether the runtime's form of this network has been made (see _OnFirstCall)."""
+        return not isinstance(self.run, _OnFirstCall) or self.run.made
 
     def forward(self, mix: torch.Tensor) -> torch.Tensor:
         length = mix.shape[-1]
@@ -388,9 +422,16 @@ def prepare(model: AnyModel, backend: str, export_dir: Path, threads: int | None
         if backend == "torch":
             return model, "torch"
     streams = streams or default_streams(backend, threads)
-    wrapped = [ExportedHTDemucs(net, RUNNERS[backend](cached_export(net, export_dir), threads, streams),  # type: ignore[arg-type]
-                                backend, streams)
-               for net in nets]
+    importlib.import_module(RUNTIME_MODULES[backend])
+    make = RUNNERS[backend]
+    wrapped = []
+    for net in nets:
+        path = cached_export(net, export_dir)  # type: ignore[arg-type]  # checked by supports()
+        # Exported or checked now, so a job never waits for an export; a bag's members are
+        # compiled when first used (_OnFirstCall), a single network now.
+        run = _OnFirstCall(functools.partial(make, path, threads, streams)) if len(nets) > 1 \
+            else make(path, threads, streams)
+        wrapped.append(ExportedHTDemucs(net, run, backend, streams))  # type: ignore[arg-type]
     if isinstance(model, BagOfModels):
         for index, net in enumerate(wrapped):
             model.models[index] = net

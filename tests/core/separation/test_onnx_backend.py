@@ -88,20 +88,25 @@ def test_each_runtime_matches_demucs_within_60_db(engine, reference, mix):
         assert snr_db(reference[name], estimate) > 60, name
 
 
-def test_a_bag_and_a_vocals_only_request_run_only_the_specialist(model_dir, exports, mix):
-    engine = SeparationEngine.load("tinyshortbag", model_dir, "cpu", "onnx", exports)
-    assert engine.backend == "onnx"
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_a_bag_and_a_vocals_only_request_run_and_compile_only_the_specialist(model_dir, exports, mix, runtime):
+    engine = SeparationEngine.load("tinyshortbag", model_dir, "cpu", runtime, exports)
+    assert engine.backend == runtime
+    nets = onnx_backend.members(engine.model)
+    assert len(nets) == 4 and not any(net.compiled for net in nets)  # compiled when first used
     reference = demucs_reference(model_dir, "tinyshortbag", mix)
     counts = forward_counter(engine)
+    vocals = engine.separate(mix, parse_stems("vocals,no_vocals", engine.sources), EXACT)
+    segments = counts[3]
+    assert segments > 1 and counts == [0, 0, 0, segments]  # only the vocals specialist ran,
+    assert [net.compiled for net in nets] == [False, False, False, True]  # and only it was compiled
+    assert snr_db(reference["vocals"], vocals["vocals"]) > 60
+    assert snr_db(mix - reference["vocals"], vocals["no_vocals"]) > 60
     stems = engine.separate(mix, parse_stems("all", engine.sources), EXACT)
     for name, estimate in stems.items():
         assert snr_db(reference[name], estimate) > 60, name
-    segments = counts[0]
-    assert segments > 1 and counts == [segments] * 4  # every member, every segment
-    vocals = engine.separate(mix, parse_stems("vocals,no_vocals", engine.sources), EXACT)
-    assert counts == [segments] * 3 + [2 * segments]  # only the vocals specialist ran again
-    assert snr_db(reference["vocals"], vocals["vocals"]) > 60
-    assert snr_db(mix - reference["vocals"], vocals["no_vocals"]) > 60
+    assert counts == [segments] * 3 + [2 * segments]  # every member, every segment
+    assert all(net.compiled for net in nets)
 
 
 def test_progress_rises_per_segment_and_cancel_stops_at_the_next_segment(engine, mix):
