@@ -16,7 +16,8 @@ Prints the median time of each, its ratio to demucs, and its SNR against demucs'
 Then how near each comes to the machine's limit: the segment's arithmetic (multiply-adds
 of its convolutions, linear layers and attention, counted by PyTorch's FLOP counter) over
 its time, against this machine's fp32 matrix-multiply peak on the same threads (a large
-square sgemm, measured in the same run); and the share of that peak a variant would need
+square sgemm, the best of three, measured in every round beside the variants; the median
+of the rounds); and the share of that peak a variant would need
 to reach a given time per segment (`--target`, a ratio to demucs).
 
     python bench/cpu_tuning.py --rounds 7
@@ -90,13 +91,16 @@ def main() -> None:
             return time.perf_counter() - started, out.float()
 
     flops = segment_flops(plain, segment)
-    peak = sgemm_peak()
     outputs = {variant: forward(variant)[1] for variant in variants}  # also warms each up
     times: dict[str, list[float]] = {variant: [] for variant in variants}
+    peaks: list[float] = []
     order = list(variants)
     for round_ in range(args.rounds):
+        # The peak in every round, beside the variants: other work on the machine moves both.
+        peaks.append(sgemm_peak())
         for variant in (order if round_ % 2 == 0 else order[::-1]):
             times[variant].append(forward(variant)[0])
+    peak = statistics.median(peaks)
 
     base = statistics.median(times["demucs"])
     print(f"one {float(plain.segment):.1f}-s segment, htdemucs-sized model, {torch.get_num_threads()} threads, "
@@ -107,7 +111,8 @@ def main() -> None:
               f"SNR to demucs {snr_db(outputs['demucs'].numpy(), outputs[variant].numpy()):6.1f} dB  "
               f"{flops / median / 1e9:5.0f} GFLOP/s = {100 * flops / median / peak:4.1f}% of peak")
     print(f"the segment's arithmetic: {flops / 1e9:.1f} GFLOP; fp32 sgemm peak on {torch.get_num_threads()} "
-          f"threads: {peak / 1e9:.0f} GFLOP/s; at that peak a segment would take {flops / peak:.3f} s "
+          f"threads: {peak / 1e9:.0f} GFLOP/s (median of the rounds; {min(peaks) / 1e9:.0f} to "
+          f"{max(peaks) / 1e9:.0f}); at that peak a segment would take {flops / peak:.3f} s "
           f"= {flops / peak / base:.3f}x demucs's")
     if args.profile:
         openvino_profile(export, segment_inputs(plain, segment))
@@ -159,7 +164,7 @@ def openvino_profile(export: Path, inputs: list) -> None:
             print(f"  {kind:24} {ms:7.0f} ms  {100 * ms / total:4.1f}%")
 
 
-def sgemm_peak(size: int = 4096, rounds: int = 5) -> float:
+def sgemm_peak(size: int = 4096, rounds: int = 3) -> float:
     """FLOP per second of this machine's best fp32 matrix multiply (PyTorch's BLAS) on
     PyTorch's threads: what a network made only of large matrix products would reach."""
     a, b = torch.randn(size, size), torch.randn(size, size)
