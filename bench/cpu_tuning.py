@@ -147,9 +147,10 @@ def openvino_profile(export: Path, inputs: list) -> None:
     first allocates), from its performance counters."""
     import openvino
 
-    compiled = openvino.Core().compile_model(str(export), "CPU", {
-        "INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY",
-        "INFERENCE_NUM_THREADS": torch.get_num_threads(), "PERF_COUNT": True})
+    from core.separation.onnx_backend import openvino_settings
+
+    settings = {**openvino_settings(torch.get_num_threads()), "PERF_COUNT": True}  # as stembot runs one stream
+    compiled = openvino.Core().compile_model(str(export), "CPU", settings)
     request = compiled.create_infer_request()
     request.infer(inputs)
     request.infer(inputs)

@@ -285,6 +285,13 @@ def openvino_cache_dir(export: Path) -> Path:
     return export.parent / "openvino-cache"
 
 
+def openvino_settings(threads: int, streams: int = 1) -> dict[str, object]:
+    """OpenVINO's compile settings for `threads` threads in `streams` streams."""
+    # f32 explicitly: on CPUs with bf16 instructions OpenVINO would otherwise pick bf16.
+    return {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY" if streams == 1 else "THROUGHPUT",
+            "NUM_STREAMS": streams, "INFERENCE_NUM_THREADS": threads}
+
+
 def openvino_runner(path: Path, threads: int, streams: int = 1) -> Runner:
     """OpenVINO's compile of the export at `path`, run by `threads` threads in `streams`
     streams: `streams` calls may run at once (from as many Python threads), each on
@@ -297,10 +304,7 @@ def openvino_runner(path: Path, threads: int, streams: int = 1) -> Runner:
     with contextlib.suppress(OSError):  # a read-only export folder: compiled every time
         openvino_cache_dir(path).mkdir(parents=True, exist_ok=True)
         core.set_property({"CACHE_DIR": str(openvino_cache_dir(path))})
-    # f32 explicitly: on CPUs with bf16 instructions OpenVINO would otherwise pick bf16.
-    compiled = core.compile_model(str(path), "CPU", {
-        "INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY" if streams == 1 else "THROUGHPUT",
-        "NUM_STREAMS": streams, "INFERENCE_NUM_THREADS": threads})
+    compiled = core.compile_model(str(path), "CPU", openvino_settings(threads, streams))
     idle: queue.SimpleQueue = queue.SimpleQueue()
     for _ in range(streams):
         idle.put(compiled.create_infer_request())
